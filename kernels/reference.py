@@ -1,0 +1,72 @@
+"""Readable PyTorch reference of the GroupMamba selective scan (``d_state=1``).
+
+For every channel ``c`` of a layer and every position ``t`` of its group's scan order::
+
+    delta_t = softplus(delta_raw_t + delta_bias[c])
+    h_t     = exp(delta_t * A[c]) * h_{t-1} + delta_t * B_t * u_t        (h_{-1} = 0)
+    y_t     = C_t * h_t + D[c] * u_t
+
+The recurrence ``h_t = a_t * h_{t-1} + x_t`` is solved without a Python loop over positions: inside a chunk
+of ``chunk`` positions through a masked matrix of decays ``exp(S_t - S_s)`` (``S`` the cumulative sum of
+``log a``, so every exponent is <= 0 and nothing overflows), across chunks by solving the same recurrence on
+the chunks' end states, recursively. All arithmetic is fp32 (or fp64 for fp64 inputs).
+"""
+import torch
+import torch.nn.functional as F
+
+from .directions import scan_order_index
+
+
+def linear_recurrence(log_a, x, chunk=16):
+    """Solve ``h_t = exp(log_a_t) * h_{t-1} + x_t`` (``h_{-1} = 0``) along the last dim.
+
+    ``log_a`` must be <= 0 (a decay). Works for any length, including 1.
+    """
+    length = x.shape[-1]
+    if length <= chunk:
+        cum = log_a.cumsum(-1)
+        # exponent[t, s] = S_t - S_s = sum of log_a over (s, t]; only s <= t contributes.
+        exponent = cum.unsqueeze(-1) - cum.unsqueeze(-2)
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        decay = exponent.masked_fill(~causal, float('-inf')).exp()
+        return (decay @ x.unsqueeze(-1)).squeeze(-1)
+
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    # Padding at the end (no decay, no input) changes nothing before it.
+    log_a_c = F.pad(log_a, (0, pad)).unflatten(-1, (num_chunks, chunk))
+    x_c = F.pad(x, (0, pad)).unflatten(-1, (num_chunks, chunk))
+    local = linear_recurrence(log_a_c, x_c, chunk)  # each chunk started from a zero state
+    # State at the end of every chunk, carried through all chunks before it.
+    chunk_end = linear_recurrence(log_a_c.sum(-1), local[..., -1], chunk)
+    state_in = F.pad(chunk_end[..., :-1], (1, 0))
+    h = local + log_a_c.cumsum(-1).exp() * state_in.unsqueeze(-1)
+    return h.flatten(-2)[..., :length]
+
+
+def selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw):
+    """Reference for :func:`mmgroupmamba.kernels.selective_scan` (same arguments, same result)."""
+    batch, length, channels = u.shape
+    groups = B.shape[-1]
+    order = scan_order_index(hw, groups, u.device)  # (groups, L): scan step -> row-major position
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+
+    def to_scan_order(t):  # (batch, L, groups, k) -> (batch, groups, k, L) in each group's order
+        index = order.t()[None, :, :, None].expand(batch, length, groups, t.shape[-1])
+        return t.to(compute).gather(1, index).permute(0, 2, 3, 1)
+
+    u_s = to_scan_order(u.unflatten(-1, (groups, -1)))
+    dt_s = to_scan_order(delta.unflatten(-1, (groups, -1)))
+    b_s = to_scan_order(B.unsqueeze(-1))
+    c_s = to_scan_order(C.unsqueeze(-1))
+    A_g = A.to(compute).view(groups, -1, 1)
+    D_g = D.to(compute).view(groups, -1, 1)
+    dt_s = F.softplus(dt_s + delta_bias.to(compute).view(groups, -1, 1))
+
+    h = linear_recurrence(dt_s * A_g, dt_s * b_s * u_s)
+    y_s = c_s * h + D_g * u_s  # (batch, groups, k, L)
+
+    # Back to row-major positions: scatter each scan step to the position it came from.
+    y = torch.empty_like(y_s)
+    y.scatter_(3, order[None, :, None, :].expand_as(y_s), y_s)
+    return y.permute(0, 3, 1, 2).reshape(batch, length, channels).to(u.dtype)

@@ -1,0 +1,2 @@
+"""mmgroupmamba: GroupMamba backbones for OpenMMLab."""
+__version__ = '0.1.0'
