@@ -1,0 +1,1 @@
+"""Detection parts of mmgroupmamba (imported by the configs in configs/mmdet/ through custom_imports)."""
