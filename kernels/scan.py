@@ -1,5 +1,85 @@
-"""The scan op that GroupMamba layers call."""
+"""The scan op that GroupMamba layers call: Triton kernels on CUDA tensors, the PyTorch reference elsewhere."""
+import os
+
+import torch
+
 from .reference import selective_scan_reference
+
+IMPL_ENV = 'MMGM_SCAN_IMPL'
+IMPLS = ('auto', 'triton', 'reference')
+
+
+def _scan_impl():
+    # Read at every call (not at import) so that tests and users can switch implementations at run time.
+    impl = os.environ.get(IMPL_ENV, 'auto').strip().lower() or 'auto'
+    if impl not in IMPLS:
+        raise ValueError(f'{IMPL_ENV}={impl!r} is not one of {", ".join(IMPLS)}')
+    return impl
+
+
+def _triton_module(device):
+    # Imported on first use: importing mmgroupmamba.kernels must not need Triton, and the interpreter
+    # (TRITON_INTERPRET=1) is chosen by Triton when the kernels are defined, i.e. at this import.
+    if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '0') in ('', '0'):
+        raise RuntimeError(
+            f'{IMPL_ENV}=triton was asked for with {device.type} tensors: the Triton kernels run on CPU only '
+            'in the Triton interpreter; set TRITON_INTERPRET=1 before Triton is first imported.')
+    from . import triton_scan
+    if device.type != 'cuda' and not triton_scan.kernels_interpreted():
+        raise RuntimeError(
+            'TRITON_INTERPRET=1 was set after mmgroupmamba.kernels.triton_scan had been imported, so its '
+            'kernels were compiled for the GPU; set it before the first import to run them on the CPU.')
+    return triton_scan
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper of the Triton scan; the backward recomputes states from per-tile checkpoints."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type='cuda')
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, hw, tiling):
+        ts = _triton_module(u.device)
+        # The kernels index contiguous channels-last tensors and accumulate in fp32 whatever the dtypes
+        # (autocast may hand over bf16 activations with fp32 parameters; each is read in its own dtype).
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        A, D, delta_bias = (t.contiguous() for t in (A, D, delta_bias))
+        cfg = ts.choose_config(u, **tiling)
+        save = any(ctx.needs_input_grad[:7])
+        y, states = ts.scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states=save)
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
+            ctx.hw, ctx.cfg = hw, cfg
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type='cuda')
+    def backward(ctx, dy):
+        ts = _triton_module(dy.device)
+        u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
+        grads = ts.scan_backward(dy, u, delta, A, B, C, D, delta_bias, ctx.hw, states, ctx.cfg)
+        return (*grads, None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, chunk_len=None, block_t=None, block_c=None,
+                          num_warps=None):
+    """The Triton scan with explicit tiling (``chunk_len`` forces the sequence split; see triton_scan)."""
+    _check_shapes(u, delta, A, B, C, D, delta_bias, hw)
+    tiling = dict(chunk_len=chunk_len, block_t=block_t, block_c=block_c, num_warps=num_warps)
+    return SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, tuple(hw), tiling)
+
+
+def _check_shapes(u, delta, A, B, C, D, delta_bias, hw):
+    batch, length, channels = u.shape
+    groups = B.shape[-1]
+    if hw[0] * hw[1] != length:
+        raise ValueError(f'hw={tuple(hw)} does not match {length} positions')
+    if groups != 4 or channels % groups:
+        raise ValueError(f'expected 4 channel groups dividing {channels} channels, got B of shape {tuple(B.shape)}')
+    if delta.shape != u.shape or B.shape != C.shape or B.shape[:2] != (batch, length):
+        raise ValueError('u/delta must be (batch, H*W, channels) and B/C (batch, H*W, 4)')
+    for name, t in (('A', A), ('D', D), ('delta_bias', delta_bias)):
+        if t.shape != (channels,):
+            raise ValueError(f'{name} must have shape ({channels},), got {tuple(t.shape)}')
 
 
 def selective_scan(u, delta, A, B, C, D, delta_bias, hw):
@@ -20,5 +100,12 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, hw):
 
     Returns:
         Tensor: ``(batch, H*W, channels)`` in ``u``'s dtype, computed in fp32.
+
+    The implementation follows the environment variable ``MMGM_SCAN_IMPL``, read at every call: ``auto``
+    (default: Triton for CUDA tensors, the PyTorch reference otherwise), ``triton`` (also on CPU tensors,
+    through the Triton interpreter, which needs ``TRITON_INTERPRET=1``) or ``reference``.
     """
+    impl = _scan_impl()
+    if impl == 'triton' or (impl == 'auto' and u.is_cuda):
+        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw)
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw)

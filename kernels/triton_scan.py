@@ -1,0 +1,426 @@
+"""Triton kernels of the GroupMamba selective scan (``d_state=1``), forward and backward.
+
+The plain PyTorch reference lives beside this file (``reference.py``); ``scan.py`` chooses between the two
+and wraps these launchers in an autograd Function. README.md in this folder describes the design; in short:
+
+* Layout: ``u``, ``delta``, ``y`` and the gradients stay channels-last ``(batch, L, channels)`` with ``L``
+  in row-major order; ``B`` and ``C`` are ``(batch, L, 4)``. A program owns one batch item, one of the 4
+  channel groups, a block of ``BLOCK_C`` channels of that group and a chunk of scan steps. It walks its
+  chunk in tiles of ``BLOCK_T`` steps; a tile is a ``(BLOCK_T, BLOCK_C)`` block of registers whose rows are
+  ``BLOCK_C`` consecutive channels of one position, so every row is one contiguous load.
+* Directions: scan step ``t`` of group ``g`` reads row-major position ``_position(t, g)``; the 4 groups
+  differ only in that index arithmetic, so one launch covers all of them and nothing is ever flipped or
+  transposed in memory.
+* Inside a tile the recurrence ``h_t = a_t h_{t-1} + x_t`` is an associative scan over pairs ``(a, x)``;
+  tiles are chained through the carried state. Long sequences are split into chunks over programs: pass 1
+  summarises every chunk (product of decays, end state from a zero start), pass 2 propagates the states
+  across chunks, pass 3 re-runs each chunk from its true starting state.
+* Backward runs the same way in reverse time. It recomputes the hidden states of a tile from the state the
+  forward pass saved at the tile's start (one state every ``BLOCK_T`` steps), never from a stored copy of
+  every state. Nothing uses atomics: per-program partial sums go to buffers that PyTorch reduces in a fixed
+  order, so the gradients are bitwise reproducible.
+"""
+import torch
+import triton
+import triton.language as tl
+
+GROUPS = 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _compose(a1, x1, a2, x2):
+    # (a1, x1) is the earlier affine map h -> a1 h + x1, (a2, x2) the later one; the result applies both.
+    # tl.associative_scan keeps this order for reverse scans as well (its accumulator is the later part,
+    # the new element the earlier one, and the formula below composes them the same way).
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _position(t, g, L, H, W):
+    # Row-major position visited at scan step t by group g: g=0 row-major, g=1 column-major,
+    # g=2 row-major reversed, g=3 column-major reversed (SCAN_DIRECTIONS order).
+    tt = tl.where(g >= 2, L - 1 - t, t)
+    tt = tl.maximum(tt, 0)  # keeps masked-off steps (t >= L) at an in-range address
+    column_major = (tt % H) * W + tt // H
+    return tl.where((g % 2) == 1, column_major, tt)
+
+
+@triton.jit
+def _softplus(z):
+    # softplus(z) = max(z, 0) + log1p(exp(-|z|)), with log1p written accurately via log(w) * e / (w - 1)
+    # (Goldberg's trick) because a plain log(1 + e) loses all digits of a small e.
+    e = tl.exp(-tl.abs(z))
+    w = 1.0 + e
+    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    return tl.maximum(z, 0.0) + log1p
+
+
+@triton.jit
+def _row(tile, rows, r):
+    # Row r of a (BLOCK_T, BLOCK_C) tile as a (BLOCK_C,) vector; the masked sum adds exact zeros only.
+    return tl.sum(tl.where(rows[:, None] == r, tile, 0.0), axis=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
+    hin_ptr,  # (batch, n_chunks, CH) fp32: state entering each chunk (pass 3 of a split)
+    st_ptr,  # (batch, n_tiles, CH) fp32: state entering each tile, saved for the backward pass
+    P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32: chunk summaries written by pass 1 of a split
+    L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_tiles, chunk0,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1) + chunk0
+    cb = pid % n_cblocks
+    g = (pid // n_cblocks) % 4
+    b = pid // (n_cblocks * 4)
+
+    cidx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cidx < K
+    ch = g * K + cidx
+    A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    if not SUMMARY:
+        D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+
+    batch_off = b.to(tl.int64) * L * CH
+    bc_off = b.to(tl.int64) * L * 4 + g
+    summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
+    if HAS_HIN:
+        h = tl.load(hin_ptr + summary_off, mask=cmask, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if SUMMARY:
+        decay = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+
+    rows = tl.arange(0, BLOCK_T)
+    t0 = chunk * chunk_len
+    t_end = tl.minimum(t0 + chunk_len, L)
+    for ts in range(t0, t_end, BLOCK_T):
+        t = ts + rows
+        tmask = t < t_end
+        mask = tmask[:, None] & cmask[None, :]
+        pos = _position(t, g, L, H, W)
+        off = batch_off + pos[:, None] * CH + ch[None, :]
+        u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+        dt = _softplus(dt + bias[None, :])
+        # Steps past the end become the identity map (a=1, x=0) so the last row carries the true state.
+        a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
+        x = dt * Bt[:, None] * u
+        if SAVE_STATES:
+            tl.store(st_ptr + (b.to(tl.int64) * n_tiles + ts // BLOCK_T) * CH + ch, h, mask=cmask)
+        a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
+        hs = a_cum * h[None, :] + x_cum
+        if SUMMARY:
+            decay = decay * _row(a_cum, rows, BLOCK_T - 1)
+        else:
+            Ct = tl.load(C_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+            y = Ct[:, None] * hs + D[None, :] * u
+            tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
+        h = _row(hs, rows, BLOCK_T - 1)
+    if SUMMARY:
+        tl.store(P_ptr + summary_off, decay, mask=cmask)
+        tl.store(E_ptr + summary_off, h, mask=cmask)
+
+
+@triton.jit
+def _propagate_kernel(
+    P_ptr, E_ptr, out_ptr, n_chunks, CH, unused,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
+):
+    # Pass 2 of a split: chunk k maps the state entering it to P[k] * state + E[k]. Solve that recurrence
+    # over chunks (forward in time for the forward pass, backward in time for the backward pass) and
+    # write what enters each chunk: out[k] = state after chunk k-1 (forward) or after chunk k+1 (reverse).
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < CH
+    base = b.to(tl.int64) * n_chunks * CH
+    first = n_chunks - 1 if REVERSE else 0  # the chunk nothing flows into
+    tl.store(out_ptr + base + first * CH + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cmask)
+    carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_N)
+    n_blocks = tl.cdiv(n_chunks, BLOCK_N)
+    for i in range(0, n_blocks):
+        if REVERSE:
+            k = (n_blocks - 1 - i) * BLOCK_N + rows
+        else:
+            k = i * BLOCK_N + rows
+        kmask = k < n_chunks
+        # The summary pass skips the chunk whose result flows nowhere (`unused`); treat it as identity.
+        mask = (kmask & (k != unused))[:, None] & cmask[None, :]
+        off = base + k[:, None] * CH + c[None, :]
+        p = tl.load(P_ptr + off, mask=mask, other=1.0)
+        e = tl.load(E_ptr + off, mask=mask, other=0.0)
+        p_cum, e_cum = tl.associative_scan((p, e), 0, _compose, reverse=REVERSE)
+        s = p_cum * carry[None, :] + e_cum
+        if REVERSE:
+            dst = k - 1
+            carry = _row(s, rows, 0)
+        else:
+            dst = k + 1
+            carry = _row(s, rows, BLOCK_N - 1)
+        dmask = kmask & (dst >= 0) & (dst < n_chunks)
+        tl.store(out_ptr + base + dst[:, None] * CH + c[None, :], s, mask=dmask[:, None] & cmask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
+    st_ptr,  # (batch, n_tiles, CH) fp32 forward state entering each tile
+    gin_ptr,  # (batch, n_chunks, CH) fp32: dL/dh at the first step after each chunk (split only)
+    du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype
+    dB_ptr, dC_ptr,  # (n_cblocks, batch, L, 4) fp32 partial sums over this program's channels
+    dA_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
+    P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
+    batch, L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_tiles, chunk0,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GIN: tl.constexpr, SUMMARY: tl.constexpr,
+):
+    # With dh_t = dL/dh_t, the adjoint recurrence runs backward in time:
+    #     dh_t = C_t dy_t + a_{t+1} dh_{t+1}
+    # and every gradient is local once h_{t-1} and dh_t are known:
+    #     du_t = D dy_t + dh_t delta_t B_t               dB_t = sum_c dh_t delta_t u_t
+    #     dC_t = sum_c dy_t h_t                          dD = sum dy_t u_t
+    #     ddelta_t = dh_t (B_t u_t + A a_t h_{t-1})      dA = sum dh_t delta_t a_t h_{t-1}
+    # and a_t h_{t-1} = h_t - x_t needs no shifted copy of the states.
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1) + chunk0
+    cb = pid % n_cblocks
+    g = (pid // n_cblocks) % 4
+    b = pid // (n_cblocks * 4)
+
+    cidx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cidx < K
+    ch = g * K + cidx
+    A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+
+    batch_off = b.to(tl.int64) * L * CH
+    bc_off = b.to(tl.int64) * L * 4 + g
+    summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
+    if HAS_GIN:
+        carry = tl.load(gin_ptr + summary_off, mask=cmask, other=0.0)
+    else:
+        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if SUMMARY:
+        decay = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    else:
+        dA_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        dD_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        dbias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dbc_off = (cb.to(tl.int64) * batch + b) * L * 4 + g  # this channel block's slice of the partials
+
+    rows = tl.arange(0, BLOCK_T)
+    t0 = chunk * chunk_len
+    t_end = tl.minimum(t0 + chunk_len, L)
+    n_local = tl.cdiv(t_end - t0, BLOCK_T)
+    for i in range(0, n_local):
+        ts = t0 + (n_local - 1 - i) * BLOCK_T  # tiles in reverse time order
+        t = ts + rows
+        tmask = t < t_end
+        mask = tmask[:, None] & cmask[None, :]
+        pos = _position(t, g, L, H, W)
+        off = batch_off + pos[:, None] * CH + ch[None, :]
+        # a_{t+1}: the decay of the next step, read at that step's position (a cached re-read, since the
+        # previous tile or this one already loaded it). Past the sequence end it is 0 (dh_L = 0 anyway).
+        nmask_t = (t + 1) < L
+        nmask = nmask_t[:, None] & cmask[None, :]
+        pos_next = _position(t + 1, g, L, H, W)
+        dt_next = tl.load(dt_ptr + batch_off + pos_next[:, None] * CH + ch[None, :], mask=nmask,
+                          other=0.0).to(tl.float32)
+        a_next = tl.where(nmask, tl.exp(_softplus(dt_next + bias[None, :]) * A[None, :]), 0.0)
+        # Steps past the chunk end are the identity map, so the carry passes through them unchanged.
+        a_next = tl.where(tmask[:, None], a_next, 1.0)
+        dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+        r_cum, q_cum = tl.associative_scan((a_next, Ct[:, None] * dy), 0, _compose, reverse=True)
+        dh = r_cum * carry[None, :] + q_cum
+        carry = _row(dh, rows, 0)
+        if SUMMARY:
+            decay = decay * _row(r_cum, rows, 0)
+        else:
+            u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            dt_raw = tl.load(dt_ptr + off, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+            Bt = tl.load(B_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+            dt = _softplus(dt_raw)
+            a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
+            Bu = Bt[:, None] * u
+            x = dt * Bu
+            h0 = tl.load(st_ptr + (b.to(tl.int64) * n_tiles + ts // BLOCK_T) * CH + ch, mask=cmask, other=0.0)
+            a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
+            h = a_cum * h0[None, :] + x_cum
+            ah = h - x  # a_t h_{t-1}
+            du = D[None, :] * dy + dh * dt * Bt[:, None]
+            ddt = dh * (Bu + A[None, :] * ah)
+            sig = 1.0 / (1.0 + tl.exp(-dt_raw))
+            ddt_raw = tl.where(mask, ddt * sig, 0.0)
+            tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddt_ptr + off, ddt_raw.to(ddt_ptr.dtype.element_ty), mask=mask)
+            dA_acc += tl.sum(tl.where(mask, dh * dt * ah, 0.0), axis=0)
+            dD_acc += tl.sum(dy * u, axis=0)
+            dbias_acc += tl.sum(ddt_raw, axis=0)
+            dB_t = tl.sum(tl.where(mask, dh * dt * u, 0.0), axis=1)
+            dC_t = tl.sum(tl.where(mask, dy * h, 0.0), axis=1)
+            tl.store(dB_ptr + dbc_off + pos * 4, dB_t, mask=tmask)
+            tl.store(dC_ptr + dbc_off + pos * 4, dC_t, mask=tmask)
+    if SUMMARY:
+        tl.store(P_ptr + summary_off, decay, mask=cmask)
+        tl.store(E_ptr + summary_off, carry, mask=cmask)
+    else:
+        tl.store(dA_ptr + summary_off, dA_acc, mask=cmask)
+        tl.store(dD_ptr + summary_off, dD_acc, mask=cmask)
+        tl.store(dbias_ptr + summary_off, dbias_acc, mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------------------
+class ScanConfig:
+    """Tiling of one scan call; the backward pass must reuse the forward's (states are saved per tile)."""
+
+    def __init__(self, batch, length, channels, block_t, block_c, chunk_len, num_warps):
+        self.batch, self.length, self.channels = batch, length, channels
+        self.per_group = channels // GROUPS
+        self.block_t, self.block_c, self.num_warps = block_t, block_c, num_warps
+        self.n_cblocks = triton.cdiv(self.per_group, block_c)
+        self.n_tiles = triton.cdiv(length, block_t)
+        self.chunk_len = chunk_len
+        self.n_chunks = triton.cdiv(length, chunk_len)
+
+    def __repr__(self):
+        return (f'ScanConfig(block_t={self.block_t}, block_c={self.block_c}, chunk_len={self.chunk_len}, '
+                f'n_chunks={self.n_chunks}, num_warps={self.num_warps})')
+
+
+def _multiprocessors(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None):
+    """Pick the tiling for ``u`` of shape ``(batch, L, channels)``.
+
+    ``chunk_len`` (rounded up to a multiple of ``block_t``) forces the sequence split; by default the
+    sequence is split only when ``batch x groups x channel blocks`` programs cannot fill the GPU, because a
+    split reads ``u``, ``delta`` and ``B`` twice.
+    """
+    batch, length, channels = u.shape
+    per_group = channels // GROUPS
+    if block_c is None:
+        # 32 channels = 128 contiguous bytes of fp32 per row; wider blocks waste lanes on 87-channel groups.
+        block_c = min(triton.next_power_of_2(per_group), 32)
+    if block_t is None:
+        # About 2048 elements per tile: enough loads in flight per program, few registers per thread.
+        block_t = max(16, min(256, 2048 // block_c, triton.next_power_of_2(length)))
+    if num_warps is None:
+        num_warps = 4 if block_t * block_c >= 1024 else 2
+    programs = batch * GROUPS * triton.cdiv(per_group, block_c)
+    if chunk_len is None:
+        sms = _multiprocessors(u.device)
+        chunk_len = length
+        if programs < 2 * sms:
+            # Aim for ~4 programs per multiprocessor, but keep chunks long enough (>= 8 tiles) that the
+            # summary pass and the cross-chunk propagation stay small next to the scan itself.
+            wanted = triton.cdiv(4 * sms, programs)
+            chunk_len = max(8 * block_t, triton.cdiv(length, wanted))
+    chunk_len = max(block_t, triton.cdiv(max(chunk_len, 1), block_t) * block_t)
+    return ScanConfig(batch, length, channels, block_t, block_c, chunk_len, num_warps)
+
+
+def _propagate(P, E, cfg, reverse):
+    out = torch.empty_like(P)
+    block_c = 32
+    block_n = min(64, triton.next_power_of_2(cfg.n_chunks))
+    unused = 0 if reverse else cfg.n_chunks - 1
+    _propagate_kernel[(cfg.batch, triton.cdiv(cfg.channels, block_c))](
+        P, E, out, cfg.n_chunks, cfg.channels, unused,
+        BLOCK_N=block_n, BLOCK_C=block_c, REVERSE=reverse, num_warps=2)
+    return out
+
+
+def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
+    """Launch the forward scan. Returns ``y`` (u's dtype) and, if asked, the fp32 per-tile states."""
+    height, width = hw
+    batch, length, channels = u.shape
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dummy = torch.empty(1, **f32)
+    y = torch.empty_like(u)
+    states = torch.empty(batch, cfg.n_tiles, channels, **f32) if save_states else dummy
+    grid_x = batch * GROUPS * cfg.n_cblocks
+    common = (length, height, width, channels, cfg.per_group, cfg.n_cblocks, cfg.chunk_len, cfg.n_chunks,
+              cfg.n_tiles)
+    meta = dict(BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    hin = dummy
+    if cfg.n_chunks > 1:
+        # Pass 1: each chunk's decay product and end state from a zero start (the last chunk's is unused).
+        P = torch.empty(batch, cfg.n_chunks, channels, **f32)
+        E = torch.empty_like(P)
+        _scan_fwd_kernel[(grid_x, cfg.n_chunks - 1)](
+            u, delta, A, B, C, D, delta_bias, y, dummy, dummy, P, E, *common, 0,
+            HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta)
+        # Pass 2: the state entering every chunk.
+        hin = _propagate(P, E, cfg, reverse=False)
+    # Pass 3 (the only pass without a split): the scan from each chunk's true starting state.
+    _scan_fwd_kernel[(grid_x, cfg.n_chunks)](
+        u, delta, A, B, C, D, delta_bias, y, hin, states, dummy, dummy, *common, 0,
+        HAS_HIN=cfg.n_chunks > 1, SAVE_STATES=save_states, SUMMARY=False, **meta)
+    return y, (states if save_states else None)
+
+
+def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
+    """Gradients ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the dtypes of their inputs."""
+    height, width = hw
+    batch, length, channels = u.shape
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dummy = torch.empty(1, **f32)
+    dy = dy.contiguous()
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dB_part = torch.empty(cfg.n_cblocks, batch, length, GROUPS, **f32)
+    dC_part = torch.empty_like(dB_part)
+    dA_part = torch.empty(batch, cfg.n_chunks, channels, **f32)
+    dD_part = torch.empty_like(dA_part)
+    dbias_part = torch.empty_like(dA_part)
+    grid_x = batch * GROUPS * cfg.n_cblocks
+    common = (batch, length, height, width, channels, cfg.per_group, cfg.n_cblocks, cfg.chunk_len,
+              cfg.n_chunks, cfg.n_tiles)
+    meta = dict(BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    gin = dummy
+    if cfg.n_chunks > 1:
+        # Pass 1 in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
+        P = torch.empty(batch, cfg.n_chunks, channels, **f32)
+        E = torch.empty_like(P)
+        _scan_bwd_kernel[(grid_x, cfg.n_chunks - 1)](
+            u, delta, A, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
+            dummy, dummy, dummy, P, E, *common, 1, HAS_GIN=False, SUMMARY=True, **meta)
+        gin = _propagate(P, E, cfg, reverse=True)
+    _scan_bwd_kernel[(grid_x, cfg.n_chunks)](
+        u, delta, A, B, C, D, delta_bias, dy, states, gin, du, ddelta, dB_part, dC_part,
+        dA_part, dD_part, dbias_part, dummy, dummy, *common, 0,
+        HAS_GIN=cfg.n_chunks > 1, SUMMARY=False, **meta)
+    # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
+    dA = dA_part.sum((0, 1)).to(A.dtype)
+    dD = dD_part.sum((0, 1)).to(D.dtype)
+    dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype)
+    dB = (dB_part[0] if cfg.n_cblocks == 1 else dB_part.sum(0)).to(B.dtype)
+    dC = (dC_part[0] if cfg.n_cblocks == 1 else dC_part.sum(0)).to(C.dtype)
+    return du, ddelta, dA, dB, dC, dD, dbias
+
+
+def kernels_interpreted():
+    """Whether these kernels were defined under TRITON_INTERPRET=1 (then they run on CPU tensors)."""
+    return not isinstance(_scan_fwd_kernel, triton.runtime.jit.JITFunction)
