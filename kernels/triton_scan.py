@@ -71,10 +71,10 @@ def _row(tile, rows, r):
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
     hin_ptr,  # (batch, n_chunks, CH) fp32: state entering each chunk (pass 3 of a split)
-    st_ptr,  # (batch, n_tiles, CH) fp32: state entering each tile, saved for the backward pass
+    st_ptr,  # (batch, n_states, CH) fp32: state entering every STATE_T-th step, kept for the backward pass
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32: chunk summaries written by pass 1 of a split
-    L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_tiles, chunk0,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -104,6 +104,10 @@ def _scan_fwd_kernel(
     rows = tl.arange(0, BLOCK_T)
     t0 = chunk * chunk_len
     t_end = tl.minimum(t0 + chunk_len, L)
+    if SAVE_STATES:
+        st_base = b.to(tl.int64) * n_states * CH
+        # The checkpoint at the chunk's first step, if one falls there; the others come from the tiles.
+        tl.store(st_ptr + st_base + (t0 // STATE_T) * CH + ch, h, mask=cmask & (t0 % STATE_T == 0))
     for ts in range(t0, t_end, BLOCK_T):
         t = ts + rows
         tmask = t < t_end
@@ -117,8 +121,6 @@ def _scan_fwd_kernel(
         # Steps past the end become the identity map (a=1, x=0) so the last row carries the true state.
         a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
         x = dt * Bt[:, None] * u
-        if SAVE_STATES:
-            tl.store(st_ptr + (b.to(tl.int64) * n_tiles + ts // BLOCK_T) * CH + ch, h, mask=cmask)
         a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
         hs = a_cum * h[None, :] + x_cum
         if SUMMARY:
@@ -128,6 +130,13 @@ def _scan_fwd_kernel(
             y = Ct[:, None] * hs + D[None, :] * u
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
         h = _row(hs, rows, BLOCK_T - 1)
+        if SAVE_STATES:
+            # hs row t is the state entering step t+1: keep it where t+1 is a checkpoint step (inside this
+            # chunk; the next chunk's program writes its own first one). The checkpoint stride is the
+            # backward pass's tile, independent of this tile, so both can be tuned separately.
+            save = ((t + 1) % STATE_T == 0) & (t + 1 < t_end)
+            tl.store(st_ptr + st_base + ((t + 1) // STATE_T)[:, None] * CH + ch[None, :], hs,
+                     mask=save[:, None] & cmask[None, :])
     if SUMMARY:
         tl.store(P_ptr + summary_off, decay, mask=cmask)
         tl.store(E_ptr + summary_off, h, mask=cmask)
@@ -179,13 +188,13 @@ def _propagate_kernel(
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
-    st_ptr,  # (batch, n_tiles, CH) fp32 forward state entering each tile
+    st_ptr,  # (batch, n_states, CH) fp32 forward state entering every BLOCK_T-th step
     gin_ptr,  # (batch, n_chunks, CH) fp32: dL/dh at the first step after each chunk (split only)
     du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype
     dB_ptr, dC_ptr,  # (n_cblocks, batch, L, 4) fp32 partial sums over this program's channels
     dA_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
-    batch, L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_tiles, chunk0,
+    batch, L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GIN: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     # With dh_t = dL/dh_t, the adjoint recurrence runs backward in time:
@@ -259,7 +268,8 @@ def _scan_bwd_kernel(
             a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
             Bu = Bt[:, None] * u
             x = dt * Bu
-            h0 = tl.load(st_ptr + (b.to(tl.int64) * n_tiles + ts // BLOCK_T) * CH + ch, mask=cmask, other=0.0)
+            h0 = tl.load(st_ptr + (b.to(tl.int64) * n_states + ts // BLOCK_T) * CH + ch, mask=cmask,
+                         other=0.0)
             a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
             h = a_cum * h0[None, :] + x_cum
             ah = h - x  # a_t h_{t-1}
@@ -288,21 +298,38 @@ def _scan_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------------
-class ScanConfig:
-    """Tiling of one scan call; the backward pass must reuse the forward's (states are saved per tile)."""
+class PassConfig:
+    """Tiling of one direction (forward or backward) of a scan call."""
 
-    def __init__(self, batch, length, channels, block_t, block_c, chunk_len, num_warps):
-        self.batch, self.length, self.channels = batch, length, channels
-        self.per_group = channels // GROUPS
+    def __init__(self, batch, length, channels, block_t, block_c, num_warps, chunk_len):
         self.block_t, self.block_c, self.num_warps = block_t, block_c, num_warps
-        self.n_cblocks = triton.cdiv(self.per_group, block_c)
-        self.n_tiles = triton.cdiv(length, block_t)
-        self.chunk_len = chunk_len
-        self.n_chunks = triton.cdiv(length, chunk_len)
+        self.n_cblocks = triton.cdiv(channels // GROUPS, block_c)
+        self.programs = batch * GROUPS * self.n_cblocks
+        # A chunk is a whole number of tiles, so tiles never straddle two programs.
+        self.chunk_len = max(block_t, triton.cdiv(max(chunk_len, 1), block_t) * block_t)
+        self.n_chunks = triton.cdiv(length, self.chunk_len)
 
     def __repr__(self):
-        return (f'ScanConfig(block_t={self.block_t}, block_c={self.block_c}, chunk_len={self.chunk_len}, '
-                f'n_chunks={self.n_chunks}, num_warps={self.num_warps})')
+        return (f'(block_t={self.block_t}, block_c={self.block_c}, num_warps={self.num_warps}, '
+                f'chunk_len={self.chunk_len}, n_chunks={self.n_chunks})')
+
+
+class ScanConfig:
+    """Tilings of the forward and backward kernels of one call, and the checkpoint stride that links them.
+
+    The forward pass saves the state entering every ``state_t``-th step; the backward pass's tile is
+    ``state_t`` steps long, so each backward tile recomputes its states from one checkpoint.
+    """
+
+    def __init__(self, batch, length, channels, fwd, bwd):
+        self.batch, self.length, self.channels = batch, length, channels
+        self.per_group = channels // GROUPS
+        self.fwd, self.bwd = fwd, bwd
+        self.state_t = bwd.block_t
+        self.n_states = triton.cdiv(length, self.state_t)
+
+    def __repr__(self):
+        return f'ScanConfig(fwd={self.fwd}, bwd={self.bwd})'
 
 
 def _multiprocessors(device):
@@ -311,73 +338,88 @@ def _multiprocessors(device):
     return 1
 
 
-def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None):
-    """Pick the tiling for ``u`` of shape ``(batch, L, channels)``.
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
-    ``chunk_len`` (rounded up to a multiple of ``block_t``) forces the sequence split; by default the
-    sequence is split only when ``batch x groups x channel blocks`` programs cannot fill the GPU, because a
-    split reads ``u``, ``delta`` and ``B`` twice.
-    """
-    batch, length, channels = u.shape
+
+def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chunk_len, backward):
     per_group = channels // GROUPS
     if block_c is None:
-        # 32 channels = 128 contiguous bytes of fp32 per row; wider blocks waste lanes on 87-channel groups.
+        # 16-32 contiguous channels a row: whole 32-byte sectors; wider blocks waste lanes on 87-channel groups.
         block_c = min(triton.next_power_of_2(per_group), 32)
     if block_t is None:
-        # About 2048 elements per tile: enough loads in flight per program, few registers per thread.
-        block_t = max(16, min(256, 2048 // block_c, triton.next_power_of_2(length)))
+        # ~2048 (forward) or ~1024 (backward, more live tensors) elements a tile: loads in flight without
+        # so many registers that too few programs fit on a multiprocessor.
+        elements = 1024 if backward else 2048
+        block_t = max(16, min(256, elements // block_c, triton.next_power_of_2(length)))
     if num_warps is None:
         num_warps = 4 if block_t * block_c >= 1024 else 2
-    programs = batch * GROUPS * triton.cdiv(per_group, block_c)
     if chunk_len is None:
-        sms = _multiprocessors(u.device)
+        programs = batch * GROUPS * triton.cdiv(per_group, block_c)
         chunk_len = length
         if programs < 2 * sms:
-            # Aim for ~4 programs per multiprocessor, but keep chunks long enough (>= 8 tiles) that the
-            # summary pass and the cross-chunk propagation stay small next to the scan itself.
+            # Split only when batch x groups x channel blocks cannot fill the GPU, since a split reads the
+            # inputs twice. Aim for ~4 programs a multiprocessor with chunks of >= 8 tiles, so the
+            # summary pass and the propagation stay small next to the scan itself.
             wanted = triton.cdiv(4 * sms, programs)
             chunk_len = max(8 * block_t, triton.cdiv(length, wanted))
-    chunk_len = max(block_t, triton.cdiv(max(chunk_len, 1), block_t) * block_t)
-    return ScanConfig(batch, length, channels, block_t, block_c, chunk_len, num_warps)
+    return PassConfig(batch, length, channels, block_t, block_c, num_warps, chunk_len)
 
 
-def _propagate(P, E, cfg, reverse):
+def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None):
+    """Pick the tilings for ``u`` of shape ``(batch, L, channels)``.
+
+    Each argument is one value for both passes or a ``(forward, backward)`` pair; ``None`` picks by
+    heuristics. ``chunk_len`` (rounded up to whole tiles) forces the sequence split; by default the
+    sequence is split only when there are too few ``batch x groups x channel blocks`` programs for the GPU.
+    """
+    batch, length, channels = u.shape
+    sms = _multiprocessors(u.device)
+    args = [_pair(v) for v in (block_t, block_c, num_warps, chunk_len)]
+    fwd = _pass_config(batch, length, channels, sms, *(a[0] for a in args), backward=False)
+    bwd = _pass_config(batch, length, channels, sms, *(a[1] for a in args), backward=True)
+    return ScanConfig(batch, length, channels, fwd, bwd)
+
+
+def _propagate(P, E, cfg, n_chunks, reverse):
+    batch, _, channels = P.shape
     out = torch.empty_like(P)
     block_c = 32
-    block_n = min(64, triton.next_power_of_2(cfg.n_chunks))
-    unused = 0 if reverse else cfg.n_chunks - 1
-    _propagate_kernel[(cfg.batch, triton.cdiv(cfg.channels, block_c))](
-        P, E, out, cfg.n_chunks, cfg.channels, unused,
+    block_n = min(64, triton.next_power_of_2(n_chunks))
+    unused = 0 if reverse else n_chunks - 1
+    _propagate_kernel[(batch, triton.cdiv(channels, block_c))](
+        P, E, out, n_chunks, channels, unused,
         BLOCK_N=block_n, BLOCK_C=block_c, REVERSE=reverse, num_warps=2)
     return out
 
 
 def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
-    """Launch the forward scan. Returns ``y`` (u's dtype) and, if asked, the fp32 per-tile states."""
+    """Launch the forward scan. Returns ``y`` (u's dtype) and, if asked, the fp32 state checkpoints."""
     height, width = hw
     batch, length, channels = u.shape
+    fc = cfg.fwd
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = torch.empty(1, **f32)
     y = torch.empty_like(u)
-    states = torch.empty(batch, cfg.n_tiles, channels, **f32) if save_states else dummy
-    grid_x = batch * GROUPS * cfg.n_cblocks
-    common = (length, height, width, channels, cfg.per_group, cfg.n_cblocks, cfg.chunk_len, cfg.n_chunks,
-              cfg.n_tiles)
-    meta = dict(BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    states = torch.empty(batch, cfg.n_states, channels, **f32) if save_states else dummy
+    grid_x = fc.programs
+    common = (length, height, width, channels, cfg.per_group, fc.n_cblocks, fc.chunk_len, fc.n_chunks,
+              cfg.n_states)
+    meta = dict(BLOCK_T=fc.block_t, BLOCK_C=fc.block_c, STATE_T=cfg.state_t, num_warps=fc.num_warps)
     hin = dummy
-    if cfg.n_chunks > 1:
+    if fc.n_chunks > 1:
         # Pass 1: each chunk's decay product and end state from a zero start (the last chunk's is unused).
-        P = torch.empty(batch, cfg.n_chunks, channels, **f32)
+        P = torch.empty(batch, fc.n_chunks, channels, **f32)
         E = torch.empty_like(P)
-        _scan_fwd_kernel[(grid_x, cfg.n_chunks - 1)](
+        _scan_fwd_kernel[(grid_x, fc.n_chunks - 1)](
             u, delta, A, B, C, D, delta_bias, y, dummy, dummy, P, E, *common, 0,
             HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta)
         # Pass 2: the state entering every chunk.
-        hin = _propagate(P, E, cfg, reverse=False)
+        hin = _propagate(P, E, cfg, fc.n_chunks, reverse=False)
     # Pass 3 (the only pass without a split): the scan from each chunk's true starting state.
-    _scan_fwd_kernel[(grid_x, cfg.n_chunks)](
+    _scan_fwd_kernel[(grid_x, fc.n_chunks)](
         u, delta, A, B, C, D, delta_bias, y, hin, states, dummy, dummy, *common, 0,
-        HAS_HIN=cfg.n_chunks > 1, SAVE_STATES=save_states, SUMMARY=False, **meta)
+        HAS_HIN=fc.n_chunks > 1, SAVE_STATES=save_states, SUMMARY=False, **meta)
     return y, (states if save_states else None)
 
 
@@ -385,39 +427,40 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
     """Gradients ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the dtypes of their inputs."""
     height, width = hw
     batch, length, channels = u.shape
+    bc = cfg.bwd
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = torch.empty(1, **f32)
     dy = dy.contiguous()
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
-    dB_part = torch.empty(cfg.n_cblocks, batch, length, GROUPS, **f32)
+    dB_part = torch.empty(bc.n_cblocks, batch, length, GROUPS, **f32)
     dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty(batch, cfg.n_chunks, channels, **f32)
+    dA_part = torch.empty(batch, bc.n_chunks, channels, **f32)
     dD_part = torch.empty_like(dA_part)
     dbias_part = torch.empty_like(dA_part)
-    grid_x = batch * GROUPS * cfg.n_cblocks
-    common = (batch, length, height, width, channels, cfg.per_group, cfg.n_cblocks, cfg.chunk_len,
-              cfg.n_chunks, cfg.n_tiles)
-    meta = dict(BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+    grid_x = bc.programs
+    common = (batch, length, height, width, channels, cfg.per_group, bc.n_cblocks, bc.chunk_len,
+              bc.n_chunks, cfg.n_states)
+    meta = dict(BLOCK_T=bc.block_t, BLOCK_C=bc.block_c, num_warps=bc.num_warps)
     gin = dummy
-    if cfg.n_chunks > 1:
+    if bc.n_chunks > 1:
         # Pass 1 in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
-        P = torch.empty(batch, cfg.n_chunks, channels, **f32)
+        P = torch.empty(batch, bc.n_chunks, channels, **f32)
         E = torch.empty_like(P)
-        _scan_bwd_kernel[(grid_x, cfg.n_chunks - 1)](
+        _scan_bwd_kernel[(grid_x, bc.n_chunks - 1)](
             u, delta, A, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
             dummy, dummy, dummy, P, E, *common, 1, HAS_GIN=False, SUMMARY=True, **meta)
-        gin = _propagate(P, E, cfg, reverse=True)
-    _scan_bwd_kernel[(grid_x, cfg.n_chunks)](
+        gin = _propagate(P, E, cfg, bc.n_chunks, reverse=True)
+    _scan_bwd_kernel[(grid_x, bc.n_chunks)](
         u, delta, A, B, C, D, delta_bias, dy, states, gin, du, ddelta, dB_part, dC_part,
         dA_part, dD_part, dbias_part, dummy, dummy, *common, 0,
-        HAS_GIN=cfg.n_chunks > 1, SUMMARY=False, **meta)
+        HAS_GIN=bc.n_chunks > 1, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
     dA = dA_part.sum((0, 1)).to(A.dtype)
     dD = dD_part.sum((0, 1)).to(D.dtype)
     dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype)
-    dB = (dB_part[0] if cfg.n_cblocks == 1 else dB_part.sum(0)).to(B.dtype)
-    dC = (dC_part[0] if cfg.n_cblocks == 1 else dC_part.sum(0)).to(C.dtype)
+    dB = (dB_part[0] if bc.n_cblocks == 1 else dB_part.sum(0)).to(B.dtype)
+    dC = (dC_part[0] if bc.n_cblocks == 1 else dC_part.sum(0)).to(C.dtype)
     return du, ddelta, dA, dB, dC, dD, dbias
 
 
