@@ -1,0 +1,194 @@
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.logging import MMLogger
+from mmengine.registry import MODELS, DefaultScope
+
+from mmgroupmamba import GroupMamba
+from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
+
+GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
+SMALL_ARCH = dict(stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+CLASSIFICATION_PREFIXES = ('post_network.', 'head.', 'dist_head.')
+
+
+@pytest.fixture(scope='module')
+def golden():
+    return torch.load(GOLDEN / 'golden_mini_seed0.pt', weights_only=True)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def official_shapes(size):
+    rows = (GOLDEN / f'official_state_dict_{size}.tsv').read_text().splitlines()[1:]
+    return {k: tuple(int(d) for d in s.strip('()').split(',') if d.strip()) for k, s in (r.split('\t') for r in rows)}
+
+
+def test_reproduces_golden_official_outputs(golden):
+    model = GroupMamba(arch=golden['arch_cfg'], out_indices=(0, 1, 2, 3))
+    result = model.load_state_dict(golden['state_dict'], strict=False)
+    assert result.missing_keys == []
+    assert all(k.startswith(CLASSIFICATION_PREFIXES) for k in result.unexpected_keys)
+    model.eval()
+    with torch.no_grad():
+        outs = model(golden['input'])
+    assert len(outs) == 4
+    for out, expected in zip(outs, golden['stage_outputs']):
+        assert out.shape == expected.shape
+        assert rel_err(out, expected) <= 1e-4
+
+
+@pytest.mark.parametrize('size, expected', [('tiny', 20_462_224), ('small', 31_143_298), ('base', 53_512_581)])
+def test_parameter_counts_and_official_keys(size, expected):
+    model = GroupMamba(arch=size)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    official = {k: v for k, v in official_shapes(size).items() if not k.startswith(CLASSIFICATION_PREFIXES)}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain', None])
+def test_registry_builds_in_every_scope(scope):
+    cfg = dict(type='GroupMamba', arch=SMALL_ARCH, out_indices=(1, 3))
+    if scope is None:
+        model = MODELS.build(cfg)
+    else:
+        registry = {'mmdet': 'mmdet.registry', 'mmseg': 'mmseg.registry',
+                    'mmpretrain': 'mmpretrain.registry'}[scope]
+        module = __import__(registry, fromlist=['MODELS'])
+        with DefaultScope.overwrite_default_scope(scope):
+            model = module.MODELS.build(cfg)
+    assert isinstance(model, GroupMamba) and model.out_indices == (1, 3)
+
+
+@pytest.mark.parametrize('hw', [(97, 133), (32, 32), (33, 65)])
+def test_any_input_size_batch_one(hw):
+    model = GroupMamba(arch=SMALL_ARCH)
+    x = torch.randn(1, 3, *hw)
+    expected = []
+    h, w = hw
+    for _ in range(2):  # conv stem: two stride-2 convs
+        h, w = (h + 1) // 2, (w + 1) // 2
+    for dims in SMALL_ARCH['embed_dims']:
+        expected.append((1, dims, h, w))
+        h, w = (h + 1) // 2, (w + 1) // 2
+    for mode in ('train', 'eval'):
+        getattr(model, mode)()
+        outs = model(x)
+        assert [tuple(o.shape) for o in outs] == expected
+        assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_frozen_stages_have_no_grad():
+    model = GroupMamba(arch=SMALL_ARCH, frozen_stages=2)
+    model.train()
+    for name, param in model.named_parameters():
+        frozen = name.startswith(('patch_embed1.', 'block1.', 'norm1.', 'patch_embed2.', 'block2.', 'norm2.'))
+        assert param.requires_grad != frozen, name
+    assert not model.patch_embed1.training and not model.block2.training and model.block3.training
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith('block1.'))
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith('block3.'))
+
+
+def test_norm_eval_keeps_batchnorm_in_eval():
+    model = GroupMamba(arch=SMALL_ARCH, norm_eval=True).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+
+
+def test_with_cp_gives_same_gradients():
+    torch.manual_seed(0)
+    plain = GroupMamba(arch=SMALL_ARCH, drop_path_rate=0.0)
+    ckpt = copy.deepcopy(plain)
+    for block in ckpt.modules():
+        if hasattr(block, 'with_cp'):
+            block.with_cp = True
+    x = torch.randn(2, 3, 48, 80)
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        sum((o * o).mean() for o in model(x)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_with_cp_argument_reaches_blocks():
+    model = GroupMamba(arch=SMALL_ARCH, with_cp=True)
+    assert all(block.with_cp for block in model.block3)
+
+
+def test_arch_errors_name_the_bad_key():
+    with pytest.raises(KeyError, match='huge'):
+        GroupMamba(arch='huge')
+    with pytest.raises(KeyError, match='depths'):
+        GroupMamba(arch={k: v for k, v in SMALL_ARCH.items() if k != 'depths'})
+    with pytest.raises(ValueError, match='embed_dims'):
+        GroupMamba(arch=dict(SMALL_ARCH, embed_dims=[30, 64, 96, 128]))
+    with pytest.raises(ValueError, match='out_indices'):
+        GroupMamba(arch=SMALL_ARCH, out_indices=(4,))
+    assert set(ARCH_SETTINGS) == {'tiny', 'small', 'base'}
+
+
+@pytest.mark.parametrize('wrap', ['raw', 'model', 'state_dict', 'backbone_prefix'])
+def test_pretrained_official_checkpoint_loads(golden, tmp_path, wrap):
+    state = golden['state_dict']
+    payload = {'raw': state, 'model': {'model': state, 'epoch': 3}, 'state_dict': {'state_dict': state},
+               'backbone_prefix': {'state_dict': {f'backbone.{k}': v for k, v in state.items()}}}[wrap]
+    path = tmp_path / 'official.pth'
+    torch.save(payload, path)
+    model = GroupMamba(arch=golden['arch_cfg'], init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    logger = MMLogger.get_current_instance()
+    handler = ListHandler()
+    logger.addHandler(handler)
+    try:
+        model.init_weights()
+    finally:
+        logger.removeHandler(handler)
+    report = [m for m in handler.messages if 'classification keys' in m]
+    assert len(report) == 1 and 'post_network.' in report[0]
+    model.eval()
+    with torch.no_grad():
+        out = model(golden['input'])[3]
+    assert rel_err(out, golden['stage_outputs'][3]) <= 1e-4
+
+
+def test_pretrained_with_wrong_shape_fails_naming_the_key(golden, tmp_path):
+    state = dict(golden['state_dict'])
+    state['block2.0.attn.proj.weight'] = torch.zeros(3, 3)
+    path = tmp_path / 'bad.pth'
+    torch.save(state, path)
+    model = GroupMamba(arch=golden['arch_cfg'], init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match=r'block2\.0\.attn\.proj\.weight'):
+        model.init_weights()
+    # A tiny checkpoint for a small arch: shapes differ at the very first key.
+    path = tmp_path / 'other_arch.pth'
+    torch.save(golden['state_dict'], path)
+    model = GroupMamba(arch='tiny', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(ValueError, match=r'patch_embed1\.conv\.0\.weight'):
+        model.init_weights()
+
+
+def test_pretrained_missing_keys_fail(golden, tmp_path):
+    state = {k: v for k, v in golden['state_dict'].items() if not k.startswith('block4.')}
+    path = tmp_path / 'partial.pth'
+    torch.save(state, path)
+    model = GroupMamba(arch=golden['arch_cfg'], init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with pytest.raises(KeyError, match='missing'):
+        model.init_weights()
+
+
+class ListHandler(logging.Handler):
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
