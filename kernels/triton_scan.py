@@ -67,7 +67,12 @@ def _row(tile, rows, r):
 # --------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------
-@triton.jit
+# Sizes that only index rows or count steps are not specialised, so one compiled kernel serves every map
+# size; CH and K stay specialised because their divisibility lets rows load as 16-byte vectors.
+_RUNTIME_SIZES = ['batch', 'L', 'H', 'W', 'n_cblocks', 'chunk_len', 'n_chunks', 'n_states', 'chunk0']
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SIZES[1:])
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
     hin_ptr,  # (batch, n_chunks, CH) fp32: state entering each chunk (pass 3 of a split)
@@ -185,7 +190,7 @@ def _propagate_kernel(
 # --------------------------------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
     st_ptr,  # (batch, n_states, CH) fp32 forward state entering every BLOCK_T-th step

@@ -1,0 +1,240 @@
+"""Check and time the Triton selective scan on a GPU against the card's copy bandwidth and the reference.
+
+    python -m mmgroupmamba.kernels.bench [--dtypes fp32,bf16] [--sweep] [--log FILE]
+
+Steps: (1) copy bandwidth of the card (large device-to-device copy, bytes read + written); (2) correctness of
+forward and all gradients against the float64 reference on small odd shapes and on each benchmark shape at
+a small batch, with and without the sequence split; (3) determinism (two backward passes bitwise equal);
+(4) for GroupMamba-T's stage shapes (batch 128) and the detection shape (batch 2, 200x336, 64 channels):
+median time (triton.testing.do_bench), minimal bytes moved, fraction of copy bandwidth, forward and
+backward, and the speedup over the PyTorch reference where the reference fits. ``--sweep`` also times a
+grid of tilings per shape (used to pick the defaults in triton_scan.choose_config).
+"""
+import argparse
+import math
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+from .reference import selective_scan_reference
+from .scan import selective_scan_triton
+from . import triton_scan
+
+SHAPES = [  # name, batch, (H, W), channels
+    ('stage1', 128, (56, 56), 64),
+    ('stage2', 128, (28, 28), 128),
+    ('stage3', 128, (14, 14), 348),
+    ('stage4', 128, (7, 7), 448),
+    ('det', 2, (200, 336), 64),
+]
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias']
+DEVICE = 'cuda'
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def make_inputs(batch, hw, channels, dtype, device, seed, requires_grad=False):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    length = hw[0] * hw[1]
+
+    def rand(*shape, scale=1.0, shift=0.0, dt=dtype):
+        t = torch.randn(*shape, generator=gen, device=device) * scale + shift
+        return t.to(dt).requires_grad_(requires_grad)
+
+    # Parameters stay fp32 as under autocast; activations take the benchmark dtype.
+    A = (-torch.rand(channels, generator=gen, device=device) * 2 - 0.05).requires_grad_(requires_grad)
+    return dict(u=rand(batch, length, channels), delta=rand(batch, length, channels, scale=1.5, shift=-1.0),
+                A=A, B=rand(batch, length, 4), C=rand(batch, length, 4),
+                D=rand(channels, dt=torch.float32), delta_bias=rand(channels, scale=0.5, dt=torch.float32),
+                hw=hw)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check(batch, hw, channels, dtype, seed, **tiling):
+    """Largest relative error of the output and the 7 gradients against the float64 reference."""
+    inp = make_inputs(batch, hw, channels, dtype, DEVICE, seed, requires_grad=True)
+    y = selective_scan_triton(**inp, **tiling)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [inp[n] for n in NAMES], dy)
+    ref_in = {k: (v.detach().double().requires_grad_() if torch.is_tensor(v) else v) for k, v in inp.items()}
+    y_ref = selective_scan_reference(**ref_in)
+    grads_ref = torch.autograd.grad(y_ref, [ref_in[n] for n in NAMES], dy.double())
+    errs = {'y': rel_err(y, y_ref)}
+    errs.update({n: rel_err(a, b) for n, a, b in zip(NAMES, grads, grads_ref)})
+    assert y.dtype == dtype and all(g.dtype == inp[n].dtype for n, g in zip(NAMES, grads))
+    return errs
+
+
+def correctness(dtypes):
+    log('== correctness against the float64 reference (max relative error over y and 7 gradients)')
+    ok = True
+    cases = [(2, (1, 1), 8, {}), (3, (5, 7), 12, {}), (2, (13, 11), 36, dict(chunk_len=32)),
+             (2, (9, 17), 348, dict(chunk_len=(64, 16)))]
+    cases += [(2, hw, ch, {}) for _, _, hw, ch in SHAPES[:4]]
+    cases += [(1, (200, 336), 64, {}), (2, (56, 56), 64, dict(chunk_len=256))]
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for i, (batch, hw, ch, tiling) in enumerate(cases):
+            errs = check(batch, hw, ch, dtype, seed=i, **tiling)
+            worst = max(errs, key=errs.get)
+            good = errs[worst] <= tol and all(math.isfinite(e) for e in errs.values())
+            ok &= good
+            log(f'  {dtype_name} batch={batch} hw={hw} ch={ch} {tiling}: max {errs[worst]:.2e} ({worst}) '
+                f'{"ok" if good else "FAIL"}')
+    return ok
+
+
+def determinism():
+    log('== determinism (two backward passes, bitwise)')
+    ok = True
+    for name, batch, hw, ch in (SHAPES[0], SHAPES[2], SHAPES[-1]):
+        inp = make_inputs(batch, hw, ch, torch.float32, DEVICE, 7, requires_grad=True)
+        y = selective_scan_triton(**inp)
+        dy = torch.randn_like(y)
+        g1 = torch.autograd.grad(y, [inp[n] for n in NAMES], dy, retain_graph=True)
+        g2 = torch.autograd.grad(selective_scan_triton(**inp), [inp[n] for n in NAMES], dy)
+        same = all(torch.equal(a, b) for a, b in zip(g1, g2))
+        ok &= same
+        log(f'  {name}: {"bitwise equal" if same else "DIFFERENT"}')
+    return ok
+
+
+def copy_bandwidth():
+    x = torch.empty(2 ** 29, dtype=torch.float32, device=DEVICE).normal_()  # 2 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode='median')
+    del x, y
+    return 2 * 2 ** 31 / (ms * 1e-3)
+
+
+def minimal_bytes(batch, length, channels, dtype):
+    e = torch.tensor([], dtype=dtype).element_size()
+    big = batch * length * channels * e  # one (batch, L, channels) tensor
+    bc = batch * length * 4 * e  # one of B, C
+    fwd = 3 * big + 2 * bc  # read u, delta, B, C; write y
+    bwd = 5 * big + 4 * bc  # read u, delta, B, C, dy; write du, ddelta, dB, dC
+    return fwd, bwd
+
+
+def time_pair(fn_fwd, inp, dy, rep=100):
+    """Median ms of the forward (as in training: checkpoints saved) and of the backward alone."""
+    fwd = do_bench(lambda: fn_fwd(**inp), warmup=25, rep=rep, return_mode='median')
+    y = fn_fwd(**inp)
+    leaves = [inp[n] for n in NAMES]
+    bwd = do_bench(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), warmup=25, rep=rep,
+                   return_mode='median')
+    return fwd, bwd
+
+
+def bench_shapes(dtypes, bandwidth):
+    log('== timings (median ms; %BW = minimal bytes / time / copy bandwidth)')
+    rows = []
+    header = (f'{"shape":7} {"dtype":5} {"batch":>5} {"HxW":>8} {"ch":>4} | {"fwd ms":>7} {"fwd %BW":>7} '
+              f'{"ref ms":>8} {"x":>6} | {"bwd ms":>7} {"bwd %BW":>7} {"ref ms":>8} {"x":>6} | config')
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for name, batch, hw, ch in SHAPES:
+            length = hw[0] * hw[1]
+            inp = make_inputs(batch, hw, ch, dtype, DEVICE, 1, requires_grad=True)
+            dy = torch.randn(batch, length, ch, device=DEVICE, dtype=dtype)
+            fwd, bwd = time_pair(selective_scan_triton, inp, dy)
+            fb, bb = minimal_bytes(batch, length, ch, dtype)
+            try:
+                ref_f, ref_b = time_pair(selective_scan_reference, inp, dy, rep=50)
+            except torch.cuda.OutOfMemoryError:
+                ref_f = ref_b = float('nan')
+            torch.cuda.empty_cache()
+            cfg = triton_scan.choose_config(inp['u'])
+            row = (f'{name:7} {dtype_name:5} {batch:5d} {hw[0]:>3}x{hw[1]:<4} {ch:4d} | {fwd:7.3f} '
+                   f'{fb / (fwd * 1e-3) / bandwidth:7.1%} {ref_f:8.3f} {ref_f / fwd:6.1f} | {bwd:7.3f} '
+                   f'{bb / (bwd * 1e-3) / bandwidth:7.1%} {ref_b:8.3f} {ref_b / bwd:6.1f} | {cfg}')
+            rows.append(row)
+            log(row)
+    log(header)
+    for row in rows:
+        log(row)
+
+
+def sweep(dtypes):
+    """Time the forward and backward kernels alone over a grid of tilings (launchers, no autograd)."""
+    log('== sweep: median ms of the kernels for each tiling')
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for name, batch, hw, ch in SHAPES:
+            torch.cuda.empty_cache()
+            inp = make_inputs(batch, hw, ch, dtype, DEVICE, 2)
+            args = [inp[n] for n in NAMES] + [hw]
+            dy = torch.randn_like(inp['u'])
+            per_group = ch // 4
+            block_cs = sorted({min(16, triton_next(per_group)), min(32, triton_next(per_group))})
+            chunks = [None] if batch > 8 else [512, 1024, 2048]
+            best = {}
+            for bc in block_cs:
+                for bt in (32, 64, 128, 256):
+                    for per_thread in (8, 16):  # elements of a tile per thread
+                        nw = bt * bc // (32 * per_thread)
+                        if nw not in (1, 2, 4, 8) or bt > 2 * triton_next(hw[0] * hw[1]):
+                            continue
+                        for chunk in chunks:
+                            cfg = triton_scan.choose_config(inp['u'], chunk_len=chunk, block_t=bt, block_c=bc,
+                                                            num_warps=nw)
+                            try:
+                                f = do_bench(lambda: triton_scan.scan_forward(*args, cfg, save_states=True),
+                                             warmup=10, rep=40, return_mode='median')
+                                _, states = triton_scan.scan_forward(*args, cfg, save_states=True)
+                                b = do_bench(lambda: triton_scan.scan_backward(dy, *args, states, cfg),
+                                             warmup=10, rep=40, return_mode='median')
+                            except Exception as exc:  # a tiling that does not compile is skipped, not fatal
+                                log(f'  {name} {dtype_name} bt={bt} bc={bc} nw={nw} chunk={chunk}: {exc!r:.200}')
+                                continue
+                            key = (bt, bc, nw, chunk)
+                            best.setdefault('fwd', []).append((f, key))
+                            best.setdefault('bwd', []).append((b, key))
+                            log(f'  {name} {dtype_name} bt={bt:3d} bc={bc:2d} nw={nw} chunk={chunk}: '
+                                f'fwd {f:.4f} bwd {b:.4f}')
+            for k in best:
+                top = sorted(best[k])[:3]
+                log(f'  BEST {name} {dtype_name} {k}: ' + ', '.join(f'{t:.4f} {key}' for t, key in top))
+
+
+def triton_next(n):
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--dtypes', default='fp32,bf16')
+    parser.add_argument('--sweep', action='store_true')
+    parser.add_argument('--sweep-dtypes', default='fp32')
+    parser.add_argument('--skip-checks', action='store_true')
+    args = parser.parse_args(argv)
+    dtypes = args.dtypes.split(',')
+    if not torch.cuda.is_available():
+        sys.exit('bench.py needs a CUDA GPU')
+    props = torch.cuda.get_device_properties(0)
+    log(f'device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; '
+        f'triton {__import__("triton").__version__}; {time.strftime("%Y-%m-%d %H:%M")}')
+    bandwidth = copy_bandwidth()
+    log(f'copy bandwidth: {bandwidth / 1e12:.3f} TB/s (read + write)')
+    ok = True
+    if not args.skip_checks:
+        ok &= correctness(dtypes)
+        ok &= determinism()
+    bench_shapes(dtypes, bandwidth)
+    if args.sweep:
+        sweep(args.sweep_dtypes.split(','))
+    log('checks passed' if ok else 'CHECKS FAILED')
+    return 0 if ok else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
