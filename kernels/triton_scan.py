@@ -348,26 +348,31 @@ def _pair(value):
 
 
 def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chunk_len, backward):
+    # Defaults from the tiling sweep of bench.py on an H100 (README.md). The kernels are bound by the
+    # per-tile scan work (shuffles, barriers), not by DRAM, so short tiles with 8-16 elements per thread
+    # and many resident programs won; see README.md for the numbers.
     per_group = channels // GROUPS
     if block_c is None:
-        # 16-32 contiguous channels a row: whole 32-byte sectors; wider blocks waste lanes on 87-channel groups.
-        block_c = min(triton.next_power_of_2(per_group), 32)
+        if backward:
+            block_c = 32 if (per_group % 32 == 0 or per_group % 16) else 16
+        else:
+            block_c = 32 if per_group % 32 == 0 else 16
+        block_c = min(block_c, triton.next_power_of_2(per_group))
     if block_t is None:
-        # ~2048 (forward) or ~1024 (backward, more live tensors) elements a tile: loads in flight without
-        # so many registers that too few programs fit on a multiprocessor.
-        elements = 1024 if backward else 2048
-        block_t = max(16, min(256, elements // block_c, triton.next_power_of_2(length)))
+        block_t = 64 if length >= 2048 else 32
+        block_t = max(1, min(block_t, triton.next_power_of_2(length)))
     if num_warps is None:
-        num_warps = 4 if block_t * block_c >= 1024 else 2
+        per_thread = 16 if backward and per_group % 16 == 0 else 8
+        num_warps = min(8, max(1, block_t * block_c // (32 * per_thread)))
     if chunk_len is None:
         programs = batch * GROUPS * triton.cdiv(per_group, block_c)
         chunk_len = length
         if programs < 2 * sms:
             # Split only when batch x groups x channel blocks cannot fill the GPU, since a split reads the
-            # inputs twice. Aim for ~4 programs a multiprocessor with chunks of >= 8 tiles, so the
-            # summary pass and the propagation stay small next to the scan itself.
-            wanted = triton.cdiv(4 * sms, programs)
-            chunk_len = max(8 * block_t, triton.cdiv(length, wanted))
+            # inputs twice. Aim for ~8 programs a multiprocessor with chunks of >= 4 tiles, so the summary
+            # pass and the propagation stay small next to the scan itself.
+            wanted = triton.cdiv(8 * sms, programs)
+            chunk_len = max(4 * block_t, triton.cdiv(length, wanted))
     return PassConfig(batch, length, channels, block_t, block_c, num_warps, chunk_len)
 
 
