@@ -59,6 +59,18 @@ def _softplus(z):
 
 
 @triton.jit
+def _program_block(n_cblocks, K, BLOCK_C: tl.constexpr):
+    # Axis 0 of the grid enumerates (batch item, group, channel block of the group), channel blocks fastest.
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    g = (pid // n_cblocks) % 4
+    b = pid // (n_cblocks * 4)
+    cidx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cidx < K
+    return b, g, cb, g * K + cidx, cmask
+
+
+@triton.jit
 def _row(tile, rows, r):
     # Row r of a (BLOCK_T, BLOCK_C) tile as a (BLOCK_C,) vector; the masked sum adds exact zeros only.
     return tl.sum(tl.where(rows[:, None] == r, tile, 0.0), axis=0)
@@ -82,15 +94,8 @@ def _scan_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    b, g, cb, ch, cmask = _program_block(n_cblocks, K, BLOCK_C)
     chunk = tl.program_id(1) + chunk0
-    cb = pid % n_cblocks
-    g = (pid // n_cblocks) % 4
-    b = pid // (n_cblocks * 4)
-
-    cidx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cidx < K
-    ch = g * K + cidx
     A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if not SUMMARY:
@@ -209,15 +214,8 @@ def _scan_bwd_kernel(
     #     dC_t = sum_c dy_t h_t                          dD = sum dy_t u_t
     #     ddelta_t = dh_t (B_t u_t + A a_t h_{t-1})      dA = sum dh_t delta_t a_t h_{t-1}
     # and a_t h_{t-1} = h_t - x_t needs no shifted copy of the states.
-    pid = tl.program_id(0)
+    b, g, cb, ch, cmask = _program_block(n_cblocks, K, BLOCK_C)
     chunk = tl.program_id(1) + chunk0
-    cb = pid % n_cblocks
-    g = (pid // n_cblocks) % 4
-    b = pid // (n_cblocks * 4)
-
-    cidx = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cidx < K
-    ch = g * K + cidx
     A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
