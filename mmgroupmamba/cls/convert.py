@@ -1,0 +1,49 @@
+"""Official GroupMamba ImageNet checkpoints -> the mmpretrain classifier's keys.
+
+Official keys are the model's attribute names (``patch_embed1.*``, ``block3.7.attn.mamba_g2.A_logs``,
+``norm4.*``, ``post_network.0.*``, ``head.*``, ``dist_head.*``); in the mmpretrain model the first four live
+under ``backbone.`` (:class:`GroupMambaClsBackbone`) and the two heads under ``head.``
+(:class:`DistillationLinearClsHead`).
+"""
+import re
+from collections import OrderedDict
+
+# (official key pattern, mmpretrain key replacement); the first match places a key.
+KEY_MAP = (
+    (r'^((patch_embed|block|norm)[1-4]\.|post_network\.)', r'backbone.\1'),
+    (r'^head\.', 'head.head.'),
+    (r'^dist_head\.', 'head.dist_head.'),
+)
+# Where official training checkpoints keep weights: the EMA model (the one the paper evaluates) first.
+WEIGHT_KEYS = ('model_ema', 'model', 'state_dict_ema', 'state_dict')
+
+
+def official_state_dict(checkpoint, weights=None):
+    """The official state dict inside a loaded checkpoint; returns ``(state_dict, where)``.
+
+    A released checkpoint is the raw state dict; a training checkpoint wraps it (``model``, ``model_ema``).
+    ``weights`` picks a wrapper key; by default the first of ``WEIGHT_KEYS`` present, else the raw dict.
+    A ``module.`` prefix (DistributedDataParallel) is removed.
+    """
+    if weights is not None:
+        if weights not in checkpoint:
+            raise KeyError(f'checkpoint has no {weights!r}; its top-level keys: {sorted(checkpoint)[:20]}')
+        where = weights
+    else:
+        where = next((key for key in WEIGHT_KEYS if key in checkpoint), None)
+    state_dict = checkpoint[where] if where is not None else checkpoint
+    state_dict = OrderedDict((re.sub(r'^module\.', '', k), v) for k, v in state_dict.items())
+    return state_dict, where or 'raw state dict'
+
+
+def convert_official(state_dict):
+    """Map official keys to the mmpretrain model's; returns ``(converted, unplaced_keys)``."""
+    converted, unplaced = OrderedDict(), []
+    for key, value in state_dict.items():
+        for pattern, replacement in KEY_MAP:
+            if re.match(pattern, key):
+                converted[re.sub(pattern, replacement, key)] = value
+                break
+        else:
+            unplaced.append(key)
+    return converted, unplaced

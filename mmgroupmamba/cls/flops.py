@@ -1,0 +1,114 @@
+"""FLOPs and parameters of GroupMamba models with mmengine's analysis, counting the selective scan.
+
+mmengine's :class:`~mmengine.analysis.FlopAnalyzer` traces the model with ``torch.jit`` and counts the ops it
+has handles for (linear, conv, matmul, norms, ...); element-wise ops count zero. Two things about the GroupMamba
+layer need care, and :func:`scan_counting` handles both while the analysis runs:
+
+* The layer runs its four channel groups as block-diagonal linear layers and folds ``dt_proj`` into
+  ``x_proj``. Counted as traced, those dense products would report FLOPs of zeros. While counting, every
+  :class:`GroupMambaLayer` instead runs :func:`groupwise_forward`, the same function computed group by group
+  as the official model does (checked equal to the layer in the tests).
+* The scan, traced as the ops of its PyTorch reference, would be counted by its implementation's matmuls.
+  While counting it runs as one ``torch.autograd.Function`` (:class:`CountedSelectiveScan`), which the trace
+  records as a single ``prim::PythonOp`` node, counted by :func:`selective_scan_flop_jit` with the formula of
+  the official FLOPs counter (Mamba's): ``9 * B * L * D * N + B * D * L`` (``N = d_state = 1``; the ``+``
+  term is the ``D`` skip).
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from mmengine.analysis import FlopAnalyzer, parameter_count
+from mmengine.analysis.jit_handles import get_shape
+
+from mmgroupmamba.kernels import selective_scan
+from mmgroupmamba.models.groupmamba import NUM_GROUPS, GroupMambaLayer
+
+D_STATE = 1
+
+
+class CountedSelectiveScan(torch.autograd.Function):
+    """:func:`mmgroupmamba.kernels.selective_scan` as one traced node (forward only: used for counting)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, height, width):
+        # The trace records this Function as one node; the scan's own ops must not be traced into it (the
+        # tracer fails on them inside a Function with "unordered_map::at"), so tracing pauses here.
+        tracing_state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            return selective_scan(u, delta, A, B, C, D, delta_bias, (height, width))
+        finally:
+            torch._C._set_tracing_state(tracing_state)
+
+
+def selective_scan_flop_jit(inputs, outputs):
+    """FLOPs handle of :class:`CountedSelectiveScan`: ``u`` is ``(batch, length, channels)``."""
+    batch, length, channels = get_shape(inputs[0])
+    return 9 * batch * length * channels * D_STATE + batch * channels * length
+
+
+SCAN_OP_NAME = f'prim::PythonOp.{CountedSelectiveScan.__name__}'
+
+
+def groupwise_forward(layer, x):
+    """:class:`GroupMambaLayer` forward computed group by group with the official per-group ops."""
+    batch, height, width, dims = x.shape
+    x = layer.norm(x)
+    affinity = torch.sigmoid(layer.fc2(F.relu(layer.fc1(x.mean((1, 2))))))
+    scan_inputs, gates = [], []
+    for group, x_group in zip(layer.scan_groups, x.chunk(NUM_GROUPS, dim=-1)):
+        u, z = group.in_proj(x_group).chunk(2, dim=-1)
+        u = F.silu(group.conv2d(u.permute(0, 3, 1, 2))).flatten(2).transpose(1, 2)  # (B, L, d)
+        dt_low, b, c = F.linear(u, group.x_proj_weight[0]).split([group.dt_rank, D_STATE, D_STATE], dim=-1)
+        delta = F.linear(dt_low, group.dt_projs_weight[0])
+        scan_inputs.append((u, delta, b, c, -group.A_logs[:, 0].float().exp(), group.Ds, group.dt_projs_bias[0]))
+        gates.append(F.silu(z))
+    u, delta, b, c, A, D, delta_bias = (torch.cat(parts, dim=-1) for parts in zip(*scan_inputs))
+    y = CountedSelectiveScan.apply(u, delta, A, b, c, D, delta_bias, height, width)
+    outs = []
+    for group, y_group, gate in zip(layer.scan_groups, y.chunk(NUM_GROUPS, dim=-1), gates):
+        outs.append(group.out_proj(group.out_norm(y_group).view(batch, height, width, -1) * gate))
+    y = torch.cat(outs, dim=-1) * (layer.skip_scale * x) * affinity[:, None, None, :]
+    return layer.proj(layer.norm(y))
+
+
+@contextmanager
+def scan_counting(model):
+    """Run every GroupMambaLayer of ``model`` through :func:`groupwise_forward` inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, GroupMambaLayer)]
+    for layer in layers:
+        layer.forward = groupwise_forward.__get__(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def model_complexity(model, input_shape=(3, 224, 224)):
+    """FLOPs (multiply-adds, as mmengine and the paper count) and parameters of ``model`` on one image.
+
+    Returns a dict with ``flops``, ``params`` and ``flops_by_operator`` (a Counter).
+    """
+    model = model.eval()
+    inputs = torch.randn(1, *input_shape)
+    with scan_counting(model), torch.no_grad():
+        analyzer = FlopAnalyzer(model, (inputs, ))
+        analyzer.set_op_handle(SCAN_OP_NAME, selective_scan_flop_jit)
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        flops = analyzer.total()
+        by_operator = analyzer.by_operator()
+    return dict(flops=flops, params=parameter_count(model)[''], flops_by_operator=by_operator)
+
+
+def config_complexity(config_path, input_shape=(3, 224, 224)):
+    """:func:`model_complexity` of the model of an mmpretrain config (its teacher is never built)."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    cfg = Config.fromfile(config_path)
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    return model_complexity(MODELS.build(cfg.model), input_shape)
