@@ -1,10 +1,12 @@
-"""Selective scan of GroupMamba: the op API, its PyTorch reference and (in its own module) the Triton kernels.
+"""GroupMamba's fused ops: the selective scan and the gated group norm after it, each a Triton kernel beside a
+readable PyTorch reference (``reference.py``).
 
 Installed as ``mmgroupmamba.kernels``.
 """
 from .directions import SCAN_DIRECTIONS, scan_order_index
-from .reference import linear_recurrence, selective_scan_reference
+from .gated_norm import gated_group_norm, layer_norm
+from .reference import gated_group_norm_reference, linear_recurrence, selective_scan_reference
 from .scan import selective_scan
 
 __all__ = ['SCAN_DIRECTIONS', 'scan_order_index', 'linear_recurrence', 'selective_scan',
-           'selective_scan_reference']
+           'selective_scan_reference', 'gated_group_norm', 'gated_group_norm_reference', 'layer_norm']

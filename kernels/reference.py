@@ -70,3 +70,12 @@ def selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw):
     y = torch.empty_like(y_s)
     y.scatter_(3, order[None, :, None, :].expand_as(y_s), y_s)
     return y.permute(0, 3, 1, 2).reshape(batch, length, channels).to(u.dtype)
+
+
+def gated_group_norm_reference(y, z, weight, bias, groups, eps):
+    """``(LayerNorm over each of the groups of channels of y) * weight + bias``, gated by ``silu(z)``.
+
+    Reference for :func:`mmgroupmamba.kernels.gated_group_norm`.
+    """
+    normed = F.layer_norm(y.unflatten(-1, (groups, -1)), (y.shape[-1] // groups,), eps=eps).flatten(-2)
+    return (normed * weight + bias) * F.silu(z)

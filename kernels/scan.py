@@ -17,13 +17,24 @@ def _scan_impl():
     return impl
 
 
-def _triton_module(device):
-    # Imported on first use: importing mmgroupmamba.kernels must not need Triton, and the interpreter
-    # (TRITON_INTERPRET=1) is chosen by Triton when the kernels are defined, i.e. at this import.
+def use_triton(tensor):
+    """Whether a fused op runs its Triton kernels for ``tensor``, per ``MMGM_SCAN_IMPL`` (read at every call)."""
+    impl = _scan_impl()
+    return impl == 'triton' or (impl == 'auto' and tensor.is_cuda)
+
+
+def require_triton_runnable(device):
+    """Triton kernels run on CUDA devices, or on the CPU in the Triton interpreter only."""
     if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '0') in ('', '0'):
         raise RuntimeError(
             f'{IMPL_ENV}=triton was asked for with {device.type} tensors: the Triton kernels run on CPU only '
             'in the Triton interpreter; set TRITON_INTERPRET=1 before Triton is first imported.')
+
+
+def _triton_module(device):
+    # Imported on first use: importing mmgroupmamba.kernels must not need Triton, and the interpreter
+    # (TRITON_INTERPRET=1) is chosen by Triton when the kernels are defined, i.e. at this import.
+    require_triton_runnable(device)
     from . import triton_scan
     if device.type != 'cuda' and not triton_scan.kernels_interpreted():
         raise RuntimeError(
@@ -105,7 +116,6 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, hw):
     (default: Triton for CUDA tensors, the PyTorch reference otherwise), ``triton`` (also on CPU tensors,
     through the Triton interpreter, which needs ``TRITON_INTERPRET=1``) or ``reference``.
     """
-    impl = _scan_impl()
-    if impl == 'triton' or (impl == 'auto' and u.is_cuda):
+    if use_triton(u):
         return selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw)
     return selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw)

@@ -43,7 +43,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmgroupmamba.kernels import SCAN_DIRECTIONS, selective_scan
+from mmgroupmamba.kernels import SCAN_DIRECTIONS, gated_group_norm, layer_norm, selective_scan
 
 ARCH_SETTINGS = {
     'tiny': dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 9, 3]),
@@ -164,10 +164,12 @@ class GroupMambaLayer(nn.Module):
         bc = torch.block_diag(*[g.x_proj_weight[0, r:] for g in groups])
         bc = bc.view(NUM_GROUPS, 2, -1).transpose(0, 1).reshape(2 * NUM_GROUPS, -1)
         return dict(
-            in_proj=torch.cat([in_u, in_z]),
+            in_u=in_u,
+            in_z=in_z,
             conv_weight=torch.cat([g.conv2d.weight for g in groups]),
             conv_bias=torch.cat([g.conv2d.bias for g in groups]),
-            x_proj=torch.cat([delta, bc]),
+            delta=delta,
+            bc=bc,
             delta_bias=torch.cat([g.dt_projs_bias[0] for g in groups]),
             A=-torch.cat([g.A_logs[:, 0] for g in groups]).float().exp(),
             D=torch.cat([g.Ds for g in groups]),
@@ -180,21 +182,28 @@ class GroupMambaLayer(nn.Module):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         batch, height, width, dims = x.shape
         w = self._grouped_weights()
-        x = self.norm(x)
+        x = self._norm(x)
         affinity = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((1, 2))))))
 
-        u, z = F.linear(x, w['in_proj']).chunk(2, dim=-1)
+        # Separate projections keep u and z contiguous: the conv then reads u in place (channels-last) and the
+        # fused norm reads z without a copy.
+        u = F.linear(x, w['in_u'])
+        z = F.linear(x, w['in_z'])
         u = _to_nhwc(F.conv2d(_to_nchw(u), w['conv_weight'], w['conv_bias'], padding=1, groups=dims))
         u = F.silu(u).reshape(batch, height * width, dims)
-        delta, b, c = F.linear(u, w['x_proj']).split([dims, NUM_GROUPS, NUM_GROUPS], dim=-1)
-        y = selective_scan(u, delta, w['A'], b, c, w['D'], w['delta_bias'], (height, width))
+        b, c = F.linear(u, w['bc']).split(NUM_GROUPS, dim=-1)
+        y = selective_scan(u, F.linear(u, w['delta']), w['A'], b, c, w['D'], w['delta_bias'], (height, width))
 
-        # Each group's out_norm normalises over that group's channels only.
-        y = F.layer_norm(y.unflatten(-1, (NUM_GROUPS, -1)), (dims // NUM_GROUPS,), eps=self.scan_groups[0].out_norm.eps)
-        y = y.flatten(-2) * w['out_norm_weight'] + w['out_norm_bias']
-        y = F.linear(y.view(batch, height, width, dims) * F.silu(z), w['out_proj'])
-        y = y * (self.skip_scale * x) * affinity[:, None, None, :]
-        return self.proj(self.norm(y))
+        # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate.
+        y = gated_group_norm(y.view(batch, height, width, dims), z, w['out_norm_weight'], w['out_norm_bias'],
+                             NUM_GROUPS, self.scan_groups[0].out_norm.eps)
+        y = F.linear(y, w['out_proj'])
+        # skip_scale and the channel affinity are per (image, channel): fold them before touching the map.
+        y = y * x * (self.skip_scale * affinity)[:, None, None, :]
+        return self.proj(self._norm(y))
+
+    def _norm(self, x):
+        return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
 
 
 class DepthwiseConv(nn.Module):
@@ -233,7 +242,7 @@ class GroupMambaBlock(nn.Module):
 
     def _forward(self, x):
         x = x + self.drop_path(self.attn(x))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.mlp(layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps)))
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:
@@ -260,6 +269,9 @@ class ConvStem(nn.Module):
 
     def forward(self, x):
         """x: NCHW image -> ``(B, H/4, W/4, C)``."""
+        # Channels-last memory lets cuDNN run the BatchNorms and convs without NCHW<->NHWC conversions, and
+        # the projection's output is then already the channels-last map the stages work on.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.norm(_to_nhwc(self.proj(self.conv(x))))
 
 

@@ -1,0 +1,106 @@
+"""The fused gated group norm's Triton kernels, run through the Triton interpreter, against the reference.
+
+TRITON_INTERPRET=1 is set before the kernel module is imported (Triton picks the interpreter when a kernel is
+defined); if an earlier test imported it compiled for a GPU, it is re-imported.
+"""
+import importlib
+import os
+import sys
+
+os.environ['TRITON_INTERPRET'] = '1'
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip('triton')
+
+from mmgroupmamba.kernels import gated_group_norm_reference  # noqa: E402
+from mmgroupmamba.kernels import triton_gated_norm  # noqa: E402
+
+if isinstance(triton_gated_norm._gated_norm_fwd_kernel, triton.runtime.jit.JITFunction):
+    triton_gated_norm = importlib.reload(sys.modules['mmgroupmamba.kernels.triton_gated_norm'])
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(rows, channels, dtype, gen, strided_z=False):
+    y = (torch.randn(rows, channels, generator=gen) * 2 + 0.5).to(dtype)
+    zz = torch.randn(rows, 2 * channels, generator=gen).to(dtype)
+    z = zz[:, channels:] if strided_z else zz[:, :channels].contiguous()
+    w = torch.randn(channels, generator=gen)
+    b = torch.randn(channels, generator=gen)
+    return [t.requires_grad_() for t in (y, z, w, b)]
+
+
+def value_and_grads(fn, y, z, w, b, dout):
+    out = fn(y, z, w, b, 4, 1e-5)
+    return (out, *torch.autograd.grad(out, (y, z, w, b), dout.to(out.dtype)))
+
+
+@pytest.mark.parametrize('rows, group_dims', [(1, 4), (7, 3), (130, 16), (45, 87), (33, 112)])
+@pytest.mark.parametrize('strided_z', [False, True])
+def test_fp32_matches_float64_reference(rows, group_dims, strided_z):
+    gen = torch.Generator().manual_seed(rows * 1000 + group_dims)
+    args = inputs(rows, 4 * group_dims, torch.float32, gen, strided_z)
+    dout = torch.randn(rows, 4 * group_dims, generator=gen)
+    fast = value_and_grads(triton_gated_norm.gated_group_norm_triton, *args, dout)
+    exact = [t.detach().double().requires_grad_() for t in args]
+    ref = value_and_grads(gated_group_norm_reference, *exact, dout.double())
+    for name, a, r in zip(['out', 'dy', 'dz', 'dweight', 'dbias'], fast, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        assert rel_err(a, r) <= 1e-5, name
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    gen = torch.Generator().manual_seed(1)
+    y, z, w, b = inputs(50, 4 * 24, dtype, gen)
+    dout = torch.randn(50, 96, generator=gen)
+    fast = value_and_grads(triton_gated_norm.gated_group_norm_triton, y, z, w, b, dout)
+    exact = [t.detach().double().requires_grad_() for t in (y, z, w, b)]
+    ref = value_and_grads(gated_group_norm_reference, *exact, dout.to(dtype).double())
+    assert fast[0].dtype == dtype
+    for name, a, r in zip(['out', 'dy', 'dz', 'dweight', 'dbias'], fast, ref):
+        assert rel_err(a, r) <= 1e-2, name
+
+
+def test_backward_is_deterministic_and_nd_shapes_work():
+    gen = torch.Generator().manual_seed(2)
+    y, z, w, b = inputs(2 * 5 * 7, 4 * 8, torch.float32, gen)
+    y4 = y.detach().view(2, 5, 7, 32).requires_grad_()
+    z4 = z.detach().view(2, 5, 7, 32).requires_grad_()
+    dout = torch.randn(2, 5, 7, 32, generator=gen)
+    first = value_and_grads(triton_gated_norm.gated_group_norm_triton, y4, z4, w, b, dout)
+    second = value_and_grads(triton_gated_norm.gated_group_norm_triton, y4, z4, w, b, dout)
+    assert first[0].shape == (2, 5, 7, 32)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_dispatch_follows_mmgm_scan_impl(monkeypatch):
+    from mmgroupmamba.kernels import gated_group_norm
+    gen = torch.Generator().manual_seed(3)
+    y, z, w, b = inputs(9, 16, torch.float32, gen)
+    monkeypatch.setenv('MMGM_SCAN_IMPL', 'triton')
+    out = gated_group_norm(y, z, w, b, 4, 1e-5)
+    assert out.grad_fn.name().startswith('GatedGroupNormFn')
+    monkeypatch.setenv('MMGM_SCAN_IMPL', 'reference')
+    ref = gated_group_norm(y, z, w, b, 4, 1e-5)
+    assert 'GatedGroupNormFn' not in ref.grad_fn.name()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('rows, channels', [(1, 8), (37, 64), (20, 348), (9, 512)])
+def test_ungated_layer_norm_matches_float64(rows, channels):
+    gen = torch.Generator().manual_seed(rows + channels)
+    x, _, w, b = inputs(rows, channels, torch.float32, gen)
+    dout = torch.randn(rows, channels, generator=gen)
+    fast = value_and_grads(lambda y, z, w, b, g, e: triton_gated_norm.gated_group_norm_triton(y, None, w, b, 1, e),
+                           x, x, w, b, dout)
+    exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    out = torch.nn.functional.layer_norm(exact[0], (channels,), exact[1], exact[2], 1e-5)
+    ref = (out, *torch.autograd.grad(out, exact, dout.double()))
+    for name, a, r in zip(['out', 'dx', 'dweight', 'dbias'], (fast[0], fast[1], fast[3], fast[4]), ref):
+        assert rel_err(a, r) <= 1e-5, name
