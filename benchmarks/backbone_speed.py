@@ -1,0 +1,145 @@
+"""GPU speed and memory of GroupMamba T/S/B against Swin-T, measured in one run on one card.
+
+    python benchmarks/backbone_speed.py [--models T S B] [--batch 128] [--steps 20]
+
+For every model: training throughput (bs 128, 224x224, AMP fp16 with a GradScaler, AdamW step), inference
+throughput (bs 128, AMP fp16), peak training memory, and the detection-size backbone step (bs 2, 800x1344,
+forward + backward under AMP). Classifiers are backbone + global average pooling + a 1000-way linear head,
+built through mmpretrain for both: Swin-T from mmpretrain's own config (``swin-tiny_16xb64_in1k``, batch
+augments off), GroupMamba with its backbone in the same ImageClassifier. The detection-size step uses
+mmdet's Swin-T backbone from mmdet's own Mask R-CNN config. The last lines print a table with ratios to Swin-T.
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from mmengine.hub import get_config
+
+import mmgroupmamba  # noqa: F401  (registers GroupMamba)
+from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
+
+NAMES = {'T': 'tiny', 'S': 'small', 'B': 'base'}
+
+
+def build_classifiers(models):
+    from mmpretrain.registry import MODELS as PRETRAIN_MODELS
+    from mmengine.registry import DefaultScope
+    swin = get_config('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py').model
+    swin.pop('data_preprocessor', None)
+    swin.pop('train_cfg', None)  # Mixup/CutMix batch augments: not part of the network's cost
+    swin.pop('init_cfg', None)
+    cfgs = {'Swin-T': swin}
+    for size in models:
+        arch = NAMES[size]
+        cfgs[f'GroupMamba-{size}'] = dict(
+            type='ImageClassifier',
+            backbone=dict(type='GroupMamba', arch=arch, out_indices=(3,), drop_path_rate=0.1),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=1000, in_channels=ARCH_SETTINGS[arch]['embed_dims'][-1]))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return {name: PRETRAIN_MODELS.build(cfg) for name, cfg in cfgs.items()}
+
+
+def build_detection_backbones(models):
+    from mmdet.registry import MODELS as DET_MODELS
+    from mmengine.registry import DefaultScope
+    swin = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
+    swin.pop('init_cfg', None)
+    cfgs = {'Swin-T': swin}
+    for size in models:
+        cfgs[f'GroupMamba-{size}'] = dict(type='GroupMamba', arch=NAMES[size], drop_path_rate=0.2)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return {name: DET_MODELS.build(cfg) for name, cfg in cfgs.items()}
+
+
+def timed(fn, steps, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def classification_numbers(model, batch, steps):
+    model = model.cuda().train()
+    images = torch.randn(batch, 3, 224, 224, device='cuda')
+    labels = torch.randint(0, 1000, (batch,), device='cuda')
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    scaler = torch.amp.GradScaler('cuda')
+
+    def train_step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast('cuda', dtype=torch.float16):
+            logits = model.head.fc(model.neck(model.backbone(images))[-1])
+            loss = F.cross_entropy(logits.float(), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    torch.cuda.reset_peak_memory_stats()
+    train_s = timed(train_step, steps)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del optimizer
+    model.eval()
+
+    @torch.no_grad()
+    def infer_step():
+        with torch.autocast('cuda', dtype=torch.float16):
+            model.head.fc(model.neck(model.backbone(images))[-1])
+
+    infer_s = timed(infer_step, steps)
+    model.cpu()
+    return dict(train=batch / train_s, infer=batch / infer_s, memory=peak)
+
+
+def detection_step_ms(backbone, steps):
+    backbone = backbone.cuda().train()
+    images = torch.randn(2, 3, 800, 1344, device='cuda')
+
+    def step():
+        with torch.autocast('cuda', dtype=torch.float16):
+            loss = sum(o.float().mean() for o in backbone(images))
+        loss.backward()
+
+    ms = timed(step, steps) * 1000
+    backbone.cpu()
+    return ms
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['T', 'S', 'B'], choices=sorted(NAMES))
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--steps', type=int, default=20)
+    parser.add_argument('--skip-detection', action='store_true')
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+
+    results = {}
+    for name, model in build_classifiers(args.models).items():
+        results[name] = classification_numbers(model, args.batch, args.steps)
+        torch.cuda.empty_cache()
+        print(name, results[name], flush=True)
+    if not args.skip_detection:
+        for name, backbone in build_detection_backbones(args.models).items():
+            results[name]['det_ms'] = detection_step_ms(backbone, max(5, args.steps // 2))
+            torch.cuda.empty_cache()
+            print(name, 'detection step ms', results[name]['det_ms'], flush=True)
+
+    base = results['Swin-T']
+    print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16')
+    print('| model | train img/s | x Swin-T | infer img/s | x Swin-T | peak train GiB | x Swin-T '
+          '| det step ms (bs2 800x1344) | x Swin-T |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+    for name, r in results.items():
+        det = (f'{r["det_ms"]:.1f} | {r["det_ms"] / base["det_ms"]:.2f}' if 'det_ms' in r else '- | -')
+        print(f'| {name} | {r["train"]:.0f} | {r["train"] / base["train"]:.2f} | {r["infer"]:.0f} | '
+              f'{r["infer"] / base["infer"]:.2f} | {r["memory"]:.1f} | {r["memory"] / base["memory"]:.2f} | {det} |')
+
+
+if __name__ == '__main__':
+    main()

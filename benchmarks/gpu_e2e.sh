@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# End-to-end training on a GPU through stock `mim train`, with the real GroupMamba-T configs; only the data
+# (the generated demo sets), the iteration counts and the unavailable ImageNet checkpoint are overridden.
+#
+#   bash benchmarks/gpu_e2e.sh OUT_DIR STEP [STEP ...]     (after tools/gpu_env.sh; PYTHONPATH set)
+#
+# Steps: det (Mask R-CNN 1x, GroupMamba-T), swin (mmdet's own Swin-T Mask R-CNN config, same data and
+# overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (Mask R-CNN GroupMamba-T on 1 GPU, then on 2 GPUs
+# with --launcher pytorch). Each run's log and a summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
+set -uo pipefail
+out=$1; shift
+mkdir -p "$out"
+work=${WORK:-/tmp/e2e}
+det_data=$work/data/shapes_coco
+seg_data=$work/data/ade_demo
+det_iters_epochs=1   # 300 images at 2 per GPU: 150 iterations on one GPU
+mmdet_cfgs=$(python3 -c "import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs'))")
+
+det_data_options() {
+  local opts=(model.backbone.init_cfg=None train_cfg.max_epochs=$det_iters_epochs train_cfg.val_interval=1
+              default_hooks.logger.interval=10 default_hooks.checkpoint.interval=1)
+  for split in train val test; do
+    local file=train; [ $split = train ] || file=val
+    opts+=("${split}_dataloader.dataset.data_root=$det_data/"
+           "${split}_dataloader.dataset.ann_file=annotations/instances_$file.json"
+           "${split}_dataloader.dataset.data_prefix.img=$file/"
+           "${split}_dataloader.dataset.metainfo.classes=(rectangle,ellipse,triangle)")
+  done
+  opts+=("val_evaluator.ann_file=$det_data/annotations/instances_val.json"
+         "test_evaluator.ann_file=$det_data/annotations/instances_val.json")
+  printf '%s\n' "${opts[@]}"
+}
+
+run() {  # name, then the mim command
+  local name=$1; shift
+  local start=$(date +%s)
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - start ))s"
+  [ $rc = 0 ] || tail -25 "$out/$name.log"
+}
+
+make_det_data() {
+  [ -f "$det_data/annotations/instances_val.json" ] && return
+  python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images 300 --image-size 256 --seed 0
+  python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split val --num-images 40 --image-size 256 --seed 1
+}
+
+summaries=()
+for step in "$@"; do
+  case $step in
+    det)
+      make_det_data
+      mapfile -t opts < <(det_data_options)
+      run det_groupmamba_t python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py \
+        --work-dir "$work/det_groupmamba_t" --cfg-options "${opts[@]}"
+      summaries+=("$work/det_groupmamba_t");;
+    swin)
+      make_det_data
+      mapfile -t opts < <(det_data_options)
+      run det_swin_t python3 -m mim train mmdet "$mmdet_cfgs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py" \
+        --work-dir "$work/det_swin_t" --amp --cfg-options "${opts[@]}"
+      summaries+=("$work/det_swin_t");;
+    seg)
+      [ -d "$seg_data" ] || python3 -m mmgroupmamba.seg.make_demo_data --out "$seg_data" --num-train 200 --num-val 20
+      run seg_groupmamba_t python3 -m mim train mmseg configs/mmseg/upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py \
+        --work-dir "$work/seg_groupmamba_t" --cfg-options model.backbone.init_cfg=None \
+        train_dataloader.dataset.data_root="$seg_data" val_dataloader.dataset.data_root="$seg_data" \
+        test_dataloader.dataset.data_root="$seg_data" train_cfg.max_iters=200 train_cfg.val_interval=200 \
+        default_hooks.checkpoint.interval=200 default_hooks.logger.interval=10
+      summaries+=("$work/seg_groupmamba_t");;
+    ddp)
+      make_det_data
+      mapfile -t opts < <(det_data_options)
+      run ddp_1gpu env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py \
+        --work-dir "$work/ddp_1gpu" --cfg-options "${opts[@]}" train_cfg.max_epochs=2
+      run ddp_2gpu python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch \
+        --gpus 2 --work-dir "$work/ddp_2gpu" --cfg-options "${opts[@]}" train_cfg.max_epochs=2
+      summaries+=("$work/ddp_1gpu" "$work/ddp_2gpu");;
+    *) echo "unknown step $step"; exit 2;;
+  esac
+done
+python3 benchmarks/summarize_logs.py "${summaries[@]}" | tee "$out/summary.md"
