@@ -12,8 +12,8 @@ model = dict(
     teacher=dict(
         _delete_=True,
         model='configs/mmpretrain/demo/resnet_mini_demo_teacher.py',
-        checkpoint='work_dirs/resnet_mini_demo_teacher/epoch_8.pth'),
-    data_preprocessor=dict(num_classes=10))
+        checkpoint='work_dirs/resnet_mini_demo_teacher/epoch_8.pth'))
+data_preprocessor = dict(num_classes=10)  # merged into the base's (mean, std, to_rgb), given to the model
 
 train_pipeline = [
     dict(type='LoadImageFromFile'),

@@ -6,6 +6,5 @@ model = dict(
     type='ImageClassifier',
     backbone=dict(type='ResNet', depth=18, stem_channels=16, base_channels=16),
     neck=dict(type='GlobalAveragePooling'),
-    head=dict(type='LinearClsHead', num_classes=10, in_channels=128),
-    data_preprocessor=dict(num_classes=10))
+    head=dict(type='LinearClsHead', num_classes=10, in_channels=128))
 custom_hooks = []
