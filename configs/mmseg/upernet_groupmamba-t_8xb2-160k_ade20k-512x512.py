@@ -1,0 +1,38 @@
+# UperNet + GroupMamba-T on ADE20K, 160k iterations of 512x512 crops, batch 16 (8 GPUs x 2), following
+# VMamba's protocol, which is mmseg's Swin UperNet recipe: AdamW lr 6e-5, weight decay 0.01, 1500-iteration
+# linear warmup then poly decay (power 1) -- all inherited from the Swin-T config below, as are the ADE20K
+# pipelines, whole-image testing and the multi-scale + flip TTA (`--tta`).
+# Paper: 48.6 mIoU single-scale, 49.2 multi-scale.
+_base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+
+custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
+
+# The official GroupMamba-T ImageNet-1k weights (see docs/segmentation.md for where to get them), or pass
+# --cfg-options model.backbone.init_cfg.checkpoint=PATH.
+checkpoint_file = 'checkpoints/groupmamba_tiny.pth'
+model = dict(
+    backbone=dict(
+        _delete_=True,  # nothing of the Swin backbone may leak in
+        type='GroupMamba',
+        arch='tiny',
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.2,
+        # The stem's BatchNorm sees 2 images per GPU: synchronise it like the heads' norms.
+        norm_cfg=dict(type='SyncBN', requires_grad=True),
+        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+    decode_head=dict(in_channels=[64, 128, 348, 448]),
+    auxiliary_head=dict(in_channels=348))
+
+# Mixed precision. No weight decay on norms nor on the selective-scan parameters (the official GroupMamba
+# no-decay set); Swin's position-embedding keys are dropped with the rest of its paramwise_cfg.
+optim_wrapper = dict(
+    type='AmpOptimWrapper',
+    paramwise_cfg=dict(
+        _delete_=True,
+        norm_decay_mult=0.0,
+        custom_keys={
+            '.A_logs': dict(decay_mult=0.0),
+            '.Ds': dict(decay_mult=0.0),
+            '.dt_projs_bias': dict(decay_mult=0.0),
+            '.skip_scale': dict(decay_mult=0.0),
+        }))
