@@ -4,10 +4,9 @@
 
 For every model: training throughput (bs 128, 224x224, AMP fp16 with a GradScaler, AdamW step), inference
 throughput (bs 128, AMP fp16), peak training memory, and the detection-size backbone step (bs 2, 800x1344,
-forward + backward under AMP). Classifiers are backbone + global average pooling + a 1000-way linear head,
-built through mmpretrain for both: Swin-T from mmpretrain's own config (``swin-tiny_16xb64_in1k``, batch
-augments off), GroupMamba with its backbone in the same ImageClassifier. The detection-size step uses
-mmdet's Swin-T backbone from mmdet's own Mask R-CNN config. The last lines print a table with ratios to Swin-T.
+forward + backward under AMP). Swin-T is mmdet's own, built from its Mask R-CNN config; the classifiers are
+each backbone + global average pooling + a 1000-way linear head, the same for both. The last lines print a
+table with ratios to Swin-T.
 """
 import argparse
 import time
@@ -22,35 +21,31 @@ from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 NAMES = {'T': 'tiny', 'S': 'small', 'B': 'base'}
 
 
-def build_classifiers(models):
-    from mmpretrain.registry import MODELS as PRETRAIN_MODELS
-    from mmengine.registry import DefaultScope
-    swin = get_config('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py').model
-    swin.pop('data_preprocessor', None)
-    swin.pop('train_cfg', None)  # Mixup/CutMix batch augments: not part of the network's cost
-    swin.pop('init_cfg', None)
-    cfgs = {'Swin-T': swin}
-    for size in models:
-        arch = NAMES[size]
-        cfgs[f'GroupMamba-{size}'] = dict(
-            type='ImageClassifier',
-            backbone=dict(type='GroupMamba', arch=arch, out_indices=(3,), drop_path_rate=0.1),
-            neck=dict(type='GlobalAveragePooling'),
-            head=dict(type='LinearClsHead', num_classes=1000, in_channels=ARCH_SETTINGS[arch]['embed_dims'][-1]))
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        return {name: PRETRAIN_MODELS.build(cfg) for name, cfg in cfgs.items()}
+class Classifier(torch.nn.Module):
+    """Backbone, global average pooling of its last map, and a 1000-way linear head."""
+
+    def __init__(self, backbone, channels):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = torch.nn.Linear(channels, 1000)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x)[-1].mean((2, 3)))
 
 
-def build_detection_backbones(models):
+def build_backbones(models, **groupmamba_kwargs):
+    """mmdet's own Swin-T (from its Mask R-CNN config) and GroupMamba of the given sizes, with channel counts."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
     swin = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
     swin.pop('init_cfg', None)
-    cfgs = {'Swin-T': swin}
+    cfgs = {'Swin-T': (swin, 768)}
     for size in models:
-        cfgs[f'GroupMamba-{size}'] = dict(type='GroupMamba', arch=NAMES[size], drop_path_rate=0.2)
+        arch = NAMES[size]
+        cfgs[f'GroupMamba-{size}'] = (dict(type='GroupMamba', arch=arch, **groupmamba_kwargs),
+                                      ARCH_SETTINGS[arch]['embed_dims'][-1])
     with DefaultScope.overwrite_default_scope('mmdet'):
-        return {name: DET_MODELS.build(cfg) for name, cfg in cfgs.items()}
+        return {name: (DET_MODELS.build(cfg), channels) for name, (cfg, channels) in cfgs.items()}
 
 
 def timed(fn, steps, warmup=5):
@@ -74,7 +69,7 @@ def classification_numbers(model, batch, steps):
     def train_step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast('cuda', dtype=torch.float16):
-            logits = model.head.fc(model.neck(model.backbone(images))[-1])
+            logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -89,7 +84,7 @@ def classification_numbers(model, batch, steps):
     @torch.no_grad()
     def infer_step():
         with torch.autocast('cuda', dtype=torch.float16):
-            model.head.fc(model.neck(model.backbone(images))[-1])
+            model(images)
 
     infer_s = timed(infer_step, steps)
     model.cpu()
@@ -120,12 +115,12 @@ def main():
     torch.backends.cudnn.benchmark = True
 
     results = {}
-    for name, model in build_classifiers(args.models).items():
-        results[name] = classification_numbers(model, args.batch, args.steps)
+    for name, (backbone, channels) in build_backbones(args.models, drop_path_rate=0.1).items():
+        results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps)
         torch.cuda.empty_cache()
         print(name, results[name], flush=True)
     if not args.skip_detection:
-        for name, backbone in build_detection_backbones(args.models).items():
+        for name, (backbone, _) in build_backbones(args.models, drop_path_rate=0.2).items():
             results[name]['det_ms'] = detection_step_ms(backbone, max(5, args.steps // 2))
             torch.cuda.empty_cache()
             print(name, 'detection step ms', results[name]['det_ms'], flush=True)
