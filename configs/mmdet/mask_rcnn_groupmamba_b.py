@@ -1,0 +1,10 @@
+# Mask R-CNN + FPN with GroupMamba-B on COCO, 1x schedule: the T recipe (see mask_rcnn_groupmamba_t.py,
+# also for the drop-path rate per size).
+_base_ = './mask_rcnn_groupmamba_t.py'
+
+# The official GroupMamba-B ImageNet-1k checkpoint (path or URL).
+pretrained = 'checkpoints/groupmamba_base.pth'
+
+model = dict(
+    backbone=dict(arch='base', drop_path_rate=0.5, init_cfg=dict(checkpoint=pretrained)),
+    neck=dict(in_channels=[96, 192, 424, 512]))

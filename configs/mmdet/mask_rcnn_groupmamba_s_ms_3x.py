@@ -1,0 +1,10 @@
+# Mask R-CNN + FPN with GroupMamba-S on COCO, 3x multi-scale: the T 3x recipe (mask_rcnn_groupmamba_t_ms_3x.py).
+_base_ = './mask_rcnn_groupmamba_t_ms_3x.py'
+
+# The official GroupMamba-S ImageNet-1k checkpoint (path or URL).
+pretrained = 'checkpoints/groupmamba_small.pth'
+
+# Drop-path rate per size: see mask_rcnn_groupmamba_t.py.
+model = dict(
+    backbone=dict(arch='small', drop_path_rate=0.3, init_cfg=dict(checkpoint=pretrained)),
+    neck=dict(in_channels=[64, 128, 348, 512]))

@@ -1,0 +1,48 @@
+# Mask R-CNN + FPN with GroupMamba-T on COCO, 1x schedule (12 epochs), following VMamba's detection protocol:
+# AdamW lr 1e-4, weight decay 0.05, linear warm-up then x0.1 at epochs 8 and 11, 16 images per iteration
+# (2 per GPU x 8 GPUs; `--auto-scale-lr` rescales lr for other totals), AMP.
+# Paper (arXiv 2407.13772): box AP 47.6, mask AP 42.9.
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_instance.py',
+    'mmdet::_base_/schedules/schedule_1x.py',
+    'mmdet::_base_/default_runtime.py',
+]
+custom_imports = dict(imports=['mmgroupmamba', 'mmgroupmamba.det'], allow_failed_imports=False)
+
+# The official GroupMamba-T ImageNet-1k checkpoint (download it from the links in the official README and set
+# the path or URL here or with --cfg-options model.backbone.init_cfg.checkpoint=...).
+pretrained = 'checkpoints/groupmamba_tiny.pth'
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='GroupMamba',
+        arch='tiny',
+        out_indices=(0, 1, 2, 3),
+        # Stochastic depth per size: T 0.2, S 0.3, B 0.5. VMamba's detection protocol uses 0.2 / 0.3 for its
+        # T / S models of similar depth (15-19 and 26-31 blocks; GroupMamba has 19 / 26); its B uses 0.6 for a
+        # wider 89M model, GroupMamba-B (33 blocks, 57M) takes 0.5 between the two.
+        drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    # GroupMamba.embed_dims of the arch (T: 64, 128, 348, 448).
+    neck=dict(in_channels=[64, 128, 348, 448]))
+
+optim_wrapper = dict(
+    type='AmpOptimWrapper',
+    optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    # No weight decay on norms nor on the selective scan's parameters (decay rates A_logs, skips Ds, step-size
+    # bias dt_projs_bias, the layer's skip_scale), as in the official classification training.
+    paramwise_cfg=dict(
+        norm_decay_mult=0.0,
+        custom_keys={
+            '.A_logs': dict(decay_mult=0.0),
+            '.Ds': dict(decay_mult=0.0),
+            '.dt_projs_bias': dict(decay_mult=0.0),
+            '.skip_scale': dict(decay_mult=0.0),
+        }))
+
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
+]
