@@ -42,9 +42,12 @@ run() {  # name, then the mim command
 
 make_det_data() {
   [ -f "$det_data/annotations/instances_val.json" ] && return
-  { python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images 300 --image-size 256 --seed 0 &&
-    python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split val --num-images 40 --image-size 256 --seed 1
-  } > "$out/make_det_data.log" 2>&1 || { tail -20 "$out/make_det_data.log"; exit 1; }
+  mkdir -p "$work"
+  # From $work: run from the repo root, python -m would import the source folder, which lacks the kernels.
+  (cd "$work" &&
+   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images 300 --image-size 256 --seed 0 &&
+   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split val --num-images 40 --image-size 256 --seed 1
+  ) > "$out/make_det_data.log" 2>&1 || { tail -20 "$out/make_det_data.log"; exit 1; }
 }
 
 summaries=()
