@@ -15,10 +15,10 @@ CONFIGS = sorted(CONFIG_DIR.glob('*.py'))
 COCO_CONFIGS = {  # name: (arch, drop-path rate, epochs, lr steps)
     'mask_rcnn_groupmamba_t': ('tiny', 0.2, 12, [8, 11]),
     'mask_rcnn_groupmamba_s': ('small', 0.3, 12, [8, 11]),
-    'mask_rcnn_groupmamba_b': ('base', 0.5, 12, [8, 11]),
+    'mask_rcnn_groupmamba_b': ('base', 0.6, 12, [8, 11]),
     'mask_rcnn_groupmamba_t_ms_3x': ('tiny', 0.2, 36, [27, 33]),
     'mask_rcnn_groupmamba_s_ms_3x': ('small', 0.3, 36, [27, 33]),
-    'mask_rcnn_groupmamba_b_ms_3x': ('base', 0.5, 36, [27, 33]),
+    'mask_rcnn_groupmamba_b_ms_3x': ('base', 0.6, 36, [27, 33]),
 }
 NO_DECAY_NAMES = ('A_logs', 'Ds', 'dt_projs_bias', 'skip_scale')
 
@@ -43,7 +43,7 @@ def test_config_builds_model_and_fpn_takes_backbone_channels(path):
     assert type(model).__name__ == 'MaskRCNN'
     assert list(cfg.model.neck.in_channels) == model.backbone.embed_dims
     # The inherited ResNet backbone is fully replaced: no ResNet key leaks into GroupMamba's arguments.
-    assert set(cfg.model.backbone) <= {'type', 'arch', 'out_indices', 'drop_path_rate', 'init_cfg'}
+    assert set(cfg.model.backbone) <= {'type', 'arch', 'out_indices', 'drop_path_rate', 'norm_eval', 'init_cfg'}
     model.eval()
     with torch.no_grad():
         feats = model.extract_feat(torch.zeros(1, 3, 64, 64))
@@ -56,6 +56,7 @@ def test_coco_recipe(name):
     cfg = load(CONFIG_DIR / f'{name}.py')
     backbone = cfg.model.backbone
     assert (backbone.type, backbone.arch, backbone.drop_path_rate) == ('GroupMamba', arch, drop_path_rate)
+    assert backbone.norm_eval is True  # pretrained stem BatchNorm statistics are kept
     assert list(cfg.model.neck.in_channels) == ARCH_SETTINGS[arch]['embed_dims']
     assert backbone.init_cfg.type == 'Pretrained' and arch in backbone.init_cfg.checkpoint
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper'

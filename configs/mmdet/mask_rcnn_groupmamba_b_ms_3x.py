@@ -6,5 +6,5 @@ pretrained = 'checkpoints/groupmamba_base.pth'
 
 # Drop-path rate per size: see mask_rcnn_groupmamba_t.py.
 model = dict(
-    backbone=dict(arch='base', drop_path_rate=0.5, init_cfg=dict(checkpoint=pretrained)),
+    backbone=dict(arch='base', drop_path_rate=0.6, init_cfg=dict(checkpoint=pretrained)),
     neck=dict(in_channels=[96, 192, 424, 512]))

@@ -11,12 +11,14 @@ head_channels = 64
 
 model = dict(
     # A 2-core CPU trains the T backbone at ~20 s per iteration; this arch keeps the demo within minutes.
-    # No ImageNet weights: the shapes are learnt from scratch, and a short schedule needs no stochastic depth.
+    # No ImageNet weights: the shapes are learnt from scratch (so the stem's BatchNorm learns its statistics),
+    # and a short schedule needs no stochastic depth.
     backbone=dict(
         arch=dict(
             _delete_=True, stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2],
             depths=[1, 1, 2, 1]),
         drop_path_rate=0.0,
+        norm_eval=False,
         init_cfg=None),
     # The 3x3 convs of FPN, RPN and the mask head dominate a CPU step at COCO's 256 channels; shapes on flat
     # backgrounds need far fewer, and at most 4 objects per image far fewer proposals and sampled RoIs.

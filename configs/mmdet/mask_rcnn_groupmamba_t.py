@@ -20,10 +20,12 @@ model = dict(
         type='GroupMamba',
         arch='tiny',
         out_indices=(0, 1, 2, 3),
-        # Stochastic depth per size: T 0.2, S 0.3, B 0.5. VMamba's detection protocol uses 0.2 / 0.3 for its
-        # T / S models of similar depth (15-19 and 26-31 blocks; GroupMamba has 19 / 26); its B uses 0.6 for a
-        # wider 89M model, GroupMamba-B (33 blocks, 57M) takes 0.5 between the two.
+        # Stochastic depth per size: T 0.2, S 0.3, B 0.6, the rates of VMamba's detection configs for its T, S
+        # and B (the official GroupMamba repo releases no detection settings), as the mmseg configs here use.
         drop_path_rate=0.2,
+        # The conv stem's BatchNorm keeps its ImageNet statistics, as mmdet does for pretrained BN backbones
+        # at 2 images per GPU; its affine parameters still train.
+        norm_eval=True,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     # GroupMamba.embed_dims of the arch (T: 64, 128, 348, 448).
     neck=dict(in_channels=[64, 128, 348, 448]))
