@@ -47,11 +47,12 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
-shapes_dataset = dict(_delete_=True, type='ShapesCocoDataset', data_root=data_root, image_size=image_scale[0])
+shapes_dataset = dict(type='ShapesCocoDataset', data_root=data_root, image_size=image_scale[0])
 train_dataloader = dict(
     batch_size=8,
     num_workers=1,
     dataset=dict(
+        _delete_=True,
         **shapes_dataset,
         ann_file='annotations/instances_train.json',
         data_prefix=dict(img='train/'),
@@ -63,6 +64,7 @@ val_dataloader = dict(
     batch_size=8,
     num_workers=1,
     dataset=dict(
+        _delete_=True,
         **shapes_dataset,
         ann_file='annotations/instances_val.json',
         data_prefix=dict(img='val/'),
