@@ -2,8 +2,8 @@
 
 Every image shows 1 to ``max_objects`` non-overlapping rectangles, ellipses and triangles (random size, rotation
 and colour) on a noisy background. Annotations are ordinary COCO json: polygon segmentations (the very polygons
-the shapes are filled from), tight boxes and pixel areas, so mmdet's ``CocoDataset`` and ``CocoMetric`` (bbox
-and segm) read them unchanged.
+the shapes are filled from), with boxes and areas as pycocotools rasterises them, so mmdet's ``CocoDataset``
+and ``CocoMetric`` (bbox and segm) read them unchanged.
 
 :class:`ShapesCocoDataset` generates its split on first use and then reads the cache; the command
 
