@@ -2,25 +2,14 @@
 
 With TRITON_INTERPRET=1 and MMGM_SCAN_IMPL=triton every scan and norm of the model runs the real Triton
 kernels; the model must still reproduce the golden official outputs and the reference path's gradients.
+conftest.py sets TRITON_INTERPRET=1 before Triton is first imported.
 """
-import importlib
-import os
-import sys
 from pathlib import Path
 
-os.environ['TRITON_INTERPRET'] = '1'
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-triton = pytest.importorskip('triton')
-
-from mmgroupmamba import GroupMamba  # noqa: E402
-from mmgroupmamba.kernels import triton_gated_norm, triton_scan  # noqa: E402
-
-for module in (triton_gated_norm, triton_scan):
-    if any(isinstance(v, triton.runtime.jit.JITFunction) for v in vars(module).values()):
-        importlib.reload(sys.modules[module.__name__])
+from mmgroupmamba import GroupMamba
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden' / 'golden_mini_seed0.pt'
 

@@ -1,24 +1,11 @@
 """The fused gated group norm's Triton kernels, run through the Triton interpreter, against the reference.
 
-TRITON_INTERPRET=1 is set before the kernel module is imported (Triton picks the interpreter when a kernel is
-defined); if an earlier test imported it compiled for a GPU, it is re-imported.
+conftest.py sets TRITON_INTERPRET=1 before Triton is first imported.
 """
-import importlib
-import os
-import sys
+import pytest
+import torch
 
-os.environ['TRITON_INTERPRET'] = '1'
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-triton = pytest.importorskip('triton')
-
-from mmgroupmamba.kernels import gated_group_norm_reference  # noqa: E402
-from mmgroupmamba.kernels import triton_gated_norm  # noqa: E402
-
-if isinstance(triton_gated_norm._gated_norm_fwd_kernel, triton.runtime.jit.JITFunction):
-    triton_gated_norm = importlib.reload(sys.modules['mmgroupmamba.kernels.triton_gated_norm'])
+from mmgroupmamba.kernels import gated_group_norm_reference, triton_gated_norm
 
 
 def rel_err(a, b):

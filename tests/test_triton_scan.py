@@ -1,26 +1,16 @@
 """The Triton selective scan, run on the CPU through the Triton interpreter, against the float64 oracle.
 
-The interpreter is chosen by Triton when a kernel is defined, so TRITON_INTERPRET=1 is set here before the
-kernels module is imported; if some earlier test imported it compiled for a GPU, it is re-imported.
+conftest.py sets TRITON_INTERPRET=1 before Triton is first imported.
 """
-import importlib
 import os
-import sys
 
-os.environ['TRITON_INTERPRET'] = '1'
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-pytest.importorskip('triton')
-
-from mmgroupmamba.kernels import scan as scan_module  # noqa: E402
-from mmgroupmamba.kernels import triton_scan  # noqa: E402
-from mmgroupmamba.kernels.scan import selective_scan, selective_scan_triton  # noqa: E402
-from scan_oracle import random_scan_inputs, scan_loop_float64  # noqa: E402
-
-if not triton_scan.kernels_interpreted():
-    triton_scan = importlib.reload(sys.modules['mmgroupmamba.kernels.triton_scan'])
+from mmgroupmamba.kernels import scan as scan_module
+from mmgroupmamba.kernels import triton_scan
+from mmgroupmamba.kernels.scan import selective_scan, selective_scan_triton
+from scan_oracle import random_scan_inputs, scan_loop_float64
 
 NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias']
 
