@@ -15,15 +15,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z, stride_o, eps,
-                           GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           GATED: tl.constexpr):
+def _row_tile(N, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_N rows and the BLOCK_D column offsets within a group, with their masks."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     col_ok = offs < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
+    return rows, offs, row_ok, col_ok, row_ok[:, None] & col_ok[None, :], rows.to(tl.int64)[:, None]
+
+
+@triton.jit
+def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z, stride_o, eps,
+                           GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           GATED: tl.constexpr):
+    rows, offs, row_ok, col_ok, mask, rows64 = _row_tile(N, D, BLOCK_N, BLOCK_D)
     for g in tl.static_range(GROUPS):
         cols = g * D + offs
         y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -47,12 +52,7 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPa
                            GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            GATED: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs = tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    col_ok = offs < D
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
+    rows, offs, row_ok, col_ok, mask, rows64 = _row_tile(N, D, BLOCK_N, BLOCK_D)
     for g in tl.static_range(GROUPS):
         cols = g * D + offs
         y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -7,6 +7,7 @@ _base_ = [
     'mmdet::_base_/datasets/coco_instance.py',
     'mmdet::_base_/schedules/schedule_1x.py',
     'mmdet::_base_/default_runtime.py',
+    '../_base_/groupmamba_no_decay.py',
 ]
 custom_imports = dict(imports=['mmgroupmamba', 'mmgroupmamba.det'], allow_failed_imports=False)
 
@@ -33,16 +34,8 @@ model = dict(
 optim_wrapper = dict(
     type='AmpOptimWrapper',
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    # No weight decay on norms nor on the selective scan's parameters (decay rates A_logs, skips Ds, step-size
-    # bias dt_projs_bias, the layer's skip_scale), as in the official classification training.
-    paramwise_cfg=dict(
-        norm_decay_mult=0.0,
-        custom_keys={
-            '.A_logs': dict(decay_mult=0.0),
-            '.Ds': dict(decay_mult=0.0),
-            '.dt_projs_bias': dict(decay_mult=0.0),
-            '.skip_scale': dict(decay_mult=0.0),
-        }))
+    # No weight decay on norms nor on the selective scan's parameters (configs/_base_/groupmamba_no_decay.py).
+    paramwise_cfg=dict(norm_decay_mult=0.0, custom_keys={{_base_.groupmamba_no_decay_keys}}))
 
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),

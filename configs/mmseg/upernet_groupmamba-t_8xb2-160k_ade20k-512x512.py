@@ -3,7 +3,10 @@
 # linear warmup then poly decay (power 1) -- all inherited from the Swin-T config below, as are the ADE20K
 # pipelines, whole-image testing and the multi-scale + flip TTA (`--tta`).
 # Paper: 48.6 mIoU single-scale, 49.2 multi-scale.
-_base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+_base_ = [
+    'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    '../_base_/groupmamba_no_decay.py',
+]
 
 custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
 
@@ -24,15 +27,8 @@ model = dict(
     auxiliary_head=dict(in_channels=348))
 
 # Mixed precision. No weight decay on norms nor on the selective-scan parameters (the official GroupMamba
-# no-decay set); Swin's position-embedding keys are dropped with the rest of its paramwise_cfg.
+# no-decay set, configs/_base_/groupmamba_no_decay.py); Swin's position-embedding keys are dropped with the
+# rest of its paramwise_cfg.
 optim_wrapper = dict(
     type='AmpOptimWrapper',
-    paramwise_cfg=dict(
-        _delete_=True,
-        norm_decay_mult=0.0,
-        custom_keys={
-            '.A_logs': dict(decay_mult=0.0),
-            '.Ds': dict(decay_mult=0.0),
-            '.dt_projs_bias': dict(decay_mult=0.0),
-            '.skip_scale': dict(decay_mult=0.0),
-        }))
+    paramwise_cfg=dict(_delete_=True, norm_decay_mult=0.0, custom_keys={{_base_.groupmamba_no_decay_keys}}))
