@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmpretrain.registry import MODELS
 
-from mmgroupmamba.models.groupmamba import STAGE_NORM_EPS, GroupMamba, GroupMambaLayer, _init_official
+from mmgroupmamba.models.groupmamba import STAGE_NORM_EPS, GroupMamba, GroupMambaLayer, init_official_weights
 
 
 class PlainFFN(nn.Module):
@@ -57,14 +57,12 @@ class GroupMambaClsBackbone(GroupMamba):
                             'use type="GroupMamba" for feature maps')
         super().__init__(arch=arch, out_indices=(3, ), **kwargs)
         self.post_network = nn.ModuleList([ClassBlock(self.embed_dims[-1], self.arch['mlp_ratios'][-1])])
-        self.post_network.apply(_init_official)
+        self.post_network.apply(init_official_weights)
 
     def forward(self, x):
         last = self.num_stages - 1
         for i in range(self.num_stages):
-            x = getattr(self, f'patch_embed{i + 1}')(x)
-            for block in getattr(self, f'block{i + 1}'):
-                x = block(x)
+            x = self.forward_stage(i, x)
             if i < last:
                 x = getattr(self, f'norm{i + 1}')(x)
         token = x.mean((1, 2), keepdim=True)  # (B, 1, 1, C): the raw last-stage tokens, pooled

@@ -43,6 +43,7 @@ from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mmgroupmamba.checkpoint import load_backbone_checkpoint
 from mmgroupmamba.kernels import SCAN_DIRECTIONS, gated_group_norm, layer_norm, selective_scan
 
 ARCH_SETTINGS = {
@@ -231,6 +232,7 @@ class ConvFFN(nn.Module):
 
 
 class GroupMambaBlock(nn.Module):
+    """``x + DropPath(GroupMambaLayer(x))``, then ``x + DropPath(ConvFFN(norm2(x)))``; channels-last."""
 
     def __init__(self, dims, mlp_ratio, drop_path=0.0, with_cp=False):
         super().__init__()
@@ -344,12 +346,11 @@ class GroupMamba(BaseModule):
             self.add_module(f'patch_embed{i + 1}', patch_embed)
             self.add_module(f'block{i + 1}', blocks)
             self.add_module(f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=STAGE_NORM_EPS))
-        self.apply(_init_official)
+        self.apply(init_official_weights)
         self._freeze_stages()
 
     def init_weights(self):
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            from mmgroupmamba.checkpoint import load_backbone_checkpoint
             load_backbone_checkpoint(self, self.init_cfg['checkpoint'], prefix=self.init_cfg.get('prefix'))
             self._is_init = True
         else:
@@ -375,13 +376,17 @@ class GroupMamba(BaseModule):
                     module.eval()
         return self
 
+    def forward_stage(self, i, x):
+        """Stage ``i`` (0-based) without its norm: downsampling (or the stem) and blocks, channels-last out."""
+        x = getattr(self, f'patch_embed{i + 1}')(x)
+        for block in getattr(self, f'block{i + 1}'):
+            x = block(x)
+        return x
+
     def forward(self, x):
         outs = []
         for i in range(self.num_stages):
-            x = getattr(self, f'patch_embed{i + 1}')(x)
-            for block in getattr(self, f'block{i + 1}'):
-                x = block(x)
-            normed = getattr(self, f'norm{i + 1}')(x)
+            normed = getattr(self, f'norm{i + 1}')(self.forward_stage(i, x))
             if i in self.out_indices:
                 outs.append(_to_nchw(normed).contiguous())
             # The official model feeds the normalised map of stages 1-3 into the next stage.
@@ -389,7 +394,7 @@ class GroupMamba(BaseModule):
         return tuple(outs)
 
 
-def _init_official(module):
+def init_official_weights(module):
     """The official initialisation: truncated normal linears, fan-out normal convs, Mamba's scan init."""
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
