@@ -83,6 +83,15 @@ def resolve_arch(arch):
     return arch
 
 
+def _block_diagonal(blocks, eye):
+    """``(G, m, n)`` blocks -> the ``(G*m, G*n)`` block-diagonal matrix, in one multiply (``eye``: ``G x G``).
+
+    ``torch.block_diag`` copies (and in backward slices) block by block: many small launches per call.
+    """
+    groups, rows, cols = blocks.shape
+    return (blocks[:, :, None, :] * eye[:, None, :, None]).reshape(groups * rows, groups * cols)
+
+
 def _to_nchw(x):
     return x.permute(0, 3, 1, 2)
 
@@ -153,30 +162,33 @@ class GroupMambaLayer(nn.Module):
         return [getattr(self, f'mamba_g{g + 1}') for g in range(NUM_GROUPS)]
 
     def _grouped_weights(self):
-        """All groups' parameters as one set of block-diagonal / concatenated tensors (differentiable)."""
+        """All groups' parameters as one set of block-diagonal / concatenated tensors (differentiable).
+
+        Built from stacked parameters in a few large ops: this runs in every forward, and each op here (and its
+        backward) is a kernel launch on the GPU.
+        """
         groups = self.scan_groups
-        d = groups[0].Ds.numel()
-        r = groups[0].dt_rank
-        in_u = torch.block_diag(*[g.in_proj.weight[:d] for g in groups])
-        in_z = torch.block_diag(*[g.in_proj.weight[d:] for g in groups])
-        # delta = dt_proj(x_proj_dt(u)): the two maps fold into one (d, d) matrix per group.
-        delta = torch.block_diag(*[g.dt_projs_weight[0] @ g.x_proj_weight[0, :r] for g in groups])
-        # Rows (B_0, C_0, B_1, C_1, ...) regrouped as (B_0..B_3, C_0..C_3).
-        bc = torch.block_diag(*[g.x_proj_weight[0, r:] for g in groups])
-        bc = bc.view(NUM_GROUPS, 2, -1).transpose(0, 1).reshape(2 * NUM_GROUPS, -1)
+        d, r = groups[0].Ds.numel(), groups[0].dt_rank
+        in_proj = torch.stack([g.in_proj.weight for g in groups])  # (G, 2d, d): rows (u, z)
+        x_proj = torch.cat([g.x_proj_weight for g in groups])  # (G, r + 2, d): rows (dt, B, C)
+        dt_proj = torch.cat([g.dt_projs_weight for g in groups])  # (G, d, r)
+        eye = torch.eye(NUM_GROUPS, dtype=in_proj.dtype, device=in_proj.device)
+        # B and C rows as (2, G, d), block-diagonal over groups -> rows (B_0..B_3, C_0..C_3).
+        bc = (x_proj[:, r:].transpose(0, 1)[:, :, None, :] * eye[None, :, :, None]).reshape(2 * NUM_GROUPS, -1)
         return dict(
-            in_u=in_u,
-            in_z=in_z,
+            in_u=_block_diagonal(in_proj[:, :d], eye),
+            in_z=_block_diagonal(in_proj[:, d:], eye),
             conv_weight=torch.cat([g.conv2d.weight for g in groups]),
             conv_bias=torch.cat([g.conv2d.bias for g in groups]),
-            delta=delta,
+            # delta = dt_proj(x_proj_dt(u)): the two maps fold into one (d, d) matrix per group.
+            delta=_block_diagonal(torch.bmm(dt_proj, x_proj[:, :r]), eye),
             bc=bc,
-            delta_bias=torch.cat([g.dt_projs_bias[0] for g in groups]),
-            A=-torch.cat([g.A_logs[:, 0] for g in groups]).float().exp(),
+            delta_bias=torch.cat([g.dt_projs_bias for g in groups], dim=1).view(-1),
+            A=torch.cat([g.A_logs for g in groups]).view(-1).float().exp().neg(),
             D=torch.cat([g.Ds for g in groups]),
             out_norm_weight=torch.cat([g.out_norm.weight for g in groups]),
             out_norm_bias=torch.cat([g.out_norm.bias for g in groups]),
-            out_proj=torch.block_diag(*[g.out_proj.weight for g in groups]),
+            out_proj=_block_diagonal(torch.stack([g.out_proj.weight for g in groups]), eye),
         )
 
     def forward(self, x):
