@@ -43,7 +43,6 @@ def build_t_model(arch, num_classes=10):
     cfg = Config.fromfile(str(T_CONFIG))
     cfg.model.backbone.arch = arch
     cfg.model.head.num_classes = num_classes
-    cfg.model.head.in_channels = arch['embed_dims'][-1]
     return MODELS.build(cfg.model)
 
 

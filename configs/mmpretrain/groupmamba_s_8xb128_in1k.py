@@ -1,3 +1,3 @@
 _base_ = './groupmamba_t_8xb128_in1k.py'
 
-model = dict(backbone=dict(arch='small'), head=dict(in_channels=512))
+model = dict(backbone=dict(arch='small'))

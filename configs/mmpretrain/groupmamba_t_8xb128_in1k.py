@@ -13,8 +13,7 @@ model = dict(
     backbone=dict(type='GroupMambaClsBackbone', arch='tiny', drop_path_rate=0.05),  # the official train.py's rate
     head=dict(
         type='DistillationLinearClsHead',
-        num_classes=1000,
-        in_channels=448,
+        num_classes=1000,  # in_channels: the backbone's last embed dim (448 for T)
         loss=dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original')),
     teacher=dict(
         model=dict(

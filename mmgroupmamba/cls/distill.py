@@ -9,6 +9,7 @@ It runs in eval mode without gradients, on the same (Mixup/CutMix-mixed, normali
 import re
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.logging import print_log
@@ -64,7 +65,8 @@ class DistillationImageClassifier(ImageClassifier):
 
     Args:
         backbone, neck, head, pretrained, train_cfg, data_preprocessor, init_cfg: as in ``ImageClassifier``;
-            the head needs ``forward_heads`` and ``label_loss`` (:class:`DistillationLinearClsHead`).
+            the head needs ``forward_heads`` and ``label_loss`` (:class:`DistillationLinearClsHead`). Without
+            ``head.in_channels`` the head takes the backbone's last ``embed_dims``.
         teacher (dict): ``model`` (an mmpretrain classifier config, or the path of a config file whose
             ``model`` is used), ``checkpoint`` (path or URL; required) and optional ``revise_keys``
             (regex pairs, see :func:`load_teacher_state_dict`). The teacher must load strictly.
@@ -73,7 +75,7 @@ class DistillationImageClassifier(ImageClassifier):
         tau (float): temperature of soft distillation.
     """
 
-    def __init__(self, backbone, teacher, distillation='hard', alpha=0.5, tau=1.0, **kwargs):
+    def __init__(self, backbone, teacher, head, distillation='hard', alpha=0.5, tau=1.0, **kwargs):
         unknown = set(teacher) - {'model', 'checkpoint', 'revise_keys'}
         if unknown or 'model' not in teacher or not teacher.get('checkpoint'):
             raise KeyError(f'DistillationImageClassifier: teacher needs "model" and "checkpoint" (optional '
@@ -85,12 +87,20 @@ class DistillationImageClassifier(ImageClassifier):
             raise ValueError(f'DistillationImageClassifier: alpha must lie in [0, 1], got {alpha}')
         if tau <= 0:
             raise ValueError(f'DistillationImageClassifier: tau must be positive, got {tau}')
-        super().__init__(backbone=backbone, **kwargs)
+        # Built here (ImageClassifier takes modules too) so that the head's width can follow the backbone's.
+        if not isinstance(backbone, nn.Module):
+            backbone = MODELS.build(backbone)
+        feat_dims = getattr(backbone, 'embed_dims', None)
+        if isinstance(head, dict) and head.get('in_channels') is None:
+            if feat_dims is None:
+                raise KeyError(f'DistillationImageClassifier: set head.in_channels: {type(backbone).__name__} has '
+                               f'no embed_dims to take it from')
+            head = dict(head, in_channels=feat_dims[-1])
+        super().__init__(backbone=backbone, head=head, **kwargs)
         missing = [name for name in ('forward_heads', 'label_loss') if not hasattr(self.head, name)]
         if missing:
             raise TypeError(f'DistillationImageClassifier: head {type(self.head).__name__} lacks {missing}; use '
                             f'head=dict(type="DistillationLinearClsHead", ...)')
-        feat_dims = getattr(self.backbone, 'embed_dims', None)
         if not self.with_neck and feat_dims is not None and feat_dims[-1] != self.head.in_channels:
             raise ValueError(f'DistillationImageClassifier: head.in_channels={self.head.in_channels} but the '
                              f'backbone outputs {feat_dims[-1]} channels (backbone.arch embed_dims {feat_dims})')
