@@ -192,3 +192,26 @@ class ListHandler(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize('autocast', [False, True])
+def test_ffn_recomputing_backward_matches_plain_autograd(autocast):
+    from mmgroupmamba.models.groupmamba import ConvFFN, _depthwise_conv
+    torch.manual_seed(0)
+    ffn = ConvFFN(16, 64)
+    x = torch.randn(2, 5, 7, 16, requires_grad=True)
+    grad_out = torch.randn(2, 5, 7, 16)
+
+    def grads(fn):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x)
+        return [out.float(), *torch.autograd.grad(out, [x, *ffn.parameters()], grad_out.to(out.dtype))]
+
+    conv = ffn.dwconv.dwconv
+    plain = grads(lambda t: ffn.fc2(torch.nn.functional.gelu(_depthwise_conv(ffn.fc1(t), conv.weight, conv.bias))))
+    fused = grads(ffn)
+    names = ['out', 'x'] + [n for n, _ in ffn.named_parameters()]
+    for name, a, b in zip(names, fused, plain):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        tolerance = 2e-2 if autocast else 1e-6
+        assert rel_err(a.float(), b.float()) <= tolerance, name

@@ -219,15 +219,51 @@ class GroupMambaLayer(nn.Module):
         return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
 
 
+def _depthwise_conv(x, weight, bias):
+    """3x3 depthwise conv of a channels-last map."""
+    return _to_nhwc(F.conv2d(_to_nchw(x), weight, bias, padding=1, groups=x.shape[-1]))
+
+
 class DepthwiseConv(nn.Module):
-    """3x3 depthwise conv on channels-last maps (``dwconv.dwconv`` in official keys)."""
+    """Holds the FFN's 3x3 depthwise conv under the official key (``mlp.dwconv.dwconv``); run by ConvFFN."""
 
     def __init__(self, dims):
         super().__init__()
         self.dwconv = nn.Conv2d(dims, dims, 3, padding=1, groups=dims)
 
-    def forward(self, x):
-        return _to_nhwc(self.dwconv(_to_nchw(x)))
+
+class ConvGeluLinearFn(torch.autograd.Function):
+    """``linear(gelu(dwconv(h)))`` that keeps only ``h`` for backward.
+
+    The FFN's hidden maps (8x the channels in stages 1-2) are the largest activations of the model, and plain
+    autograd keeps three of them (the conv's, the GELU's and the linear layer's inputs). This keeps one and
+    recomputes the depthwise conv and the GELU (memory-bound, cheap) in backward; the linear layer's matmul is
+    not recomputed. Autocast is re-entered for the recomputation as it was in forward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, conv_weight, conv_bias, weight, bias):
+        device = h.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(h, conv_weight, conv_bias, weight)
+        ctx.param_dtypes = (conv_weight.dtype, conv_bias.dtype, weight.dtype, bias.dtype)
+        return F.linear(F.gelu(_depthwise_conv(h, conv_weight, conv_bias)), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, conv_weight, conv_bias, weight = ctx.saved_tensors
+        device, autocast, autocast_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
+            inputs = [t.detach().requires_grad_() for t in (h, conv_weight, conv_bias)]
+            hidden = F.gelu(_depthwise_conv(*inputs))
+            grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
+            hidden2 = hidden.detach().reshape(-1, hidden.shape[-1])
+            grad_hidden = (grad_out2 @ weight).view_as(hidden)
+            grad_weight = grad_out2.t() @ hidden2
+        grad_bias = grad_out2.sum(0, dtype=torch.float32)
+        grad_h, grad_conv_weight, grad_conv_bias = torch.autograd.grad(hidden, inputs, grad_hidden.to(hidden.dtype))
+        grads = (grad_conv_weight, grad_conv_bias, grad_weight, grad_bias)
+        return (grad_h, *(g.to(dtype) for g, dtype in zip(grads, ctx.param_dtypes)))
 
 
 class ConvFFN(nn.Module):
@@ -240,7 +276,12 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dims, dims)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.dwconv(self.fc1(x))))
+        h = self.fc1(x)
+        conv = self.dwconv.dwconv
+        if torch.is_grad_enabled() and h.requires_grad:
+            return ConvGeluLinearFn.apply(h, conv.weight, conv.bias, self.fc2.weight, self.fc2.bias)
+        # Nothing is kept for backward without grad: the plain ops are the same computation.
+        return self.fc2(F.gelu(_depthwise_conv(h, conv.weight, conv.bias)))
 
 
 class GroupMambaBlock(nn.Module):
