@@ -66,7 +66,8 @@ for step in "$@"; do
         --work-dir "$work/det_swin_t" --amp --cfg-options "${opts[@]}"
       summaries+=("$work/det_swin_t");;
     seg)
-      [ -d "$seg_data" ] || python3 -m mmgroupmamba.seg.make_demo_data --out "$seg_data" --num-train 200 --num-val 20
+      [ -d "$seg_data" ] || (mkdir -p "$work" && cd "$work" &&  # not from the repo root: see make_det_data
+        python3 -m mmgroupmamba.seg.make_demo_data --out "$seg_data" --num-train 200 --num-val 20)
       run seg_groupmamba_t python3 -m mim train mmseg configs/mmseg/upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py \
         --work-dir "$work/seg_groupmamba_t" --cfg-options model.backbone.init_cfg=None \
         train_dataloader.dataset.data_root="$seg_data" val_dataloader.dataset.data_root="$seg_data" \
