@@ -2,7 +2,7 @@
 import torch.nn.functional as F
 
 from .reference import gated_group_norm_reference
-from .scan import require_triton_runnable, use_triton
+from .scan import use_triton
 
 
 def gated_group_norm(y, z, weight, bias, groups, eps):
@@ -18,7 +18,6 @@ def gated_group_norm(y, z, weight, bias, groups, eps):
     Dispatch follows ``MMGM_SCAN_IMPL`` like :func:`selective_scan`: Triton on CUDA tensors by default.
     """
     if use_triton(y):
-        require_triton_runnable(y.device)
         from .triton_gated_norm import gated_group_norm_triton
         return gated_group_norm_triton(y, z, weight, bias, groups, eps)
     return gated_group_norm_reference(y, z, weight, bias, groups, eps)
@@ -28,7 +27,6 @@ def layer_norm(x, weight, bias, eps):
     """``F.layer_norm`` over the last dim, through the same kernels on CUDA (PyTorch's runs one thread block
     per row, slow for GroupMamba's 64..512 channels)."""
     if use_triton(x):
-        require_triton_runnable(x.device)
         from .triton_gated_norm import gated_group_norm_triton
         return gated_group_norm_triton(x, None, weight, bias, 1, eps)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)

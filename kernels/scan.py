@@ -18,9 +18,15 @@ def _scan_impl():
 
 
 def use_triton(tensor):
-    """Whether a fused op runs its Triton kernels for ``tensor``, per ``MMGM_SCAN_IMPL`` (read at every call)."""
+    """Whether a fused op runs its Triton kernels for ``tensor``, per ``MMGM_SCAN_IMPL`` (read at every call).
+
+    Raises if Triton is asked for where it cannot run (CPU tensors without the interpreter).
+    """
     impl = _scan_impl()
-    return impl == 'triton' or (impl == 'auto' and tensor.is_cuda)
+    if impl == 'triton' or (impl == 'auto' and tensor.is_cuda):
+        require_triton_runnable(tensor.device)
+        return True
+    return False
 
 
 def require_triton_runnable(device):
