@@ -92,7 +92,8 @@ def classification_numbers(model, batch, steps):
 
 
 def detection_step_ms(backbone, steps):
-    backbone = backbone.cuda().train()
+    backbone.cuda()
+    backbone.train()  # not chained: mmdet's SwinTransformer.train() returns None
     images = torch.randn(2, 3, 800, 1344, device='cuda')
 
     def step():

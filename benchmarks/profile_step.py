@@ -1,11 +1,14 @@
-"""Where a GroupMamba training step spends its GPU time: torch.profiler table of the top CUDA ops.
+"""Where a GroupMamba training step spends its time: wall time against GPU kernel time, and the top CUDA ops.
 
-    python benchmarks/profile_step.py [--arch tiny] [--batch 128] [--rows 30]
+    python benchmarks/profile_step.py [--arch tiny] [--batch 128] [--size 224 224] [--rows 30]
+
+A step whose wall time is well above its summed kernel time is bound by the host (Python, dispatch and
+launches), not by the GPU.
 """
 import argparse
+import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from mmgroupmamba import GroupMamba
@@ -18,6 +21,7 @@ def main():
     parser.add_argument('--size', type=int, nargs=2, default=(224, 224))
     parser.add_argument('--rows', type=int, default=30)
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
     model = GroupMamba(arch=args.arch, out_indices=(3,)).cuda().train()
     x = torch.randn(args.batch, 3, *args.size, device='cuda')
 
@@ -29,10 +33,27 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    steps = 10
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / steps * 1000
+    # Host time alone: the same step with the GPU already idle is timed up to its last launch.
+    start = time.perf_counter()
+    step()
+    host_ms = (time.perf_counter() - start) * 1000
+    torch.cuda.synchronize()
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1000
+    launches = sum(e.count for e in events if e.self_device_time_total > 0)
     print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=args.rows, max_name_column_width=60))
+    print(f'{args.arch} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
+          f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches')
 
 
 if __name__ == '__main__':

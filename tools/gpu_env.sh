@@ -41,6 +41,7 @@ else
 fi
 python3 -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-compile \
   --target "$site" "$repo"
-python3 -c "import mmcv.ops, mmdet.models, mmseg.models, mmgroupmamba, torch; \
+# From / : in the repo root, Python would import the source folder, which lacks the kernels.
+(cd / && python3 -c "import mmcv.ops, mmdet.models, mmseg.models, mmgroupmamba, torch; \
 from mmcv.ops import nms; b = torch.rand(8, 4, device='cuda'); b[:, 2:] += b[:, :2]; \
-nms(b, torch.rand(8, device='cuda'), 0.5); print('gpu_env: OpenMMLab stack with mmcv CUDA ops ready in $site')"
+nms(b, torch.rand(8, device='cuda'), 0.5); print('gpu_env: OpenMMLab stack with mmcv CUDA ops ready in $site')")
