@@ -23,10 +23,15 @@ def gated_group_norm(y, z, weight, bias, groups, eps):
     return gated_group_norm_reference(y, z, weight, bias, groups, eps)
 
 
-def layer_norm(x, weight, bias, eps):
+def layer_norm(x, weight, bias, eps, out_dtype=None):
     """``F.layer_norm`` over the last dim, through the same kernels on CUDA (PyTorch's runs one thread block
-    per row, slow for GroupMamba's 64..512 channels)."""
+    per row, slow for GroupMamba's 64..512 channels).
+
+    ``out_dtype`` (default: x's): under autocast the normalised map feeds fp16/bf16 matmuls, so writing it in
+    that dtype saves a cast of the whole map (and keeps one copy of it for backward instead of two).
+    """
     if use_triton(x):
         from .triton_gated_norm import gated_group_norm_triton
-        return gated_group_norm_triton(x, None, weight, bias, 1, eps)
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+        return gated_group_norm_triton(x, None, weight, bias, 1, eps, out_dtype)
+    out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return out if out_dtype is None else out.to(out_dtype)

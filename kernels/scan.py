@@ -58,7 +58,8 @@ class SelectiveScanFn(torch.autograd.Function):
         ts = _triton_module(u.device)
         # The kernels index contiguous channels-last tensors and accumulate in fp32 whatever the dtypes
         # (autocast may hand over bf16 activations with fp32 parameters; each is read in its own dtype).
-        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        u, delta = u.contiguous(), delta.contiguous()
+        B, C = _shared_row_layout(B, C)
         A, D, delta_bias = (t.contiguous() for t in (A, D, delta_bias))
         cfg = ts.choose_config(u, **tiling)
         save = any(ctx.needs_input_grad[:7])
@@ -75,6 +76,20 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
         grads = ts.scan_backward(dy, u, delta, A, B, C, D, delta_bias, ctx.hw, states, ctx.cfg)
         return (*grads, None, None)
+
+
+def _shared_row_layout(B, C):
+    """``B`` and ``C`` as the kernels read them: rows of unit-stride groups, one row stride for both.
+
+    The layer computes them in one projection and splits it, so they usually are two column slices of one
+    ``(batch, L, 2 * groups)`` tensor: read in place, without the two copies ``.contiguous()`` would make.
+    """
+    def readable(t):
+        return t.stride(2) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
+
+    if B.stride() == C.stride() and readable(B):
+        return B, C
+    return B.contiguous(), C.contiguous()
 
 
 def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, chunk_len=None, block_t=None, block_c=None,

@@ -97,13 +97,12 @@ class GatedGroupNormFn(torch.autograd.Function):
     """``z=None``: plain per-group LayerNorm (``groups=1``: LayerNorm), without the gate."""
 
     @staticmethod
-    def forward(ctx, y, z, weight, bias, groups, eps):
+    def forward(ctx, y, z, weight, bias, groups, eps, out_dtype):
         shape, channels = y.shape, y.shape[-1]
         gated = z is not None
         y2 = _rows(y, channels)
         z2 = _rows(z, channels) if gated else y2
         n = y2.shape[0]
-        out_dtype = torch.promote_types(y.dtype, z.dtype) if gated else y.dtype
         out = torch.empty((n, channels), dtype=out_dtype, device=y.device)
         mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
         rstd = torch.empty_like(mean)
@@ -126,16 +125,20 @@ class GatedGroupNormFn(torch.autograd.Function):
         dz = torch.empty_like(z2, memory_format=torch.contiguous_format) if gated else dy
         block_n, block_d = _tiles(channels // groups)
         programs = triton.cdiv(n, block_n)
-        dw_part = torch.empty((programs, channels), dtype=torch.float32, device=y2.device)
-        db_part = torch.empty_like(dw_part)
+        # Weight and bias partial sums in one buffer: one reduction for both.
+        dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y2.device)
+        dw_part, db_part = dwb_part
         _gated_norm_bwd_kernel[(programs,)](
             dout2, y2, z2 if gated else y2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, n, dout2.stride(0),
             y2.stride(0), (z2 if gated else y2).stride(0), dy.stride(0), dz.stride(0), channels,
             GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
-        dw = dw_part.sum(0).to(weight.dtype)
-        db = db_part.sum(0).to(bias.dtype)
-        return dy.view(ctx.shape), (dz.view(ctx.z_shape) if gated else None), dw, db, None, None
+        dw, db = dwb_part.sum(1)
+        dw, db = dw.to(weight.dtype), db.to(bias.dtype)
+        return dy.view(ctx.shape), (dz.view(ctx.z_shape) if gated else None), dw, db, None, None, None
 
 
-def gated_group_norm_triton(y, z, weight, bias, groups, eps):
-    return GatedGroupNormFn.apply(y, z, weight, bias, groups, eps)
+def gated_group_norm_triton(y, z, weight, bias, groups, eps, out_dtype=None):
+    """``out_dtype`` defaults to the inputs' promoted dtype."""
+    if out_dtype is None:
+        out_dtype = torch.promote_types(y.dtype, z.dtype) if z is not None else y.dtype
+    return GatedGroupNormFn.apply(y, z, weight, bias, groups, eps, out_dtype)

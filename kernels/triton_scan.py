@@ -90,7 +90,7 @@ def _scan_fwd_kernel(
     hin_ptr,  # (batch, n_chunks, CH) fp32: state entering each chunk (pass 3 of a split)
     st_ptr,  # (batch, n_states, CH) fp32: state entering every STATE_T-th step, kept for the backward pass
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32: chunk summaries written by pass 1 of a split
-    L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
+    L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
@@ -102,7 +102,7 @@ def _scan_fwd_kernel(
         D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
 
     batch_off = b.to(tl.int64) * L * CH
-    bc_off = b.to(tl.int64) * L * 4 + g
+    bc_off = b.to(tl.int64) * L * bc_stride + g  # B and C rows may be slices of one wider projection
     summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
     if HAS_HIN:
         h = tl.load(hin_ptr + summary_off, mask=cmask, other=0.0)
@@ -126,7 +126,7 @@ def _scan_fwd_kernel(
         off = batch_off + pos[:, None] * CH + ch[None, :]
         u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
         dt = tl.load(dt_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
         dt = _softplus(dt + bias[None, :])
         # Steps past the end become the identity map (a=1, x=0) so the last row carries the true state.
         a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
@@ -136,7 +136,7 @@ def _scan_fwd_kernel(
         if SUMMARY:
             decay = decay * _row(a_cum, rows, BLOCK_T - 1)
         else:
-            Ct = tl.load(C_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+            Ct = tl.load(C_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
             y = Ct[:, None] * hs + D[None, :] * u
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
         h = _row(hs, rows, BLOCK_T - 1)
@@ -204,7 +204,7 @@ def _scan_bwd_kernel(
     dB_ptr, dC_ptr,  # (n_cblocks, batch, L, 4) fp32 partial sums over this program's channels
     dA_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
-    batch, L, H, W, CH, K, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
+    batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GIN: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     # With dh_t = dL/dh_t, the adjoint recurrence runs backward in time:
@@ -221,7 +221,7 @@ def _scan_bwd_kernel(
     D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
 
     batch_off = b.to(tl.int64) * L * CH
-    bc_off = b.to(tl.int64) * L * 4 + g
+    bc_off = b.to(tl.int64) * L * bc_stride + g  # B and C rows may be slices of one wider projection
     summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
     if HAS_GIN:
         carry = tl.load(gin_ptr + summary_off, mask=cmask, other=0.0)
@@ -257,7 +257,7 @@ def _scan_bwd_kernel(
         # Steps past the chunk end are the identity map, so the carry passes through them unchanged.
         a_next = tl.where(tmask[:, None], a_next, 1.0)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
         r_cum, q_cum = tl.associative_scan((a_next, Ct[:, None] * dy), 0, _compose, reverse=True)
         dh = r_cum * carry[None, :] + q_cum
         carry = _row(dh, rows, 0)
@@ -266,7 +266,7 @@ def _scan_bwd_kernel(
         else:
             u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
             dt_raw = tl.load(dt_ptr + off, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
-            Bt = tl.load(B_ptr + bc_off + pos * 4, mask=tmask, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
             dt = _softplus(dt_raw)
             a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
             Bu = Bt[:, None] * u
@@ -411,8 +411,8 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
     y = torch.empty_like(u)
     states = torch.empty(batch, cfg.n_states, channels, **f32) if save_states else dummy
     grid_x = fc.programs
-    common = (length, height, width, channels, cfg.per_group, fc.n_cblocks, fc.chunk_len, fc.n_chunks,
-              cfg.n_states)
+    common = (length, height, width, channels, cfg.per_group, B.stride(1), fc.n_cblocks, fc.chunk_len,
+              fc.n_chunks, cfg.n_states)
     meta = dict(BLOCK_T=fc.block_t, BLOCK_C=fc.block_c, STATE_T=cfg.state_t, num_warps=fc.num_warps)
     hin = dummy
     if fc.n_chunks > 1:
@@ -441,13 +441,13 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
     dy = dy.contiguous()
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
-    dB_part = torch.empty(bc.n_cblocks, batch, length, GROUPS, **f32)
-    dC_part = torch.empty_like(dB_part)
-    dA_part = torch.empty(batch, bc.n_chunks, channels, **f32)
-    dD_part = torch.empty_like(dA_part)
-    dbias_part = torch.empty_like(dA_part)
+    # Partial sums of (dB, dC) and of (dA, dD, dbias), each pair/triple in one buffer: one reduction each.
+    dBC_part = torch.empty(2, bc.n_cblocks, batch, length, GROUPS, **f32)
+    dB_part, dC_part = dBC_part
+    dADb_part = torch.empty(3, batch, bc.n_chunks, channels, **f32)
+    dA_part, dD_part, dbias_part = dADb_part
     grid_x = bc.programs
-    common = (batch, length, height, width, channels, cfg.per_group, bc.n_cblocks, bc.chunk_len,
+    common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), bc.n_cblocks, bc.chunk_len,
               bc.n_chunks, cfg.n_states)
     meta = dict(BLOCK_T=bc.block_t, BLOCK_C=bc.block_c, num_warps=bc.num_warps)
     gin = dummy
@@ -464,12 +464,9 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
         dA_part, dD_part, dbias_part, dummy, dummy, *common, 0,
         HAS_GIN=bc.n_chunks > 1, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
-    dA = dA_part.sum((0, 1)).to(A.dtype)
-    dD = dD_part.sum((0, 1)).to(D.dtype)
-    dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype)
-    dB = (dB_part[0] if bc.n_cblocks == 1 else dB_part.sum(0)).to(B.dtype)
-    dC = (dC_part[0] if bc.n_cblocks == 1 else dC_part.sum(0)).to(C.dtype)
-    return du, ddelta, dA, dB, dC, dD, dbias
+    dA, dD, dbias = dADb_part.sum((1, 2))
+    dB, dC = (dBC_part[:, 0] if bc.n_cblocks == 1 else dBC_part.sum(1)).to(B.dtype)
+    return du, ddelta, dA.to(A.dtype), dB, dC.to(C.dtype), dD.to(D.dtype), dbias.to(delta_bias.dtype)
 
 
 def kernels_interpreted():
