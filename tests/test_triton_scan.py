@@ -136,3 +136,20 @@ def test_autocast_keeps_dtypes():
         y = selective_scan_triton(**inputs, block_t=4)
     assert y.dtype == torch.float32
     assert rel_err(y, scan_loop_float64(**inputs)) < 1e-5
+
+
+@pytest.mark.parametrize('tiling', [{}, dict(block_t=4, block_c=4, chunk_len=8)])
+def test_b_and_c_read_in_place_as_slices_of_one_projection(tiling):
+    """The layer passes B and C as column slices of one (batch, L, 8) tensor: same results as copies."""
+    gen = torch.Generator().manual_seed(3)
+    inputs = random_scan_inputs(2, (3, 5), 12, generator=gen, dtype=torch.float32, requires_grad=True)
+    bc = torch.cat([inputs['B'], inputs['C']], -1).detach().requires_grad_()
+    grad_out = torch.randn(2, 15, 12, generator=gen)
+    sliced = dict(inputs, B=bc[..., :4], C=bc[..., 4:])
+    read = scan_module._shared_row_layout(sliced['B'], sliced['C'])
+    assert read[0] is sliced['B'] and read[1] is sliced['C']  # no copies
+    y_sliced = selective_scan_triton(**sliced, **tiling)
+    g_bc, = torch.autograd.grad(y_sliced, [bc], grad_out)
+    y, grads = scan_and_grads(lambda **kw: selective_scan_triton(**kw, **tiling), inputs, grad_out)
+    torch.testing.assert_close(y_sliced, y, rtol=0, atol=0)
+    torch.testing.assert_close(g_bc, torch.cat([grads[3], grads[4]], -1), rtol=0, atol=0)
