@@ -31,6 +31,7 @@ run group by group: the layer assembles them into block-diagonal weights and run
 layer, one depthwise conv and one scan launch. All tensors inside a stage are channels-last ``(B, H, W, C)``.
 """
 import math
+import operator
 
 import torch
 import torch.nn as nn
@@ -83,13 +84,176 @@ def resolve_arch(arch):
     return arch
 
 
-def _block_diagonal(blocks, eye):
-    """``(G, m, n)`` blocks -> the ``(G*m, G*n)`` block-diagonal matrix, in one multiply (``eye``: ``G x G``).
+def _compute_dtype(x):
+    """The dtype the layer's matmuls run in: autocast's, when it is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    ``torch.block_diag`` copies (and in backward slices) block by block: many small launches per call.
+
+def _block_diagonal(blocks, eye):
+    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices in one multiply (``eye``: G x G).
+
+    ``torch.block_diag`` copies block by block: many small launches per call.
     """
-    groups, rows, cols = blocks.shape
-    return (blocks[:, :, None, :] * eye[:, None, :, None]).reshape(groups * rows, groups * cols)
+    *lead, groups, rows, cols = blocks.shape
+    return (blocks[..., :, :, None, :] * eye[:, None, :, None]).reshape(*lead, groups * rows, groups * cols)
+
+
+def _diagonal_blocks(matrix, groups):
+    """The ``groups`` diagonal ``(m, n)`` blocks of a ``(..., G*m, G*n)`` matrix, as a strided view."""
+    *lead, rows, cols = matrix.shape
+    blocks = matrix.reshape(*lead, groups, rows // groups, groups, cols // groups)
+    return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+class _Packing:
+    """Parameters packed one after another into a 1-D buffer, read back as per-parameter views or as
+    ``pieces`` (runs of consecutive parameters viewed together, e.g. the 4 groups' ``in_proj`` as one tensor).
+    """
+
+    def __init__(self, param_shapes, piece_shapes):
+        self.param_shapes = [tuple(s) for s in param_shapes]
+        self.piece_shapes = [tuple(s) for s in piece_shapes]
+        self.numel = sum(math.prod(s) for s in self.param_shapes)
+        assert self.numel == sum(math.prod(s) for s in self.piece_shapes)
+
+    @staticmethod
+    def pack(params, dtype):
+        # One batched copy of all parameters (same dtype, contiguous), then at most one cast.
+        return torch.cat([p.reshape(-1) for p in params]).to(dtype)
+
+    def pieces(self, flat):
+        return [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in self.piece_shapes]), self.piece_shapes)]
+
+    def params(self, flat):
+        return [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in self.param_shapes]), self.param_shapes)]
+
+
+class _LayerPacking:
+    """What :class:`GroupedLayerWeights` needs to know about one layer: its parameters, in packing order."""
+    # Per-group parameters packed group after group, so the 4 groups of a name are one contiguous piece.
+    MATMUL_GROUP_PARAMS = ('in_proj.weight', 'x_proj_weight', 'dt_projs_weight', 'out_proj.weight')
+    LINEARS = ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias', 'proj.weight', 'proj.bias')
+    FP32_GROUP_PARAMS = ('conv2d.weight', 'conv2d.bias', 'dt_projs_bias', 'A_logs', 'Ds', 'out_norm.weight',
+                         'out_norm.bias')
+
+    def __init__(self, layer):
+        group = layer.mamba_g1
+        self.dt_rank = group.dt_rank
+        names = ([f'mamba_g{g + 1}.{n}' for n in self.MATMUL_GROUP_PARAMS for g in range(NUM_GROUPS)]
+                 + list(self.LINEARS)
+                 + [f'mamba_g{g + 1}.{n}' for n in self.FP32_GROUP_PARAMS for g in range(NUM_GROUPS)])
+        self._getters = [operator.attrgetter(name) for name in names]  # C-level lookups: run every forward
+        shapes = {name: p.shape for name, p in layer.named_parameters()}
+        self.num_matmul = NUM_GROUPS * len(self.MATMUL_GROUP_PARAMS) + len(self.LINEARS)
+        self.matmul = _Packing(
+            [shapes[n] for n in names[:self.num_matmul]],
+            [(NUM_GROUPS, *shapes[f'mamba_g1.{n}'][-2:]) for n in self.MATMUL_GROUP_PARAMS]
+            + [shapes[n] for n in self.LINEARS])
+        self.linears_numel = sum(shapes[n].numel() for n in self.LINEARS)
+        channels = NUM_GROUPS * group.Ds.numel()
+        self.fp32 = _Packing([shapes[n] for n in names[self.num_matmul:]],
+                             [(channels, 1, 3, 3)] + [(channels,)] * (len(self.FP32_GROUP_PARAMS) - 1))
+
+    def gather(self, layer):
+        return [get(layer) for get in self._getters]
+
+
+class CastParameters(torch.autograd.Function):
+    """Parameters cast to the compute dtype by one packed copy and one cast, where autocast would cast each at
+    every use (and cast each gradient back): two launches forward and two backward instead of two per tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        ctx.packing = _Packing([p.shape for p in params], [p.shape for p in params])
+        return tuple(ctx.packing.pieces(_Packing.pack(params, dtype)))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        shapes = ctx.packing.param_shapes
+        grads = [g if g is not None else torch.zeros(s, device=grads[0].device) for g, s in zip(grads, shapes)]
+        return (None, *ctx.packing.params(torch.cat([g.reshape(-1) for g in grads]).float()))
+
+
+def _cast_parameters(dtype, *params):
+    if all(p.dtype == dtype for p in params):
+        return params
+    return CastParameters.apply(dtype, *params)
+
+
+class GroupedLayerWeights(torch.autograd.Function):
+    """A layer's parameters as the tensors its forward uses: the 4 groups' weights assembled into
+    block-diagonal / concatenated form, every matmul weight already in the compute dtype.
+
+    With autograd ops the same assembly took ~20 kernels forward and ~50 backward per layer, plus autocast's
+    cast of every weight at every use: the training step was bound by launches on the host. Here forward
+    packs, casts and assembles in ~9 kernels, and backward writes every parameter's gradient into its slot of
+    two packed buffers (~12 kernels) and returns views of them.
+
+    Outputs, in the compute dtype: ``in_proj (2C, C)`` (rows u then z), ``delta (C, C)`` (dt_proj folded into
+    x_proj), ``bc (2G, C)`` (rows B_0..B_3, C_0..C_3), ``out_proj (C, C)``, then the fc1, fc2 and proj weights
+    and biases; in fp32: the dwconv weight ``(C, 1, 3, 3)`` and bias, the delta bias, ``A = -exp(A_logs)``,
+    D and the out_norm weight and bias (all ``(C,)``).
+    """
+
+    @staticmethod
+    def forward(ctx, dtype, packing, *params):
+        matmul = packing.matmul.pieces(packing.matmul.pack(params[:packing.num_matmul], dtype))
+        fp32 = packing.fp32.pieces(packing.fp32.pack(params[packing.num_matmul:], torch.float32))
+        in_proj, x_proj, dt_proj, out_proj, *linears = matmul
+        conv_weight, conv_bias, delta_bias, A_logs, D, norm_weight, norm_bias = fp32
+        groups, rank = NUM_GROUPS, packing.dt_rank
+        eye = torch.eye(groups, dtype=dtype, device=in_proj.device)
+        x_dt = x_proj[:, :rank]
+        # (G, 2d, d) -> (2, G, d, d) -> block-diagonal (2, C, C) -> rows (u, z).
+        in_uz = _block_diagonal(in_proj.unflatten(1, (2, -1)).transpose(0, 1), eye).flatten(0, 1)
+        delta = _block_diagonal(torch.bmm(dt_proj, x_dt), eye)
+        # (G, 2, d) B and C rows -> (2, 1, C) blocks per group -> (2G, C), group g's rows only on its channels.
+        bc = _block_diagonal(x_proj[:, rank:].transpose(0, 1).unsqueeze(-2), eye).flatten(0, 1)
+        A = A_logs.exp().neg_()
+        ctx.save_for_backward(dt_proj, x_dt, A)
+        ctx.packing = packing
+        return (in_uz, delta, bc, _block_diagonal(out_proj, eye), *linears,
+                conv_weight, conv_bias, delta_bias, A, D, norm_weight, norm_bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        dt_proj, x_dt, A = ctx.saved_tensors
+        packing, groups, rank = ctx.packing, NUM_GROUPS, ctx.packing.dt_rank
+        num_linears = len(packing.matmul.piece_shapes) - 4
+        g_in_uz, g_delta, g_bc, g_out_proj = grads[:4]
+        g_linears = grads[4:4 + num_linears]
+        g_fp32 = list(grads[4 + num_linears:])
+
+        # Each matmul weight's gradient is copied (and cast) straight into its slot of one fp32 buffer.
+        alloc = torch.empty if all(g is not None for g in grads[:4]) else torch.zeros  # unwritten slots: 0
+        flat = alloc(packing.matmul.numel, dtype=torch.float32, device=A.device)
+        in_proj, x_proj, dt_proj_grad, out_proj, *linears = packing.matmul.pieces(flat)
+        if g_in_uz is not None:
+            in_proj.unflatten(1, (2, -1)).copy_(_diagonal_blocks(g_in_uz.unflatten(0, (2, -1)), groups)
+                                                .transpose(0, 1))
+        if g_delta is not None:
+            g_blocks = _diagonal_blocks(g_delta, groups).contiguous()
+            dt_proj_grad.copy_(torch.bmm(g_blocks, x_dt.transpose(1, 2)))
+            x_proj[:, :rank].copy_(torch.bmm(dt_proj.transpose(1, 2), g_blocks))
+        if g_bc is not None:
+            x_proj[:, rank:].copy_(_diagonal_blocks(g_bc.unflatten(0, (2, -1)), groups).squeeze(-2).transpose(0, 1))
+        if g_out_proj is not None:
+            out_proj.copy_(_diagonal_blocks(g_out_proj, groups))
+        # The linear layers' slots are adjacent, at the end: one cat and one cast-copy for all of them.
+        g_linears = [g if g is not None else flat.new_zeros(slot.shape) for slot, g in zip(linears, g_linears)]
+        flat[packing.matmul.numel - packing.linears_numel:].copy_(torch.cat([g.reshape(-1) for g in g_linears]))
+
+        # fp32 parameters: one cat of their gradients (zeros where a gradient is missing).
+        fp32_pieces = packing.fp32.piece_shapes
+        if g_fp32[3] is not None:
+            g_fp32[3] = g_fp32[3] * A  # d(-exp(a))/da = -exp(a) = A
+        g_fp32 = [g if g is not None else A.new_zeros(shape) for g, shape in zip(g_fp32, fp32_pieces)]
+        fp32 = torch.cat([g.reshape(-1).float() for g in g_fp32])
+        return (None, None, *packing.matmul.params(flat), *packing.fp32.params(fp32))
 
 
 def _to_nchw(x):
@@ -156,67 +320,40 @@ class GroupMambaLayer(nn.Module):
             self.add_module(f'mamba_g{g + 1}', ScanGroupParameters(group_dims))
         self.skip_scale = nn.Parameter(torch.ones(1))
         self.proj = nn.Linear(dims, dims)
+        self._packing = _LayerPacking(self)
 
     @property
     def scan_groups(self):
         return [getattr(self, f'mamba_g{g + 1}') for g in range(NUM_GROUPS)]
 
-    def _grouped_weights(self):
-        """All groups' parameters as one set of block-diagonal / concatenated tensors (differentiable).
-
-        Built from stacked parameters in a few large ops: this runs in every forward, and each op here (and its
-        backward) is a kernel launch on the GPU.
-        """
-        groups = self.scan_groups
-        d, r = groups[0].Ds.numel(), groups[0].dt_rank
-        in_proj = torch.stack([g.in_proj.weight for g in groups])  # (G, 2d, d): rows (u, z)
-        x_proj = torch.cat([g.x_proj_weight for g in groups])  # (G, r + 2, d): rows (dt, B, C)
-        dt_proj = torch.cat([g.dt_projs_weight for g in groups])  # (G, d, r)
-        eye = torch.eye(NUM_GROUPS, dtype=in_proj.dtype, device=in_proj.device)
-        # B and C rows as (2, G, d), block-diagonal over groups -> rows (B_0..B_3, C_0..C_3).
-        bc = (x_proj[:, r:].transpose(0, 1)[:, :, None, :] * eye[None, :, :, None]).reshape(2 * NUM_GROUPS, -1)
-        return dict(
-            in_u=_block_diagonal(in_proj[:, :d], eye),
-            in_z=_block_diagonal(in_proj[:, d:], eye),
-            conv_weight=torch.cat([g.conv2d.weight for g in groups]),
-            conv_bias=torch.cat([g.conv2d.bias for g in groups]),
-            # delta = dt_proj(x_proj_dt(u)): the two maps fold into one (d, d) matrix per group.
-            delta=_block_diagonal(torch.bmm(dt_proj, x_proj[:, :r]), eye),
-            bc=bc,
-            delta_bias=torch.cat([g.dt_projs_bias for g in groups], dim=1).view(-1),
-            A=torch.cat([g.A_logs for g in groups]).view(-1).float().exp().neg(),
-            D=torch.cat([g.Ds for g in groups]),
-            out_norm_weight=torch.cat([g.out_norm.weight for g in groups]),
-            out_norm_bias=torch.cat([g.out_norm.bias for g in groups]),
-            out_proj=_block_diagonal(torch.stack([g.out_proj.weight for g in groups]), eye),
-        )
-
     def forward(self, x):
-        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's)."""
         batch, height, width, dims = x.shape
-        w = self._grouped_weights()
-        x = self._norm(x)
-        affinity = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((1, 2))))))
+        dtype = _compute_dtype(x)
+        (in_proj, delta_proj, bc_proj, out_proj, fc1_w, fc1_b, fc2_w, fc2_b, proj_w, proj_b, conv_w, conv_b,
+         delta_bias, A, D, out_norm_w, out_norm_b) = GroupedLayerWeights.apply(
+             dtype, self._packing, *self._packing.gather(self))
 
-        # Separate projections keep u and z contiguous: the conv then reads u in place (channels-last) and the
-        # fused norm reads z without a copy.
-        u = F.linear(x, w['in_u'])
-        z = F.linear(x, w['in_z'])
-        u = _to_nhwc(F.conv2d(_to_nchw(u), w['conv_weight'], w['conv_bias'], padding=1, groups=dims))
+        x = self._norm(x, dtype)
+        affinity = torch.sigmoid(F.linear(F.relu(F.linear(x.mean((1, 2)), fc1_w, fc1_b)), fc2_w, fc2_b))
+        # One projection for (u, z): u is read in place by the conv and z by the fused norm, both as column
+        # slices, and backward joins their gradients in one copy.
+        u, z = F.linear(x, in_proj).split(dims, dim=-1)
+        u = _to_nhwc(F.conv2d(_to_nchw(u), conv_w, conv_b, padding=1, groups=dims))
         u = F.silu(u).reshape(batch, height * width, dims)
-        b, c = F.linear(u, w['bc']).split(NUM_GROUPS, dim=-1)
-        y = selective_scan(u, F.linear(u, w['delta']), w['A'], b, c, w['D'], w['delta_bias'], (height, width))
+        b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
+        y = selective_scan(u, F.linear(u, delta_proj), A, b, c, D, delta_bias, (height, width))
 
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate.
-        y = gated_group_norm(y.view(batch, height, width, dims), z, w['out_norm_weight'], w['out_norm_bias'],
-                             NUM_GROUPS, self.scan_groups[0].out_norm.eps)
-        y = F.linear(y, w['out_proj'])
+        y = gated_group_norm(y.view(batch, height, width, dims), z, out_norm_w, out_norm_b, NUM_GROUPS,
+                             self.mamba_g1.out_norm.eps)
+        y = F.linear(y, out_proj)
         # skip_scale and the channel affinity are per (image, channel): fold them before touching the map.
-        y = y * x * (self.skip_scale * affinity)[:, None, None, :]
-        return self.proj(self._norm(y))
+        y = y * x * (self.skip_scale * affinity).to(y.dtype)[:, None, None, :]
+        return F.linear(self._norm(y, dtype), proj_w, proj_b)
 
-    def _norm(self, x):
-        return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+    def _norm(self, x, dtype):
+        return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, dtype)
 
 
 def _depthwise_conv(x, weight, bias):
@@ -276,12 +413,14 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dims, dims)
 
     def forward(self, x):
-        h = self.fc1(x)
+        fc1_w, fc1_b, fc2_w, fc2_b = _cast_parameters(
+            _compute_dtype(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        h = F.linear(x, fc1_w, fc1_b)
         conv = self.dwconv.dwconv
         if torch.is_grad_enabled() and h.requires_grad:
-            return ConvGeluLinearFn.apply(h, conv.weight, conv.bias, self.fc2.weight, self.fc2.bias)
+            return ConvGeluLinearFn.apply(h, conv.weight, conv.bias, fc2_w, fc2_b)
         # Nothing is kept for backward without grad: the plain ops are the same computation.
-        return self.fc2(F.gelu(_depthwise_conv(h, conv.weight, conv.bias)))
+        return F.linear(F.gelu(_depthwise_conv(h, conv.weight, conv.bias)), fc2_w, fc2_b)
 
 
 class GroupMambaBlock(nn.Module):
@@ -297,7 +436,8 @@ class GroupMambaBlock(nn.Module):
 
     def _forward(self, x):
         x = x + self.drop_path(self.attn(x))
-        return x + self.drop_path(self.mlp(layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps)))
+        normed = layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, _compute_dtype(x))
+        return x + self.drop_path(self.mlp(normed))
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:
