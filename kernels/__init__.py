@@ -4,9 +4,11 @@ readable PyTorch reference (``reference.py``).
 Installed as ``mmgroupmamba.kernels``.
 """
 from .directions import SCAN_DIRECTIONS, scan_order_index
-from .gated_norm import gated_group_norm, layer_norm
-from .reference import gated_group_norm_reference, linear_recurrence, selective_scan_reference
+from .gated_norm import gated_group_norm, layer_norm, modulated_layer_norm
+from .reference import (gated_group_norm_reference, linear_recurrence, modulated_layer_norm_reference,
+                        selective_scan_reference)
 from .scan import selective_scan
 
 __all__ = ['SCAN_DIRECTIONS', 'scan_order_index', 'linear_recurrence', 'selective_scan',
-           'selective_scan_reference', 'gated_group_norm', 'gated_group_norm_reference', 'layer_norm']
+           'selective_scan_reference', 'gated_group_norm', 'gated_group_norm_reference', 'layer_norm',
+           'modulated_layer_norm', 'modulated_layer_norm_reference']

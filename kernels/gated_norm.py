@@ -1,7 +1,7 @@
 """The fused per-group LayerNorm + SiLU gate that follows the scan in a GroupMamba layer, and LayerNorm."""
 import torch.nn.functional as F
 
-from .reference import gated_group_norm_reference
+from .reference import gated_group_norm_reference, modulated_layer_norm_reference
 from .scan import use_triton
 
 
@@ -35,3 +35,15 @@ def layer_norm(x, weight, bias, eps, out_dtype=None):
         return gated_group_norm_triton(x, None, weight, bias, 1, eps, out_dtype)
     out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     return out if out_dtype is None else out.to(out_dtype)
+
+
+def modulated_layer_norm(y, x, scale, weight, bias, eps):
+    """``LayerNorm(y * x * scale[:, None, None, :])`` over the last dim of ``(B, H, W, C)`` maps, in y's dtype.
+
+    ``scale`` is ``(B, C)``: GroupMamba's channel affinity times its skip scale. One fused pass on CUDA, which
+    keeps neither the product nor a cast of the scale for backward. Dispatch as :func:`gated_group_norm`.
+    """
+    if use_triton(y):
+        from .triton_gated_norm import modulated_layer_norm_triton
+        return modulated_layer_norm_triton(y, x, scale, weight, bias, eps)
+    return modulated_layer_norm_reference(y, x, scale, weight, bias, eps)

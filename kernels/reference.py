@@ -72,6 +72,16 @@ def selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw):
     return y.permute(0, 3, 1, 2).reshape(batch, length, channels).to(u.dtype)
 
 
+def modulated_layer_norm_reference(y, x, scale, weight, bias, eps):
+    """``LayerNorm(y * x * scale[:, None, None, :])`` over the last dim, in y's dtype.
+
+    Reference for :func:`mmgroupmamba.kernels.modulated_layer_norm`.
+    """
+    compute = torch.promote_types(y.dtype, torch.float32)
+    modulated = y.to(compute) * x.to(compute) * scale.to(compute)[:, None, None, :]
+    return F.layer_norm(modulated, y.shape[-1:], weight.to(compute), bias.to(compute), eps).to(y.dtype)
+
+
 def gated_group_norm_reference(y, z, weight, bias, groups, eps):
     """``(LayerNorm over each of the groups of channels of y) * weight + bias``, gated by ``silu(z)``.
 
@@ -79,3 +89,34 @@ def gated_group_norm_reference(y, z, weight, bias, groups, eps):
     """
     normed = F.layer_norm(y.unflatten(-1, (groups, -1)), (y.shape[-1] // groups,), eps=eps).flatten(-2)
     return (normed * weight + bias) * F.silu(z)
+
+
+DWCONV_ACTIVATIONS = ('silu', 'gelu')
+
+
+def check_dwconv_activation(activation):
+    """Raise unless ``activation`` is one the fused depthwise conv supports."""
+    if activation not in DWCONV_ACTIVATIONS:
+        raise ValueError(f'activation={activation!r} is not supported; expected one of {DWCONV_ACTIVATIONS}')
+
+
+def depthwise_conv_act_reference(x, weight, bias, activation):
+    """``act(depthwise_conv3x3(x) + bias)`` of a channels-last map (zero padding 1, stride 1).
+
+    Reference for :func:`mmgroupmamba.kernels.depthwise_conv_act`.
+
+    Args:
+        x (Tensor): ``(B, H, W, C)``, any strides.
+        weight (Tensor): ``(C, 1, 3, 3)``.
+        bias (Tensor): ``(C,)``.
+        activation (str): ``'silu'`` or ``'gelu'`` (exact, erf).
+
+    Returns:
+        Tensor: contiguous ``(B, H, W, C)`` in x's dtype (computed in fp32 for half-precision x).
+    """
+    check_dwconv_activation(activation)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pre = F.conv2d(x.to(compute).permute(0, 3, 1, 2), weight.to(compute), bias.to(compute), padding=1,
+                   groups=x.shape[-1])
+    out = F.silu(pre) if activation == 'silu' else F.gelu(pre)
+    return out.permute(0, 2, 3, 1).to(x.dtype).contiguous()

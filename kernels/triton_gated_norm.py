@@ -8,6 +8,9 @@ tiny row, which profiled as the largest GPU cost of a GroupMamba training step (
 150 ms). Here a program normalises a tile of ``BLOCK_N`` rows for every group at once, applies the affine and
 the gate, and keeps per-row statistics for a backward that recomputes everything else. Weight and bias
 gradients are per-program partial sums reduced afterwards in a fixed order: deterministic, no atomics.
+
+The modulated variant normalises ``y * x * scale`` (scale per image and channel) over all channels: the
+layer's channel-affinity modulation and its output LayerNorm, in one pass and without keeping the product.
 """
 import torch
 import triton
@@ -25,6 +28,17 @@ def _row_tile(N, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _normalize(v, mask, W, Bias, cols, col_ok, n, eps):
+    """LayerNorm of the rows of ``v`` over its ``n`` valid columns, then the affine; with row mean and rstd."""
+    mean = tl.sum(v, axis=1) / n
+    centred = tl.where(mask, v - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n + eps)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return centred * rstd[:, None] * w[None, :] + b[None, :], mean, rstd
+
+
+@triton.jit
 def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z, stride_o, eps,
                            GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            GATED: tl.constexpr):
@@ -32,12 +46,7 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z
     for g in tl.static_range(GROUPS):
         cols = g * D + offs
         y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(y, axis=1) / D
-        centred = tl.where(mask, y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-        b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-        out = centred * rstd[:, None] * w[None, :] + b[None, :]
+        out, mean, rstd = _normalize(y, mask, W, Bias, cols, col_ok, D, eps)
         if GATED:
             z = tl.load(Z + rows64 * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             out = out * z * tl.sigmoid(z)
@@ -135,6 +144,96 @@ class GatedGroupNormFn(torch.autograd.Function):
         dw, db = dwb_part.sum(1)
         dw, db = dw.to(weight.dtype), db.to(bias.dtype)
         return dy.view(ctx.shape), (dz.view(ctx.z_shape) if gated else None), dw, db, None, None, None
+
+
+@triton.jit
+def _image_row_tile(HW, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of one image only (grid: tiles x images), so per-image sums never straddle two images."""
+    tile, image = tl.program_id(0), tl.program_id(1)
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < HW
+    col_ok = cols < C
+    global_rows = image.to(tl.int64) * HW + rows
+    return tile, image, global_rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, eps,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    tile, image, grow, cols, row_ok, col_ok, mask = _image_row_tile(HW, C, BLOCK_N, BLOCK_C)
+    offs = grow[:, None] * C + cols[None, :]
+    scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    m = (tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(X + offs, mask=mask, other=0.0)
+         .to(tl.float32) * scale[None, :])
+    out, mean, rstd = _normalize(m, mask, W, Bias, cols, col_ok, C, eps)
+    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(Mean + grow, mean, mask=row_ok)
+    tl.store(Rstd + grow, rstd, mask=row_ok)
+
+
+@triton.jit
+def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Mean, Rstd, DY, DX, DSPart, DWPart, DBPart, HW, C, n_tiles,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    tile, image, grow, cols, row_ok, col_ok, mask = _image_row_tile(HW, C, BLOCK_N, BLOCK_C)
+    offs = grow[:, None] * C + cols[None, :]
+    scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(Mean + grow, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + grow, mask=row_ok, other=0.0)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    m_hat = tl.where(mask, (y * x * scale[None, :] - mean[:, None]) * rstd[:, None], 0.0)
+    dm_hat = dout * w[None, :]
+    dm = (dm_hat - (tl.sum(dm_hat, axis=1) / C)[:, None]
+          - m_hat * (tl.sum(dm_hat * m_hat, axis=1) / C)[:, None]) * rstd[:, None]
+    tl.store(DY + offs, (dm * x * scale[None, :]).to(DY.dtype.element_ty), mask=mask)
+    tl.store(DX + offs, (dm * y * scale[None, :]).to(DX.dtype.element_ty), mask=mask)
+    part = (image * n_tiles + tile) * C + cols
+    tl.store(DSPart + part, tl.sum(dm * y * x, axis=0), mask=col_ok)
+    tl.store(DWPart + part, tl.sum(dout * m_hat, axis=0), mask=col_ok)
+    tl.store(DBPart + part, tl.sum(dout, axis=0), mask=col_ok)
+
+
+class ModulatedNormFn(torch.autograd.Function):
+    """``LayerNorm(y * x * scale[:, None, None, :])`` of ``(B, H, W, C)`` maps, ``scale`` ``(B, C)``."""
+
+    @staticmethod
+    def forward(ctx, y, x, scale, weight, bias, eps):
+        batch, height, width, channels = y.shape
+        hw = height * width
+        y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
+        out = torch.empty_like(y)
+        mean = torch.empty((batch * hw,), dtype=torch.float32, device=y.device)
+        rstd = torch.empty_like(mean)
+        block_n, block_c = _tiles(channels)
+        _modulated_norm_fwd_kernel[(triton.cdiv(hw, block_n), batch)](
+            y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c)
+        ctx.save_for_backward(y, x, scale, weight, mean, rstd)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, x, scale, weight, mean, rstd = ctx.saved_tensors
+        batch, height, width, channels = y.shape
+        hw = height * width
+        block_n, block_c = _tiles(channels)
+        n_tiles = triton.cdiv(hw, block_n)
+        dy, dx = torch.empty_like(y), torch.empty_like(x)
+        # Scale, weight and bias partial sums (per image and tile) in one buffer: one reduction for all.
+        parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
+        _modulated_norm_bwd_kernel[(n_tiles, batch)](
+            dout.contiguous(), y, x, scale, weight, mean, rstd, dy, dx, parts[0], parts[1], parts[2], hw,
+            channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c)
+        dscale = parts[0].sum(1)
+        dw, db = parts[1:].sum((1, 2))
+        return dy, dx, dscale.to(scale.dtype), dw.to(weight.dtype), db.to(ctx.bias_dtype), None
+
+
+def modulated_layer_norm_triton(y, x, scale, weight, bias, eps):
+    return ModulatedNormFn.apply(y, x, scale, weight, bias, eps)
 
 
 def gated_group_norm_triton(y, z, weight, bias, groups, eps, out_dtype=None):

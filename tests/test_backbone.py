@@ -267,3 +267,18 @@ def test_layer_matches_per_group_computation_and_gradients(autocast):
     for name, a, b in zip(['out', 'x', *params], ours, oracle):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert rel_err(a.float(), b.float()) <= tolerance, (name, rel_err(a.float(), b.float()))
+
+
+def test_block_stochastic_depth_drops_whole_branches_per_image():
+    from mmgroupmamba.models.groupmamba import GroupMambaBlock
+    torch.manual_seed(0)
+    block = GroupMambaBlock(16, 2, drop_path=0.5)
+    x, branch = torch.randn(64, 3, 3, 16), torch.randn(64, 3, 3, 16)
+    block.train()
+    out = block._add_branch(x, branch)
+    kept = torch.isclose(out, x + 2 * branch, atol=1e-6).flatten(1).all(1)
+    dropped = (out == x).flatten(1).all(1)
+    assert bool((kept ^ dropped).all())  # every image: its branch either kept (scaled by 1/keep) or dropped
+    assert 16 < int(kept.sum()) < 48
+    block.eval()
+    assert torch.equal(block._add_branch(x, branch), x + branch)

@@ -91,3 +91,45 @@ def test_ungated_layer_norm_matches_float64(rows, channels):
     ref = (out, *torch.autograd.grad(out, exact, dout.double()))
     for name, a, r in zip(['out', 'dx', 'dweight', 'dbias'], (fast[0], fast[1], fast[3], fast[4]), ref):
         assert rel_err(a, r) <= 1e-5, name
+
+
+@pytest.mark.parametrize('batch, hw, channels', [(1, (1, 1), 8), (2, (3, 5), 12), (3, (7, 9), 348), (2, (2, 3), 512)])
+def test_modulated_layer_norm_matches_float64(batch, hw, channels):
+    """LayerNorm(y * x * scale): tiles of one image only (several per image, partial last tiles)."""
+    from mmgroupmamba.kernels import modulated_layer_norm_reference
+    gen = torch.Generator().manual_seed(batch * 100 + channels)
+    shape = (batch, *hw, channels)
+    y, x, dout = (torch.randn(shape, generator=gen) for _ in range(3))
+    scale, w, b = torch.rand(batch, channels, generator=gen) + 0.5, torch.randn(channels, generator=gen), \
+        torch.randn(channels, generator=gen)
+    args = [t.requires_grad_() for t in (y, x, scale, w, b)]
+
+    def value_and_grads_of(fn, tensors):
+        out = fn(*tensors, 1e-5)
+        return (out, *torch.autograd.grad(out, tensors, dout.to(out.dtype)))
+
+    fast = value_and_grads_of(triton_gated_norm.modulated_layer_norm_triton, args)
+    exact = [t.detach().double().requires_grad_() for t in args]
+    ref = value_and_grads_of(modulated_layer_norm_reference, exact)
+    for name, a, r in zip(['out', 'dy', 'dx', 'dscale', 'dweight', 'dbias'], fast, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        assert rel_err(a, r) <= 1e-5, (name, rel_err(a, r))
+
+
+def test_modulated_layer_norm_half_inputs():
+    """fp16 maps with an fp32 scale and affine (autocast): output in fp16, gradients in each input's dtype."""
+    from mmgroupmamba.kernels import modulated_layer_norm_reference
+    gen = torch.Generator().manual_seed(7)
+    y, x = (torch.randn(2, 4, 5, 64, generator=gen).half().requires_grad_() for _ in range(2))
+    scale, w, b = (torch.rand(2, 64, generator=gen) + 0.5), torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    args = [y, x] + [t.requires_grad_() for t in (scale, w, b)]
+    dout = torch.randn(2, 4, 5, 64, generator=gen).half()
+    out = triton_gated_norm.modulated_layer_norm_triton(*args, 1e-5)
+    grads = torch.autograd.grad(out, args, dout)
+    exact = [t.detach().double().requires_grad_() for t in args]
+    ref = modulated_layer_norm_reference(*exact, 1e-5)
+    ref_grads = torch.autograd.grad(ref, exact, dout.double())
+    assert out.dtype == torch.float16 and rel_err(out, ref) <= 2e-3
+    for name, g, r, a in zip(['dy', 'dx', 'dscale', 'dweight', 'dbias'], grads, ref_grads, args):
+        assert g.dtype == a.dtype, name
+        assert rel_err(g, r) <= 5e-3, (name, rel_err(g, r))

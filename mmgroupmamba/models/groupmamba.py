@@ -38,14 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmcv.cnn import build_norm_layer
-from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
-from mmgroupmamba.kernels import SCAN_DIRECTIONS, gated_group_norm, layer_norm, selective_scan
+from mmgroupmamba.kernels import (SCAN_DIRECTIONS, gated_group_norm, layer_norm, modulated_layer_norm,
+                                  selective_scan)
 
 ARCH_SETTINGS = {
     'tiny': dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 9, 3]),
@@ -348,9 +348,10 @@ class GroupMambaLayer(nn.Module):
         y = gated_group_norm(y.view(batch, height, width, dims), z, out_norm_w, out_norm_b, NUM_GROUPS,
                              self.mamba_g1.out_norm.eps)
         y = F.linear(y, out_proj)
-        # skip_scale and the channel affinity are per (image, channel): fold them before touching the map.
-        y = y * x * (self.skip_scale * affinity).to(y.dtype)[:, None, None, :]
-        return F.linear(self._norm(y, dtype), proj_w, proj_b)
+        # skip_scale and the channel affinity are one scale per (image, channel), applied with x inside the
+        # output LayerNorm's pass (the same LayerNorm as at the input, as in the official model).
+        y = modulated_layer_norm(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias, self.norm.eps)
+        return F.linear(y, proj_w, proj_b)
 
     def _norm(self, x, dtype):
         return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, dtype)
@@ -431,13 +432,22 @@ class GroupMambaBlock(nn.Module):
         self.attn = GroupMambaLayer(dims)
         self.norm2 = nn.LayerNorm(dims, eps=STAGE_NORM_EPS)
         self.mlp = ConvFFN(dims, int(dims * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path
         self.with_cp = with_cp
 
+    def _add_branch(self, x, branch):
+        """``x + DropPath(branch)``: stochastic depth as one per-image scale folded into a single addcmul
+        (mmcv's DropPath plus the add take five launches forward)."""
+        if not (self.training and self.drop_path > 0):
+            return x + branch
+        keep = 1 - self.drop_path
+        scale = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep).div_(keep)
+        return torch.addcmul(x, branch, scale)
+
     def _forward(self, x):
-        x = x + self.drop_path(self.attn(x))
+        x = self._add_branch(x, self.attn(x))
         normed = layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, _compute_dtype(x))
-        return x + self.drop_path(self.mlp(normed))
+        return self._add_branch(x, self.mlp(normed))
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:
