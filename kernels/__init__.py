@@ -1,14 +1,16 @@
-"""GroupMamba's fused ops: the selective scan and the gated group norm after it, each a Triton kernel beside a
-readable PyTorch reference (``reference.py``).
+"""GroupMamba's fused ops: the selective scan, the gated group norm after it and the depthwise conv + activation,
+each a Triton kernel beside a readable PyTorch reference (``reference.py``).
 
 Installed as ``mmgroupmamba.kernels``.
 """
 from .directions import SCAN_DIRECTIONS, scan_order_index
+from .dwconv import depthwise_conv_act
 from .gated_norm import gated_group_norm, layer_norm, modulated_layer_norm
-from .reference import (gated_group_norm_reference, linear_recurrence, modulated_layer_norm_reference,
-                        selective_scan_reference)
+from .reference import (depthwise_conv_act_reference, gated_group_norm_reference, linear_recurrence,
+                        modulated_layer_norm_reference, selective_scan_reference)
 from .scan import selective_scan
 
 __all__ = ['SCAN_DIRECTIONS', 'scan_order_index', 'linear_recurrence', 'selective_scan',
            'selective_scan_reference', 'gated_group_norm', 'gated_group_norm_reference', 'layer_norm',
-           'modulated_layer_norm', 'modulated_layer_norm_reference']
+           'depthwise_conv_act', 'depthwise_conv_act_reference', 'modulated_layer_norm',
+           'modulated_layer_norm_reference']

@@ -1,0 +1,358 @@
+"""Triton kernels: 3x3 depthwise conv + bias + activation (SiLU or exact GELU) of channels-last maps.
+
+GroupMamba runs ``act(dwconv3x3(x) + bias)`` twice a block (SiLU in the Mamba layer, GELU in the FFN). In
+PyTorch that is a permute, cuDNN's depthwise conv, a permute back and the activation: several launches
+forward and more backward, and the training step is bound by launches on the host. Here the forward is one
+launch, the backward two plus one reduction.
+
+**Tiling.** A program owns ``BLOCK_C`` channels of ``BLOCK_W`` consecutive columns of ``rows`` consecutive
+rows of one image, and walks down its rows: each input row is loaded once as three horizontally shifted
+``(BLOCK_W, BLOCK_C)`` tiles (columns ``w-1, w, w+1``; the shifted loads hit the cache lines of the centre
+one), so a program reads ``rows + 2`` input rows for ``rows`` output rows. Channels are the contiguous axis:
+a tile row is one coalesced load. The input's batch/row/column strides are arguments (channel stride 1), so
+a channel slice of a wider tensor is read in place.
+
+**Backward** (``pre = conv(x) + bias``, ``d_pre = dout * act'(pre)``):
+
+1. ``_dwconv_bwd_pre_kernel`` (same tiling) recomputes ``pre`` from the nine carried taps, stores
+   ``d_pre`` (x's dtype) and, if asked, ``act(pre)``, and accumulates ``d_pre * tap`` for the nine weight
+   taps and ``d_pre`` for the bias in per-program fp32 partial sums (no atomics);
+2. ``dx`` is the conv of ``d_pre`` with the flipped kernel: the forward kernel again, without bias or
+   activation;
+3. one ``sum`` over the programs' partials, in a fixed order: two backward passes are bitwise equal.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_dwconv_activation
+
+_ACT_CODES = {'silu': 1, 'gelu': 2}
+_NO_ACT = 0
+
+
+@triton.jit
+def _activation(pre, ACT: tl.constexpr):
+    if ACT == 1:
+        out = pre * tl.sigmoid(pre)
+    elif ACT == 2:
+        out = 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+    else:
+        out = pre
+    return out
+
+
+@triton.jit
+def _activation_grad(pre, ACT: tl.constexpr):
+    if ACT == 1:
+        sig = tl.sigmoid(pre)
+        grad = sig * (1.0 + pre * (1.0 - sig))
+    else:
+        # Phi(x) + x * phi(x), with phi the standard normal density.
+        grad = (0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+                + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327)
+    return grad
+
+
+@triton.jit
+def _tile_coords(H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's image, first row and row end, columns, channels, and the column masks of the 3 taps."""
+    pid = tl.program_id(0)
+    # Channel blocks vary fastest, then column strips, then rows: programs running together share input rows
+    # (the vertical halo) in L2.
+    cb = pid % n_cb
+    rest = pid // n_cb
+    wb = rest % n_wb
+    rest = rest // n_wb
+    rb = rest % n_rb
+    b = rest // n_rb
+    w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = (c < C)[None, :]
+    left_ok = ((w >= 1) & (w <= W))[:, None] & c_ok
+    mid_ok = (w < W)[:, None] & c_ok
+    right_ok = (w + 1 < W)[:, None] & c_ok
+    h0 = rb * rows_per_prog
+    h_end = tl.minimum(h0 + rows_per_prog, H)
+    return pid // n_cb, b, h0, h_end, w, c, left_ok, mid_ok, right_ok
+
+
+@triton.jit
+def _load_taps(row_base, r, H, stride_h, stride_w, offs, left_ok, mid_ok, right_ok):
+    """Input row ``r`` at the tile's columns ``w-1, w, w+1`` in fp32, zero outside the map (the padding)."""
+    row_ok = (r >= 0) & (r < H)
+    ptr = row_base + tl.cast(r, tl.int64) * stride_h + offs
+    left = tl.load(ptr - stride_w, mask=left_ok & row_ok, other=0.0).to(tl.float32)
+    mid = tl.load(ptr, mask=mid_ok & row_ok, other=0.0).to(tl.float32)
+    right = tl.load(ptr + stride_w, mask=right_ok & row_ok, other=0.0).to(tl.float32)
+    return left, mid, right
+
+
+@triton.jit
+def _load_weight_tap(Wt, c, C, k: tl.constexpr, FLIP: tl.constexpr):
+    # A transposed conv is the conv with the kernel rotated by 180 degrees: tap k becomes tap 8 - k.
+    idx: tl.constexpr = 8 - k if FLIP else k
+    return tl.load(Wt + c * 9 + idx, mask=c < C, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
+                       stride_xb, stride_xh, stride_xw, stride_ob, stride_oh, stride_ow,
+                       ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
+                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    _, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
+        H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
+    w00 = _load_weight_tap(Wt, c, C, 0, FLIP)
+    w01 = _load_weight_tap(Wt, c, C, 1, FLIP)
+    w02 = _load_weight_tap(Wt, c, C, 2, FLIP)
+    w10 = _load_weight_tap(Wt, c, C, 3, FLIP)
+    w11 = _load_weight_tap(Wt, c, C, 4, FLIP)
+    w12 = _load_weight_tap(Wt, c, C, 5, FLIP)
+    w20 = _load_weight_tap(Wt, c, C, 6, FLIP)
+    w21 = _load_weight_tap(Wt, c, C, 7, FLIP)
+    w22 = _load_weight_tap(Wt, c, C, 8, FLIP)
+    if HAS_BIAS:
+        bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    x_base = X + b.to(tl.int64) * stride_xb
+    o_base = Out + b.to(tl.int64) * stride_ob
+    x_offs = (w * stride_xw)[:, None] + c[None, :]
+    o_offs = (w * stride_ow)[:, None] + c[None, :]
+
+    # Input row r feeds output rows r+1 (kernel row 0), r (row 1) and r-1 (row 2), so two partial sums
+    # roll down with the walk: `acc` for the row finished by the next input row, `nxt` for the one after.
+    xl, xm, xr = _load_taps(x_base, h0 - 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+    acc = xl * w00 + xm * w01 + xr * w02
+    xl, xm, xr = _load_taps(x_base, h0, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+    acc += xl * w10 + xm * w11 + xr * w12
+    nxt = xl * w00 + xm * w01 + xr * w02
+    for h in range(h0, h_end):
+        xl, xm, xr = _load_taps(x_base, h + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+        acc += xl * w20 + xm * w21 + xr * w22
+        out = _activation(acc + bias, ACT)
+        tl.store(o_base + tl.cast(h, tl.int64) * stride_oh + o_offs, out.to(Out.dtype.element_ty), mask=mid_ok)
+        acc = nxt + xl * w10 + xm * w11 + xr * w12
+        nxt = xl * w00 + xm * w01 + xr * w02
+
+
+@triton.jit
+def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
+                           stride_xb, stride_xh, stride_xw, stride_db, stride_dh, stride_dw,
+                           ACT: tl.constexpr, NEED_OUT: tl.constexpr,
+                           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    tile, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
+        H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
+    w00 = _load_weight_tap(Wt, c, C, 0, False)
+    w01 = _load_weight_tap(Wt, c, C, 1, False)
+    w02 = _load_weight_tap(Wt, c, C, 2, False)
+    w10 = _load_weight_tap(Wt, c, C, 3, False)
+    w11 = _load_weight_tap(Wt, c, C, 4, False)
+    w12 = _load_weight_tap(Wt, c, C, 5, False)
+    w20 = _load_weight_tap(Wt, c, C, 6, False)
+    w21 = _load_weight_tap(Wt, c, C, 7, False)
+    w22 = _load_weight_tap(Wt, c, C, 8, False)
+    bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+    x_base = X + b.to(tl.int64) * stride_xb
+    x_offs = (w * stride_xw)[:, None] + c[None, :]
+    d_base = DOut + b.to(tl.int64) * stride_db
+    d_offs = (w * stride_dw)[:, None] + c[None, :]
+    # DPre and Out are contiguous (B, H, W, C).
+    p_base = b.to(tl.int64) * H * W * C
+    p_offs = (w * C)[:, None] + c[None, :]
+
+    # The weight gradient pairs d_pre of an output row with all nine taps around it, so the three input
+    # rows around the current output row are carried (above, here) and one new row (below) is loaded per step.
+    # Products accumulate per element and are reduced over columns once, after the walk.
+    al, am, ar = _load_taps(x_base, h0 - 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+    hl, hm, hr = _load_taps(x_base, h0, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+    g00 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g01 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g02 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g10 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g11 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g12 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g20 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g21 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g22 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    gb = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    for h in range(h0, h_end):
+        bl, bm, br = _load_taps(x_base, h + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+        pre = (bias + al * w00 + am * w01 + ar * w02 + hl * w10 + hm * w11 + hr * w12
+               + bl * w20 + bm * w21 + br * w22)
+        # Masked-out elements get dout = 0, hence d_pre = 0, and add nothing to the sums.
+        dout = tl.load(d_base + tl.cast(h, tl.int64) * stride_dh + d_offs, mask=mid_ok, other=0.0).to(tl.float32)
+        d_pre = dout * _activation_grad(pre, ACT)
+        row = p_base + tl.cast(h, tl.int64) * W * C + p_offs
+        tl.store(DPre + row, d_pre.to(DPre.dtype.element_ty), mask=mid_ok)
+        if NEED_OUT:
+            tl.store(Out + row, _activation(pre, ACT).to(Out.dtype.element_ty), mask=mid_ok)
+        g00 += d_pre * al
+        g01 += d_pre * am
+        g02 += d_pre * ar
+        g10 += d_pre * hl
+        g11 += d_pre * hm
+        g12 += d_pre * hr
+        g20 += d_pre * bl
+        g21 += d_pre * bm
+        g22 += d_pre * br
+        gb += d_pre
+        al, am, ar = hl, hm, hr
+        hl, hm, hr = bl, bm, br
+
+    # Part is (tiles, 10 * C): the weight gradient's (C, 9) layout, then the bias gradient, so one sum over
+    # tiles yields both as contiguous views.
+    c_ok = c < C
+    part = Part + tile.to(tl.int64) * 10 * C
+    tl.store(part + c * 9 + 0, tl.sum(g00, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 1, tl.sum(g01, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 2, tl.sum(g02, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 3, tl.sum(g10, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 4, tl.sum(g11, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 5, tl.sum(g12, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 6, tl.sum(g20, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 7, tl.sum(g21, axis=0), mask=c_ok)
+    tl.store(part + c * 9 + 8, tl.sum(g22, axis=0), mask=c_ok)
+    tl.store(part + 9 * C + c, tl.sum(gb, axis=0), mask=c_ok)
+
+
+def _sm_count(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: any small number makes the tests exercise several row blocks
+
+
+def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None):
+    """Tiling for a ``(B, H, W, C)`` map: ``(block_w, block_c, rows, num_warps)``; any of them can be forced.
+
+    About 4 elements a thread (ptxas for sm_90: the forward then needs ~75 registers, the backward's
+    pre-activation pass, which carries 9 input taps and 10 gradient sums through its walk, ~170, no spills;
+    8 elements a thread spill there). So tiles hold 1024 elements forward (8 warps) and 512 backward
+    (4 warps). Channels first, up to 64 (one or two cache lines a tile row), columns fill the rest, and
+    channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 16, 8, 4, 2,
+    1 that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk).
+    """
+    batch, height, width, channels = x.shape
+    budget = 512 if backward else 1024
+    if block_c is None:
+        block_c = min(triton.next_power_of_2(channels), 64)
+        narrow = triton.next_power_of_2(width) if block_w is None else block_w
+        block_c = min(triton.next_power_of_2(channels), max(block_c, min(128, budget // narrow)))
+    if block_w is None:
+        block_w = min(triton.next_power_of_2(width), max(1, budget // block_c))
+    if num_warps is None:
+        num_warps = max(1, min(8, block_w * block_c // 128))
+    if rows is None:
+        programs = batch * triton.cdiv(width, block_w) * triton.cdiv(channels, block_c)
+        target = 4 * _sm_count(x.device)
+        rows = 16
+        while rows > 1 and programs * triton.cdiv(height, rows) < target:
+            rows //= 2
+    return block_w, block_c, rows, num_warps
+
+
+def _grid(shape, block_w, block_c, rows):
+    batch, height, width, channels = shape
+    n_cb, n_wb, n_rb = triton.cdiv(channels, block_c), triton.cdiv(width, block_w), triton.cdiv(height, rows)
+    return n_cb, n_wb, n_rb, batch * n_rb * n_wb * n_cb
+
+
+def _unit_channel_stride(t):
+    """``t`` itself when its channels are contiguous (e.g. a channel slice of a wider map), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _taps(weight):
+    """The ``(C, 1, 3, 3)`` weight as ``(C, 9)`` rows (a view when contiguous)."""
+    return weight.reshape(weight.shape[0], 9).contiguous()
+
+
+def _check(x, weight, bias, activation):
+    check_dwconv_activation(activation)
+    if x.dim() != 4:
+        raise ValueError(f'x must be (B, H, W, C), got shape {tuple(x.shape)}')
+    channels = x.shape[-1]
+    if tuple(weight.shape) != (channels, 1, 3, 3) or tuple(bias.shape) != (channels,):
+        raise ValueError(f'expected weight ({channels}, 1, 3, 3) and bias ({channels},) for {channels} channels, '
+                         f'got {tuple(weight.shape)} and {tuple(bias.shape)}')
+
+
+def _conv_launch(x, taps, bias, out, act, has_bias, flip, tiles):
+    block_w, block_c, rows, num_warps = tiles
+    batch, height, width, channels = x.shape
+    n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
+    _dwconv_fwd_kernel[(programs,)](
+        x, taps, bias, out, height, width, channels, n_cb, n_wb, n_rb, rows,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        ACT=act, HAS_BIAS=has_bias, FLIP=flip, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+
+
+def dwconv_act_forward(x, weight, bias, activation, **tiling):
+    """``act(dwconv3x3(x) + bias)``: one launch; contiguous ``(B, H, W, C)`` in x's dtype.
+
+    ``tiling``: ``block_w``, ``block_c``, ``rows``, ``num_warps`` to force (see :func:`choose_tiles`).
+    """
+    _check(x, weight, bias, activation)
+    x = _unit_channel_stride(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel():
+        _conv_launch(x, _taps(weight), bias, out, _ACT_CODES[activation], True, False, choose_tiles(x, **tiling))
+    return out
+
+
+def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **tiling):
+    """Gradients of :func:`dwconv_act_forward`: ``(dx, dweight, dbias, output or None)``.
+
+    Two launches and one reduction. ``need_output=True`` also returns the recomputed forward output
+    ``act(dwconv3x3(x) + bias)`` (a following linear layer's weight gradient needs it), written by the
+    first launch. ``dx`` comes in x's dtype, ``dweight``/``dbias`` in the parameters' dtypes; the weight and
+    bias gradients are bitwise reproducible.
+    """
+    _check(x, weight, bias, activation)
+    if dout.shape != x.shape:
+        raise ValueError(f'dout shape {tuple(dout.shape)} does not match x shape {tuple(x.shape)}')
+    x, dout = _unit_channel_stride(x), _unit_channel_stride(dout)
+    batch, height, width, channels = x.shape
+    taps = _taps(weight)
+    d_pre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else None
+    block_w, block_c, rows, num_warps = choose_tiles(x, backward=True, **tiling)
+    n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
+    part = torch.empty((programs // n_cb, 10 * channels), dtype=torch.float32, device=x.device)
+    if d_pre.numel():
+        _dwconv_bwd_pre_kernel[(programs,)](
+            x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
+            n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
+            dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, BLOCK_W=block_w, BLOCK_C=block_c,
+            num_warps=num_warps)
+    grads = part.sum(0)
+    dweight = grads[:9 * channels].view(weight.shape).to(weight.dtype)
+    dbias = grads[9 * channels:].to(bias.dtype)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if dx.numel():
+        # The transposed conv has the same access pattern as the forward, so it reuses the forward's tiles.
+        _conv_launch(d_pre, taps, bias, dx, _NO_ACT, False, True, choose_tiles(x, **tiling))
+    return dx, dweight, dbias, out
+
+
+class DepthwiseConvActFn(torch.autograd.Function):
+    """Saves only x (and the parameters); the backward recomputes the pre-activation."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type='cuda')
+    def forward(ctx, x, weight, bias, activation):
+        out = dwconv_act_forward(x, weight, bias, activation)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.activation = activation
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type='cuda')
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias, _ = dwconv_act_backward(dout, x, weight, bias, ctx.activation)
+        return dx, dweight, dbias, None
+
+
+def depthwise_conv_act_triton(x, weight, bias, activation):
+    return DepthwiseConvActFn.apply(x, weight, bias, activation)
