@@ -1,12 +1,13 @@
 """GPU correctness of GroupMamba with the Triton kernels, before any timing.
 
-    python benchmarks/check_gpu.py [--amp-steps 1000]
+    python benchmarks/check_gpu.py [--amp-steps 1000] [--bf16-steps 300]
 
 1. The golden official outputs (``../shared/golden`` or ``--golden``), fp32 on the GPU (TF32 off): <= 1e-4.
 2. GroupMamba-T on the GPU, Triton path against the PyTorch reference path (``MMGM_SCAN_IMPL=reference``):
    outputs and every parameter gradient, fp32.
-3. ``--amp-steps`` random AMP (fp16) forward/backward steps at the detection size (bs 2, 800x1344), with
-   random weights re-drawn every 100 steps: the loss and every gradient must stay finite.
+3. ``--amp-steps`` random AMP fp16 (and ``--bf16-steps`` bf16) forward/backward steps at the detection size
+   (bs 2, 800x1344), with random weights re-drawn every 100 steps: the loss and every gradient must stay
+   finite.
 """
 import argparse
 import os
@@ -55,7 +56,7 @@ def check_against_reference():
     assert out_err <= 1e-4 and grad_errs[worst] <= 1e-3
 
 
-def check_amp_steps(steps, interval=100):
+def check_amp_steps(steps, dtype, interval=100):
     model = GroupMamba(arch='tiny', drop_path_rate=0.2).cuda().train()
     params = list(model.parameters())
     x = torch.empty(2, 3, 800, 1344, device='cuda')
@@ -66,14 +67,14 @@ def check_amp_steps(steps, interval=100):
         finite = torch.ones((), dtype=torch.bool, device='cuda')
         for _ in range(min(interval, steps - start)):
             x.normal_(0, 1.5)
-            with torch.autocast('cuda', dtype=torch.float16):
+            with torch.autocast('cuda', dtype=dtype):
                 loss = sum(o.float().square().mean() for o in model(x))
             model.zero_grad(set_to_none=True)
             loss.backward()
             grads = [p.grad for p in params if p.grad is not None]
             finite &= torch.isfinite(loss) & torch.stack([torch.isfinite(g).all() for g in grads]).all()
         assert finite.item(), f'a loss or gradient was not finite in steps {start}..{start + interval - 1}'
-    print(f'{steps} AMP fp16 steps at bs 2, 800x1344: loss and gradients finite')
+    print(f'{steps} AMP {dtype} steps at bs 2, 800x1344: loss and gradients finite')
 
 
 def main():
@@ -81,6 +82,7 @@ def main():
     parser.add_argument('--golden', default=str(Path(__file__).resolve().parents[1].parent / 'shared' / 'golden'
                                                 / 'golden_mini_seed0.pt'))
     parser.add_argument('--amp-steps', type=int, default=0)
+    parser.add_argument('--bf16-steps', type=int, default=0)
     args = parser.parse_args()
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the comparisons
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -88,7 +90,8 @@ def main():
     check_golden(args.golden)
     check_against_reference()
     torch.backends.cudnn.allow_tf32 = True
-    check_amp_steps(args.amp_steps)
+    check_amp_steps(args.amp_steps, torch.float16)
+    check_amp_steps(args.bf16_steps, torch.bfloat16)
 
 
 if __name__ == '__main__':

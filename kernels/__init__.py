@@ -4,7 +4,7 @@ each a Triton kernel beside a readable PyTorch reference (``reference.py``).
 Installed as ``mmgroupmamba.kernels``.
 """
 from .directions import SCAN_DIRECTIONS, scan_order_index
-from .dwconv import depthwise_conv_act
+from .dwconv import depthwise_conv_act, dwconv_act_backward, dwconv_act_forward
 from .gated_norm import gated_group_norm, layer_norm, modulated_layer_norm
 from .reference import (depthwise_conv_act_reference, gated_group_norm_reference, linear_recurrence,
                         modulated_layer_norm_reference, selective_scan_reference)
@@ -12,5 +12,5 @@ from .scan import selective_scan
 
 __all__ = ['SCAN_DIRECTIONS', 'scan_order_index', 'linear_recurrence', 'selective_scan',
            'selective_scan_reference', 'gated_group_norm', 'gated_group_norm_reference', 'layer_norm',
-           'depthwise_conv_act', 'depthwise_conv_act_reference', 'modulated_layer_norm',
+           'depthwise_conv_act', 'depthwise_conv_act_reference', 'dwconv_act_forward', 'dwconv_act_backward', 'modulated_layer_norm',
            'modulated_layer_norm_reference']

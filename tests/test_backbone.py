@@ -196,7 +196,8 @@ class ListHandler(logging.Handler):
 
 @pytest.mark.parametrize('autocast', [False, True])
 def test_ffn_recomputing_backward_matches_plain_autograd(autocast):
-    from mmgroupmamba.models.groupmamba import ConvFFN, _depthwise_conv
+    from mmgroupmamba.models.groupmamba import ConvFFN
+    F = torch.nn.functional
     torch.manual_seed(0)
     ffn = ConvFFN(16, 64)
     x = torch.randn(2, 5, 7, 16, requires_grad=True)
@@ -208,7 +209,12 @@ def test_ffn_recomputing_backward_matches_plain_autograd(autocast):
         return [out.float(), *torch.autograd.grad(out, [x, *ffn.parameters()], grad_out.to(out.dtype))]
 
     conv = ffn.dwconv.dwconv
-    plain = grads(lambda t: ffn.fc2(torch.nn.functional.gelu(_depthwise_conv(ffn.fc1(t), conv.weight, conv.bias))))
+
+    def plain_ffn(t):
+        h = ffn.fc1(t).permute(0, 3, 1, 2)
+        return ffn.fc2(F.gelu(F.conv2d(h, conv.weight, conv.bias, padding=1, groups=h.shape[1])).permute(0, 2, 3, 1))
+
+    plain = grads(plain_ffn)
     fused = grads(ffn)
     names = ['out', 'x'] + [n for n, _ in ffn.named_parameters()]
     for name, a, b in zip(names, fused, plain):

@@ -44,8 +44,8 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
-from mmgroupmamba.kernels import (SCAN_DIRECTIONS, gated_group_norm, layer_norm, modulated_layer_norm,
-                                  selective_scan)
+from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, dwconv_act_backward, dwconv_act_forward,
+                                  gated_group_norm, layer_norm, modulated_layer_norm, selective_scan)
 
 ARCH_SETTINGS = {
     'tiny': dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 9, 3]),
@@ -96,7 +96,11 @@ def _block_diagonal(blocks, eye):
     ``torch.block_diag`` copies block by block: many small launches per call.
     """
     *lead, groups, rows, cols = blocks.shape
-    return (blocks[..., :, :, None, :] * eye[:, None, :, None]).reshape(*lead, groups * rows, groups * cols)
+    # Written into a contiguous buffer: the product alone would follow a transposed input's strides, and the
+    # reshape would then copy.
+    out = blocks.new_empty((*lead, groups, rows, groups, cols))
+    torch.mul(blocks[..., :, :, None, :], eye[:, None, :, None], out=out)
+    return out.view(*lead, groups * rows, groups * cols)
 
 
 def _diagonal_blocks(matrix, groups):
@@ -339,8 +343,7 @@ class GroupMambaLayer(nn.Module):
         # One projection for (u, z): u is read in place by the conv and z by the fused norm, both as column
         # slices, and backward joins their gradients in one copy.
         u, z = F.linear(x, in_proj).split(dims, dim=-1)
-        u = _to_nhwc(F.conv2d(_to_nchw(u), conv_w, conv_b, padding=1, groups=dims))
-        u = F.silu(u).reshape(batch, height * width, dims)
+        u = depthwise_conv_act(u, conv_w, conv_b, 'silu').reshape(batch, height * width, dims)
         b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
         y = selective_scan(u, F.linear(u, delta_proj), A, b, c, D, delta_bias, (height, width))
 
@@ -357,11 +360,6 @@ class GroupMambaLayer(nn.Module):
         return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, dtype)
 
 
-def _depthwise_conv(x, weight, bias):
-    """3x3 depthwise conv of a channels-last map."""
-    return _to_nhwc(F.conv2d(_to_nchw(x), weight, bias, padding=1, groups=x.shape[-1]))
-
-
 class DepthwiseConv(nn.Module):
     """Holds the FFN's 3x3 depthwise conv under the official key (``mlp.dwconv.dwconv``); run by ConvFFN."""
 
@@ -374,34 +372,29 @@ class ConvGeluLinearFn(torch.autograd.Function):
     """``linear(gelu(dwconv(h)))`` that keeps only ``h`` for backward.
 
     The FFN's hidden maps (8x the channels in stages 1-2) are the largest activations of the model, and plain
-    autograd keeps three of them (the conv's, the GELU's and the linear layer's inputs). This keeps one and
-    recomputes the depthwise conv and the GELU (memory-bound, cheap) in backward; the linear layer's matmul is
-    not recomputed. Autocast is re-entered for the recomputation as it was in forward.
+    autograd keeps three of them (the conv's, the GELU's and the linear layer's inputs). This keeps one; the
+    backward recomputes the conv and GELU inside the fused depthwise-conv backward, which also returns the
+    hidden map for the linear layer's weight gradient. The linear layer's matmul is not recomputed.
+    ``weight``/``bias`` come already in the compute dtype (see :class:`CastParameters`).
     """
 
     @staticmethod
     def forward(ctx, h, conv_weight, conv_bias, weight, bias):
-        device = h.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.save_for_backward(h, conv_weight, conv_bias, weight)
-        ctx.param_dtypes = (conv_weight.dtype, conv_bias.dtype, weight.dtype, bias.dtype)
-        return F.linear(F.gelu(_depthwise_conv(h, conv_weight, conv_bias)), weight, bias)
+        ctx.bias_dtype = bias.dtype
+        return F.linear(dwconv_act_forward(h, conv_weight, conv_bias, 'gelu'), weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         h, conv_weight, conv_bias, weight = ctx.saved_tensors
-        device, autocast, autocast_dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
-            inputs = [t.detach().requires_grad_() for t in (h, conv_weight, conv_bias)]
-            hidden = F.gelu(_depthwise_conv(*inputs))
-            grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
-            hidden2 = hidden.detach().reshape(-1, hidden.shape[-1])
-            grad_hidden = (grad_out2 @ weight).view_as(hidden)
-            grad_weight = grad_out2.t() @ hidden2
-        grad_bias = grad_out2.sum(0, dtype=torch.float32)
-        grad_h, grad_conv_weight, grad_conv_bias = torch.autograd.grad(hidden, inputs, grad_hidden.to(hidden.dtype))
-        grads = (grad_conv_weight, grad_conv_bias, grad_weight, grad_bias)
-        return (grad_h, *(g.to(dtype) for g, dtype in zip(grads, ctx.param_dtypes)))
+        grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_hidden = (grad_out2 @ weight.to(grad_out.dtype)).view(h.shape).to(h.dtype)
+        grad_h, grad_conv_weight, grad_conv_bias, hidden = dwconv_act_backward(
+            grad_hidden, h, conv_weight, conv_bias, 'gelu', need_output=True)
+        grad_weight = (grad_out2.t() @ hidden.reshape(-1, hidden.shape[-1]).to(grad_out.dtype)).to(weight.dtype)
+        grad_bias = grad_out2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_h, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
 
 
 class ConvFFN(nn.Module):
@@ -421,7 +414,7 @@ class ConvFFN(nn.Module):
         if torch.is_grad_enabled() and h.requires_grad:
             return ConvGeluLinearFn.apply(h, conv.weight, conv.bias, fc2_w, fc2_b)
         # Nothing is kept for backward without grad: the plain ops are the same computation.
-        return F.linear(F.gelu(_depthwise_conv(h, conv.weight, conv.bias)), fc2_w, fc2_b)
+        return F.linear(depthwise_conv_act(h, conv.weight, conv.bias, 'gelu'), fc2_w, fc2_b)
 
 
 class GroupMambaBlock(nn.Module):
