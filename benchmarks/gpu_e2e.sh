@@ -4,16 +4,21 @@
 #
 #   bash benchmarks/gpu_e2e.sh OUT_DIR STEP [STEP ...]     (after tools/gpu_env.sh; PYTHONPATH set)
 #
-# Steps: det (Mask R-CNN 1x, GroupMamba-T), swin (mmdet's own Swin-T Mask R-CNN config, same data and
-# overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (Mask R-CNN GroupMamba-T on 1 GPU, then on 2 GPUs
-# with --launcher pytorch). Each run's log and a summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
+# Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), swin (mmdet's own Swin-T Mask R-CNN config, same data
+# and overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
+# compare it with det). Each run's log and a summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
+# Sizes: DET_IMAGES training images (default 300; one epoch at 2 images per GPU), SEG_ITERS (default 200);
+# STEP_TIMEOUT (seconds, default none) stops a run that takes longer, keeping its log.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
 work=${WORK:-/tmp/e2e}
 det_data=$work/data/shapes_coco
 seg_data=$work/data/ade_demo
-det_iters_epochs=1   # 300 images at 2 per GPU: 150 iterations on one GPU
+det_iters_epochs=1   # DET_IMAGES at 2 per GPU: 150 iterations on one GPU by default
+det_images=${DET_IMAGES:-300}
+seg_iters=${SEG_ITERS:-200}
+step_timeout=${STEP_TIMEOUT:-0}
 mmdet_cfgs=$(python3 -c "import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs'))")
 
 det_data_options() {
@@ -34,7 +39,7 @@ det_data_options() {
 run() {  # name, then the mim command
   local name=$1; shift
   local start=$(date +%s)
-  "$@" > "$out/$name.log" 2>&1
+  timeout "$step_timeout" "$@" > "$out/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $(( $(date +%s) - start ))s"
   [ $rc = 0 ] || tail -25 "$out/$name.log"
@@ -45,7 +50,7 @@ make_det_data() {
   mkdir -p "$work"
   # From $work: run from the repo root, python -m would import the source folder, which lacks the kernels.
   (cd "$work" &&
-   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images 300 --image-size 256 --seed 0 &&
+   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images "$det_images" --image-size 256 --seed 0 &&
    python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split val --num-images 40 --image-size 256 --seed 1
   ) > "$out/make_det_data.log" 2>&1 || { tail -20 "$out/make_det_data.log"; exit 1; }
 }
@@ -56,32 +61,30 @@ for step in "$@"; do
     det)
       make_det_data
       mapfile -t opts < <(det_data_options)
-      run det_groupmamba_t python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py \
+      run det_groupmamba_t env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py \
         --work-dir "$work/det_groupmamba_t" --cfg-options "${opts[@]}"
       summaries+=("$work/det_groupmamba_t");;
     swin)
       make_det_data
       mapfile -t opts < <(det_data_options)
-      run det_swin_t python3 -m mim train mmdet "$mmdet_cfgs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py" \
+      run det_swin_t env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet "$mmdet_cfgs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py" \
         --work-dir "$work/det_swin_t" --amp --cfg-options "${opts[@]}"
       summaries+=("$work/det_swin_t");;
     seg)
       [ -d "$seg_data" ] || (mkdir -p "$work" && cd "$work" &&  # not from the repo root: see make_det_data
         python3 -m mmgroupmamba.seg.make_demo_data --out "$seg_data" --num-train 200 --num-val 20)
-      run seg_groupmamba_t python3 -m mim train mmseg configs/mmseg/upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py \
+      run seg_groupmamba_t env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmseg configs/mmseg/upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py \
         --work-dir "$work/seg_groupmamba_t" --cfg-options model.backbone.init_cfg=None \
         train_dataloader.dataset.data_root="$seg_data" val_dataloader.dataset.data_root="$seg_data" \
-        test_dataloader.dataset.data_root="$seg_data" train_cfg.max_iters=200 train_cfg.val_interval=200 \
-        default_hooks.checkpoint.interval=200 default_hooks.logger.interval=10
+        test_dataloader.dataset.data_root="$seg_data" train_cfg.max_iters=$seg_iters train_cfg.val_interval=$seg_iters \
+        default_hooks.checkpoint.interval=$seg_iters default_hooks.logger.interval=10
       summaries+=("$work/seg_groupmamba_t");;
     ddp)
       make_det_data
       mapfile -t opts < <(det_data_options)
-      run ddp_1gpu env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py \
-        --work-dir "$work/ddp_1gpu" --cfg-options "${opts[@]}" train_cfg.max_epochs=2
       run ddp_2gpu python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch \
-        --gpus 2 --work-dir "$work/ddp_2gpu" --cfg-options "${opts[@]}" train_cfg.max_epochs=2
-      summaries+=("$work/ddp_1gpu" "$work/ddp_2gpu");;
+        --gpus 2 --work-dir "$work/ddp_2gpu" --cfg-options "${opts[@]}"
+      summaries+=("$work/ddp_2gpu");;
     *) echo "unknown step $step"; exit 2;;
   esac
 done
