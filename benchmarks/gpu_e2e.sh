@@ -31,6 +31,8 @@ det_data_options() {
            "${split}_dataloader.dataset.data_prefix.img=$file/"
            "${split}_dataloader.dataset.metainfo.classes=(rectangle,ellipse,triangle)")
   done
+  # The demo has 3 classes: heads left at COCO's 80 predict labels the evaluator cannot map (IndexError).
+  opts+=(model.roi_head.bbox_head.num_classes=3 model.roi_head.mask_head.num_classes=3)
   opts+=("val_evaluator.ann_file=$det_data/annotations/instances_val.json"
          "test_evaluator.ann_file=$det_data/annotations/instances_val.json")
   printf '%s\n' "${opts[@]}"
