@@ -1,4 +1,5 @@
 """The scan op that GroupMamba layers call: Triton kernels on CUDA tensors, the PyTorch reference elsewhere."""
+import functools
 import os
 
 import torch
@@ -35,6 +36,20 @@ def require_triton_runnable(device):
         raise RuntimeError(
             f'{IMPL_ENV}=triton was asked for with {device.type} tensors: the Triton kernels run on CPU only '
             'in the Triton interpreter; set TRITON_INTERPRET=1 before Triton is first imported.')
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessors(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device, interpreted=1):
+    """Multiprocessor count of a CUDA device, which the kernels' tilings are sized for; ``interpreted`` for
+    CPU tensors (Triton's interpreter). Looked up once per device: the query costs tens of µs, at every launch.
+    """
+    if device.type != 'cuda':
+        return interpreted
+    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _triton_module(device):

@@ -21,11 +21,14 @@ a channel slice of a wider tensor is read in place.
    activation;
 3. one ``sum`` over the programs' partials, in a fixed order: two backward passes are bitwise equal.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .reference import check_dwconv_activation
+from .scan import multiprocessors
 
 _ACT_CODES = {'silu': 1, 'gelu': 2}
 _NO_ACT = 0
@@ -216,12 +219,6 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     tl.store(part + 9 * C + c, tl.sum(gb, axis=0), mask=c_ok)
 
 
-def _sm_count(device):
-    if device.type == 'cuda':
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: any small number makes the tests exercise several row blocks
-
-
 def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None):
     """Tiling for a ``(B, H, W, C)`` map: ``(block_w, block_c, rows, num_warps)``; any of them can be forced.
 
@@ -232,7 +229,14 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
     channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 16, 8, 4, 2,
     1 that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk).
     """
-    batch, height, width, channels = x.shape
+    # Under the interpreter, any small multiprocessor count makes the tests exercise several row blocks.
+    return _tiles_for(tuple(x.shape), multiprocessors(x.device, interpreted=4), backward, block_w, block_c, rows,
+                      num_warps)
+
+
+@functools.lru_cache(maxsize=1024)  # asked four times per block per step; the answer is pure
+def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps):
+    batch, height, width, channels = shape
     budget = 512 if backward else 1024
     if block_c is None:
         block_c = min(triton.next_power_of_2(channels), 64)
@@ -244,7 +248,7 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
         num_warps = max(1, min(8, block_w * block_c // 128))
     if rows is None:
         programs = batch * triton.cdiv(width, block_w) * triton.cdiv(channels, block_c)
-        target = 4 * _sm_count(x.device)
+        target = 4 * sms
         rows = 16
         while rows > 1 and programs * triton.cdiv(height, rows) < target:
             rows //= 2

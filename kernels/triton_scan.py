@@ -20,9 +20,13 @@ and wraps these launchers in an autograd Function. README.md in this folder desc
   every state. Nothing uses atomics: per-program partial sums go to buffers that PyTorch reduces in a fixed
   order, so the gradients are bitwise reproducible.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from .scan import multiprocessors
 
 GROUPS = 4
 
@@ -335,12 +339,6 @@ class ScanConfig:
         return f'ScanConfig(fwd={self.fwd}, bwd={self.bwd})'
 
 
-def _multiprocessors(device):
-    if device.type == 'cuda':
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -381,9 +379,12 @@ def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None)
     heuristics. ``chunk_len`` (rounded up to whole tiles) forces the sequence split; by default the
     sequence is split only when there are too few ``batch x groups x channel blocks`` programs for the GPU.
     """
-    batch, length, channels = u.shape
-    sms = _multiprocessors(u.device)
-    args = [_pair(v) for v in (block_t, block_c, num_warps, chunk_len)]
+    args = tuple(_pair(v) for v in (block_t, block_c, num_warps, chunk_len))
+    return _config_for(*u.shape, multiprocessors(u.device), args)
+
+
+@functools.lru_cache(maxsize=1024)  # every layer of every step asks again, and the answer is pure
+def _config_for(batch, length, channels, sms, args):
     fwd = _pass_config(batch, length, channels, sms, *(a[0] for a in args), backward=False)
     bwd = _pass_config(batch, length, channels, sms, *(a[1] for a in args), backward=True)
     return ScanConfig(batch, length, channels, fwd, bwd)

@@ -30,6 +30,7 @@ checkpoints load unchanged. The four groups' parameters are kept per group under
 run group by group: the layer assembles them into block-diagonal weights and runs every group in one linear
 layer, one depthwise conv and one scan launch. All tensors inside a stage are channels-last ``(B, H, W, C)``.
 """
+import functools
 import math
 import operator
 
@@ -118,8 +119,10 @@ class _Packing:
     def __init__(self, param_shapes, piece_shapes):
         self.param_shapes = [tuple(s) for s in param_shapes]
         self.piece_shapes = [tuple(s) for s in piece_shapes]
-        self.numel = sum(math.prod(s) for s in self.param_shapes)
-        assert self.numel == sum(math.prod(s) for s in self.piece_shapes)
+        self.param_sizes = [math.prod(s) for s in self.param_shapes]
+        self.piece_sizes = [math.prod(s) for s in self.piece_shapes]
+        self.numel = sum(self.param_sizes)
+        assert self.numel == sum(self.piece_sizes)
 
     @staticmethod
     def pack(params, dtype):
@@ -127,10 +130,10 @@ class _Packing:
         return torch.cat([p.reshape(-1) for p in params]).to(dtype)
 
     def pieces(self, flat):
-        return [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in self.piece_shapes]), self.piece_shapes)]
+        return [t.view(s) for t, s in zip(flat.split(self.piece_sizes), self.piece_shapes)]
 
     def params(self, flat):
-        return [t.view(s) for t, s in zip(flat.split([math.prod(s) for s in self.param_shapes]), self.param_shapes)]
+        return [t.view(s) for t, s in zip(flat.split(self.param_sizes), self.param_shapes)]
 
 
 class _LayerPacking:
@@ -187,6 +190,12 @@ def _cast_parameters(dtype, *params):
     return CastParameters.apply(dtype, *params)
 
 
+@functools.lru_cache(maxsize=16)
+def _identity(size, dtype, device):
+    """A cached identity matrix (read only): building it is a launch per layer per step otherwise."""
+    return torch.eye(size, dtype=dtype, device=device)
+
+
 class GroupedLayerWeights(torch.autograd.Function):
     """A layer's parameters as the tensors its forward uses: the 4 groups' weights assembled into
     block-diagonal / concatenated form, every matmul weight already in the compute dtype.
@@ -209,7 +218,7 @@ class GroupedLayerWeights(torch.autograd.Function):
         in_proj, x_proj, dt_proj, out_proj, *linears = matmul
         conv_weight, conv_bias, delta_bias, A_logs, D, norm_weight, norm_bias = fp32
         groups, rank = NUM_GROUPS, packing.dt_rank
-        eye = torch.eye(groups, dtype=dtype, device=in_proj.device)
+        eye = _identity(groups, dtype, in_proj.device)
         x_dt = x_proj[:, :rank]
         # (G, 2d, d) -> (2, G, d, d) -> block-diagonal (2, C, C) -> rows (u, z).
         in_uz = _block_diagonal(in_proj.unflatten(1, (2, -1)).transpose(0, 1), eye).flatten(0, 1)
