@@ -438,13 +438,13 @@ class GroupMambaBlock(nn.Module):
         self.with_cp = with_cp
 
     def _add_branch(self, x, branch):
-        """``x + DropPath(branch)``: stochastic depth as one per-image scale folded into a single addcmul
-        (mmcv's DropPath plus the add take five launches forward)."""
+        """``x + DropPath(branch)``: stochastic depth as a per-image mask folded into a single addcmul
+        (mmcv's DropPath plus the add take five launches forward, this two)."""
         if not (self.training and self.drop_path > 0):
             return x + branch
         keep = 1 - self.drop_path
-        scale = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep).div_(keep)
-        return torch.addcmul(x, branch, scale)
+        mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+        return torch.addcmul(x, branch, mask, value=1 / keep)
 
     def _forward(self, x):
         x = self._add_branch(x, self.attn(x))
