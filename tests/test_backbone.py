@@ -288,3 +288,20 @@ def test_block_stochastic_depth_drops_whole_branches_per_image():
     assert 16 < int(kept.sum()) < 48
     block.eval()
     assert torch.equal(block._add_branch(x, branch), x + branch)
+
+
+def test_training_after_inference_mode():
+    """Cached helpers (identity matrices, tilings) made under inference_mode must not break a later
+    training step (inference tensors cannot enter autograd)."""
+    from mmgroupmamba.models.groupmamba import _identity
+    _identity.cache_clear()
+    model = GroupMamba(arch=SMALL_ARCH)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = sum(o.float().square().mean() for o in model(x))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert _identity.cache_info().hits > 0
