@@ -88,7 +88,8 @@ def gated_group_norm_reference(y, z, weight, bias, groups, eps):
     Reference for :func:`mmgroupmamba.kernels.gated_group_norm`.
     """
     normed = F.layer_norm(y.unflatten(-1, (groups, -1)), (y.shape[-1] // groups,), eps=eps).flatten(-2)
-    return (normed * weight + bias) * F.silu(z)
+    # In the maps' dtype, as the Triton kernel writes it, whatever the affine's dtype (fp32 under autocast).
+    return ((normed * weight + bias) * F.silu(z)).to(torch.promote_types(y.dtype, z.dtype))
 
 
 DWCONV_ACTIVATIONS = ('silu', 'gelu')

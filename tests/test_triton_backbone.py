@@ -49,3 +49,19 @@ def test_gradients_match_reference_path(golden, monkeypatch):
             assert rel_err(grads['triton'][name], ref) <= 1e-3, name
     flat = [torch.cat([g.flatten() for g in grads[impl].values()]) for impl in ('triton', 'reference')]
     assert rel_err(*flat) <= 1e-5
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_model_cast_to_bf16_trains_without_autocast(impl, monkeypatch):
+    """``model.to(torch.bfloat16)``: every op keeps the maps in bf16 (the scan and norm parameters are packed
+    in fp32, which must not promote the maps), and every gradient comes back in its parameter's dtype."""
+    monkeypatch.setenv('MMGM_SCAN_IMPL', impl)
+    torch.manual_seed(0)
+    arch = dict(stem_hidden_dim=8, embed_dims=[16, 32, 48, 64], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 1, 1])
+    model = GroupMamba(arch=arch).to(torch.bfloat16)
+    outs = model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
+    assert {o.dtype for o in outs} == {torch.bfloat16}
+    sum(o.float().square().mean() for o in outs).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.dtype == torch.bfloat16, name
+        assert torch.isfinite(param.grad).all(), name
