@@ -305,3 +305,23 @@ def test_training_after_inference_mode():
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert _identity.cache_info().hits > 0
+
+
+def test_grouped_weights_gradients_when_some_outputs_are_unused():
+    """Outputs that take no part in the loss get None gradients: their parameters' slots must come back 0."""
+    from mmgroupmamba.models.groupmamba import GroupedLayerWeights, GroupMambaLayer, init_official_weights
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(16)
+    layer.apply(init_official_weights)
+    params = layer._packing.gather(layer)
+    outs = GroupedLayerWeights.apply(torch.float32, layer._packing, *params)
+    in_proj, delta, A = outs[0], outs[1], outs[13]
+    loss = in_proj.sum() + (delta * torch.randn_like(delta)).sum() + A.sum()
+    grads = dict(zip(layer._packing.names, torch.autograd.grad(loss, params)))
+    for name, g in grads.items():
+        used = name.endswith(('in_proj.weight', 'x_proj_weight', 'dt_projs_weight', 'A_logs'))
+        assert bool(g.abs().sum() > 0) == used, name
+    # d sum(block-diagonal in_proj) / d (each group's weight) is all ones.
+    assert torch.equal(grads['mamba_g2.in_proj.weight'], torch.ones(8, 4))
+    # x_proj's B and C rows feed only the unused bc output.
+    assert not grads['mamba_g1.x_proj_weight'][0, -2:].any()

@@ -156,6 +156,7 @@ class _LayerPacking:
         names = ([f'mamba_g{g + 1}.{n}' for n in self.MATMUL_GROUP_PARAMS for g in range(NUM_GROUPS)]
                  + list(self.LINEARS)
                  + [f'mamba_g{g + 1}.{n}' for n in self.FP32_GROUP_PARAMS for g in range(NUM_GROUPS)])
+        self.names = names
         self._getters = [operator.attrgetter(name) for name in names]  # C-level lookups: run every forward
         shapes = {name: p.shape for name, p in layer.named_parameters()}
         self.num_matmul = NUM_GROUPS * len(self.MATMUL_GROUP_PARAMS) + len(self.LINEARS)
