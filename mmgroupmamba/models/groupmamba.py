@@ -243,13 +243,14 @@ class GroupedLayerWeights(torch.autograd.Function):
     def backward(ctx, *grads):
         dt_proj, x_dt, A = ctx.saved_tensors
         packing, groups, rank = ctx.packing, NUM_GROUPS, ctx.packing.dt_rank
-        num_linears = len(packing.matmul.piece_shapes) - 4
-        g_in_uz, g_delta, g_bc, g_out_proj = grads[:4]
-        g_linears = grads[4:4 + num_linears]
-        g_fp32 = list(grads[4 + num_linears:])
+        grouped = len(_LayerPacking.MATMUL_GROUP_PARAMS)  # the block-diagonal outputs come first
+        num_linears = len(_LayerPacking.LINEARS)
+        g_in_uz, g_delta, g_bc, g_out_proj = grads[:grouped]
+        g_linears = grads[grouped:grouped + num_linears]
+        g_fp32 = list(grads[grouped + num_linears:])
 
         # Each matmul weight's gradient is copied (and cast) straight into its slot of one fp32 buffer.
-        alloc = torch.empty if all(g is not None for g in grads[:4]) else torch.zeros  # unwritten slots: 0
+        alloc = torch.empty if all(g is not None for g in grads[:grouped]) else torch.zeros  # unwritten: 0
         flat = alloc(packing.matmul.numel, dtype=torch.float32, device=A.device)
         in_proj, x_proj, dt_proj_grad, out_proj, *linears = packing.matmul.pieces(flat)
         if g_in_uz is not None:
