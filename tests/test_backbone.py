@@ -325,3 +325,49 @@ def test_grouped_weights_gradients_when_some_outputs_are_unused():
     assert torch.equal(grads['mamba_g2.in_proj.weight'], torch.ones(8, 4))
     # x_proj's B and C rows feed only the unused bc output.
     assert not grads['mamba_g1.x_proj_weight'][0, -2:].any()
+
+
+def test_inference_reuses_grouped_weights_until_parameters_change(monkeypatch):
+    from mmgroupmamba.models import groupmamba
+    calls = []
+    apply = groupmamba.GroupedLayerWeights.apply
+    monkeypatch.setattr(groupmamba.GroupedLayerWeights, 'apply', lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    model = GroupMamba(arch=SMALL_ARCH).eval()
+    layers = sum(SMALL_ARCH['depths'])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first = model(x)
+        assert len(calls) == layers
+        assert all(torch.equal(a, b) for a, b in zip(first, model(x))) and len(calls) == layers  # reused
+        model.block3[1].attn.mamba_g2.in_proj.weight.mul_(1.5)  # in place, as an optimizer step
+        changed = model(x)
+        assert len(calls) == layers + 1  # only the changed layer rebuilt
+        fresh = copy.deepcopy(model)
+        fresh.apply(lambda m: setattr(m, '_inference_weights', None) if hasattr(m, '_inference_weights') else None)
+        assert all(torch.equal(a, b) for a, b in zip(changed, fresh(x)))
+        model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})
+        calls.clear()
+        model(x)
+        assert len(calls) == layers
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # another compute dtype: built again
+            model(x)
+        assert len(calls) == 2 * layers
+    calls.clear()
+    model.train()
+    model(x)[0].sum().backward()  # with gradients: built every forward, never cached
+    model(x)
+    assert len(calls) == 2 * layers
+
+
+def test_frozen_stages_reuse_grouped_weights_in_training(monkeypatch):
+    from mmgroupmamba.models import groupmamba
+    calls = []
+    apply = groupmamba.GroupedLayerWeights.apply
+    monkeypatch.setattr(groupmamba.GroupedLayerWeights, 'apply', lambda *a: calls.append(1) or apply(*a))
+    model = GroupMamba(arch=SMALL_ARCH, frozen_stages=1).train()
+    x = torch.randn(1, 3, 64, 64)
+    for _ in range(2):
+        sum(o.sum() for o in model(x)).backward()
+    layers, frozen = sum(SMALL_ARCH['depths']), SMALL_ARCH['depths'][0]
+    assert len(calls) == 2 * layers - frozen  # the frozen stage's layers built once

@@ -342,6 +342,7 @@ class GroupMambaLayer(nn.Module):
         self.skip_scale = nn.Parameter(torch.ones(1))
         self.proj = nn.Linear(dims, dims)
         self._packing = _LayerPacking(self)
+        self._inference_weights = None  # (key, weights): see _grouped_weights
 
     @property
     def scan_groups(self):
@@ -352,8 +353,7 @@ class GroupMambaLayer(nn.Module):
         batch, height, width, dims = x.shape
         dtype = _compute_dtype(x)
         (in_proj, delta_proj, bc_proj, out_proj, fc1_w, fc1_b, fc2_w, fc2_b, proj_w, proj_b, conv_w, conv_b,
-         delta_bias, A, D, out_norm_w, out_norm_b) = GroupedLayerWeights.apply(
-             dtype, self._packing, *self._packing.gather(self))
+         delta_bias, A, D, out_norm_w, out_norm_b) = self._grouped_weights(dtype)
 
         x = self._norm(x, dtype)
         affinity = torch.sigmoid(F.linear(F.relu(F.linear(x.mean((1, 2)), fc1_w, fc1_b)), fc2_w, fc2_b))
@@ -375,6 +375,27 @@ class GroupMambaLayer(nn.Module):
 
     def _norm(self, x, dtype):
         return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._inference_weights = None  # don't keep the old device's / dtype's copies alive
+        return super()._apply(fn, *args, **kwargs)
+
+    def _grouped_weights(self, dtype):
+        """:class:`GroupedLayerWeights` of the current parameters. Where no gradient can flow to them
+        (inference, frozen stages) they are reused while unchanged: rebuilt, they cost ~10 launches a layer at
+        every forward."""
+        params = self._packing.gather(self)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._inference_weights = None
+            return GroupedLayerWeights.apply(dtype, self._packing, *params)
+        # Any in-place change (optimizer step, load_state_dict) bumps a tensor's version; .to()/.cuda() and
+        # replaced .data change its storage.
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        cached = getattr(self, '_inference_weights', None)
+        if cached is None or cached[0] != key:
+            cached = (key, GroupedLayerWeights.apply(dtype, self._packing, *params))
+            self._inference_weights = cached
+        return cached[1]
 
 
 class DepthwiseConv(nn.Module):
