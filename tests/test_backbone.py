@@ -344,7 +344,7 @@ def test_inference_reuses_grouped_weights_until_parameters_change(monkeypatch):
         changed = model(x)
         assert len(calls) == layers + 1  # only the changed layer rebuilt
         fresh = copy.deepcopy(model)
-        fresh.apply(lambda m: setattr(m, '_inference_weights', None) if hasattr(m, '_inference_weights') else None)
+        fresh.apply(lambda m: setattr(m, '_derived_weights', None) if hasattr(m, '_derived_weights') else None)
         assert all(torch.equal(a, b) for a, b in zip(changed, fresh(x)))
         model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})
         calls.clear()

@@ -323,7 +323,32 @@ class ScanGroupParameters(nn.Module):
         self.Ds.fill_(1.0)
 
 
-class GroupMambaLayer(nn.Module):
+class _ReusesWeights(nn.Module):
+    """A module whose forward first derives weights from its parameters (packed, cast, assembled). Where no
+    gradient can reach them (inference, frozen stages) they are kept and reused while the parameters are
+    unchanged: rebuilding them is several launches per module at every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self._derived_weights = None  # (key, weights)
+
+    def _derived(self, params, dtype, build):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._derived_weights = None
+            return build()
+        # Any in-place change (optimizer step, load_state_dict) bumps a tensor's version; replacing .data
+        # changes its storage.
+        key = (dtype, *((p.data_ptr(), p._version) for p in params))
+        if self._derived_weights is None or self._derived_weights[0] != key:
+            self._derived_weights = (key, build())
+        return self._derived_weights[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._derived_weights = None  # .to()/.cuda()/.half(): don't keep the old copies alive
+        return super()._apply(fn, *args, **kwargs)
+
+
+class GroupMambaLayer(_ReusesWeights):
     """Modulated group Mamba layer: 4 channel groups, each scanned in its own direction, channel affinity.
 
     Args:
@@ -342,7 +367,6 @@ class GroupMambaLayer(nn.Module):
         self.skip_scale = nn.Parameter(torch.ones(1))
         self.proj = nn.Linear(dims, dims)
         self._packing = _LayerPacking(self)
-        self._inference_weights = None  # (key, weights): see _grouped_weights
 
     @property
     def scan_groups(self):
@@ -376,26 +400,9 @@ class GroupMambaLayer(nn.Module):
     def _norm(self, x, dtype):
         return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, dtype)
 
-    def _apply(self, fn, *args, **kwargs):
-        self._inference_weights = None  # don't keep the old device's / dtype's copies alive
-        return super()._apply(fn, *args, **kwargs)
-
     def _grouped_weights(self, dtype):
-        """:class:`GroupedLayerWeights` of the current parameters. Where no gradient can flow to them
-        (inference, frozen stages) they are reused while unchanged: rebuilt, they cost ~10 launches a layer at
-        every forward."""
         params = self._packing.gather(self)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            self._inference_weights = None
-            return GroupedLayerWeights.apply(dtype, self._packing, *params)
-        # Any in-place change (optimizer step, load_state_dict) bumps a tensor's version; .to()/.cuda() and
-        # replaced .data change its storage.
-        key = (dtype, *((p.data_ptr(), p._version) for p in params))
-        cached = getattr(self, '_inference_weights', None)
-        if cached is None or cached[0] != key:
-            cached = (key, GroupedLayerWeights.apply(dtype, self._packing, *params))
-            self._inference_weights = cached
-        return cached[1]
+        return self._derived(params, dtype, lambda: GroupedLayerWeights.apply(dtype, self._packing, *params))
 
 
 class DepthwiseConv(nn.Module):
@@ -435,7 +442,7 @@ class ConvGeluLinearFn(torch.autograd.Function):
         return grad_h, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
 
 
-class ConvFFN(nn.Module):
+class ConvFFN(_ReusesWeights):
     """FFN with a depthwise conv between its two linear layers (PVTv2 style)."""
 
     def __init__(self, dims, hidden_dims):
@@ -445,8 +452,9 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dims, dims)
 
     def forward(self, x):
-        fc1_w, fc1_b, fc2_w, fc2_b = _cast_parameters(
-            _compute_dtype(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        dtype = _compute_dtype(x)
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        fc1_w, fc1_b, fc2_w, fc2_b = self._derived(params, dtype, lambda: _cast_parameters(dtype, *params))
         h = F.linear(x, fc1_w, fc1_b)
         conv = self.dwconv.dwconv
         if torch.is_grad_enabled() and h.requires_grad:
