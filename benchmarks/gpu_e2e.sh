@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_e2e.sh OUT_DIR STEP [STEP ...]     (after tools/gpu_env.sh; PYTHONPATH set)
 #
+# The UperNet schedule (1500 warm-up iterations, then poly decay to 160k) is scaled to SEG_ITERS: a tenth
+# warm-up, then the decay; left as is, the learning rate would stay near zero for the whole short run.
 # Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), swin (mmdet's own Swin-T Mask R-CNN config, same data
 # and overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
 # compare it with det). Each run's log and a summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
@@ -18,6 +20,7 @@ seg_data=$work/data/ade_demo
 det_iters_epochs=1   # DET_IMAGES at 2 per GPU: 150 iterations on one GPU by default
 det_images=${DET_IMAGES:-300}
 seg_iters=${SEG_ITERS:-200}
+seg_warmup=$(( seg_iters >= 20 ? seg_iters / 10 : 1 ))
 step_timeout=${STEP_TIMEOUT:-0}
 mmdet_cfgs=$(python3 -c "import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs'))")
 
@@ -79,7 +82,8 @@ for step in "$@"; do
         --work-dir "$work/seg_groupmamba_t" --cfg-options model.backbone.init_cfg=None \
         train_dataloader.dataset.data_root="$seg_data" val_dataloader.dataset.data_root="$seg_data" \
         test_dataloader.dataset.data_root="$seg_data" train_cfg.max_iters=$seg_iters train_cfg.val_interval=$seg_iters \
-        default_hooks.checkpoint.interval=$seg_iters default_hooks.logger.interval=10
+        default_hooks.checkpoint.interval=$seg_iters default_hooks.logger.interval=10 \
+        param_scheduler.0.end=$seg_warmup param_scheduler.1.begin=$seg_warmup param_scheduler.1.end=$seg_iters
       summaries+=("$work/seg_groupmamba_t");;
     ddp)
       make_det_data
