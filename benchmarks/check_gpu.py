@@ -90,8 +90,9 @@ def main():
     check_golden(args.golden)
     check_against_reference()
     torch.backends.cudnn.allow_tf32 = True
-    check_amp_steps(args.amp_steps, torch.float16)
-    check_amp_steps(args.bf16_steps, torch.bfloat16)
+    for steps, dtype in ((args.amp_steps, torch.float16), (args.bf16_steps, torch.bfloat16)):
+        if steps:
+            check_amp_steps(steps, dtype)
 
 
 if __name__ == '__main__':
