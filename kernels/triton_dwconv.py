@@ -99,21 +99,23 @@ def _load_weight_tap(Wt, c, C, k: tl.constexpr, FLIP: tl.constexpr):
 
 
 @triton.jit
+def _load_weight_taps(Wt, c, C, FLIP: tl.constexpr):
+    """The nine taps of this program's channels, row-major (``w00`` .. ``w22``), each ``(1, BLOCK_C)``."""
+    return (_load_weight_tap(Wt, c, C, 0, FLIP), _load_weight_tap(Wt, c, C, 1, FLIP),
+            _load_weight_tap(Wt, c, C, 2, FLIP), _load_weight_tap(Wt, c, C, 3, FLIP),
+            _load_weight_tap(Wt, c, C, 4, FLIP), _load_weight_tap(Wt, c, C, 5, FLIP),
+            _load_weight_tap(Wt, c, C, 6, FLIP), _load_weight_tap(Wt, c, C, 7, FLIP),
+            _load_weight_tap(Wt, c, C, 8, FLIP))
+
+
+@triton.jit
 def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
                        stride_xb, stride_xh, stride_xw, stride_ob, stride_oh, stride_ow,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     _, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
         H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
-    w00 = _load_weight_tap(Wt, c, C, 0, FLIP)
-    w01 = _load_weight_tap(Wt, c, C, 1, FLIP)
-    w02 = _load_weight_tap(Wt, c, C, 2, FLIP)
-    w10 = _load_weight_tap(Wt, c, C, 3, FLIP)
-    w11 = _load_weight_tap(Wt, c, C, 4, FLIP)
-    w12 = _load_weight_tap(Wt, c, C, 5, FLIP)
-    w20 = _load_weight_tap(Wt, c, C, 6, FLIP)
-    w21 = _load_weight_tap(Wt, c, C, 7, FLIP)
-    w22 = _load_weight_tap(Wt, c, C, 8, FLIP)
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, FLIP)
     if HAS_BIAS:
         bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
     else:
@@ -146,15 +148,7 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     tile, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
         H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
-    w00 = _load_weight_tap(Wt, c, C, 0, False)
-    w01 = _load_weight_tap(Wt, c, C, 1, False)
-    w02 = _load_weight_tap(Wt, c, C, 2, False)
-    w10 = _load_weight_tap(Wt, c, C, 3, False)
-    w11 = _load_weight_tap(Wt, c, C, 4, False)
-    w12 = _load_weight_tap(Wt, c, C, 5, False)
-    w20 = _load_weight_tap(Wt, c, C, 6, False)
-    w21 = _load_weight_tap(Wt, c, C, 7, False)
-    w22 = _load_weight_tap(Wt, c, C, 8, False)
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, False)
     bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
     x_base = X + b.to(tl.int64) * stride_xb
     x_offs = (w * stride_xw)[:, None] + c[None, :]

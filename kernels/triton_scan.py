@@ -83,6 +83,25 @@ def _row(tile, rows, r):
 # --------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_start(A_ptr, bias_ptr, in_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C: tl.constexpr,
+                 HAS_IN: tl.constexpr):
+    """What both passes set up for this program's channel block and chunk: indices, A, the delta bias, row
+    offsets, and the carried value entering the chunk (state forward, dL/dh backward; 0 without a split)."""
+    b, g, cb, ch, cmask = _program_block(n_cblocks, K, BLOCK_C)
+    chunk = tl.program_id(1) + chunk0
+    A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    batch_off = b.to(tl.int64) * L * CH
+    bc_off = b.to(tl.int64) * L * bc_stride + g  # B and C rows may be slices of one wider projection
+    summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
+    if HAS_IN:
+        carried = tl.load(in_ptr + summary_off, mask=cmask, other=0.0)
+    else:
+        carried = tl.zeros([BLOCK_C], dtype=tl.float32)
+    return b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, carried
+
+
 # Sizes that only index rows or count steps are not specialised, so one compiled kernel serves every map
 # size; CH and K stay specialised because their divisibility lets rows load as 16-byte vectors.
 _RUNTIME_SIZES = ['batch', 'L', 'H', 'W', 'n_cblocks', 'chunk_len', 'n_chunks', 'n_states', 'chunk0']
@@ -98,20 +117,10 @@ def _scan_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
-    b, g, cb, ch, cmask = _program_block(n_cblocks, K, BLOCK_C)
-    chunk = tl.program_id(1) + chunk0
-    A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, h = _chunk_start(
+        A_ptr, bias_ptr, hin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_HIN)
     if not SUMMARY:
         D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-
-    batch_off = b.to(tl.int64) * L * CH
-    bc_off = b.to(tl.int64) * L * bc_stride + g  # B and C rows may be slices of one wider projection
-    summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
-    if HAS_HIN:
-        h = tl.load(hin_ptr + summary_off, mask=cmask, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_C], dtype=tl.float32)
     if SUMMARY:
         decay = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
 
@@ -218,19 +227,9 @@ def _scan_bwd_kernel(
     #     dC_t = sum_c dy_t h_t                          dD = sum dy_t u_t
     #     ddelta_t = dh_t (B_t u_t + A a_t h_{t-1})      dA = sum dh_t delta_t a_t h_{t-1}
     # and a_t h_{t-1} = h_t - x_t needs no shifted copy of the states.
-    b, g, cb, ch, cmask = _program_block(n_cblocks, K, BLOCK_C)
-    chunk = tl.program_id(1) + chunk0
-    A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, carry = _chunk_start(
+        A_ptr, bias_ptr, gin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_GIN)
     D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-
-    batch_off = b.to(tl.int64) * L * CH
-    bc_off = b.to(tl.int64) * L * bc_stride + g  # B and C rows may be slices of one wider projection
-    summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
-    if HAS_GIN:
-        carry = tl.load(gin_ptr + summary_off, mask=cmask, other=0.0)
-    else:
-        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     if SUMMARY:
         decay = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
     else:
