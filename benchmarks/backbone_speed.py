@@ -1,12 +1,16 @@
 """GPU speed and memory of GroupMamba T/S/B against Swin-T, measured in one run on one card.
 
-    python benchmarks/backbone_speed.py [--models T S B] [--batch 128] [--steps 20]
+    python benchmarks/backbone_speed.py [--models T S B] [--batch 128] [--steps 20] [--cuda-graph]
 
 For every model: training throughput (bs 128, 224x224, AMP fp16 with a GradScaler, AdamW step), inference
 throughput (bs 128, AMP fp16), peak training memory, and the detection-size backbone step (bs 2, 800x1344,
 forward + backward under AMP). Swin-T is mmdet's own, built from its Mask R-CNN config; the classifiers are
 each backbone + global average pooling + a 1000-way linear head, the same for both. The last lines print a
 table with ratios to Swin-T.
+
+``--cuda-graph`` adds a row per model whose backbone forward and backward are replayed from CUDA graphs
+(GroupMamba's ``cuda_graph=True``; Swin-T wrapped in the same :class:`CudaGraphs`), so that both are also
+compared with the host's launch work taken out. Ratios are always to eager Swin-T.
 """
 import argparse
 import time
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from mmengine.hub import get_config
 
 import mmgroupmamba  # noqa: F401  (registers GroupMamba)
+from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
 NAMES = {'T': 'tiny', 'S': 'small', 'B': 'base'}
@@ -33,19 +38,45 @@ class Classifier(torch.nn.Module):
         return self.fc(self.backbone(x)[-1].mean((2, 3)))
 
 
-def build_backbones(models, **groupmamba_kwargs):
-    """mmdet's own Swin-T (from its Mask R-CNN config) and GroupMamba of the given sizes, with channel counts."""
+class GraphedBackbone(torch.nn.Module):
+    """Any backbone whose forward (and backward) are replayed from CUDA graphs, as GroupMamba's are with
+    ``cuda_graph=True``."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.graphs = CudaGraphs(type(backbone).__name__)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x):
+        return self.graphs(self.backbone, self.backbone.forward, x)
+
+
+def build_backbones(models, cuda_graph, drop_path_rate):
+    """mmdet's own Swin-T (from its Mask R-CNN config) and GroupMamba of the given sizes, with channel counts;
+    with ``cuda_graph`` also each of them replayed from CUDA graphs (name suffix ``+graphs``)."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
     swin = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
     swin.pop('init_cfg', None)
+    swin.drop_path_rate = drop_path_rate
     cfgs = {'Swin-T': (swin, 768)}
     for size in models:
         arch = NAMES[size]
-        cfgs[f'GroupMamba-{size}'] = (dict(type='GroupMamba', arch=arch, **groupmamba_kwargs),
+        cfgs[f'GroupMamba-{size}'] = (dict(type='GroupMamba', arch=arch, drop_path_rate=drop_path_rate),
                                       ARCH_SETTINGS[arch]['embed_dims'][-1])
+    backbones = {}
     with DefaultScope.overwrite_default_scope('mmdet'):
-        return {name: (DET_MODELS.build(cfg), channels) for name, (cfg, channels) in cfgs.items()}
+        for name, (cfg, channels) in cfgs.items():
+            backbones[name] = (DET_MODELS.build(cfg), channels)
+            if cuda_graph:
+                graphed = (GraphedBackbone(DET_MODELS.build(cfg)) if name == 'Swin-T'
+                           else DET_MODELS.build(dict(cfg, cuda_graph=True)))
+                backbones[f'{name} +graphs'] = (graphed, channels)
+    return backbones
 
 
 def timed(fn, steps, warmup=5):
@@ -112,22 +143,24 @@ def main():
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--steps', type=int, default=20)
     parser.add_argument('--skip-detection', action='store_true')
+    parser.add_argument('--cuda-graph', action='store_true', help='add rows replayed from CUDA graphs')
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
     results = {}
-    for name, (backbone, channels) in build_backbones(args.models, drop_path_rate=0.1).items():
+    for name, (backbone, channels) in build_backbones(args.models, args.cuda_graph, drop_path_rate=0.1).items():
         results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps)
         torch.cuda.empty_cache()
         print(name, results[name], flush=True)
     if not args.skip_detection:
-        for name, (backbone, _) in build_backbones(args.models, drop_path_rate=0.2).items():
+        for name, (backbone, _) in build_backbones(args.models, args.cuda_graph, drop_path_rate=0.2).items():
             results[name]['det_ms'] = detection_step_ms(backbone, max(5, args.steps // 2))
             torch.cuda.empty_cache()
             print(name, 'detection step ms', results[name]['det_ms'], flush=True)
 
     base = results['Swin-T']
-    print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16')
+    print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
+          f'steps {args.steps}')
     print('| model | train img/s | x Swin-T | infer img/s | x Swin-T | peak train GiB | x Swin-T '
           '| det step ms (bs2 800x1344) | x Swin-T |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')

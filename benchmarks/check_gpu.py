@@ -5,7 +5,10 @@
 1. The golden official outputs (``../shared/golden`` or ``--golden``), fp32 on the GPU (TF32 off): <= 1e-4.
 2. GroupMamba-T on the GPU, Triton path against the PyTorch reference path (``MMGM_SCAN_IMPL=reference``):
    outputs and every parameter gradient, fp32.
-3. ``--amp-steps`` random AMP fp16 (and ``--bf16-steps`` bf16) forward/backward steps at the detection size
+3. CUDA graphs (``cuda_graph=True``) against eager, from the same weights: AdamW training steps under AMP
+   over two alternating input sizes (losses, parameters, BatchNorm statistics), an eval forward, stochastic
+   depth drawing fresh masks per replay, and two forwards before one backward (the eager fallback).
+4. ``--amp-steps`` random AMP fp16 (and ``--bf16-steps`` bf16) forward/backward steps at the detection size
    (bs 2, 800x1344), with random weights re-drawn every 100 steps: the loss and every gradient must stay
    finite.
 """
@@ -56,6 +59,57 @@ def check_against_reference():
     assert out_err <= 1e-4 and grad_errs[worst] <= 1e-3
 
 
+def check_cuda_graphs(steps=6):
+    torch.manual_seed(0)
+    eager = GroupMamba(arch='tiny').cuda().train()
+    graphed = GroupMamba(arch='tiny', cuda_graph=True).cuda().train()
+    graphed.load_state_dict(eager.state_dict())
+    inputs = [torch.randn(2, 3, 224, 224, device='cuda'), torch.randn(2, 3, 160, 288, device='cuda')]
+    optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)}
+    losses = {eager: [], graphed: []}
+    for step in range(steps):
+        for model, optimizer in optimizers.items():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast('cuda', dtype=torch.float16):
+                outs = model(inputs[step % 2])
+            loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device='cuda').view_as(o)).mean() for o in outs)
+            loss.backward()
+            optimizer.step()
+            losses[model].append(loss.item())
+    loss_err = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(losses[eager], losses[graphed]))
+    params_e, params_g = dict(eager.named_parameters()), dict(graphed.named_parameters())
+    param_err = max(rel_err(params_g[n], params_e[n]) for n in params_e)
+    buffers_g = dict(graphed.named_buffers())
+    buffer_err = max(rel_err(buffers_g[n].float(), b.float()) for n, b in eager.named_buffers()
+                     if b.is_floating_point())
+    eager.eval(), graphed.eval()
+    with torch.no_grad():
+        eval_err = max(rel_err(a, b) for a, b in zip(graphed(inputs[0]), eager(inputs[0])))
+    print(f'CUDA graphs vs eager, {steps} AMP AdamW steps over 2 sizes: loss {loss_err:.1e}, parameters '
+          f'{param_err:.1e}, BN statistics {buffer_err:.1e}, eval outputs {eval_err:.1e}; '
+          f'{len(graphed._cuda_graphs.recorded)} signatures recorded')
+    assert loss_err <= 1e-3 and param_err <= 1e-3 and buffer_err <= 1e-3 and eval_err <= 1e-3
+
+    # Stochastic depth: each replay draws its own masks.
+    model = GroupMamba(arch='tiny', drop_path_rate=0.5, cuda_graph=True).cuda().train()
+    x = inputs[0]
+    draws = []
+    for _ in range(3):
+        outs = model(x)
+        sum(o.sum() for o in outs).backward()
+        draws.append(outs[-1].detach())
+    assert not torch.equal(draws[1], draws[2]), 'two replays with drop_path_rate=0.5 gave the same output'
+
+    # Two forwards before one backward: the second runs eagerly, and both gradients are right.
+    for model in (eager, graphed):
+        model.train().zero_grad(set_to_none=True)
+        loss = sum(sum(o.float().square().mean() for o in model(x)) for x in inputs)
+        loss.backward()
+    grad_err = max(rel_err(params_g[n].grad, p.grad) for n, p in params_e.items() if p.grad.norm() > 0)
+    print(f'two forwards before one backward: worst gradient {grad_err:.1e}')
+    assert grad_err <= 1e-3
+
+
 def check_amp_steps(steps, dtype, interval=100):
     model = GroupMamba(arch='tiny', drop_path_rate=0.2).cuda().train()
     params = list(model.parameters())
@@ -90,6 +144,7 @@ def main():
     check_golden(args.golden)
     check_against_reference()
     torch.backends.cudnn.allow_tf32 = True
+    check_cuda_graphs()
     for steps, dtype in ((args.amp_steps, torch.float16), (args.bf16_steps, torch.bfloat16)):
         if steps:
             check_amp_steps(steps, dtype)

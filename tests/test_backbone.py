@@ -1,12 +1,11 @@
 import copy
-import logging
 from pathlib import Path
 
 import pytest
 import torch
-from mmengine.logging import MMLogger
 from mmengine.registry import MODELS, DefaultScope
 
+from log_capture import mmengine_messages
 from mmgroupmamba import GroupMamba
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
@@ -144,14 +143,9 @@ def test_pretrained_official_checkpoint_loads(golden, tmp_path, wrap):
     path = tmp_path / 'official.pth'
     torch.save(payload, path)
     model = GroupMamba(arch=golden['arch_cfg'], init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    logger = MMLogger.get_current_instance()
-    handler = ListHandler()
-    logger.addHandler(handler)
-    try:
+    with mmengine_messages() as messages:
         model.init_weights()
-    finally:
-        logger.removeHandler(handler)
-    report = [m for m in handler.messages if 'classification keys' in m]
+    report = [m for m in messages if 'classification keys' in m]
     assert len(report) == 1 and 'post_network.' in report[0]
     model.eval()
     with torch.no_grad():
@@ -182,16 +176,6 @@ def test_pretrained_missing_keys_fail(golden, tmp_path):
     model = GroupMamba(arch=golden['arch_cfg'], init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     with pytest.raises(KeyError, match='missing'):
         model.init_weights()
-
-
-class ListHandler(logging.Handler):
-
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 @pytest.mark.parametrize('autocast', [False, True])

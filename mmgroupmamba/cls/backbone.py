@@ -59,7 +59,7 @@ class GroupMambaClsBackbone(GroupMamba):
         self.post_network = nn.ModuleList([ClassBlock(self.embed_dims[-1], self.arch['mlp_ratios'][-1])])
         self.post_network.apply(init_official_weights)
 
-    def forward(self, x):
+    def _forward(self, x):  # GroupMamba.forward runs it, from CUDA graphs with cuda_graph=True
         last = self.num_stages - 1
         for i in range(self.num_stages):
             x = self.forward_stage(i, x)

@@ -51,6 +51,7 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
+from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, dwconv_act_backward, dwconv_act_forward,
                                   gated_group_norm, layer_norm, modulated_layer_norm, selective_scan)
 
@@ -323,6 +324,10 @@ class ScanGroupParameters(nn.Module):
         self.Ds.fill_(1.0)
 
 
+def _recording_cuda_graph():
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class _ReusesWeights(nn.Module):
     """A module whose forward first derives weights from its parameters (packed, cast, assembled). Where no
     gradient can reach them (inference, frozen stages) they are kept and reused while the parameters are
@@ -333,7 +338,9 @@ class _ReusesWeights(nn.Module):
         self._derived_weights = None  # (key, weights)
 
     def _derived(self, params, dtype, build):
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        # While a CUDA graph is recorded the weights must be derived inside it: a kept copy would be baked
+        # into the graph and go stale when the parameters change.
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or _recording_cuda_graph():
             self._derived_weights = None
             return build()
         # Any in-place change (optimizer step, load_state_dict) bumps a tensor's version; replacing .data
@@ -547,6 +554,10 @@ class GroupMamba(BaseModule):
         norm_eval (bool): keep the stem's BatchNorm layers in eval mode while training.
         with_cp (bool): gradient checkpointing of every block (saves memory, costs a recompute).
         norm_cfg (dict): norm of the conv stem (``BN``; ``SyncBN`` for multi-GPU training).
+        cuda_graph (bool): replay forward and backward from CUDA graphs recorded per input size
+            (:mod:`mmgroupmamba.models.cuda_graph`). A step then costs the host one launch instead of
+            thousands; worth it where inputs come in a few fixed sizes (classification, segmentation crops,
+            fixed-size detection). Other inputs run eagerly, with a log line.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` for an official
             GroupMamba ImageNet checkpoint (raw, under ``model``/``state_dict``, with or without ``backbone.``).
     """
@@ -560,8 +571,12 @@ class GroupMamba(BaseModule):
                  norm_eval=False,
                  with_cp=False,
                  norm_cfg=dict(type='BN', requires_grad=True),
+                 cuda_graph=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        if cuda_graph and with_cp:
+            # Checkpointing's recomputation saves and restores the RNG state, which a recorded graph cannot.
+            raise ValueError('GroupMamba: cuda_graph=True and with_cp=True cannot be combined')
         self.arch = resolve_arch(arch)
         embed_dims, depths = self.arch['embed_dims'], self.arch['depths']
         self.num_stages = len(depths)
@@ -591,6 +606,7 @@ class GroupMamba(BaseModule):
             self.add_module(f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=STAGE_NORM_EPS))
         self.apply(init_official_weights)
         self._freeze_stages()
+        self._cuda_graphs = CudaGraphs('GroupMamba') if cuda_graph else None
 
     def init_weights(self):
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
@@ -626,7 +642,17 @@ class GroupMamba(BaseModule):
             x = block(x)
         return x
 
+    def _apply(self, fn, *args, **kwargs):
+        if self._cuda_graphs is not None:
+            self._cuda_graphs.clear()  # recorded graphs point at the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x):
+        if self._cuda_graphs is not None:
+            return self._cuda_graphs(self, self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x):
         outs = []
         for i in range(self.num_stages):
             normed = getattr(self, f'norm{i + 1}')(self.forward_stage(i, x))

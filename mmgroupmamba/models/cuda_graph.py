@@ -1,0 +1,199 @@
+"""A module's forward (and its backward) replayed from CUDA graphs, one pair of graphs per input signature.
+
+Why: a GroupMamba training step launches ~3900 kernels, and on the H200 the host needs ~166 ms to issue what
+the GPU runs in ~35 ms (``benchmarks/profile_step.py``). A replayed graph issues them all in one call. The
+graphs are recorded per input signature (shape, dtype, autocast dtype, grad mode, module modes, parameters),
+so they suit inputs of a few fixed sizes: classification, segmentation crops, fixed-size detection.
+
+How it stays correct:
+
+* Graphs are recorded after two eager warm-up passes on a side stream (Triton compiles, cuDNN picks its
+  algorithms); the BatchNorm statistics those passes move are put back.
+* Autocast's weight-cast cache is off while recording: a cached cast would be baked into the graph and go
+  stale after the first optimizer step.
+* Every replay copies the input in and returns fresh copies of the outputs, and parameter gradients come
+  out of one fresh buffer per dtype; nothing handed out aliases graph memory that a later replay rewrites.
+* All graphs of one module share one memory pool. That is safe while one graphed forward's saved
+  activations are still needed by its backward, no other replay runs: a forward whose predecessor's
+  backward has not run yet (and whose autograd graph is still alive) runs eagerly instead, and a backward
+  whose activations a later replay overwrote raises.
+* At most ``MAX_SIGNATURES`` signatures are recorded (each keeps its static tensors); inputs of further
+  signatures run eagerly. Every recording, and the first eager fallback of each kind, is logged.
+"""
+import contextlib
+import weakref
+
+import torch
+from mmengine.logging import print_log
+
+MAX_SIGNATURES = 8
+WARMUP_PASSES = 2
+
+
+@contextlib.contextmanager
+def _autocast_without_cache(device_type):
+    enabled = torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), enabled=enabled,
+                        cache_enabled=False):
+        yield
+
+
+class _RecordedCall:
+    """The graphs of one signature and the static tensors they read and write."""
+
+    def __init__(self, forward, x, params, pool):
+        self.params = params  # the parameters that get gradients (empty without grad)
+        self.static_input = x.detach().clone()
+        with _autocast_without_cache(x.device.type):
+            self.forward_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode='thread_local'):
+                outputs = forward(self.static_input)
+        if not isinstance(outputs, tuple):
+            raise TypeError(f'CUDA graphs: the forward must return a tuple of tensors, got {type(outputs)}')
+        self.differentiable = [o.requires_grad for o in outputs]
+        self.static_outputs = [o.detach() for o in outputs]
+        self.backward_graph = None
+        if params:
+            self._record_backward(outputs, pool)
+
+    def _record_backward(self, outputs, pool):
+        outputs = [o for o in outputs if o.requires_grad]
+        self.static_grad_outputs = [torch.empty_like(o) for o in outputs]
+        self.backward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode='thread_local'):
+            grads = torch.autograd.grad(outputs, self.params, self.static_grad_outputs, allow_unused=True)
+            # Gradients land in one flat buffer per dtype, so that handing them out is one copy per dtype.
+            self.grad_layout = []  # (dtype, flat buffer, [(param index, numel, shape)])
+            for dtype in dict.fromkeys(g.dtype for g in grads if g is not None):
+                members = [(i, g) for i, g in enumerate(grads) if g is not None and g.dtype == dtype]
+                flat = torch.cat([g.reshape(-1) for _, g in members])
+                self.grad_layout.append((dtype, flat, [(i, g.numel(), g.shape) for i, g in members]))
+
+    def param_grads(self):
+        """Fresh copies of the last backward replay's parameter gradients (None where a parameter got none)."""
+        grads = [None] * len(self.params)
+        for _, flat, members in self.grad_layout:
+            pieces = flat.clone().split([numel for _, numel, _ in members])
+            for (i, _, shape), piece in zip(members, pieces):
+                grads[i] = piece.view(shape)
+        return grads
+
+
+class _ReplayFunction(torch.autograd.Function):
+    """Replays a recorded forward; its backward replays the recorded backward."""
+
+    @staticmethod
+    def forward(ctx, graphs, recorded, x, *params):
+        recorded.static_input.copy_(x)
+        recorded.forward_graph.replay()
+        outputs = tuple(o.clone() for o in recorded.static_outputs)
+        ctx.mark_non_differentiable(*(o for o, d in zip(outputs, recorded.differentiable) if not d))
+        ctx.graphs, ctx.recorded, ctx.replay = graphs, recorded, graphs.replays
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_outputs):
+        graphs, recorded = ctx.graphs, ctx.recorded
+        if graphs.replays != ctx.replay:
+            raise RuntimeError('CUDA graphs: backward through a graphed forward after a later graphed forward '
+                               'overwrote its saved activations (e.g. backward with retain_graph=True after '
+                               'another forward); run such code with cuda_graph=False')
+        for static, grad, differentiable in zip(recorded.static_grad_outputs, grad_outputs,
+                                                recorded.differentiable):
+            if differentiable:
+                static.copy_(grad)
+        recorded.backward_graph.replay()
+        graphs.pending = None
+        return (None, None, None, *recorded.param_grads())
+
+
+class CudaGraphs:
+    """Records and replays ``forward(x)`` of ``module`` (returning a tuple of tensors) as CUDA graphs.
+
+    Not an ``nn.Module``: it holds no state worth saving, and copies of the module (``deepcopy`` for EMA,
+    pickling) start with no graphs. Call :meth:`clear` when the module's tensors move (``_apply``).
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.clear()
+
+    def clear(self):
+        self.recorded = {}
+        self.pool = None
+        self.pending = None  # weakref to the autograd context of a forward whose backward has not run
+        self.replays = 0
+        self.warned = set()
+        self.members = None  # the module's parameters and submodules, listed once: walking them costs ~1 ms
+
+    def __deepcopy__(self, memo):
+        return CudaGraphs(self.name)
+
+    def __getstate__(self):
+        return {'name': self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state['name'])
+
+    def _eager(self, forward, x, reason):
+        if reason not in self.warned:
+            self.warned.add(reason)
+            print_log(f'{self.name}: running eagerly, without CUDA graphs: {reason} (logged once)', logger='current',
+                      level=30)
+        return forward(x)
+
+    def __call__(self, module, forward, x):
+        if not x.is_cuda:
+            return self._eager(forward, x, f'the input is on {x.device.type}, CUDA graphs need CUDA tensors')
+        if self.pending is not None and self.pending() is not None:
+            return self._eager(forward, x, 'a graphed forward is still waiting for its backward (two forwards '
+                                           'before one backward, or a forward whose result was kept unused)')
+        if self.members is None:
+            self.members = (list(module.parameters()), list(module.modules()))
+        params, modules = self.members
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if x.requires_grad:
+            return self._eager(forward, x, 'the input requires grad, the graphs give gradients to parameters only')
+        device = x.device.type
+        signature = (tuple(x.shape), x.dtype, x.device, needs_grad, torch.is_inference_mode_enabled(),
+                     torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),
+                     tuple(m.training for m in modules),
+                     tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in params))
+        recorded = self.recorded.get(signature)
+        if recorded is None:
+            if len(self.recorded) >= MAX_SIGNATURES:
+                return self._eager(forward, x, f'{MAX_SIGNATURES} input signatures are recorded already (a new '
+                                               f'one: {tuple(x.shape)})')
+            recorded = self._record(module, forward, x, [p for p in params if p.requires_grad] if needs_grad else [])
+            self.recorded[signature] = recorded
+        self.replays += 1
+        if not recorded.params:
+            recorded.static_input.copy_(x)
+            recorded.forward_graph.replay()
+            return tuple(o.clone() for o in recorded.static_outputs)
+        outputs = _ReplayFunction.apply(self, recorded, x, *recorded.params)
+        self.pending = weakref.ref(outputs[recorded.differentiable.index(True)].grad_fn)
+        return outputs
+
+    def _record(self, module, forward, x, params):
+        print_log(f'{self.name}: recording CUDA graphs for input {tuple(x.shape)} {x.dtype}'
+                  f'{" with backward" if params else ""} ({len(self.recorded) + 1} of at most {MAX_SIGNATURES})',
+                  logger='current')
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # The warm-up passes must not count as training: put the BatchNorm statistics back afterwards.
+        buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side), _autocast_without_cache(x.device.type):
+            for _ in range(WARMUP_PASSES):
+                outputs = [o for o in forward(x) if o.requires_grad]
+                if params:
+                    torch.autograd.grad(outputs, params, [torch.ones_like(o) for o in outputs], allow_unused=True)
+                del outputs
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        return _RecordedCall(forward, x, params, self.pool)

@@ -1,0 +1,42 @@
+"""CUDA-graph option of the backbone: what holds without a GPU (the graphs themselves are checked on the GPU
+by ``benchmarks/check_gpu.py``)."""
+import copy
+import pickle
+
+import pytest
+import torch
+
+from log_capture import mmengine_messages
+from mmgroupmamba import GroupMamba
+from mmgroupmamba.cls.backbone import GroupMambaClsBackbone
+
+
+@pytest.mark.parametrize('cls', [GroupMamba, GroupMambaClsBackbone])
+def test_cpu_input_runs_eagerly_with_a_warning(cls):
+    torch.manual_seed(0)
+    eager = cls(arch='tiny').eval()
+    graphed = cls(arch='tiny', cuda_graph=True).eval()
+    graphed.load_state_dict(eager.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with mmengine_messages() as messages, torch.no_grad():
+        outs = [graphed(x) for _ in range(2)]
+    expected = eager(x)
+    for out in outs:
+        for a, b in zip(out, expected):
+            torch.testing.assert_close(a, b)
+    warnings = [m for m in messages if 'without CUDA graphs' in m]
+    assert len(warnings) == 1 and 'cpu' in warnings[0]
+
+
+def test_with_cp_and_cuda_graph_refused():
+    with pytest.raises(ValueError, match='cuda_graph=True and with_cp=True'):
+        GroupMamba(arch='tiny', cuda_graph=True, with_cp=True)
+
+
+def test_copies_start_without_graphs():
+    model = GroupMamba(arch='tiny', cuda_graph=True)
+    model._cuda_graphs.warned.add('something')
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied._cuda_graphs is not model._cuda_graphs
+        assert copied._cuda_graphs.recorded == {} and copied._cuda_graphs.warned == set()
+        assert copied._cuda_graphs.members is None  # would otherwise list the original's parameters
