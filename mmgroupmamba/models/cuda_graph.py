@@ -48,8 +48,8 @@ class _RecordedCall:
             self.forward_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode='thread_local'):
                 outputs = forward(self.static_input)
-        if not isinstance(outputs, tuple):
-            raise TypeError(f'CUDA graphs: the forward must return a tuple of tensors, got {type(outputs)}')
+        if not isinstance(outputs, (tuple, list)):
+            raise TypeError(f'CUDA graphs: the forward must return a tuple or list of tensors, got {type(outputs)}')
         self.differentiable = [o.requires_grad for o in outputs]
         self.static_outputs = [o.detach() for o in outputs]
         self.backward_graph = None
@@ -109,7 +109,8 @@ class _ReplayFunction(torch.autograd.Function):
 
 
 class CudaGraphs:
-    """Records and replays ``forward(x)`` of ``module`` (returning a tuple of tensors) as CUDA graphs.
+    """Records and replays ``forward(x)`` of ``module`` (returning a tuple or list of tensors; replays return
+    a tuple) as CUDA graphs.
 
     Not an ``nn.Module``: it holds no state worth saving, and copies of the module (``deepcopy`` for EMA,
     pickling) start with no graphs. Call :meth:`clear` when the module's tensors move (``_apply``).
