@@ -39,7 +39,8 @@ else
     (cd "$site" && tar -cz mmcv mmcv-*.dist-info) | split -b 15M - "$MMCV_EXPORT_DIR"/mmcv-cuda.tar.gz.part
   fi
 fi
-python3 -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-compile \
+# --upgrade: on a machine kept warm between calls, replace the plugin installed by the previous call.
+python3 -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation --no-compile --upgrade \
   --target "$site" "$repo"
 # From / : in the repo root, Python would import the source folder, which lacks the kernels.
 (cd / && python3 -c "import mmcv.ops, mmdet.models, mmseg.models, mmgroupmamba, torch; \
