@@ -51,7 +51,7 @@ def main():
     events = prof.key_averages()
     kernel_ms = sum(e.self_device_time_total for e in events) / 1000
     launches = sum(e.count for e in events if e.self_device_time_total > 0)
-    print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=args.rows, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by='self_device_time_total', row_limit=args.rows, max_name_column_width=60))
     print(f'{args.arch} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches')
 
