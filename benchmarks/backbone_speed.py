@@ -1,8 +1,11 @@
 """GPU speed and memory of GroupMamba T/S/B against Swin-T, measured in one run on one card.
 
     python benchmarks/backbone_speed.py [--models T S B] [--batch 128] [--steps 20] [--cuda-graph]
+                                        [--adamw {fused,foreach}]
 
-For every model: training throughput (bs 128, 224x224, AMP fp16 with a GradScaler, AdamW step), inference
+For every model: training throughput (bs 128, 224x224, AMP fp16 with a GradScaler, AdamW step; ``--adamw``: PyTorch's fused
+implementation by default, which reads the GradScaler's inf flag on the GPU, or its per-list ``foreach`` one,
+whose step waits for that flag on the host), inference
 throughput (bs 128, AMP fp16), peak training memory, and the detection-size backbone step (bs 2, 800x1344,
 forward + backward under AMP). Swin-T is mmdet's own, built from its Mask R-CNN config; the classifiers are
 each backbone + global average pooling + a 1000-way linear head, the same for both. The last lines print a
@@ -90,11 +93,11 @@ def timed(fn, steps, warmup=5):
     return (time.perf_counter() - start) / steps
 
 
-def classification_numbers(model, batch, steps):
+def classification_numbers(model, batch, steps, adamw):
     model = model.cuda().train()
     images = torch.randn(batch, 3, 224, 224, device='cuda')
     labels = torch.randint(0, 1000, (batch,), device='cuda')
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05, **{adamw: True})
     scaler = torch.amp.GradScaler('cuda')
 
     def train_step():
@@ -144,12 +147,14 @@ def main():
     parser.add_argument('--steps', type=int, default=20)
     parser.add_argument('--skip-detection', action='store_true')
     parser.add_argument('--cuda-graph', action='store_true', help='add rows replayed from CUDA graphs')
+    parser.add_argument('--adamw', choices=('fused', 'foreach'), default='fused')
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
     results = {}
     for name, (backbone, channels) in build_backbones(args.models, args.cuda_graph, drop_path_rate=0.1).items():
-        results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps)
+        results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps,
+                                               args.adamw)
         torch.cuda.empty_cache()
         print(name, results[name], flush=True)
     if not args.skip_detection:
@@ -160,7 +165,7 @@ def main():
 
     base = results['Swin-T']
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
-          f'steps {args.steps}')
+          f'AdamW {args.adamw}, steps {args.steps}')
     print('| model | train img/s | x Swin-T | infer img/s | x Swin-T | peak train GiB | x Swin-T '
           '| det step ms (bs2 800x1344) | x Swin-T |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
