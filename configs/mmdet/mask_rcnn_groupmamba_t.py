@@ -33,6 +33,8 @@ model = dict(
 
 optim_wrapper = dict(
     type='AmpOptimWrapper',
+    # paramwise_cfg's per-parameter groups merged by equal settings (~1300 groups otherwise; mmgroupmamba/optim.py).
+    constructor='MergedGroupsOptimWrapperConstructor',
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     # No weight decay on norms nor on the selective scan's parameters (configs/_base_/groupmamba_no_decay.py).
     paramwise_cfg=dict(norm_decay_mult=0.0, custom_keys={{_base_.groupmamba_no_decay_keys}}))

@@ -35,6 +35,8 @@ test_dataloader = val_dataloader
 
 optim_wrapper = dict(
     type='AmpOptimWrapper',
+    # paramwise_cfg's per-parameter groups merged by equal settings (~1200 groups otherwise; mmgroupmamba/optim.py).
+    constructor='MergedGroupsOptimWrapperConstructor',
     clip_grad=dict(max_norm=5.0),
     paramwise_cfg=dict(
         # No weight decay on the scan's parameters, the skip scale, norms, biases and other 1-D parameters.

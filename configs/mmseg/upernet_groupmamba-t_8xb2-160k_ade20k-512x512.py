@@ -31,4 +31,6 @@ model = dict(
 # rest of its paramwise_cfg.
 optim_wrapper = dict(
     type='AmpOptimWrapper',
+    # paramwise_cfg's per-parameter groups merged by equal settings (~1200 groups otherwise; mmgroupmamba/optim.py).
+    constructor='MergedGroupsOptimWrapperConstructor',
     paramwise_cfg=dict(_delete_=True, norm_decay_mult=0.0, custom_keys={{_base_.groupmamba_no_decay_keys}}))
