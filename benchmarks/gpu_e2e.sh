@@ -6,8 +6,8 @@
 #
 # The UperNet schedule (1500 warm-up iterations, then poly decay to 160k) is scaled to SEG_ITERS: a tenth
 # warm-up, then the decay; left as is, the learning rate would stay near zero for the whole short run.
-# Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), det_graph (the same with the backbone's cuda_graph=True;
-# the demo images are all 256x256, i.e. one padded batch shape, the best case for recorded graphs), swin (mmdet's own Swin-T Mask R-CNN config, same data
+# Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), det_graph (its CUDA-graph variant,
+# mask_rcnn_groupmamba_t_cuda_graph.py: training batches padded to 800x1344, here from the demo's 800x800), swin (mmdet's own Swin-T Mask R-CNN config, same data
 # and overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
 # compare it with det). Each run's log and a summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
 # Sizes: DET_IMAGES training images (default 300; one epoch at 2 images per GPU), SEG_ITERS (default 200);
@@ -73,8 +73,8 @@ for step in "$@"; do
     det_graph)
       make_det_data
       mapfile -t opts < <(det_data_options)
-      run det_groupmamba_t_graphs env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py \
-        --work-dir "$work/det_groupmamba_t_graphs" --cfg-options "${opts[@]}" model.backbone.cuda_graph=True
+      run det_groupmamba_t_graphs env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py \
+        --work-dir "$work/det_groupmamba_t_graphs" --cfg-options "${opts[@]}"
       summaries+=("$work/det_groupmamba_t_graphs");;
     swin)
       make_det_data

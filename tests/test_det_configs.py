@@ -32,7 +32,8 @@ def load(path):
 
 
 def test_all_configs_are_listed():
-    assert {p.stem for p in CONFIGS} == set(COCO_CONFIGS) | {'mask_rcnn_groupmamba_demo_shapes'}
+    assert {p.stem for p in CONFIGS} == set(COCO_CONFIGS) | {'mask_rcnn_groupmamba_demo_shapes',
+                                                            'mask_rcnn_groupmamba_t_cuda_graph'}
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.stem)
@@ -43,7 +44,8 @@ def test_config_builds_model_and_fpn_takes_backbone_channels(path):
     assert type(model).__name__ == 'MaskRCNN'
     assert list(cfg.model.neck.in_channels) == model.backbone.embed_dims
     # The inherited ResNet backbone is fully replaced: no ResNet key leaks into GroupMamba's arguments.
-    assert set(cfg.model.backbone) <= {'type', 'arch', 'out_indices', 'drop_path_rate', 'norm_eval', 'init_cfg'}
+    assert set(cfg.model.backbone) <= {'type', 'arch', 'out_indices', 'drop_path_rate', 'norm_eval', 'init_cfg',
+                                       'cuda_graph'}
     model.eval()
     with torch.no_grad():
         feats = model.extract_feat(torch.zeros(1, 3, 64, 64))
