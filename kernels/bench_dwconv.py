@@ -1,0 +1,99 @@
+"""Check and time the fused depthwise conv + activation on a GPU against copy bandwidth and cuDNN.
+
+    python -m mmgroupmamba.kernels.bench_dwconv [--sweep]
+
+For GroupMamba-T's shapes at batch 128, 224x224 (the Mamba layer's SiLU conv on C channels and the FFN's
+GELU conv on its hidden channels, each stage) and the detection shape: the forward and the backward
+(launchers only: pre-activation pass, transposed conv, reduction), median ms (triton.testing.do_bench),
+the minimal bytes over time as a fraction of copy bandwidth, and the PyTorch reference (cuDNN's depthwise
+conv, permutes, activation) forward + backward. Every shape is first checked against the reference.
+``--sweep`` also times a grid of tilings for the FFN convs of stages 1-3 (the defaults are chosen in triton_dwconv.choose_tiles).
+"""
+import argparse
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+from .bench import copy_bandwidth, log, rel_err
+from .reference import depthwise_conv_act_reference
+from .triton_dwconv import choose_tiles, dwconv_act_backward, dwconv_act_forward
+
+SHAPES = [  # name, batch, H, W, channels, activation
+    ('s1 layer', 128, 56, 56, 64, 'silu'), ('s1 ffn', 128, 56, 56, 512, 'gelu'),
+    ('s2 layer', 128, 28, 28, 128, 'silu'), ('s2 ffn', 128, 28, 28, 1024, 'gelu'),
+    ('s3 layer', 128, 14, 14, 348, 'silu'), ('s3 ffn', 128, 14, 14, 1392, 'gelu'),
+    ('s4 ffn', 128, 7, 7, 1792, 'gelu'), ('det ffn', 2, 200, 336, 512, 'gelu'),
+]
+SWEEP = dict(block_w=(8, 16, 32), block_c=(32, 64, 128), rows=(4, 8, 16), num_warps=(4, 8))
+SWEEP_SHAPES = ('s1 ffn', 's2 ffn', 's3 ffn')  # most of the conv time of a training step
+
+
+def inputs(batch, height, width, channels, dtype=torch.float16):
+    x = torch.randn(batch, height, width, channels, device='cuda', dtype=dtype)
+    weight = torch.randn(channels, 1, 3, 3, device='cuda') * 0.3
+    bias = torch.randn(channels, device='cuda') * 0.1
+    return x, weight, bias, torch.randn_like(x)
+
+
+def check(x, weight, bias, dout, activation):
+    x, dout = x[:2], dout[:2]  # two images are enough for the comparison
+    leaves = [t.float().detach().requires_grad_() for t in (x, weight, bias)]
+    expected = depthwise_conv_act_reference(*leaves, activation)
+    grads = torch.autograd.grad(expected, leaves, dout.float())
+    out = dwconv_act_forward(x, weight, bias, activation)
+    dx, dweight, dbias, _ = dwconv_act_backward(dout, x, weight, bias, activation)
+    return max(rel_err(a.float(), b) for a, b in zip((out, dx, dweight, dbias), (expected, *grads)))
+
+
+def time_ms(x, weight, bias, dout, activation, **tiling):
+    fwd = do_bench(lambda: dwconv_act_forward(x, weight, bias, activation, **tiling), return_mode='median')
+    bwd = do_bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation, **tiling),
+                   return_mode='median')
+    return fwd, bwd
+
+
+def reference_ms(x, weight, bias, dout, activation):
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+
+    def step():
+        with torch.autocast('cuda', dtype=x.dtype):
+            out = depthwise_conv_act_reference(*leaves, activation)
+        torch.autograd.grad(out, leaves, dout)
+
+    return do_bench(step, return_mode='median')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--sweep', action='store_true')
+    args = parser.parse_args(argv)
+    bandwidth = copy_bandwidth()
+    log(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16 maps')
+    log('| shape | B x H x W x C | max rel err | fwd ms | fwd %BW | bwd ms | bwd %BW | reference fwd+bwd ms '
+        '| tiles (fwd) |')
+    log('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+    for name, batch, height, width, channels, activation in SHAPES:
+        tensors = inputs(batch, height, width, channels)
+        err = check(*tensors, activation)
+        fwd, bwd = time_ms(*tensors, activation)
+        size = tensors[0].numel() * tensors[0].element_size()
+        # Minimal traffic: forward reads x, writes out; backward reads x and dout, writes dx.
+        fwd_bw, bwd_bw = 2 * size / (fwd * 1e-3) / bandwidth, 3 * size / (bwd * 1e-3) / bandwidth
+        ref = reference_ms(*tensors, activation)
+        log(f'| {name} | {batch}x{height}x{width}x{channels} | {err:.1e} | {fwd:.3f} | {fwd_bw:.0%} | {bwd:.3f} | '
+            f'{bwd_bw:.0%} | {ref:.3f} | {choose_tiles(tensors[0])} |')
+        if args.sweep and name in SWEEP_SHAPES:
+            timings = []
+            for block_w, block_c, rows, num_warps in itertools.product(*SWEEP.values()):
+                tiling = dict(block_w=block_w, block_c=block_c, rows=rows, num_warps=num_warps)
+                timings.append((time_ms(*tensors, activation, **tiling), tiling))
+            for label, index in (('fwd', 0), ('bwd', 1)):
+                (best, tiling) = min(timings, key=lambda t: t[0][index])
+                log(f'    best {label}: {best[index]:.3f} ms with {tiling}')
+        del tensors
+        torch.cuda.empty_cache()
+
+
+if __name__ == '__main__':
+    main()
