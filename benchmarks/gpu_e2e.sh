@@ -9,7 +9,8 @@
 # Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), det_graph (its CUDA-graph variant,
 # mask_rcnn_groupmamba_t_cuda_graph.py: training batches padded to 800x1344, here from the demo's 800x800), swin (mmdet's own Swin-T Mask R-CNN config, same data
 # and overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
-# compare it with det). Each run's log and a summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
+# compare it with det), ddp_graph (the same with the CUDA-graph config). Each run's log and a summary table
+# (benchmarks/summarize_logs.py) go to OUT_DIR.
 # Sizes: DET_IMAGES training images (default 300; one epoch at 2 images per GPU), SEG_ITERS (default 200);
 # STEP_TIMEOUT (seconds, default none) stops a run that takes longer, keeping its log.
 set -uo pipefail
@@ -98,6 +99,12 @@ for step in "$@"; do
       run ddp_2gpu python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch \
         --gpus 2 --work-dir "$work/ddp_2gpu" --cfg-options "${opts[@]}"
       summaries+=("$work/ddp_2gpu");;
+    ddp_graph)
+      make_det_data
+      mapfile -t opts < <(det_data_options)
+      run ddp_2gpu_graphs python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py --launcher pytorch \
+        --gpus 2 --work-dir "$work/ddp_2gpu_graphs" --cfg-options "${opts[@]}"
+      summaries+=("$work/ddp_2gpu_graphs");;
     *) echo "unknown step $step"; exit 2;;
   esac
 done
