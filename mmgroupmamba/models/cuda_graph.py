@@ -53,7 +53,9 @@ class _RecordedCall:
         self.differentiable = [o.requires_grad for o in outputs]
         self.static_outputs = [o.detach() for o in outputs]
         self.backward_graph = None
-        if params:
+        if not any(self.differentiable):
+            self.params = []  # e.g. only frozen stages' outputs are returned: nothing to differentiate
+        if self.params:
             self._record_backward(outputs, pool)
 
     def _record_backward(self, outputs, pool):
@@ -99,10 +101,10 @@ class _ReplayFunction(torch.autograd.Function):
             raise RuntimeError('CUDA graphs: backward through a graphed forward after a later graphed forward '
                                'overwrote its saved activations (e.g. backward with retain_graph=True after '
                                'another forward); run such code with cuda_graph=False')
-        for static, grad, differentiable in zip(recorded.static_grad_outputs, grad_outputs,
-                                                recorded.differentiable):
-            if differentiable:
-                static.copy_(grad)
+        # static_grad_outputs has one buffer per differentiable output (frozen stages give others).
+        grads = [grad for grad, differentiable in zip(grad_outputs, recorded.differentiable) if differentiable]
+        for static, grad in zip(recorded.static_grad_outputs, grads):
+            static.copy_(grad)
         recorded.backward_graph.replay()
         graphs.pending = None
         return (None, None, None, *recorded.param_grads())
@@ -190,7 +192,7 @@ class CudaGraphs:
         with torch.cuda.stream(side), _autocast_without_cache(x.device.type):
             for _ in range(WARMUP_PASSES):
                 outputs = [o for o in forward(x) if o.requires_grad]
-                if params:
+                if params and outputs:
                     torch.autograd.grad(outputs, params, [torch.ones_like(o) for o in outputs], allow_unused=True)
                 del outputs
         torch.cuda.current_stream(x.device).wait_stream(side)
