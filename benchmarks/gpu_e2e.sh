@@ -7,7 +7,7 @@
 # The UperNet schedule (1500 warm-up iterations, then poly decay to 160k) is scaled to SEG_ITERS: a tenth
 # warm-up, then the decay; left as is, the learning rate would stay near zero for the whole short run.
 # Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), det_graph (its CUDA-graph variant,
-# mask_rcnn_groupmamba_t_cuda_graph.py: training batches padded to 800x1344, here from the demo's 800x800), swin (mmdet's own Swin-T Mask R-CNN config, same data
+# mask_rcnn_groupmamba_t_cuda_graph.py: training batches padded to 800x1344, 1344x800 or 1344x1344), swin (mmdet's own Swin-T Mask R-CNN config, same data
 # and overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
 # compare it with det), ddp_graph (the same with the CUDA-graph config). Each run's log and a summary table
 # (benchmarks/summarize_logs.py) go to OUT_DIR.
@@ -17,10 +17,13 @@ set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
 work=${WORK:-/tmp/e2e}
-det_data=$work/data/shapes_coco
+det_data=$work/data/shapes_coco_mixed_sizes  # named for its sizes: a cache of older squares is not reused
 seg_data=$work/data/ade_demo
 det_iters_epochs=1   # DET_IMAGES at 2 per GPU: 150 iterations on one GPU by default
 det_images=${DET_IMAGES:-300}
+# Images of COCO's usual shapes (640x480, 640x427, 640x640, portrait), at half size: resized for Mask R-CNN to
+# 1067x800, 1200x800, 800x800 and portrait, so batches come in several padded sizes, as on COCO.
+det_sizes="--image-size 320 --aspect-ratios 1.333 1.5 1 0.75 0.667"
 seg_iters=${SEG_ITERS:-200}
 seg_warmup=$(( seg_iters >= 20 ? seg_iters / 10 : 1 ))
 step_timeout=${STEP_TIMEOUT:-0}
@@ -57,8 +60,8 @@ make_det_data() {
   mkdir -p "$work"
   # From $work: run from the repo root, python -m would import the source folder, which lacks the kernels.
   (cd "$work" &&
-   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images "$det_images" --image-size 256 --seed 0 &&
-   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split val --num-images 40 --image-size 256 --seed 1
+   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images "$det_images" $det_sizes --seed 0 &&
+   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split val --num-images 40 $det_sizes --seed 1
   ) > "$out/make_det_data.log" 2>&1 || { tail -20 "$out/make_det_data.log"; exit 1; }
 }
 

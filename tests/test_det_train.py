@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -22,15 +23,22 @@ DEMO_CONFIG = REPO / 'configs' / 'mmdet' / 'mask_rcnn_groupmamba_demo_shapes.py'
 T_CONFIG = REPO / 'configs' / 'mmdet' / 'mask_rcnn_groupmamba_t.py'
 
 
-def test_generated_annotations_are_coco_instances(tmp_path):
+@pytest.mark.parametrize('aspect_ratios, shapes', [
+    ((1.0, ), {(128, 128)}),
+    ((4 / 3, 0.75, 1.5), {(128, 96), (96, 128), (128, 85)}),  # (width, height), longer side 128
+])
+def test_generated_annotations_are_coco_instances(tmp_path, aspect_ratios, shapes):
     ann_file = tmp_path / 'annotations' / 'instances_val.json'
-    generate_shapes_coco(str(ann_file), str(tmp_path / 'val'), num_images=6, seed=3)
+    generate_shapes_coco(str(ann_file), str(tmp_path / 'val'), num_images=12, seed=3, aspect_ratios=aspect_ratios)
     coco = COCO(str(ann_file))
     assert [c['name'] for c in coco.loadCats(coco.getCatIds())] == list(SHAPE_CLASSES)
-    assert len(coco.getImgIds()) == 6
-    for image in coco.loadImgs(coco.getImgIds()):
+    assert len(coco.getImgIds()) == 12
+    images = coco.loadImgs(coco.getImgIds())
+    assert {(image['width'], image['height']) for image in images} == shapes
+    for image in images:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=image['id']))
-        assert 1 <= len(anns) <= 4 and (tmp_path / 'val' / image['file_name']).exists()
+        pixels = cv2.imread(str(tmp_path / 'val' / image['file_name']))
+        assert 1 <= len(anns) <= 4 and pixels.shape == (image['height'], image['width'], 3)
         for ann in anns:
             x, y, w, h = ann['bbox']
             mask = coco.annToMask(ann)
@@ -48,6 +56,8 @@ def test_cache_made_with_other_settings_is_refused(tmp_path):
     assert len(ShapesCocoDataset(**split, num_images=3, seed=0)) == 3  # read from the cache
     with pytest.raises(ValueError, match='num_images'):
         ShapesCocoDataset(**split, num_images=4, seed=0)
+    with pytest.raises(ValueError, match='aspect_ratios'):
+        ShapesCocoDataset(**split, num_images=3, seed=0, aspect_ratios=(1.0, 0.75))
 
 
 def test_runner_trains_evaluates_and_infers_small_groupmamba_mask_rcnn(tmp_path):

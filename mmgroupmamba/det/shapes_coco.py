@@ -56,20 +56,20 @@ def _contrasting_colour(rng, background):
             return colour
 
 
-def _draw_image(rng, image_size, max_objects, min_size, max_size):
+def _draw_image(rng, height, width, max_objects, min_size, max_size):
     """One image (H, W, 3 uint8 BGR) and its objects as (class index, polygon (N, 2) int32)."""
     background = rng.integers(0, 256, 3)
-    image = np.clip(background + rng.normal(0, 12, (image_size, image_size, 3)), 0, 255).astype(np.uint8)
-    occupied = np.zeros((image_size, image_size), bool)
+    image = np.clip(background + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+    occupied = np.zeros((height, width), bool)
     objects = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         # A few placements are tried; a shape that finds no free room is left out of this image.
         for _ in range(20):
             label = int(rng.integers(len(SHAPE_CLASSES)))
             size = rng.uniform(min_size, max_size)
-            center = rng.uniform(size / 2, image_size - size / 2, 2)
+            center = rng.uniform(size / 2, np.array([width, height]) - size / 2)  # (x, y)
             polygon = np.round(_shape_polygon(rng, SHAPE_CLASSES[label], center, size)).astype(np.int32)
-            mask = np.zeros((image_size, image_size), np.uint8)
+            mask = np.zeros((height, width), np.uint8)
             cv2.fillPoly(mask, [polygon], 1)
             # Keep a gap of 2 pixels to other shapes, so no shape hides part of another.
             if not (cv2.dilate(mask, np.ones((5, 5), np.uint8)).astype(bool) & occupied).any():
@@ -82,29 +82,54 @@ def _draw_image(rng, image_size, max_objects, min_size, max_size):
     return image, objects
 
 
-def generate_shapes_coco(ann_file, img_dir, num_images, image_size=128, max_objects=4, min_size=20, max_size=56,
-                         seed=0):
-    """Write ``num_images`` PNG images into ``img_dir`` and their COCO instance annotations to ``ann_file``.
+def image_shape(image_size, aspect_ratio):
+    """``(height, width)`` of an image whose longer side is ``image_size`` and whose width / height is
+    ``aspect_ratio``."""
+    if aspect_ratio >= 1:
+        return max(1, round(image_size / aspect_ratio)), image_size
+    return image_size, max(1, round(image_size * aspect_ratio))
 
-    The annotation file is written last, so its presence means the split is complete.
-    """
+
+def generator_settings(num_images, image_size, max_objects, min_size, max_size, seed, aspect_ratios):
+    """The settings a split is generated with, as its annotation file records them."""
     settings = dict(num_images=num_images, image_size=image_size, max_objects=max_objects, min_size=min_size,
                     max_size=max_size, seed=seed)
-    if not 0 < min_size <= max_size < image_size:
-        raise ValueError(f'ShapesCoco: need 0 < min_size <= max_size < image_size, got {settings}')
+    aspect_ratios = [float(r) for r in aspect_ratios]
+    if aspect_ratios != [1.0]:
+        settings['aspect_ratios'] = aspect_ratios  # absent for squares: caches written before it stay valid
+    return settings
+
+
+def generate_shapes_coco(ann_file, img_dir, num_images, image_size=128, max_objects=4, min_size=20, max_size=56,
+                         seed=0, aspect_ratios=(1.0, )):
+    """Write ``num_images`` PNG images into ``img_dir`` and their COCO instance annotations to ``ann_file``.
+
+    Images are ``image_size`` on their longer side, with a width / height ratio drawn from ``aspect_ratios``
+    per image (default: squares; e.g. ``(4 / 3, 3 / 2, 1, 3 / 4)`` mixes sizes like COCO's, so that batches come
+    in several padded sizes). The annotation file is written last, so its presence means the split is complete.
+    """
+    settings = generator_settings(num_images, image_size, max_objects, min_size, max_size, seed, aspect_ratios)
+    aspect_ratios = settings.get('aspect_ratios', [1.0])
+    shortest = min(min(image_shape(image_size, r)) for r in aspect_ratios) if aspect_ratios else 0
+    if not aspect_ratios or not 0 < min_size <= max_size < shortest:
+        raise ValueError(f'ShapesCoco: need 0 < min_size <= max_size < the shortest image side ({shortest}) and '
+                         f'at least one aspect ratio, got {settings}')
     rng = np.random.default_rng(seed)
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(osp.dirname(osp.abspath(ann_file)), exist_ok=True)
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
-        image, objects = _draw_image(rng, image_size, max_objects, min_size, max_size)
+        # Squares draw no ratio, so their images are the same as before aspect ratios existed.
+        ratio = aspect_ratios[int(rng.integers(len(aspect_ratios)))] if len(aspect_ratios) > 1 else aspect_ratios[0]
+        height, width = image_shape(image_size, ratio)
+        image, objects = _draw_image(rng, height, width, max_objects, min_size, max_size)
         file_name = f'{image_id:06d}.png'
         cv2.imwrite(osp.join(img_dir, file_name), image)
-        images.append(dict(id=image_id, file_name=file_name, width=image_size, height=image_size))
+        images.append(dict(id=image_id, file_name=file_name, width=width, height=height))
         for label, polygon in objects:
             segmentation = [polygon.reshape(-1).astype(float).tolist()]
             # Area and box of the polygon as the COCO tools rasterise it, as in COCO's own annotations.
-            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, image_size, image_size))
+            rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
             annotations.append(
                 dict(id=len(annotations) + 1, image_id=image_id, category_id=label + 1, iscrowd=0,
                      segmentation=segmentation, area=float(mask_utils.area(rle)),
@@ -133,7 +158,8 @@ class ShapesCocoDataset(CocoDataset):
 
     Args:
         num_images (int): images of this split.
-        image_size (int): side of the square images.
+        image_size (int): the images' longer side.
+        aspect_ratios (Sequence[float]): width / height ratios, one drawn per image (default: squares).
         max_objects (int): most shapes per image (at least one each).
         min_size, max_size (float): range of the shapes' extent in pixels.
         seed (int): random seed; give every split its own.
@@ -143,9 +169,9 @@ class ShapesCocoDataset(CocoDataset):
     METAINFO = dict(classes=SHAPE_CLASSES, palette=[(220, 20, 60), (0, 128, 255), (60, 180, 75)])
 
     def __init__(self, *args, num_images, image_size=128, max_objects=4, min_size=20, max_size=56, seed=0,
-                 **kwargs):
-        self.generator_settings = dict(num_images=num_images, image_size=image_size, max_objects=max_objects,
-                                       min_size=min_size, max_size=max_size, seed=seed)
+                 aspect_ratios=(1.0, ), **kwargs):
+        self.generator_settings = generator_settings(num_images, image_size, max_objects, min_size, max_size, seed,
+                                                     aspect_ratios)
         super().__init__(*args, **kwargs)
 
     def load_data_list(self):
