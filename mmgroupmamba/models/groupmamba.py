@@ -35,6 +35,8 @@ Why it is built this way: a GroupMamba step on the GPU is bound by host work per
 H200: ~3900 launches, 35 ms of kernels, 166 ms of wall time at 800x1344), so the layer is written for few
 launches: packed weights, fused Triton kernels (``mmgroupmamba.kernels``: scan, gated group norm, modulated
 LayerNorm, depthwise conv + activation), in-place reads of column slices, one addcmul for stochastic depth.
+For inputs of a few fixed sizes, ``cuda_graph=True`` replays the whole backbone's forward and backward from
+recorded CUDA graphs (:mod:`mmgroupmamba.models.cuda_graph`), which takes the host out of the step.
 """
 import functools
 import math
