@@ -25,7 +25,7 @@ SHAPES = [  # name, batch, H, W, channels, activation
     ('s3 layer', 128, 14, 14, 348, 'silu'), ('s3 ffn', 128, 14, 14, 1392, 'gelu'),
     ('s4 ffn', 128, 7, 7, 1792, 'gelu'), ('det ffn', 2, 200, 336, 512, 'gelu'),
 ]
-SWEEP = dict(block_w=(8, 16, 32), block_c=(32, 64, 128), rows=(4, 8, 16), num_warps=(4, 8))
+SWEEP = dict(block_w=(8, 16, 32), block_c=(32, 64), rows=(8, 16), num_warps=(4, 8), prefetch=(False, True))
 SWEEP_SHAPES = ('s1 ffn', 's2 ffn', 's3 ffn')  # most of the conv time of a training step
 
 
@@ -85,8 +85,8 @@ def main(argv=None):
             f'{bwd_bw:.0%} | {ref:.3f} | {choose_tiles(tensors[0])} |')
         if args.sweep and name in SWEEP_SHAPES:
             timings = []
-            for block_w, block_c, rows, num_warps in itertools.product(*SWEEP.values()):
-                tiling = dict(block_w=block_w, block_c=block_c, rows=rows, num_warps=num_warps)
+            for values in itertools.product(*SWEEP.values()):
+                tiling = dict(zip(SWEEP, values))
                 timings.append((time_ms(*tensors, activation, **tiling), tiling))
             for label, index in (('fwd', 0), ('bwd', 1)):
                 (best, tiling) = min(timings, key=lambda t: t[0][index])

@@ -112,7 +112,7 @@ def _load_weight_taps(Wt, c, C, FLIP: tl.constexpr):
 @triton.jit
 def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
                        stride_xb, stride_xh, stride_xw, stride_ob, stride_oh, stride_ow,
-                       ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
+                       ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, PREFETCH: tl.constexpr,
                        BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     _, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
         H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
@@ -133,16 +133,16 @@ def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_pro
     xl, xm, xr = _load_taps(x_base, h0, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
     acc += xl * w10 + xm * w11 + xr * w12
     nxt = xl * w00 + xm * w01 + xr * w02
-    # Rows are loaded one step ahead of their use, so that a row's loads are in flight while the previous
-    # row is computed: at 4 elements a thread, one row at a time left the loads' latency exposed (the
-    # profile had this kernel at about a third of copy bandwidth). It costs 2 registers (ptxas, sm_90: 77).
-    # The backward's pre-activation pass is not prefetched: at ~170 registers, 32 more would cost it one of
-    # its three resident blocks per SM.
+    # PREFETCH loads each row one step ahead of its use (see choose_tiles).
     last = tl.minimum(H, h_end + 1)  # the walk's last input row + 1
-    pl, pm, pr = _load_taps(x_base, h0 + 1, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+    if PREFETCH:
+        pl, pm, pr = _load_taps(x_base, h0 + 1, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
     for h in range(h0, h_end):
-        xl, xm, xr = pl, pm, pr
-        pl, pm, pr = _load_taps(x_base, h + 2, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+        if PREFETCH:
+            xl, xm, xr = pl, pm, pr
+            pl, pm, pr = _load_taps(x_base, h + 2, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+        else:
+            xl, xm, xr = _load_taps(x_base, h + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
         acc += xl * w20 + xm * w21 + xr * w22
         out = _activation(acc + bias, ACT)
         tl.store(o_base + tl.cast(h, tl.int64) * stride_oh + o_offs, out.to(Out.dtype.element_ty), mask=mid_ok)
@@ -153,7 +153,7 @@ def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_pro
 @triton.jit
 def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
                            stride_xb, stride_xh, stride_xw, stride_db, stride_dh, stride_dw,
-                           ACT: tl.constexpr, NEED_OUT: tl.constexpr,
+                           ACT: tl.constexpr, NEED_OUT: tl.constexpr, PREFETCH: tl.constexpr,
                            BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     tile, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
         H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
@@ -182,12 +182,25 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     g21 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     g22 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     gb = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    # PREFETCH loads the next input row and dout row one step ahead of their use (see choose_tiles).
+    # Masked-out elements get dout = 0, hence d_pre = 0, and add nothing to the sums.
+    last = tl.minimum(H, h_end + 1)
+    if PREFETCH:
+        pl, pm, pr = _load_taps(x_base, h0 + 1, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+        p_dout = tl.load(d_base + tl.cast(h0, tl.int64) * stride_dh + d_offs, mask=mid_ok, other=0.0)
     for h in range(h0, h_end):
-        bl, bm, br = _load_taps(x_base, h + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+        if PREFETCH:
+            bl, bm, br = pl, pm, pr
+            dout = p_dout.to(tl.float32)
+            pl, pm, pr = _load_taps(x_base, h + 2, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+            p_dout = tl.load(d_base + tl.cast(h + 1, tl.int64) * stride_dh + d_offs,
+                             mask=mid_ok & (h + 1 < h_end), other=0.0)
+        else:
+            bl, bm, br = _load_taps(x_base, h + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
+            dout = tl.load(d_base + tl.cast(h, tl.int64) * stride_dh + d_offs, mask=mid_ok,
+                           other=0.0).to(tl.float32)
         pre = (bias + al * w00 + am * w01 + ar * w02 + hl * w10 + hm * w11 + hr * w12
                + bl * w20 + bm * w21 + br * w22)
-        # Masked-out elements get dout = 0, hence d_pre = 0, and add nothing to the sums.
-        dout = tl.load(d_base + tl.cast(h, tl.int64) * stride_dh + d_offs, mask=mid_ok, other=0.0).to(tl.float32)
         d_pre = dout * _activation_grad(pre, ACT)
         row = p_base + tl.cast(h, tl.int64) * W * C + p_offs
         tl.store(DPre + row, d_pre.to(DPre.dtype.element_ty), mask=mid_ok)
@@ -222,8 +235,9 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     tl.store(part + 9 * C + c, tl.sum(gb, axis=0), mask=c_ok)
 
 
-def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None):
-    """Tiling for a ``(B, H, W, C)`` map: ``(block_w, block_c, rows, num_warps)``; any of them can be forced.
+def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None, prefetch=None):
+    """Tiling for a ``(B, H, W, C)`` map: ``(block_w, block_c, rows, num_warps, prefetch)``; any of them can
+    be forced.
 
     About 4 elements a thread (ptxas for sm_90: the forward then needs ~75 registers, the backward's
     pre-activation pass, which carries 9 input taps and 10 gradient sums through its walk, ~170, no spills;
@@ -231,14 +245,20 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
     (4 warps). Channels first, up to 64 (one or two cache lines a tile row), columns fill the rest, and
     channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 16, 8, 4, 2,
     1 that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk).
+
+    ``prefetch`` loads each input row (and, backward, dout row) one step ahead of its use, so that its loads
+    are in flight while the previous row is computed: at 4 elements a thread the loads' latency is otherwise
+    exposed (the bs128 profile had these kernels at about a third of copy bandwidth). On by default forward,
+    where it costs 2 registers (ptxas, sm_90: 77); off backward, where it costs 32 (168 -> 200) and one of
+    three resident blocks per SM. Neither default is timed yet: ``kernels/bench_dwconv.py --sweep`` times both.
     """
     # Under the interpreter, any small multiprocessor count makes the tests exercise several row blocks.
     return _tiles_for(tuple(x.shape), multiprocessors(x.device, interpreted=4), backward, block_w, block_c, rows,
-                      num_warps)
+                      num_warps, prefetch)
 
 
 @functools.lru_cache(maxsize=1024)  # asked four times per block per step; the answer is pure
-def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps):
+def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch):
     batch, height, width, channels = shape
     budget = 512 if backward else 1024
     if block_c is None:
@@ -255,7 +275,9 @@ def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps):
         rows = 16
         while rows > 1 and programs * triton.cdiv(height, rows) < target:
             rows //= 2
-    return block_w, block_c, rows, num_warps
+    if prefetch is None:
+        prefetch = not backward
+    return block_w, block_c, rows, num_warps, prefetch
 
 
 def _grid(shape, block_w, block_c, rows):
@@ -285,19 +307,20 @@ def _check(x, weight, bias, activation):
 
 
 def _conv_launch(x, taps, bias, out, act, has_bias, flip, tiles):
-    block_w, block_c, rows, num_warps = tiles
+    block_w, block_c, rows, num_warps, prefetch = tiles
     batch, height, width, channels = x.shape
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
     _dwconv_fwd_kernel[(programs,)](
         x, taps, bias, out, height, width, channels, n_cb, n_wb, n_rb, rows,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        ACT=act, HAS_BIAS=has_bias, FLIP=flip, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+        ACT=act, HAS_BIAS=has_bias, FLIP=flip, PREFETCH=prefetch, BLOCK_W=block_w, BLOCK_C=block_c,
+        num_warps=num_warps)
 
 
 def dwconv_act_forward(x, weight, bias, activation, **tiling):
     """``act(dwconv3x3(x) + bias)``: one launch; contiguous ``(B, H, W, C)`` in x's dtype.
 
-    ``tiling``: ``block_w``, ``block_c``, ``rows``, ``num_warps`` to force (see :func:`choose_tiles`).
+    ``tiling``: ``block_w``, ``block_c``, ``rows``, ``num_warps``, ``prefetch`` to force (see :func:`choose_tiles`).
     """
     _check(x, weight, bias, activation)
     x = _unit_channel_stride(x)
@@ -323,15 +346,15 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     taps = _taps(weight)
     d_pre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else None
-    block_w, block_c, rows, num_warps = choose_tiles(x, backward=True, **tiling)
+    block_w, block_c, rows, num_warps, prefetch = choose_tiles(x, backward=True, **tiling)
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
     part = torch.empty((programs // n_cb, 10 * channels), dtype=torch.float32, device=x.device)
     if d_pre.numel():
         _dwconv_bwd_pre_kernel[(programs,)](
             x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
-            dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, BLOCK_W=block_w, BLOCK_C=block_c,
-            num_warps=num_warps)
+            dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, BLOCK_W=block_w,
+            BLOCK_C=block_c, num_warps=num_warps)
     grads = part.sum(0)
     dweight = grads[:9 * channels].view(weight.shape).to(weight.dtype)
     dbias = grads[9 * channels:].to(bias.dtype)

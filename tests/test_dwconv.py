@@ -44,13 +44,20 @@ def triton_value_and_grads(x, weight, bias, dout, activation):
     ((2, 6, 1, 5), {}),             # one column
     ((1, 3, 4, 87), {}),            # channels not a power of two, one masked block
     ((1, 7, 9, 20), SMALL_TILES),   # 3 channel blocks, 3 column strips, 4 row walks (last one short)
+    ((1, 7, 9, 20), dict(SMALL_TILES, rows=3)),  # walks of 3 rows, the last one of 1
 ])
-def test_fp32_matches_float64_reference(activation, shape, tiles, monkeypatch):
+@pytest.mark.parametrize('prefetch', [False, True])  # forced for both kernels (defaults: forward on, backward off)
+def test_fp32_matches_float64_reference(activation, shape, tiles, prefetch, monkeypatch):
     gen = torch.Generator().manual_seed(sum(shape))
     x, weight, bias, dout = make_inputs(shape, gen)
+    choose_tiles = triton_dwconv.choose_tiles
     if tiles:
         monkeypatch.setattr(triton_dwconv, 'choose_tiles',
-                            lambda t, backward=False, **kw: (tiles['block_w'], tiles['block_c'], tiles['rows'], 1))
+                            lambda t, backward=False, **kw: (tiles['block_w'], tiles['block_c'], tiles['rows'], 1,
+                                                             prefetch))
+    else:
+        monkeypatch.setattr(triton_dwconv, 'choose_tiles',
+                            lambda t, backward=False, **kw: choose_tiles(t, backward, prefetch=prefetch))
     fast = triton_value_and_grads(x, weight, bias, dout, activation)
     ref = reference_value_and_grads(x, weight, bias, dout, activation)
     for name, a, r in zip(['out', 'dx', 'dweight', 'dbias'], fast, ref):
