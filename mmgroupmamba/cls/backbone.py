@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmpretrain.registry import MODELS
 
-from mmgroupmamba.models.groupmamba import STAGE_NORM_EPS, GroupMamba, GroupMambaLayer, init_official_weights
+from mmgroupmamba.models.groupmamba import (STAGE_NORM_EPS, GroupMamba, GroupMambaLayer, apply_layer_norm,
+                                             init_official_weights)
 
 
 class PlainFFN(nn.Module):
@@ -64,8 +65,8 @@ class GroupMambaClsBackbone(GroupMamba):
         for i in range(self.num_stages):
             x = self.forward_stage(i, x)
             if i < last:
-                x = getattr(self, f'norm{i + 1}')(x)
+                x = apply_layer_norm(getattr(self, f'norm{i + 1}'), x)
         token = x.mean((1, 2), keepdim=True)  # (B, 1, 1, C): the raw last-stage tokens, pooled
         for block in self.post_network:
             token = block(token)
-        return (getattr(self, f'norm{last + 1}')(token.flatten(1)), )
+        return (apply_layer_norm(getattr(self, f'norm{last + 1}'), token.flatten(1)), )
