@@ -13,10 +13,10 @@ How it stays correct:
   stale after the first optimizer step.
 * Every replay copies the input in and returns fresh copies of the outputs, and parameter gradients come
   out of one fresh buffer per dtype; nothing handed out aliases graph memory that a later replay rewrites.
-* All graphs of one module share one memory pool. That is safe while one graphed forward's saved
-  activations are still needed by its backward, no other replay runs: a forward whose predecessor's
-  backward has not run yet (and whose autograd graph is still alive) runs eagerly instead, and a backward
-  whose activations a later replay overwrote raises.
+* All graphs of one module share one memory pool. Sharing is safe as long as no other replay runs between a
+  graphed forward and its backward, which reads the activations saved in the pool. So a forward whose
+  predecessor's backward has not run yet (and whose autograd graph is still alive) runs eagerly instead,
+  and a backward whose activations a later replay overwrote raises.
 * At most ``MAX_SIGNATURES`` signatures are recorded (each keeps its static tensors); inputs of further
   signatures run eagerly. Every recording, and the first eager fallback of each kind, is logged.
 """
