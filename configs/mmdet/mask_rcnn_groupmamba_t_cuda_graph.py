@@ -2,6 +2,9 @@
 # backbone step is bound by the host issuing ~3900 launches (README, Speed). Training batches are padded to
 # one of three sizes, so every one replays a recorded graph (mmgroupmamba.det.BatchPadToFixedSizes). Test
 # images keep their own sizes: the first 8 sizes are recorded, later ones run eagerly.
+# Accuracy is not measured yet: the extra padding reaches further into GroupMamba's features than into a conv
+# net's (the channel affinity averages over the whole map, the scans run through the padded area), and test
+# images are padded less than training batches.
 _base_ = './mask_rcnn_groupmamba_t.py'
 
 model = dict(
