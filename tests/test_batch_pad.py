@@ -37,7 +37,9 @@ def batch(*sizes):
 
 
 @pytest.mark.parametrize('sizes, padded', [
-    ([(600, 1000), (640, 900)], (800, 1344)),     # landscape
+    ([(600, 1000), (640, 900)], (800, 1088)),     # landscape: the smallest listed size that holds 640x1024
+    ([(800, 1199), (800, 1066)], (800, 1216)),    # COCO's 640x427 at Mask R-CNN's scale: no extra padding
+    ([(750, 1333), (800, 1066)], (800, 1344)),    # wide
     ([(1000, 600), (1333, 750)], (1344, 800)),    # portrait
     ([(800, 1066), (1066, 800)], (1344, 1344)),   # mixed
 ])

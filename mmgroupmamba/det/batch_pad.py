@@ -8,11 +8,12 @@ from torch import nn
 class BatchPadToFixedSizes(nn.Module):
     """Pads each batch to the first of ``sizes`` that holds it: mmdet's ``BatchFixedSizePad`` with a list.
 
-    Why: ``GroupMamba(cuda_graph=True)`` replays graphs recorded per input size (at most 8). Mask R-CNN's
+    Why: ``GroupMamba(cuda_graph=True)`` replays graphs recorded per input size (at most 16). Mask R-CNN's
     keep-ratio resize to (1333, 800) and padding to multiples of 32 give dozens of batch sizes on COCO; padded
-    to (800, 1344) when landscape, (1344, 800) when portrait and (1344, 1344) when mixed, every batch replays
-    one of three graphs, for a fraction more pixels. Used as a ``batch_augments`` entry of the detector's
-    ``data_preprocessor`` (training batches only, as mmdet applies batch augments).
+    to a few listed sizes (``configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py`` lists seven), every batch
+    replays one of a few graphs, for a little more padding. List the sizes smallest first. Used as a
+    ``batch_augments`` entry of the detector's ``data_preprocessor`` (training batches only, as mmdet
+    applies batch augments).
 
     Args:
         sizes (Sequence[tuple[int, int]]): ``(h, w)`` sizes, tried in order.

@@ -26,7 +26,7 @@ import weakref
 import torch
 from mmengine.logging import print_log
 
-MAX_SIGNATURES = 8
+MAX_SIGNATURES = 16  # e.g. 7 padded detection training sizes, and test sizes
 WARMUP_PASSES = 2
 
 
@@ -41,7 +41,7 @@ def _autocast_without_cache(device_type):
 class _RecordedCall:
     """The graphs of one signature and the static tensors they read and write."""
 
-    def __init__(self, forward, x, params, pool):
+    def __init__(self, forward, x, params, pool, grad_buffers):
         self.params = params  # the parameters that get gradients (empty without grad)
         self.static_input = x.detach().clone()
         with _autocast_without_cache(x.device.type):
@@ -56,19 +56,22 @@ class _RecordedCall:
         if not any(self.differentiable):
             self.params = []  # e.g. only frozen stages' outputs are returned: nothing to differentiate
         if self.params:
-            self._record_backward(outputs, pool)
+            self._record_backward(outputs, pool, grad_buffers)
 
-    def _record_backward(self, outputs, pool):
+    def _record_backward(self, outputs, pool, grad_buffers):
         outputs = [o for o in outputs if o.requires_grad]
         self.static_grad_outputs = [torch.empty_like(o) for o in outputs]
         self.backward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode='thread_local'):
             grads = torch.autograd.grad(outputs, self.params, self.static_grad_outputs, allow_unused=True)
-            # Gradients land in one flat buffer per dtype, so that handing them out is one copy per dtype.
+            # Gradients land in one flat buffer per dtype, so that handing them out is one copy per dtype. The
+            # buffers live outside the pool and are shared by all signatures: each replay's are copied out
+            # before any other replay runs.
             self.grad_layout = []  # (dtype, flat buffer, [(param index, numel, shape)])
             for dtype in dict.fromkeys(g.dtype for g in grads if g is not None):
                 members = [(i, g) for i, g in enumerate(grads) if g is not None and g.dtype == dtype]
-                flat = torch.cat([g.reshape(-1) for _, g in members])
+                flat = grad_buffers[dtype][:sum(g.numel() for _, g in members)]
+                torch.cat([g.reshape(-1) for _, g in members], out=flat)
                 self.grad_layout.append((dtype, flat, [(i, g.numel(), g.shape) for i, g in members]))
 
     def param_grads(self):
@@ -128,6 +131,7 @@ class CudaGraphs:
         self.pending = None  # weakref to the autograd context of a forward whose backward has not run
         self.replays = 0
         self.warned = set()
+        self.grad_buffers = {}  # dtype -> flat gradient buffer shared by all signatures
         self.members = None  # the module's parameters and submodules, listed once: walking them costs ~1 ms
 
     def __deepcopy__(self, memo):
@@ -199,4 +203,8 @@ class CudaGraphs:
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-        return _RecordedCall(forward, x, params, self.pool)
+        for dtype in {p.dtype for p in params}:
+            if dtype not in self.grad_buffers:  # room for every parameter of that dtype, whichever get gradients
+                numel = sum(p.numel() for p in self.members[0] if p.dtype == dtype)
+                self.grad_buffers[dtype] = torch.empty(numel, dtype=dtype, device=x.device)
+        return _RecordedCall(forward, x, params, self.pool, self.grad_buffers)
