@@ -207,4 +207,8 @@ class CudaGraphs:
             if dtype not in self.grad_buffers:  # room for every parameter of that dtype, whichever get gradients
                 numel = sum(p.numel() for p in self.members[0] if p.dtype == dtype)
                 self.grad_buffers[dtype] = torch.empty(numel, dtype=dtype, device=x.device)
-        return _RecordedCall(forward, x, params, self.pool, self.grad_buffers)
+        try:
+            return _RecordedCall(forward, x, params, self.pool, self.grad_buffers)
+        except RuntimeError as error:
+            raise RuntimeError(f'{self.name}: recording CUDA graphs for input {tuple(x.shape)} failed (an op that '
+                               f'cannot be captured, e.g. a host sync?); cuda_graph=False runs eagerly') from error
