@@ -37,11 +37,16 @@ def check_golden(path):
     assert max(errors) <= 1e-4
 
 
+def ramp_loss(outs):
+    """A loss whose gradient differs at every output element (a plain sum would give uniform gradients)."""
+    return sum((o.float() * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).mean() for o in outs)
+
+
 def run_with(impl, model, x):
     os.environ['MMGM_SCAN_IMPL'] = impl
     model.zero_grad(set_to_none=True)
     outs = model(x)
-    sum((o * torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)).sum() for o in outs).backward()
+    ramp_loss(outs).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     return [o.detach() for o in outs], grads
 
@@ -73,7 +78,7 @@ def check_cuda_graphs(steps=6):
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast('cuda', dtype=torch.float16):
                 outs = model(inputs[step % 2])
-            loss = sum((o.float() * torch.linspace(-1, 1, o.numel(), device='cuda').view_as(o)).mean() for o in outs)
+            loss = ramp_loss(outs)
             loss.backward()
             optimizer.step()
             losses[model].append(loss.item())
@@ -119,7 +124,7 @@ def check_cuda_graphs(steps=6):
         for _ in range(2):  # the second call replays
             model.zero_grad(set_to_none=True)
             outs = model(inputs[0])
-            sum((o.float() * torch.linspace(-1, 1, o.numel(), device='cuda').view_as(o)).mean() for o in outs).backward()
+            ramp_loss(outs).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and not any(n.startswith('block1.') for n in grads[0])
     frozen_err = max(rel_err(grads[1][n], g) for n, g in grads[0].items() if g.norm() > 0)

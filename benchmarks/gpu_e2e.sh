@@ -66,26 +66,21 @@ make_det_data() {
 }
 
 summaries=()
+det_run() {  # name, config, then mim options; runs on the first GPU unless --launcher pytorch asks for more
+  local name=$1 config=$2; shift 2
+  make_det_data
+  mapfile -t opts < <(det_data_options)
+  local gpus=(env CUDA_VISIBLE_DEVICES=0)
+  [[ " $* " == *" --launcher pytorch "* ]] && gpus=()
+  run "$name" "${gpus[@]}" python3 -m mim train mmdet "$config" --work-dir "$work/$name" "$@" --cfg-options "${opts[@]}"
+  summaries+=("$work/$name")
+}
+
 for step in "$@"; do
   case $step in
-    det)
-      make_det_data
-      mapfile -t opts < <(det_data_options)
-      run det_groupmamba_t env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py \
-        --work-dir "$work/det_groupmamba_t" --cfg-options "${opts[@]}"
-      summaries+=("$work/det_groupmamba_t");;
-    det_graph)
-      make_det_data
-      mapfile -t opts < <(det_data_options)
-      run det_groupmamba_t_graphs env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py \
-        --work-dir "$work/det_groupmamba_t_graphs" --cfg-options "${opts[@]}"
-      summaries+=("$work/det_groupmamba_t_graphs");;
-    swin)
-      make_det_data
-      mapfile -t opts < <(det_data_options)
-      run det_swin_t env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmdet "$mmdet_cfgs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py" \
-        --work-dir "$work/det_swin_t" --amp --cfg-options "${opts[@]}"
-      summaries+=("$work/det_swin_t");;
+    det) det_run det_groupmamba_t configs/mmdet/mask_rcnn_groupmamba_t.py;;
+    det_graph) det_run det_groupmamba_t_graphs configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py;;
+    swin) det_run det_swin_t "$mmdet_cfgs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py" --amp;;
     seg)
       [ -d "$seg_data" ] || (mkdir -p "$work" && cd "$work" &&  # not from the repo root: see make_det_data
         python3 -m mmgroupmamba.seg.make_demo_data --out "$seg_data" --num-train 200 --num-val 20)
@@ -96,18 +91,8 @@ for step in "$@"; do
         default_hooks.checkpoint.interval=$seg_iters default_hooks.logger.interval=10 \
         param_scheduler.0.end=$seg_warmup param_scheduler.1.begin=$seg_warmup param_scheduler.1.end=$seg_iters
       summaries+=("$work/seg_groupmamba_t");;
-    ddp)
-      make_det_data
-      mapfile -t opts < <(det_data_options)
-      run ddp_2gpu python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch \
-        --gpus 2 --work-dir "$work/ddp_2gpu" --cfg-options "${opts[@]}"
-      summaries+=("$work/ddp_2gpu");;
-    ddp_graph)
-      make_det_data
-      mapfile -t opts < <(det_data_options)
-      run ddp_2gpu_graphs python3 -m mim train mmdet configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py --launcher pytorch \
-        --gpus 2 --work-dir "$work/ddp_2gpu_graphs" --cfg-options "${opts[@]}"
-      summaries+=("$work/ddp_2gpu_graphs");;
+    ddp) det_run ddp_2gpu configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch --gpus 2;;
+    ddp_graph) det_run ddp_2gpu_graphs configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py --launcher pytorch --gpus 2;;
     *) echo "unknown step $step"; exit 2;;
   esac
 done

@@ -67,17 +67,17 @@ class _RecordedCall:
             # Gradients land in one flat buffer per dtype, so that handing them out is one copy per dtype. The
             # buffers live outside the pool and are shared by all signatures: each replay's are copied out
             # before any other replay runs.
-            self.grad_layout = []  # (dtype, flat buffer, [(param index, numel, shape)])
+            self.grad_layout = []  # (flat buffer, [(param index, numel, shape)]) per dtype
             for dtype in dict.fromkeys(g.dtype for g in grads if g is not None):
                 members = [(i, g) for i, g in enumerate(grads) if g is not None and g.dtype == dtype]
                 flat = grad_buffers[dtype][:sum(g.numel() for _, g in members)]
                 torch.cat([g.reshape(-1) for _, g in members], out=flat)
-                self.grad_layout.append((dtype, flat, [(i, g.numel(), g.shape) for i, g in members]))
+                self.grad_layout.append((flat, [(i, g.numel(), g.shape) for i, g in members]))
 
     def param_grads(self):
         """Fresh copies of the last backward replay's parameter gradients (None where a parameter got none)."""
         grads = [None] * len(self.params)
-        for _, flat, members in self.grad_layout:
+        for flat, members in self.grad_layout:
             pieces = flat.clone().split([numel for _, numel, _ in members])
             for (i, _, shape), piece in zip(members, pieces):
                 grads[i] = piece.view(shape)
@@ -159,9 +159,9 @@ class CudaGraphs:
         if self.members is None:
             self.members = (list(module.parameters()), list(module.modules()))
         params, modules = self.members
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         if x.requires_grad:
             return self._eager(forward, x, 'the input requires grad, the graphs give gradients to parameters only')
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         device = x.device.type
         signature = (tuple(x.shape), x.dtype, x.device, needs_grad, torch.is_inference_mode_enabled(),
                      torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),
