@@ -1,7 +1,9 @@
 """CUDA-graph option of the backbone: what holds without a GPU (the graphs themselves are checked on the GPU
 by ``benchmarks/check_gpu.py``)."""
 import copy
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from log_capture import mmengine_messages
 from mmgroupmamba import GroupMamba
 from mmgroupmamba.cls.backbone import GroupMambaClsBackbone
+from mmgroupmamba.models.cuda_graph import _garbage_collected_first
 
 
 @pytest.mark.parametrize('cls', [GroupMamba, GroupMambaClsBackbone])
@@ -40,3 +43,32 @@ def test_copies_start_without_graphs():
         assert copied._cuda_graphs is not model._cuda_graphs
         assert copied._cuda_graphs.recorded == {} and copied._cuda_graphs.warned == set()
         assert copied._cuda_graphs.members is None  # would otherwise list the original's parameters
+
+
+def test_model_freed_without_garbage_collection():
+    """The graphs' bookkeeping must not hold the module in a reference cycle: its graphs and their memory
+    pool would live on until a collection, which could then run in the middle of another capture."""
+    model = GroupMamba(arch='tiny', cuda_graph=True)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert model._cuda_graphs.members is not None
+    collected = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert collected() is None
+    finally:
+        gc.enable()
+
+
+def test_recording_collects_garbage_then_pauses_the_collector():
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.itself = cycle
+    dead = weakref.ref(cycle)
+    del cycle
+    with _garbage_collected_first():
+        assert dead() is None and not gc.isenabled()
+    assert gc.isenabled()

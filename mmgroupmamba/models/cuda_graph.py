@@ -21,6 +21,7 @@ How it stays correct:
   signatures run eagerly. Every recording, and the first eager fallback of each kind, is logged.
 """
 import contextlib
+import gc
 import weakref
 
 import torch
@@ -36,6 +37,24 @@ def _autocast_without_cache(device_type):
     with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), enabled=enabled,
                         cache_enabled=False):
         yield
+
+
+@contextlib.contextmanager
+def _garbage_collected_first():
+    """Collect garbage now and keep Python's collector off until the block ends.
+
+    A CUDA graph destroyed while another is being captured frees device memory mid-capture, which invalidates
+    that capture (seen on an H100: an earlier model's graphs, dead in a reference cycle, were collected during
+    a backward capture). torch >= 2.10 no longer collects garbage before a capture, so it is done here.
+    """
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class _RecordedCall:
@@ -132,7 +151,10 @@ class CudaGraphs:
         self.replays = 0
         self.warned = set()
         self.grad_buffers = {}  # dtype -> flat gradient buffer shared by all signatures
-        self.members = None  # the module's parameters and submodules, listed once: walking them costs ~1 ms
+        # The module's parameters and submodules below it, listed once (walking them costs ~1 ms). The module
+        # itself is left out: holding it would put the module in a reference cycle, and its graphs would
+        # outlive it until a garbage collection.
+        self.members = None
 
     def __deepcopy__(self, memo):
         return CudaGraphs(self.name)
@@ -151,21 +173,21 @@ class CudaGraphs:
         return forward(x)
 
     def __call__(self, module, forward, x):
+        if self.members is None:
+            self.members = (list(module.parameters()), list(module.modules())[1:])
+        params, submodules = self.members
         if not x.is_cuda:
             return self._eager(forward, x, f'the input is on {x.device.type}, CUDA graphs need CUDA tensors')
         if self.pending is not None and self.pending() is not None:
             return self._eager(forward, x, 'a graphed forward is still waiting for its backward (two forwards '
                                            'before one backward, or a forward whose result was kept unused)')
-        if self.members is None:
-            self.members = (list(module.parameters()), list(module.modules()))
-        params, modules = self.members
         if x.requires_grad:
             return self._eager(forward, x, 'the input requires grad, the graphs give gradients to parameters only')
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         device = x.device.type
         signature = (tuple(x.shape), x.dtype, x.device, needs_grad, torch.is_inference_mode_enabled(),
                      torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),
-                     tuple(m.training for m in modules),
+                     module.training, tuple(m.training for m in submodules),
                      tuple((p.data_ptr(), p.dtype, p.requires_grad) for p in params))
         recorded = self.recorded.get(signature)
         if recorded is None:
@@ -208,7 +230,8 @@ class CudaGraphs:
                 numel = sum(p.numel() for p in self.members[0] if p.dtype == dtype)
                 self.grad_buffers[dtype] = torch.empty(numel, dtype=dtype, device=x.device)
         try:
-            return _RecordedCall(forward, x, params, self.pool, self.grad_buffers)
+            with _garbage_collected_first():
+                return _RecordedCall(forward, x, params, self.pool, self.grad_buffers)
         except RuntimeError as error:
             raise RuntimeError(f'{self.name}: recording CUDA graphs for input {tuple(x.shape)} failed (an op that '
                                f'cannot be captured, e.g. a host sync?); cuda_graph=False runs eagerly') from error
