@@ -10,7 +10,7 @@ For every model:
   one, whose step waits for that flag on the host);
 * inference throughput: bs 128, AMP fp16;
 * peak training memory in the steady state, as reserved by the caching allocator (it includes the pool that
-  graph replays use; allocated memory, which misses it, is printed beside);
+  graph replays use; allocated memory, which misses it, is printed beside, and so is the graph pools' part);
 * the detection-size backbone step: bs 2, 800x1344, forward + backward under AMP.
 
 Swin-T is mmdet's own, built from its Mask R-CNN config; the classifiers are each backbone + global average
@@ -126,6 +126,9 @@ def classification_numbers(model, batch, steps, adamw):
     train_s = timed(train_step, steps, warmup=0)
     allocated = torch.cuda.max_memory_allocated() / 2**30
     reserved = torch.cuda.max_memory_reserved() / 2**30
+    # Segments of private pools (those of recorded graphs): how much of the reserved memory they hold.
+    graph_pool = sum(seg['total_size'] for seg in torch.cuda.memory_snapshot()
+                     if tuple(seg['segment_pool_id']) != (0, 0)) / 2**30
     del optimizer
     model.eval()
 
@@ -136,7 +139,8 @@ def classification_numbers(model, batch, steps, adamw):
 
     infer_s = timed(infer_step, steps)
     model.cpu()
-    return dict(train=batch / train_s, infer=batch / infer_s, allocated=allocated, reserved=reserved)
+    return dict(train=batch / train_s, infer=batch / infer_s, allocated=allocated, reserved=reserved,
+                graph_pool=graph_pool)
 
 
 def detection_step_ms(backbone, steps):
@@ -181,13 +185,13 @@ def main():
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
           f'AdamW {args.adamw}, steps {args.steps}')
     print('| model | train img/s | x Swin-T | infer img/s | x Swin-T | train peak reserved GiB | x Swin-T '
-          '| (allocated GiB) | det step ms (bs2 800x1344) | x Swin-T |')
-    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+          '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin-T |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for name, r in results.items():
         det = (f'{r["det_ms"]:.1f} | {r["det_ms"] / base["det_ms"]:.2f}' if 'det_ms' in r else '- | -')
         print(f'| {name} | {r["train"]:.0f} | {r["train"] / base["train"]:.2f} | {r["infer"]:.0f} | '
               f'{r["infer"] / base["infer"]:.2f} | {r["reserved"]:.1f} | {r["reserved"] / base["reserved"]:.2f} | '
-              f'{r["allocated"]:.1f} | {det} |')
+              f'{r["allocated"]:.1f} | {r["graph_pool"]:.1f} | {det} |')
 
 
 if __name__ == '__main__':

@@ -17,10 +17,11 @@ set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
 work=${WORK:-/tmp/e2e}
-det_data=$work/data/shapes_coco_mixed_sizes  # named for its sizes: a cache of older squares is not reused
-seg_data=$work/data/ade_demo
 det_iters_epochs=1   # DET_IMAGES at 2 per GPU: 150 iterations on one GPU by default
 det_images=${DET_IMAGES:-300}
+# Named for its sizes and count: a cached set of other images is not reused.
+det_data=$work/data/shapes_coco_mixed_sizes_$det_images
+seg_data=$work/data/ade_demo
 # Images of COCO's usual shapes (640x480, 640x427, 640x640, portrait), at half size: resized for Mask R-CNN to
 # 1067x800, 1200x800, 800x800 and portrait, so batches come in several padded sizes, as on COCO.
 det_sizes="--image-size 320 --aspect-ratios 1.333 1.5 1 0.75 0.667"

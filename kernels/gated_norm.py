@@ -1,4 +1,8 @@
-"""The fused per-group LayerNorm + SiLU gate that follows the scan in a GroupMamba layer, and LayerNorm."""
+"""The fused per-group LayerNorm + SiLU gate that follows the scan in a GroupMamba layer, and LayerNorm.
+
+Each norm also comes followed by a linear layer (``*_linear``): on CUDA that pair keeps for backward only
+what the norm keeps, not the norm's output as well (see ``triton_gated_norm.NormLinearFn``).
+"""
 import torch.nn.functional as F
 
 from .reference import gated_group_norm_reference, modulated_layer_norm_reference
@@ -47,3 +51,27 @@ def modulated_layer_norm(y, x, scale, weight, bias, eps):
         from .triton_gated_norm import modulated_layer_norm_triton
         return modulated_layer_norm_triton(y, x, scale, weight, bias, eps)
     return modulated_layer_norm_reference(y, x, scale, weight, bias, eps)
+
+
+def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, linear_bias=None):
+    """``F.linear(gated_group_norm(y, z, weight, bias, groups, eps), linear_weight, linear_bias)``."""
+    if use_triton(y):
+        from .triton_gated_norm import gated_group_norm_linear_triton
+        return gated_group_norm_linear_triton(y, z, weight, bias, groups, eps, None, linear_weight, linear_bias)
+    return F.linear(gated_group_norm_reference(y, z, weight, bias, groups, eps), linear_weight, linear_bias)
+
+
+def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None):
+    """``F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)``."""
+    if use_triton(x):
+        from .triton_gated_norm import gated_group_norm_linear_triton
+        return gated_group_norm_linear_triton(x, None, weight, bias, 1, eps, out_dtype, linear_weight, linear_bias)
+    return F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)
+
+
+def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None):
+    """``F.linear(modulated_layer_norm(y, x, scale, weight, bias, eps), linear_weight, linear_bias)``."""
+    if use_triton(y):
+        from .triton_gated_norm import modulated_layer_norm_linear_triton
+        return modulated_layer_norm_linear_triton(y, x, scale, weight, bias, eps, linear_weight, linear_bias)
+    return F.linear(modulated_layer_norm_reference(y, x, scale, weight, bias, eps), linear_weight, linear_bias)

@@ -13,6 +13,7 @@ The modulated variant normalises ``y * x * scale`` (scale per image and channel)
 layer's channel-affinity modulation and its output LayerNorm, in one pass and without keeping the product.
 """
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -56,10 +57,10 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z
 
 
 @triton.jit
-def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPart, N, stride_do, stride_y,
-                           stride_z, stride_dy, stride_dz, C,
+def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPart, Out, N, stride_do, stride_y,
+                           stride_z, stride_dy, stride_dz, stride_o, C,
                            GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           GATED: tl.constexpr):
+                           GATED: tl.constexpr, STORE_OUT: tl.constexpr):
     pid = tl.program_id(0)
     rows, offs, row_ok, col_ok, mask, rows64 = _row_tile(N, D, BLOCK_N, BLOCK_D)
     for g in tl.static_range(GROUPS):
@@ -70,17 +71,22 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPa
         rstd = tl.load(Rstd + rows * GROUPS + g, mask=row_ok, other=0.0)
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
         y_hat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
-        if GATED:
+        if GATED or STORE_OUT:
             b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-            z = tl.load(Z + rows64 * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             normed = y_hat * w[None, :] + b[None, :]
+        if GATED:
+            z = tl.load(Z + rows64 * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             d_normed = tl.where(mask, dout * z * sig, 0.0)
             # d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
             dz = dout * normed * sig * (1.0 + z * (1.0 - sig))
             tl.store(DZ + rows64 * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+            if STORE_OUT:
+                normed = normed * z * sig
         else:
             d_normed = tl.where(mask, dout, 0.0)
+        if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
+            tl.store(Out + rows64 * stride_o + cols[None, :], normed.to(Out.dtype.element_ty), mask=mask)
         dy_hat = d_normed * w[None, :]
         mean_dy_hat = tl.sum(dy_hat, axis=1) / D
         mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / D
@@ -102,11 +108,13 @@ def _rows(t, channels):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-class GatedGroupNormFn(torch.autograd.Function):
-    """``z=None``: plain per-group LayerNorm (``groups=1``: LayerNorm), without the gate."""
+class GatedGroupNorm:
+    """Launches of the gated group norm kernels: ``forward`` returns the output, the tensors its backward
+    needs and the call's constants; ``backward`` the input gradients and, when asked, the recomputed output.
+    ``z=None``: plain per-group LayerNorm (``groups=1``: LayerNorm), without the gate."""
 
     @staticmethod
-    def forward(ctx, y, z, weight, bias, groups, eps, out_dtype):
+    def forward(y, z, weight, bias, groups, eps, out_dtype):
         shape, channels = y.shape, y.shape[-1]
         gated = z is not None
         y2 = _rows(y, channels)
@@ -119,31 +127,33 @@ class GatedGroupNormFn(torch.autograd.Function):
         _gated_norm_fwd_kernel[(triton.cdiv(n, block_n),)](
             y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
             GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
-        ctx.save_for_backward(y2, z2 if gated else None, weight, bias, mean, rstd)
-        ctx.groups, ctx.shape = groups, shape
-        ctx.z_shape = z.shape if gated else None
-        return out.view(shape)
+        saved = (y2, z2 if gated else None, weight, bias, mean, rstd)
+        return out.view(shape), saved, (groups, shape, z.shape if gated else None, out_dtype)
 
     @staticmethod
-    def backward(ctx, dout):
-        y2, z2, weight, bias, mean, rstd = ctx.saved_tensors
-        groups, gated = ctx.groups, z2 is not None
+    def backward(dout, saved, constants, need_output):
+        y2, z2, weight, bias, mean, rstd = saved
+        groups, shape, z_shape, out_dtype = constants
+        gated = z2 is not None
         n, channels = y2.shape
         dout2 = _rows(dout, channels)
         dy = torch.empty_like(y2, memory_format=torch.contiguous_format)
         dz = torch.empty_like(z2, memory_format=torch.contiguous_format) if gated else dy
+        out = torch.empty((n, channels), dtype=out_dtype, device=y2.device) if need_output else dy
         block_n, block_d = _tiles(channels // groups)
         programs = triton.cdiv(n, block_n)
         # Weight and bias partial sums in one buffer: one reduction for both.
         dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y2.device)
         dw_part, db_part = dwb_part
         _gated_norm_bwd_kernel[(programs,)](
-            dout2, y2, z2 if gated else y2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, n, dout2.stride(0),
-            y2.stride(0), (z2 if gated else y2).stride(0), dy.stride(0), dz.stride(0), channels,
-            GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
+            dout2, y2, z2 if gated else y2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, out, n,
+            dout2.stride(0), y2.stride(0), (z2 if gated else y2).stride(0), dy.stride(0), dz.stride(0),
+            out.stride(0), channels, GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
+            GATED=gated, STORE_OUT=need_output)
         dw, db = dwb_part.sum(1)
-        dw, db = dw.to(weight.dtype), db.to(bias.dtype)
-        return dy.view(ctx.shape), (dz.view(ctx.z_shape) if gated else None), dw, db, None, None, None
+        grads = (dy.view(shape), (dz.view(z_shape) if gated else None), dw.to(weight.dtype), db.to(bias.dtype),
+                 None, None, None)
+        return grads, (out.view(shape) if need_output else None)
 
 
 @triton.jit
@@ -173,8 +183,8 @@ def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, eps,
 
 
 @triton.jit
-def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Mean, Rstd, DY, DX, DSPart, DWPart, DBPart, HW, C, n_tiles,
-                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, DSPart, DWPart, DBPart, Out, HW, C,
+                               n_tiles, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr):
     tile, image, grow, cols, row_ok, col_ok, mask = _image_row_tile(HW, C, BLOCK_N, BLOCK_C)
     offs = grow[:, None] * C + cols[None, :]
     scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -194,13 +204,17 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Mean, Rstd, DY, DX, DSPart, DWP
     tl.store(DSPart + part, tl.sum(dm * y * x, axis=0), mask=col_ok)
     tl.store(DWPart + part, tl.sum(dout * m_hat, axis=0), mask=col_ok)
     tl.store(DBPart + part, tl.sum(dout, axis=0), mask=col_ok)
+    if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
+        b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
 
 
-class ModulatedNormFn(torch.autograd.Function):
-    """``LayerNorm(y * x * scale[:, None, None, :])`` of ``(B, H, W, C)`` maps, ``scale`` ``(B, C)``."""
+class ModulatedLayerNorm:
+    """Launches of the modulated LayerNorm kernels, as :class:`GatedGroupNorm`'s: ``LayerNorm(y * x *
+    scale[:, None, None, :])`` of ``(B, H, W, C)`` maps, ``scale`` ``(B, C)``."""
 
     @staticmethod
-    def forward(ctx, y, x, scale, weight, bias, eps):
+    def forward(y, x, scale, weight, bias, eps):
         batch, height, width, channels = y.shape
         hw = height * width
         y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
@@ -210,34 +224,90 @@ class ModulatedNormFn(torch.autograd.Function):
         block_n, block_c = _tiles(channels)
         _modulated_norm_fwd_kernel[(triton.cdiv(hw, block_n), batch)](
             y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c)
-        ctx.save_for_backward(y, x, scale, weight, mean, rstd)
-        ctx.bias_dtype = bias.dtype
-        return out
+        return out, (y, x, scale, weight, bias, mean, rstd), ()
 
     @staticmethod
-    def backward(ctx, dout):
-        y, x, scale, weight, mean, rstd = ctx.saved_tensors
+    def backward(dout, saved, constants, need_output):
+        y, x, scale, weight, bias, mean, rstd = saved
         batch, height, width, channels = y.shape
         hw = height * width
         block_n, block_c = _tiles(channels)
         n_tiles = triton.cdiv(hw, block_n)
         dy, dx = torch.empty_like(y), torch.empty_like(x)
+        out = torch.empty_like(y) if need_output else dy
         # Scale, weight and bias partial sums (per image and tile) in one buffer: one reduction for all.
         parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
         _modulated_norm_bwd_kernel[(n_tiles, batch)](
-            dout.contiguous(), y, x, scale, weight, mean, rstd, dy, dx, parts[0], parts[1], parts[2], hw,
-            channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c)
+            dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts[0], parts[1], parts[2], out,
+            hw, channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output)
         dscale = parts[0].sum(1)
         dw, db = parts[1:].sum((1, 2))
-        return dy, dx, dscale.to(scale.dtype), dw.to(weight.dtype), db.to(ctx.bias_dtype), None
+        grads = (dy, dx, dscale.to(scale.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
+        return grads, (out if need_output else None)
 
 
-def modulated_layer_norm_triton(y, x, scale, weight, bias, eps):
-    return ModulatedNormFn.apply(y, x, scale, weight, bias, eps)
+class NormFn(torch.autograd.Function):
+    """``norm(*args)`` for ``norm`` one of the launchers above."""
+
+    @staticmethod
+    def forward(ctx, norm, *args):
+        out, saved, constants = norm.forward(*args)
+        ctx.save_for_backward(*saved)
+        ctx.norm, ctx.constants = norm, constants
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        grads, _ = ctx.norm.backward(dout, ctx.saved_tensors, ctx.constants, need_output=False)
+        return (None, *grads)
+
+
+class NormLinearFn(torch.autograd.Function):
+    """``linear(norm(*args), weight, bias)`` keeping for backward only what the norm keeps.
+
+    Autograd would also keep the norm's output, a full map, for the linear layer's weight gradient; here the
+    norm's backward pass recomputes it from what it reads anyway, for one extra write. ``weight``/``bias``
+    come in the compute dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, norm, weight, bias, *args):
+        out, saved, constants = norm.forward(*args)
+        ctx.save_for_backward(weight, *saved)
+        ctx.norm, ctx.constants = norm, constants
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(out, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        weight, *saved = ctx.saved_tensors
+        grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_normed = (grad_out2 @ weight).view(*grad_out.shape[:-1], weight.shape[1])
+        grads, normed = ctx.norm.backward(grad_normed, saved, ctx.constants, need_output=True)
+        grad_weight = grad_out2.t() @ normed.reshape(-1, normed.shape[-1])
+        grad_bias = None if ctx.bias_dtype is None else grad_out2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return (None, grad_weight, grad_bias, *grads)
+
+
+def _out_dtype(y, z):
+    return torch.promote_types(y.dtype, z.dtype) if z is not None else y.dtype
 
 
 def gated_group_norm_triton(y, z, weight, bias, groups, eps, out_dtype=None):
     """``out_dtype`` defaults to the inputs' promoted dtype."""
-    if out_dtype is None:
-        out_dtype = torch.promote_types(y.dtype, z.dtype) if z is not None else y.dtype
-    return GatedGroupNormFn.apply(y, z, weight, bias, groups, eps, out_dtype)
+    return NormFn.apply(GatedGroupNorm, y, z, weight, bias, groups, eps, out_dtype or _out_dtype(y, z))
+
+
+def gated_group_norm_linear_triton(y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias):
+    return NormLinearFn.apply(GatedGroupNorm, linear_weight, linear_bias, y, z, weight, bias, groups, eps,
+                              out_dtype or _out_dtype(y, z))
+
+
+def modulated_layer_norm_triton(y, x, scale, weight, bias, eps):
+    return NormFn.apply(ModulatedLayerNorm, y, x, scale, weight, bias, eps)
+
+
+def modulated_layer_norm_linear_triton(y, x, scale, weight, bias, eps, linear_weight, linear_bias):
+    return NormLinearFn.apply(ModulatedLayerNorm, linear_weight, linear_bias, y, x, scale, weight, bias, eps)

@@ -184,23 +184,27 @@ def test_ffn_recomputing_backward_matches_plain_autograd(autocast):
     F = torch.nn.functional
     torch.manual_seed(0)
     ffn = ConvFFN(16, 64)
+    norm = torch.nn.LayerNorm(16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
     x = torch.randn(2, 5, 7, 16, requires_grad=True)
     grad_out = torch.randn(2, 5, 7, 16)
+    params = [*norm.parameters(), *ffn.parameters()]
 
     def grads(fn):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             out = fn(x)
-        return [out.float(), *torch.autograd.grad(out, [x, *ffn.parameters()], grad_out.to(out.dtype))]
+        return [out.float(), *torch.autograd.grad(out, [x, *params], grad_out.to(out.dtype))]
 
     conv = ffn.dwconv.dwconv
 
     def plain_ffn(t):
-        h = ffn.fc1(t).permute(0, 3, 1, 2)
+        h = ffn.fc1(norm(t)).permute(0, 3, 1, 2)
         return ffn.fc2(F.gelu(F.conv2d(h, conv.weight, conv.bias, padding=1, groups=h.shape[1])).permute(0, 2, 3, 1))
 
     plain = grads(plain_ffn)
-    fused = grads(ffn)
-    names = ['out', 'x'] + [n for n, _ in ffn.named_parameters()]
+    fused = grads(lambda t: ffn(t, norm))
+    names = ['out', 'x', 'norm.weight', 'norm.bias'] + [n for n, _ in ffn.named_parameters()]
     for name, a, b in zip(names, fused, plain):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         tolerance = 2e-2 if autocast else 1e-6

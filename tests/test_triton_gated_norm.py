@@ -72,10 +72,10 @@ def test_dispatch_follows_mmgm_scan_impl(monkeypatch):
     y, z, w, b = inputs(9, 16, torch.float32, gen)
     monkeypatch.setenv('MMGM_SCAN_IMPL', 'triton')
     out = gated_group_norm(y, z, w, b, 4, 1e-5)
-    assert out.grad_fn.name().startswith('GatedGroupNormFn')
+    assert out.grad_fn.name().startswith('NormFn')
     monkeypatch.setenv('MMGM_SCAN_IMPL', 'reference')
     ref = gated_group_norm(y, z, w, b, 4, 1e-5)
-    assert 'GatedGroupNormFn' not in ref.grad_fn.name()
+    assert 'NormFn' not in ref.grad_fn.name()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -133,3 +133,62 @@ def test_modulated_layer_norm_half_inputs():
     for name, g, r, a in zip(['dy', 'dx', 'dscale', 'dweight', 'dbias'], grads, ref_grads, args):
         assert g.dtype == a.dtype, name
         assert rel_err(g, r) <= 5e-3, (name, rel_err(g, r))
+
+
+def norm_linear_cases(gen, dtype):
+    """(name, fused norm+linear, the same through the reference norm and F.linear, inputs) for each norm."""
+    from mmgroupmamba.kernels import layer_norm, modulated_layer_norm_reference
+    F = torch.nn.functional
+    shape, out_channels = (2, 3, 5, 48), 20
+    y, z, x = ((torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype) for _ in range(3))
+    scale = torch.rand(2, 48, generator=gen) + 0.5
+    w, b = torch.randn(48, generator=gen), torch.randn(48, generator=gen)
+    lw, lb = torch.randn(out_channels, 48, generator=gen).to(dtype), torch.randn(out_channels, generator=gen).to(dtype)
+    t = triton_gated_norm
+    return [
+        ('gated', lambda y, z, w, b, lw: t.gated_group_norm_linear_triton(y, z, w, b, 4, 1e-5, None, lw, None),
+         lambda y, z, w, b, lw: F.linear(gated_group_norm_reference(y, z, w, b, 4, 1e-5), lw), [y, z, w, b, lw]),
+        ('layer norm', lambda x, w, b, lw, lb: t.gated_group_norm_linear_triton(x, None, w, b, 1, 1e-6, dtype, lw, lb),
+         lambda x, w, b, lw, lb: F.linear(F.layer_norm(x, (48,), w, b, 1e-6).to(x.dtype), lw, lb), [x, w, b, lw, lb]),
+        ('modulated', lambda *a: t.modulated_layer_norm_linear_triton(*a[:5], 1e-5, *a[5:]),
+         lambda *a: F.linear(modulated_layer_norm_reference(*a[:5], 1e-5), *a[5:]), [y, x, scale, w, b, lw, lb]),
+    ]
+
+
+@pytest.mark.parametrize('case', [0, 1, 2])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_norm_then_linear_matches_reference(case, dtype):
+    """The pair keeps only the norm's inputs and recomputes the norm's output in its backward pass: values and
+    every gradient (the linear layer's weight gradient reads the recomputed output) as the plain ops'."""
+    gen = torch.Generator().manual_seed(11 + case)
+    name, fused, plain, tensors = norm_linear_cases(gen, dtype)[case]
+    args = [t.clone().requires_grad_() for t in tensors]
+    out = fused(*args)
+    dout = torch.randn(out.shape, generator=gen).to(out.dtype)
+    grads = torch.autograd.grad(out, args, dout)
+    exact = [t.detach().double().requires_grad_() for t in tensors]
+    ref = plain(*exact)
+    ref_grads = torch.autograd.grad(ref, exact, dout.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    assert out.dtype == dtype and out.shape == ref.shape and rel_err(out, ref) <= tolerance, name
+    for i, (g, r, a) in enumerate(zip(grads, ref_grads, args)):
+        assert g.dtype == a.dtype and g.shape == a.shape, (name, i)
+        assert rel_err(g, r) <= tolerance, (name, i, rel_err(g, r))
+
+
+def test_norm_then_linear_keeps_no_norm_output(monkeypatch):
+    """What autograd keeps: the norm's inputs and statistics and the linear weight, no map of the output's
+    size beyond those; the reference path (plain autograd) also keeps maps it computed."""
+    from mmgroupmamba.kernels import gated_group_norm_linear
+    gen = torch.Generator().manual_seed(5)
+    y, z, w, b = inputs(60, 32, torch.float32, gen)
+    lw = torch.randn(16, 32, generator=gen, requires_grad=True)
+    kept_maps = {}
+    for impl in ('triton', 'reference'):
+        monkeypatch.setenv('MMGM_SCAN_IMPL', impl)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            gated_group_norm_linear(y, z, w, b, 4, 1e-5, lw)
+        kept_maps[impl] = {t.data_ptr() for t in kept if t.numel() == y.numel()}
+    assert kept_maps['triton'] == {y.data_ptr(), z.data_ptr()}
+    assert kept_maps['reference'] - {y.data_ptr(), z.data_ptr()}

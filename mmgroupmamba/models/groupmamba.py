@@ -55,7 +55,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, dwconv_act_backward, dwconv_act_forward,
-                                  gated_group_norm, layer_norm, modulated_layer_norm, selective_scan)
+                                  gated_group_norm_linear, layer_norm, layer_norm_linear,
+                                  modulated_layer_norm_linear, selective_scan)
 
 ARCH_SETTINGS = {
     'tiny': dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 9, 3]),
@@ -406,14 +407,14 @@ class GroupMambaLayer(_ReusesWeights):
         b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
         y = selective_scan(u, F.linear(u, delta_proj), A, b, c, D, delta_bias, (height, width))
 
-        # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate.
-        y = gated_group_norm(y.view(batch, height, width, dims), z, out_norm_w, out_norm_b, NUM_GROUPS,
-                             self.mamba_g1.out_norm.eps)
-        y = F.linear(y, out_proj)
+        # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
+        # norms come with the linear layer after them, so that their outputs need not be kept for backward.
+        y = gated_group_norm_linear(y.view(batch, height, width, dims), z, out_norm_w, out_norm_b, NUM_GROUPS,
+                                    self.mamba_g1.out_norm.eps, out_proj)
         # skip_scale and the channel affinity are one scale per (image, channel), applied with x inside the
         # output LayerNorm's pass (the same LayerNorm as at the input, as in the official model).
-        y = modulated_layer_norm(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias, self.norm.eps)
-        return F.linear(y, proj_w, proj_b)
+        return modulated_layer_norm_linear(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias,
+                                           self.norm.eps, proj_w, proj_b)
 
     def _norm(self, x, dtype):
         return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, dtype)
@@ -462,7 +463,11 @@ class ConvGeluLinearFn(torch.autograd.Function):
 
 
 class ConvFFN(_ReusesWeights):
-    """FFN with a depthwise conv between its two linear layers (PVTv2 style)."""
+    """FFN with a depthwise conv between its two linear layers (PVTv2 style), after the block's LayerNorm.
+
+    The norm (the block's ``norm2``, under its official key) is passed in and run here with ``fc1``, so that
+    its output need not be kept for backward.
+    """
 
     def __init__(self, dims, hidden_dims):
         super().__init__()
@@ -470,11 +475,12 @@ class ConvFFN(_ReusesWeights):
         self.dwconv = DepthwiseConv(hidden_dims)
         self.fc2 = nn.Linear(hidden_dims, dims)
 
-    def forward(self, x):
+    def forward(self, x, norm):
+        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``."""
         dtype = _compute_dtype(x)
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         fc1_w, fc1_b, fc2_w, fc2_b = self._derived(params, dtype, lambda: _cast_parameters(dtype, *params))
-        h = F.linear(x, fc1_w, fc1_b)
+        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_w, fc1_b)
         conv = self.dwconv.dwconv
         if torch.is_grad_enabled() and h.requires_grad:
             return ConvGeluLinearFn.apply(h, conv.weight, conv.bias, fc2_w, fc2_b)
@@ -504,8 +510,7 @@ class GroupMambaBlock(nn.Module):
 
     def _forward(self, x):
         x = self._add_branch(x, self.attn(x))
-        normed = layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, _compute_dtype(x))
-        return self._add_branch(x, self.mlp(normed))
+        return self._add_branch(x, self.mlp(x, self.norm2))
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:
