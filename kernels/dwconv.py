@@ -34,14 +34,15 @@ def dwconv_act_forward(x, weight, bias, activation):
         return depthwise_conv_act_reference(x, weight, bias, activation)
 
 
-def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False):
+def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, reuse_dout=False):
     """Gradients of :func:`depthwise_conv_act` from its input alone: ``(dx, dweight, dbias, output or None)``.
 
     ``need_output=True`` also returns the recomputed output. The reference path recomputes it with autograd.
+    ``reuse_dout=True``: the caller gives up ``dout``, whose memory the Triton path may write ``dx`` into.
     """
     if use_triton(x):
         from .triton_dwconv import dwconv_act_backward as backward
-        return backward(dout, x, weight, bias, activation, need_output)
+        return backward(dout, x, weight, bias, activation, need_output, reuse_dout)
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
         out = depthwise_conv_act_reference(*inputs, activation)

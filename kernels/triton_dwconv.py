@@ -330,13 +330,17 @@ def dwconv_act_forward(x, weight, bias, activation, **tiling):
     return out
 
 
-def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **tiling):
+def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, reuse_dout=False, **tiling):
     """Gradients of :func:`dwconv_act_forward`: ``(dx, dweight, dbias, output or None)``.
 
     Two launches and one reduction. ``need_output=True`` also returns the recomputed forward output
     ``act(dwconv3x3(x) + bias)`` (a following linear layer's weight gradient needs it), written by the
     first launch. ``dx`` comes in x's dtype, ``dweight``/``dbias`` in the parameters' dtypes; the weight and
     bias gradients are bitwise reproducible.
+
+    ``reuse_dout=True``: the caller gives up ``dout``, and ``dx`` is written into its memory where layouts
+    allow (the first launch has consumed it by then). For the FFN's hidden maps, the largest of the model,
+    that is one map fewer alive at a time, and one allocation fewer for the caching allocator to place.
     """
     _check(x, weight, bias, activation)
     if dout.shape != x.shape:
@@ -358,7 +362,8 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     grads = part.sum(0)
     dweight = grads[:9 * channels].view(weight.shape).to(weight.dtype)
     dbias = grads[9 * channels:].to(bias.dtype)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    reusable = reuse_dout and dout.dtype == x.dtype and dout.is_contiguous() and x.is_contiguous()
+    dx = dout if reusable else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         # The transposed conv has the same access pattern as the forward, so it reuses the forward's tiles.
         _conv_launch(d_pre, taps, bias, dx, _NO_ACT, False, True, choose_tiles(x, **tiling))

@@ -169,6 +169,23 @@ def test_backward_can_return_the_forward_output(activation):
         assert torch.equal(a, c)
 
 
+def test_backward_can_write_dx_into_dout():
+    """``reuse_dout=True``: dx lands in dout's memory, bitwise equal to a fresh dx; a dout of another dtype
+    than x cannot hold dx and is left alone."""
+    gen = torch.Generator().manual_seed(15)
+    x, weight, bias, dout = make_inputs((2, 5, 7, 12), gen)
+    fresh = triton_dwconv.dwconv_act_backward(dout.clone(), x, weight, bias, 'gelu', need_output=True)
+    given = dout.clone()
+    reused = triton_dwconv.dwconv_act_backward(given, x, weight, bias, 'gelu', need_output=True, reuse_dout=True)
+    assert reused[0].data_ptr() == given.data_ptr()
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)
+    half = dout.half()
+    kept = half.clone()
+    dx = triton_dwconv.dwconv_act_backward(half, x, weight, bias, 'gelu', reuse_dout=True)[0]
+    assert dx.data_ptr() != half.data_ptr() and torch.equal(half, kept)
+
+
 def test_bad_activation_is_rejected(monkeypatch):
     x, weight, bias, dout = make_inputs((1, 2, 2, 4), torch.Generator().manual_seed(15))
     with pytest.raises(ValueError, match=r"'relu'.*'silu', 'gelu'"):

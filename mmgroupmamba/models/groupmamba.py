@@ -456,7 +456,7 @@ class ConvGeluLinearFn(torch.autograd.Function):
         # h, weight and the output share the compute dtype (weight comes cast, see CastParameters).
         grad_hidden = (grad_out2 @ weight).view(h.shape)
         grad_h, grad_conv_weight, grad_conv_bias, hidden = dwconv_act_backward(
-            grad_hidden, h, conv_weight, conv_bias, 'gelu', need_output=True)
+            grad_hidden, h, conv_weight, conv_bias, 'gelu', need_output=True, reuse_dout=True)
         grad_weight = grad_out2.t() @ hidden.reshape(-1, hidden.shape[-1])
         grad_bias = grad_out2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return grad_h, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
