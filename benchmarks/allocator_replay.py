@@ -49,7 +49,7 @@ class CachingAllocatorModel:
 
     def __init__(self):
         self.free_blocks = {True: [], False: []}  # small pool? -> sorted [(size, address, block)]
-        self.segments = {}  # id -> (first block, size)
+        self.segments = {}  # id -> size
         self.reserved = self.allocated = self.peak_allocated = self.peak_reserved = 0
         self.next_address = 0
 
@@ -71,7 +71,7 @@ class CachingAllocatorModel:
             segment_size = (SMALL_SEGMENT if small else MID_SEGMENT if size < MID_REQUEST
                             else LARGE_ROUNDING * -(-size // LARGE_ROUNDING))
             block = Block(self.next_address, segment_size, small, len(self.segments))
-            self.segments[block.segment] = (block, segment_size)
+            self.segments[block.segment] = segment_size
             self.next_address += segment_size
             self.reserved += segment_size
             self.peak_reserved = max(self.peak_reserved, self.reserved)
@@ -90,25 +90,26 @@ class CachingAllocatorModel:
     def release(self, block):
         block.free = True
         self.allocated -= block.size
-        if block.next is not None and block.next.free:
-            following = block.next
+        following, previous = block.next, block.prev
+        if following is not None and following.free:
             self._remove_free(following)
-            block.size += following.size
-            block.next = following.next
-            if following.next is not None:
-                following.next.prev = block
-        if block.prev is not None and block.prev.free:
-            previous = block.prev
+            self._absorb(block, following)
+        if previous is not None and previous.free:
             self._remove_free(previous)
-            previous.size += block.size
-            previous.next = block.next
-            if block.next is not None:
-                block.next.prev = previous
+            self._absorb(previous, block)
             block = previous
         self._add_free(block)
 
+    @staticmethod
+    def _absorb(block, following):
+        """Merge ``following``, the block right after ``block`` in its segment, into ``block``."""
+        block.size += following.size
+        block.next = following.next
+        if following.next is not None:
+            following.next.prev = block
+
     def empty_cache(self):
-        for segment, (_, size) in list(self.segments.items()):
+        for segment, size in list(self.segments.items()):
             whole = [entry[2] for pool in self.free_blocks.values() for entry in pool
                      if entry[2].segment == segment and entry[2].size == size]
             if whole:

@@ -362,7 +362,7 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, re
     grads = part.sum(0)
     dweight = grads[:9 * channels].view(weight.shape).to(weight.dtype)
     dbias = grads[9 * channels:].to(bias.dtype)
-    reusable = reuse_dout and dout.dtype == x.dtype and dout.is_contiguous() and x.is_contiguous()
+    reusable = reuse_dout and dout.dtype == x.dtype and dout.is_contiguous()
     dx = dout if reusable else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         # The transposed conv has the same access pattern as the forward, so it reuses the forward's tiles.
