@@ -1,8 +1,80 @@
-"""The fused 3x3 depthwise conv + bias + activation of GroupMamba's Mamba layer (SiLU) and FFN (GELU)."""
+"""The fused 3x3 depthwise conv + bias + activation of GroupMamba's Mamba layer (SiLU) and FFN (GELU), as the
+custom ops ``mmgroupmamba::dwconv_act_fwd`` / ``..._bwd``: Triton on CUDA tensors, the reference elsewhere.
+"""
 import torch
 
-from .reference import depthwise_conv_act_reference
-from .scan import use_triton
+from .dispatch import triton_module, use_triton
+from .ops_util import empty, reference_grads
+from .reference import check_dwconv_activation, depthwise_conv_act_reference
+
+
+@torch.library.custom_op('mmgroupmamba::dwconv_act_fwd', mutates_args=())
+def dwconv_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(dwconv3x3(x) + bias)``; contiguous ``(B, H, W, C)`` in x's dtype. A channel slice of a wider map
+    is read in place by the Triton path."""
+    if use_triton(x):
+        return triton_module('triton_dwconv', x.device).dwconv_act_forward(x, weight, bias, activation)
+    with torch.no_grad():
+        return depthwise_conv_act_reference(x, weight, bias, activation)
+
+
+@dwconv_act_forward.register_fake
+def _(x, weight, bias, activation):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op('mmgroupmamba::dwconv_act_bwd', mutates_args=())
+def dwconv_act_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str,
+                   need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dparams, output)``: ``dparams`` the ``(10 * C,)`` weight and bias gradients (fp32; fp64 for fp64 x) (see
+    :func:`split_param_grads`), ``output`` the recomputed forward output, empty unless ``need_output``."""
+    if use_triton(x):
+        launch = triton_module('triton_dwconv', x.device).dwconv_act_backward
+        dx, dparams, out = launch(dout, x, weight, bias, activation, need_output)
+    else:
+        (dx, dweight, dbias), out = reference_grads(
+            lambda *t: depthwise_conv_act_reference(*t, activation), (x, weight, bias), dout, need_output)
+        dparams = torch.cat([dweight.reshape(-1), dbias]).to(_reduced_dtype(x))
+    return dx, dparams, (out if need_output else empty(x))
+
+
+def _reduced_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+@dwconv_act_bwd.register_fake
+def _(dout, x, weight, bias, activation, need_output):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else empty(x)
+    dparams = x.new_empty((10 * x.shape[-1],), dtype=_reduced_dtype(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dparams, out
+
+
+def split_param_grads(dparams, weight, bias):
+    """``dparams`` -> the weight and bias gradients in their parameters' shapes and dtypes."""
+    channels = bias.shape[0]
+    return dparams[:9 * channels].view(weight.shape).to(weight.dtype), dparams[9 * channels:].to(bias.dtype)
+
+
+def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False):
+    """Gradients of :func:`depthwise_conv_act` from its input alone: ``(dx, dweight, dbias, output or None)``;
+    ``need_output=True`` also returns the recomputed output (a following linear layer's weight gradient needs
+    it)."""
+    dx, dparams, out = dwconv_act_bwd(dout, x, weight, bias, activation, need_output)
+    return (dx, *split_param_grads(dparams, weight, bias), (out if need_output else None))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.activation = activation
+
+
+def _backward(ctx, dout):
+    dx, dweight, dbias, _ = dwconv_act_backward(dout, *ctx.saved_tensors, ctx.activation)
+    return dx, dweight, dbias, None
+
+
+dwconv_act_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def depthwise_conv_act(x, weight, bias, activation):
@@ -15,36 +87,12 @@ def depthwise_conv_act(x, weight, bias, activation):
         activation (str): ``'silu'`` or ``'gelu'`` (exact, erf).
 
     Returns:
-        Tensor: contiguous ``(B, H, W, C)`` in x's dtype.
+        Tensor: contiguous ``(B, H, W, C)`` in x's dtype. Only ``x`` (and the parameters) are kept for
+        backward, which recomputes the pre-activation.
 
-    Dispatch follows ``MMGM_SCAN_IMPL`` like :func:`selective_scan`: Triton on CUDA tensors by default.
+    Dispatch follows ``MMGM_KERNELS`` (see :mod:`mmgroupmamba.kernels.dispatch`).
     """
-    if use_triton(x):
-        from .triton_dwconv import depthwise_conv_act_triton
-        return depthwise_conv_act_triton(x, weight, bias, activation)
-    return depthwise_conv_act_reference(x, weight, bias, activation)
-
-
-def dwconv_act_forward(x, weight, bias, activation):
-    """:func:`depthwise_conv_act` without autograd, for a caller whose own backward recomputes it."""
-    if use_triton(x):
-        from .triton_dwconv import dwconv_act_forward as forward
-        return forward(x, weight, bias, activation)
-    with torch.no_grad():
-        return depthwise_conv_act_reference(x, weight, bias, activation)
-
-
-def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, reuse_dout=False):
-    """Gradients of :func:`depthwise_conv_act` from its input alone: ``(dx, dweight, dbias, output or None)``.
-
-    ``need_output=True`` also returns the recomputed output. The reference path recomputes it with autograd.
-    ``reuse_dout=True``: the caller gives up ``dout``, whose memory the Triton path may write ``dx`` into.
-    """
-    if use_triton(x):
-        from .triton_dwconv import dwconv_act_backward as backward
-        return backward(dout, x, weight, bias, activation, need_output, reuse_dout)
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (x, weight, bias)]
-        out = depthwise_conv_act_reference(*inputs, activation)
-        dx, dweight, dbias = torch.autograd.grad(out, inputs, dout)
-    return dx, dweight, dbias, (out.detach() if need_output else None)
+    check_dwconv_activation(activation)
+    if x.dim() != 4:
+        raise ValueError(f'x must be (B, H, W, C), got shape {tuple(x.shape)}')
+    return dwconv_act_forward(x, weight, bias, activation)

@@ -1,30 +1,173 @@
-"""The fused per-group LayerNorm + SiLU gate that follows the scan in a GroupMamba layer, and LayerNorm.
-
-Each norm also comes followed by a linear layer (``*_linear``): on CUDA that pair keeps for backward only
-what the norm keeps, not the norm's output as well (see ``triton_gated_norm.NormLinearFn``).
+"""GroupMamba's norms as custom ops: the per-group LayerNorm + SiLU gate after the scan (and, ungated with one
+group, plain LayerNorm), and the modulated LayerNorm that ends the layer. Triton on CUDA tensors, the reference
+elsewhere; ``*_linear`` variants (``fused_linear.py``) run the linear layer that follows each norm.
 """
-import torch.nn.functional as F
+from typing import Optional
 
-from .reference import gated_group_norm_reference, modulated_layer_norm_reference
-from .scan import use_triton
+import torch
+
+from .dispatch import triton_module, use_triton
+from .ops_util import empty, reference_grads
+from .reference import group_layer_norm_reference, modulated_layer_norm_reference
 
 
-def gated_group_norm(y, z, weight, bias, groups, eps):
+@torch.library.custom_op('mmgroupmamba::gated_group_norm_fwd', mutates_args=())
+def gated_group_norm_fwd(y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                         groups: int, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """``(out, mean, rstd)``; the statistics are the Triton backward's (empty on the reference path)."""
+    if use_triton(y):
+        return triton_module('triton_gated_norm', y.device).gated_norm_forward(y, z, weight, bias, groups, eps,
+                                                                               out_dtype)
+    with torch.no_grad():
+        out = group_layer_norm_reference(y, z, weight, bias, groups, eps, out_dtype)
+    return out.contiguous(), empty(y, torch.float32), empty(y, torch.float32)
+
+
+@gated_group_norm_fwd.register_fake
+def _(y, z, weight, bias, groups, eps, out_dtype):
+    out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+    if use_triton(y):
+        stats = y.new_empty((y.numel() // y.shape[-1], groups), dtype=torch.float32)
+        return out, stats, torch.empty_like(stats)
+    return out, empty(y, torch.float32), empty(y, torch.float32)
+
+
+@torch.library.custom_op('mmgroupmamba::gated_group_norm_bwd', mutates_args=())
+def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor,
+                         bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int, eps: float,
+                         out_dtype: torch.dtype, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """``(dy, dz, dwb, out)``: ``dz`` empty without a gate, ``dwb`` the ``(2, C)`` weight and bias gradients
+    (fp32; reduced in one launch), ``out`` (the recomputed output) empty unless ``need_output``."""
+    if use_triton(y):
+        dy, dz, dwb, out = triton_module('triton_gated_norm', y.device).gated_norm_backward(
+            dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output)
+    else:
+        (dy, dz, dw, db), out = reference_grads(
+            lambda *t: group_layer_norm_reference(*t, groups, eps, out_dtype), (y, z, weight, bias), dout, need_output)
+        dwb = torch.stack([dw, db]).to(_reduced_dtype(y))
+    return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
+
+
+def _reduced_dtype(y):
+    return torch.promote_types(y.dtype, torch.float32)
+
+
+@gated_group_norm_bwd.register_fake
+def _(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
+    out = torch.empty(y.shape, dtype=out_dtype, device=y.device) if need_output else empty(y, out_dtype)
+    dz = empty(y) if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    return (torch.empty(y.shape, dtype=y.dtype, device=y.device), dz,
+            weight.new_empty((2, *weight.shape), dtype=_reduced_dtype(y)), out)
+
+
+def gated_group_norm_grads(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
+    """:func:`gated_group_norm_bwd` with its outputs as the inputs' gradients: ``(dy, dz or None, dweight,
+    dbias, out or None)``."""
+    dy, dz, (dw, db), out = gated_group_norm_bwd(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype,
+                                                 need_output)
+    return (dy, (dz if z is not None else None), dw.to(weight.dtype), db.to(bias.dtype),
+            (out if need_output else None))
+
+
+def _gated_setup(ctx, inputs, output):
+    y, z, weight, bias, groups, eps, out_dtype = inputs
+    ctx.save_for_backward(y, z, weight, bias, output[1], output[2])
+    ctx.constants = (groups, eps, out_dtype)
+
+
+def _gated_backward(ctx, dout, _dmean, _drstd):
+    dy, dz, dw, db, _ = gated_group_norm_grads(dout, *ctx.saved_tensors, *ctx.constants, False)
+    return dy, dz, dw, db, None, None, None
+
+
+gated_group_norm_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+@torch.library.custom_op('mmgroupmamba::modulated_layer_norm_fwd', mutates_args=())
+def modulated_layer_norm_fwd(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, mean, rstd)`` of ``LayerNorm(y * x * scale[:, None, None, :])``; statistics as above."""
+    if use_triton(y):
+        return triton_module('triton_gated_norm', y.device).modulated_norm_forward(y, x, scale, weight, bias, eps)
+    with torch.no_grad():
+        out = modulated_layer_norm_reference(y, x, scale, weight, bias, eps)
+    return out.contiguous(), empty(y, torch.float32), empty(y, torch.float32)
+
+
+@modulated_layer_norm_fwd.register_fake
+def _(y, x, scale, weight, bias, eps):
+    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if use_triton(y):
+        stats = y.new_empty((y.numel() // y.shape[-1],), dtype=torch.float32)
+        return out, stats, torch.empty_like(stats)
+    return out, empty(y, torch.float32), empty(y, torch.float32)
+
+
+@torch.library.custom_op('mmgroupmamba::modulated_layer_norm_bwd', mutates_args=())
+def modulated_layer_norm_bwd(dout: torch.Tensor, y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                             weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                             eps: float, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor, torch.Tensor]:
+    """``(dy, dx, dscale, dwb, out)``; ``dwb`` as for the gated norm, ``out`` empty unless ``need_output``."""
+    if use_triton(y):
+        dy, dx, dscale, dwb, out = triton_module('triton_gated_norm', y.device).modulated_norm_backward(
+            dout, y, x, scale, weight, bias, mean, rstd, need_output)
+    else:
+        (dy, dx, dscale, dw, db), out = reference_grads(
+            lambda *t: modulated_layer_norm_reference(*t, eps), (y, x, scale, weight, bias), dout, need_output)
+        dwb = torch.stack([dw, db]).to(_reduced_dtype(y))
+    return dy, dx, dscale, dwb, (out if need_output else empty(y))
+
+
+@modulated_layer_norm_bwd.register_fake
+def _(dout, y, x, scale, weight, bias, mean, rstd, eps, need_output):
+    out = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_output else empty(y)
+    return (torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty_like(scale), weight.new_empty((2, *weight.shape), dtype=_reduced_dtype(y)), out)
+
+
+def modulated_layer_norm_grads(dout, y, x, scale, weight, bias, mean, rstd, eps, need_output):
+    """:func:`modulated_layer_norm_bwd` with its outputs as the inputs' gradients: ``(dy, dx, dscale, dweight,
+    dbias, out or None)``."""
+    dy, dx, dscale, (dw, db), out = modulated_layer_norm_bwd(dout, y, x, scale, weight, bias, mean, rstd, eps,
+                                                             need_output)
+    return dy, dx, dscale, dw.to(weight.dtype), db.to(bias.dtype), (out if need_output else None)
+
+
+def _modulated_setup(ctx, inputs, output):
+    y, x, scale, weight, bias, eps = inputs
+    ctx.save_for_backward(y, x, scale, weight, bias, output[1], output[2])
+    ctx.eps = eps
+
+
+def _modulated_backward(ctx, dout, _dmean, _drstd):
+    dy, dx, dscale, dw, db, _ = modulated_layer_norm_grads(dout, *ctx.saved_tensors, ctx.eps, False)
+    return dy, dx, dscale, dw, db, None
+
+
+modulated_layer_norm_fwd.register_autograd(_modulated_backward, setup_context=_modulated_setup)
+
+
+def promoted_dtype(y, z):
+    return torch.promote_types(y.dtype, z.dtype) if z is not None else y.dtype
+
+
+def gated_group_norm(y, z, weight, bias, groups, eps, out_dtype=None):
     """``(LayerNorm_per_group(y) * weight + bias) * silu(z)`` over the last dim (``groups`` equal groups).
 
     Args:
         y (Tensor): ``(..., C)`` scan output.
-        z (Tensor): ``(..., C)`` gate input (same shape).
+        z (Tensor, optional): ``(..., C)`` gate input; ``None``: no gate.
         weight, bias (Tensor): ``(C,)``: the groups' LayerNorm affines, concatenated.
         groups (int): number of channel groups; each is normalised on its own.
         eps (float): LayerNorm epsilon.
+        out_dtype (torch.dtype, optional): default: y's and z's promoted dtype.
 
-    Dispatch follows ``MMGM_SCAN_IMPL`` like :func:`selective_scan`: Triton on CUDA tensors by default.
+    Dispatch follows ``MMGM_KERNELS`` (see :mod:`mmgroupmamba.kernels.dispatch`).
     """
-    if use_triton(y):
-        from .triton_gated_norm import gated_group_norm_triton
-        return gated_group_norm_triton(y, z, weight, bias, groups, eps)
-    return gated_group_norm_reference(y, z, weight, bias, groups, eps)
+    return gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype or promoted_dtype(y, z))[0]
 
 
 def layer_norm(x, weight, bias, eps, out_dtype=None):
@@ -34,44 +177,13 @@ def layer_norm(x, weight, bias, eps, out_dtype=None):
     ``out_dtype`` (default: x's): under autocast the normalised map feeds fp16/bf16 matmuls, so writing it in
     that dtype saves a cast of the whole map (and keeps one copy of it for backward instead of two).
     """
-    if use_triton(x):
-        from .triton_gated_norm import gated_group_norm_triton
-        return gated_group_norm_triton(x, None, weight, bias, 1, eps, out_dtype)
-    out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-    return out if out_dtype is None else out.to(out_dtype)
+    return gated_group_norm(x, None, weight, bias, 1, eps, out_dtype)
 
 
 def modulated_layer_norm(y, x, scale, weight, bias, eps):
     """``LayerNorm(y * x * scale[:, None, None, :])`` over the last dim of ``(B, H, W, C)`` maps, in y's dtype.
 
     ``scale`` is ``(B, C)``: GroupMamba's channel affinity times its skip scale. One fused pass on CUDA, which
-    keeps neither the product nor a cast of the scale for backward. Dispatch as :func:`gated_group_norm`.
+    keeps neither the product nor a cast of the scale for backward.
     """
-    if use_triton(y):
-        from .triton_gated_norm import modulated_layer_norm_triton
-        return modulated_layer_norm_triton(y, x, scale, weight, bias, eps)
-    return modulated_layer_norm_reference(y, x, scale, weight, bias, eps)
-
-
-def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, linear_bias=None):
-    """``F.linear(gated_group_norm(y, z, weight, bias, groups, eps), linear_weight, linear_bias)``."""
-    if use_triton(y):
-        from .triton_gated_norm import gated_group_norm_linear_triton
-        return gated_group_norm_linear_triton(y, z, weight, bias, groups, eps, None, linear_weight, linear_bias)
-    return F.linear(gated_group_norm_reference(y, z, weight, bias, groups, eps), linear_weight, linear_bias)
-
-
-def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None):
-    """``F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)``."""
-    if use_triton(x):
-        from .triton_gated_norm import gated_group_norm_linear_triton
-        return gated_group_norm_linear_triton(x, None, weight, bias, 1, eps, out_dtype, linear_weight, linear_bias)
-    return F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)
-
-
-def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None):
-    """``F.linear(modulated_layer_norm(y, x, scale, weight, bias, eps), linear_weight, linear_bias)``."""
-    if use_triton(y):
-        from .triton_gated_norm import modulated_layer_norm_linear_triton
-        return modulated_layer_norm_linear_triton(y, x, scale, weight, bias, eps, linear_weight, linear_bias)
-    return F.linear(modulated_layer_norm_reference(y, x, scale, weight, bias, eps), linear_weight, linear_bias)
+    return modulated_layer_norm_fwd(y, x, scale, weight, bias, eps)[0]

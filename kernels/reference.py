@@ -66,9 +66,9 @@ def selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw):
     h = linear_recurrence(dt_s * A_g, dt_s * b_s * u_s)
     y_s = c_s * h + D_g * u_s  # (batch, groups, k, L)
 
-    # Back to row-major positions: scatter each scan step to the position it came from.
-    y = torch.empty_like(y_s)
-    y.scatter_(3, order[None, :, None, :].expand_as(y_s), y_s)
+    # Back to row-major positions: position p takes the scan step that visited it.
+    step_of_position = order.argsort(dim=1)
+    y = y_s.gather(3, step_of_position[None, :, None, :].expand_as(y_s))
     return y.permute(0, 3, 1, 2).reshape(batch, length, channels).to(u.dtype)
 
 
@@ -82,14 +82,24 @@ def modulated_layer_norm_reference(y, x, scale, weight, bias, eps):
     return F.layer_norm(modulated, y.shape[-1:], weight.to(compute), bias.to(compute), eps).to(y.dtype)
 
 
-def gated_group_norm_reference(y, z, weight, bias, groups, eps):
-    """``(LayerNorm over each of the groups of channels of y) * weight + bias``, gated by ``silu(z)``.
+def group_layer_norm_reference(y, z, weight, bias, groups, eps, out_dtype):
+    """LayerNorm over each of the ``groups`` channel groups of ``y``, then the affine, gated by ``silu(z)``
+    unless ``z`` is None, in ``out_dtype``.
 
-    Reference for :func:`mmgroupmamba.kernels.gated_group_norm`.
+    Reference for :func:`mmgroupmamba.kernels.gated_group_norm` (and, ungated with one group, ``layer_norm``).
     """
-    normed = F.layer_norm(y.unflatten(-1, (groups, -1)), (y.shape[-1] // groups,), eps=eps).flatten(-2)
-    # In the maps' dtype, as the Triton kernel writes it, whatever the affine's dtype (fp32 under autocast).
-    return ((normed * weight + bias) * F.silu(z)).to(torch.promote_types(y.dtype, z.dtype))
+    compute = torch.promote_types(y.dtype, torch.float32)
+    normed = F.layer_norm(y.to(compute).unflatten(-1, (groups, -1)), (y.shape[-1] // groups,), eps=eps).flatten(-2)
+    out = normed * weight.to(compute) + bias.to(compute)
+    if z is not None:
+        out = out * F.silu(z.to(compute))
+    return out.to(out_dtype)
+
+
+def gated_group_norm_reference(y, z, weight, bias, groups, eps):
+    """``(LayerNorm over each of the groups of channels of y) * weight + bias``, gated by ``silu(z)``, in the
+    maps' promoted dtype (as the Triton kernel writes it, whatever the affine's dtype)."""
+    return group_layer_norm_reference(y, z, weight, bias, groups, eps, torch.promote_types(y.dtype, z.dtype))
 
 
 DWCONV_ACTIVATIONS = ('silu', 'gelu')

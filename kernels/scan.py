@@ -1,96 +1,24 @@
-"""The scan op that GroupMamba layers call: Triton kernels on CUDA tensors, the PyTorch reference elsewhere."""
-import functools
-import os
+"""The scan op that GroupMamba layers call: a PyTorch custom op (``mmgroupmamba::selective_scan_fwd`` and
+``..._bwd``) that runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere.
 
+As custom ops with fake (meta) implementations and a registered autograd formula, the scan is one opaque node
+for ``torch.compile``: it traces without graph breaks, with symbolic sizes, and Inductor fuses the glue
+around it.
+"""
 import torch
 
+from .dispatch import triton_module, use_triton
+from .ops_util import empty, reference_grads
 from .reference import selective_scan_reference
 
-IMPL_ENV = 'MMGM_SCAN_IMPL'
-IMPLS = ('auto', 'triton', 'reference')
+# Tiling knobs, forward then backward: (block_t, block_c, num_warps, chunk_len); 0 = the heuristics' choice.
+TILING_KEYS = ('block_t', 'block_c', 'num_warps', 'chunk_len')
+AUTO_TILING = (0,) * (2 * len(TILING_KEYS))
 
 
-def _scan_impl():
-    # Read at every call (not at import) so that tests and users can switch implementations at run time.
-    impl = os.environ.get(IMPL_ENV, 'auto').strip().lower() or 'auto'
-    if impl not in IMPLS:
-        raise ValueError(f'{IMPL_ENV}={impl!r} is not one of {", ".join(IMPLS)}')
-    return impl
-
-
-def use_triton(tensor):
-    """Whether a fused op runs its Triton kernels for ``tensor``, per ``MMGM_SCAN_IMPL`` (read at every call).
-
-    Raises if Triton is asked for where it cannot run (CPU tensors without the interpreter).
-    """
-    impl = _scan_impl()
-    if impl == 'triton' or (impl == 'auto' and tensor.is_cuda):
-        require_triton_runnable(tensor.device)
-        return True
-    return False
-
-
-def require_triton_runnable(device):
-    """Triton kernels run on CUDA devices, or on the CPU in the Triton interpreter only."""
-    if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '0') in ('', '0'):
-        raise RuntimeError(
-            f'{IMPL_ENV}=triton was asked for with {device.type} tensors: the Triton kernels run on CPU only '
-            'in the Triton interpreter; set TRITON_INTERPRET=1 before Triton is first imported.')
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_multiprocessors(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def multiprocessors(device, interpreted=1):
-    """Multiprocessor count of a CUDA device, which the kernels' tilings are sized for; ``interpreted`` for
-    CPU tensors (Triton's interpreter). Looked up once per device: the query costs tens of µs, at every launch.
-    """
-    if device.type != 'cuda':
-        return interpreted
-    return _cuda_multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def _triton_module(device):
-    # Imported on first use: importing mmgroupmamba.kernels must not need Triton, and the interpreter
-    # (TRITON_INTERPRET=1) is chosen by Triton when the kernels are defined, i.e. at this import.
-    require_triton_runnable(device)
-    from . import triton_scan
-    if device.type != 'cuda' and not triton_scan.kernels_interpreted():
-        raise RuntimeError(
-            'TRITON_INTERPRET=1 was set after mmgroupmamba.kernels.triton_scan had been imported, so its '
-            'kernels were compiled for the GPU; set it before the first import to run them on the CPU.')
-    return triton_scan
-
-
-class SelectiveScanFn(torch.autograd.Function):
-    """Autograd wrapper of the Triton scan; the backward recomputes states from per-tile checkpoints."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type='cuda')
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, hw, tiling):
-        ts = _triton_module(u.device)
-        # The kernels index contiguous channels-last tensors and accumulate in fp32 whatever the dtypes
-        # (autocast may hand over bf16 activations with fp32 parameters; each is read in its own dtype).
-        u, delta = u.contiguous(), delta.contiguous()
-        B, C = _shared_row_layout(B, C)
-        A, D, delta_bias = (t.contiguous() for t in (A, D, delta_bias))
-        cfg = ts.choose_config(u, **tiling)
-        save = any(ctx.needs_input_grad[:7])
-        y, states = ts.scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states=save)
-        if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
-            ctx.hw, ctx.cfg = hw, cfg
-        return y
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type='cuda')
-    def backward(ctx, dy):
-        ts = _triton_module(dy.device)
-        u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
-        grads = ts.scan_backward(dy, u, delta, A, B, C, D, delta_bias, ctx.hw, states, ctx.cfg)
-        return (*grads, None, None)
+def _tiling_kwargs(tiling):
+    forward, backward = tiling[:len(TILING_KEYS)], tiling[len(TILING_KEYS):]
+    return {k: ((f or None), (b or None)) for k, f, b in zip(TILING_KEYS, forward, backward)}
 
 
 def _shared_row_layout(B, C):
@@ -107,12 +35,90 @@ def _shared_row_layout(B, C):
     return B.contiguous(), C.contiguous()
 
 
-def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, chunk_len=None, block_t=None, block_c=None,
-                          num_warps=None):
-    """The Triton scan with explicit tiling (``chunk_len`` forces the sequence split; see triton_scan)."""
-    _check_shapes(u, delta, A, B, C, D, delta_bias, hw)
-    tiling = dict(chunk_len=chunk_len, block_t=block_t, block_c=block_c, num_warps=num_warps)
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, delta_bias, tuple(hw), tiling)
+def _triton_inputs(u, delta, A, B, C, D, delta_bias):
+    # The kernels index contiguous channels-last tensors and accumulate in fp32 whatever the dtypes (autocast
+    # may hand over bf16 activations with fp32 parameters; each is read in its own dtype).
+    B, C = _shared_row_layout(B, C)
+    return (u.contiguous(), delta.contiguous(), A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous())
+
+
+@torch.library.custom_op('mmgroupmamba::selective_scan_fwd', mutates_args=())
+def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       D: torch.Tensor, delta_bias: torch.Tensor, height: int, width: int, tiling: list[int],
+                       save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, states)``: states are the Triton backward's checkpoints (empty on the reference path or when
+    ``save_states`` is off)."""
+    if use_triton(u):
+        ts = triton_module('triton_scan', u.device)
+        inputs = _triton_inputs(u, delta, A, B, C, D, delta_bias)
+        cfg = ts.choose_config(inputs[0], **_tiling_kwargs(tiling))
+        y, states = ts.scan_forward(*inputs, (height, width), cfg, save_states)
+        return y, (states if save_states else empty(u, torch.float32))
+    with torch.no_grad():
+        y = selective_scan_reference(u, delta, A, B, C, D, delta_bias, (height, width))
+    return y.contiguous(), empty(u, torch.float32)
+
+
+@selective_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, delta_bias, height, width, tiling, save_states):
+    if save_states and use_triton(u):
+        ts = triton_module('triton_scan', u.device)
+        bwd_block_t = tiling[len(TILING_KEYS)]
+        stride = ts.state_stride(bwd_block_t) if bwd_block_t else ts.STATE_STRIDE
+        batch, length, channels = u.shape
+        states = u.new_empty((batch, (length + stride - 1) // stride, channels), dtype=torch.float32)
+    else:
+        states = empty(u, torch.float32)
+    return torch.empty_like(u, memory_format=torch.contiguous_format), states
+
+
+@torch.library.custom_op('mmgroupmamba::selective_scan_bwd', mutates_args=())
+def selective_scan_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       C: torch.Tensor, D: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
+                       height: int, width: int, tiling: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """``(du, ddelta, dADb, dBC)``: du and ddelta in their inputs' dtypes, ``dADb`` the ``(3, C)`` gradients of
+    A, D and delta_bias and ``dBC`` the ``(2, batch, L, 4)`` gradients of B and C (fp32, fp64 for fp64 inputs);
+    :func:`_scan_backward` takes them apart."""
+    if use_triton(u):
+        ts = triton_module('triton_scan', u.device)
+        inputs = _triton_inputs(u, delta, A, B, C, D, delta_bias)
+        cfg = ts.choose_config(inputs[0], **_tiling_kwargs(tiling))
+        return ts.scan_backward(dy, *inputs, (height, width), states, cfg)
+    (du, ddelta, dA, dB, dC, dD, dbias), _ = reference_grads(
+        lambda *t: selective_scan_reference(*t, (height, width)), (u, delta, A, B, C, D, delta_bias), dy)
+    reduced = _reduced_dtype(u)
+    return du, ddelta, torch.stack([dA, dD, dbias]).to(reduced), torch.stack([dB, dC]).to(reduced)
+
+
+def _reduced_dtype(u):
+    return torch.promote_types(u.dtype, torch.float32)
+
+
+@selective_scan_bwd.register_fake
+def _(dy, u, delta, A, B, C, D, delta_bias, states, height, width, tiling):
+    contiguous = dict(memory_format=torch.contiguous_format)
+    return (torch.empty_like(u, **contiguous), torch.empty_like(delta, **contiguous),
+            A.new_empty((3, *A.shape), dtype=_reduced_dtype(u)), B.new_empty((2, *B.shape), dtype=_reduced_dtype(u)))
+
+
+def _setup_scan_context(ctx, inputs, output):
+    u, delta, A, B, C, D, delta_bias, height, width, tiling, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
+    ctx.hw, ctx.tiling = (height, width), tiling
+
+
+def _scan_backward(ctx, dy, _dstates):
+    saved = ctx.saved_tensors  # read once: checkpointing's saved tensors may be unpacked only once
+    u, delta, A, B, C, D, delta_bias, states = saved
+    du, ddelta, dADb, dBC = selective_scan_bwd(dy, *saved, *ctx.hw, ctx.tiling)
+    dA, dD, dbias = dADb
+    dB, dC = dBC
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dbias.to(delta_bias.dtype),
+            None, None, None, None)
+
+
+selective_scan_fwd.register_autograd(_scan_backward, setup_context=_setup_scan_context)
 
 
 def _check_shapes(u, delta, A, B, C, D, delta_bias, hw):
@@ -129,7 +135,7 @@ def _check_shapes(u, delta, A, B, C, D, delta_bias, hw):
             raise ValueError(f'{name} must have shape ({channels},), got {tuple(t.shape)}')
 
 
-def selective_scan(u, delta, A, B, C, D, delta_bias, hw):
+def selective_scan(u, delta, A, B, C, D, delta_bias, hw, *, tiling=None):
     """Selective scan of all channel groups of one GroupMamba layer, each in its own direction.
 
     Tensors are channels-last, positions in row-major order, as the layer's linear layers produce them:
@@ -144,14 +150,26 @@ def selective_scan(u, delta, A, B, C, D, delta_bias, hw):
         delta_bias (Tensor): ``(channels,)``.
         hw (tuple[int, int]): the map's height and width; group ``g`` scans in
             ``SCAN_DIRECTIONS[g]`` order over it.
+        tiling (dict, optional): Triton tilings to force (``block_t``, ``block_c``, ``num_warps``,
+            ``chunk_len``; each one value or a ``(forward, backward)`` pair), for tests and benchmarks.
 
     Returns:
         Tensor: ``(batch, H*W, channels)`` in ``u``'s dtype, computed in fp32.
 
-    The implementation follows the environment variable ``MMGM_SCAN_IMPL``, read at every call: ``auto``
-    (default: Triton for CUDA tensors, the PyTorch reference otherwise), ``triton`` (also on CPU tensors,
-    through the Triton interpreter, which needs ``TRITON_INTERPRET=1``) or ``reference``.
+    The implementation follows ``MMGM_KERNELS`` (see :mod:`mmgroupmamba.kernels.dispatch`).
     """
-    if use_triton(u):
-        return selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw)
-    return selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw)
+    _check_shapes(u, delta, A, B, C, D, delta_bias, hw)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, delta_bias))
+    y, _ = selective_scan_fwd(u, delta, A, B, C, D, delta_bias, hw[0], hw[1], _tiling_list(tiling), save)
+    return y
+
+
+def _tiling_list(tiling):
+    if not tiling:
+        return list(AUTO_TILING)
+    unknown = set(tiling) - set(TILING_KEYS)
+    if unknown:
+        raise KeyError(f'unknown scan tiling keys {sorted(unknown)}; expected some of {TILING_KEYS}')
+    pairs = [tiling.get(k) for k in TILING_KEYS]
+    pairs = [tuple(v) if isinstance(v, (tuple, list)) else (v, v) for v in pairs]
+    return [int(p[0] or 0) for p in pairs] + [int(p[1] or 0) for p in pairs]

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .reference import check_dwconv_activation
-from .scan import multiprocessors
+from .dispatch import multiprocessors
 
 _ACT_CODES = {'silu': 1, 'gelu': 2}
 _NO_ACT = 0
@@ -330,17 +330,13 @@ def dwconv_act_forward(x, weight, bias, activation, **tiling):
     return out
 
 
-def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, reuse_dout=False, **tiling):
-    """Gradients of :func:`dwconv_act_forward`: ``(dx, dweight, dbias, output or None)``.
+def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **tiling):
+    """Gradients of :func:`dwconv_act_forward`: ``(dx, dparams, output or None)``.
 
     Two launches and one reduction. ``need_output=True`` also returns the recomputed forward output
     ``act(dwconv3x3(x) + bias)`` (a following linear layer's weight gradient needs it), written by the
-    first launch. ``dx`` comes in x's dtype, ``dweight``/``dbias`` in the parameters' dtypes; the weight and
-    bias gradients are bitwise reproducible.
-
-    ``reuse_dout=True``: the caller gives up ``dout``, and ``dx`` is written into its memory where layouts
-    allow (the first launch has consumed it by then). For the FFN's hidden maps, the largest of the model,
-    that is one map fewer alive at a time, and one allocation fewer for the caching allocator to place.
+    first launch. ``dx`` comes in x's dtype; ``dparams`` is the fp32 ``(10 * C,)`` weight (9 taps a channel)
+    and bias gradients, reduced in one launch and bitwise reproducible.
     """
     _check(x, weight, bias, activation)
     if dout.shape != x.shape:
@@ -359,35 +355,12 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, re
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, BLOCK_W=block_w,
             BLOCK_C=block_c, num_warps=num_warps)
-    grads = part.sum(0)
-    dweight = grads[:9 * channels].view(weight.shape).to(weight.dtype)
-    dbias = grads[9 * channels:].to(bias.dtype)
-    reusable = reuse_dout and dout.dtype == x.dtype and dout.is_contiguous()
-    dx = dout if reusable else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dparams = part.sum(0)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         # The transposed conv has the same access pattern as the forward, so it reuses the forward's tiles.
         _conv_launch(d_pre, taps, bias, dx, _NO_ACT, False, True, choose_tiles(x, **tiling))
-    return dx, dweight, dbias, out
+    return dx, dparams, out
 
 
-class DepthwiseConvActFn(torch.autograd.Function):
-    """Saves only x (and the parameters); the backward recomputes the pre-activation."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type='cuda')
-    def forward(ctx, x, weight, bias, activation):
-        out = dwconv_act_forward(x, weight, bias, activation)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.activation = activation
-        return out
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type='cuda')
-    def backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        dx, dweight, dbias, _ = dwconv_act_backward(dout, x, weight, bias, ctx.activation)
-        return dx, dweight, dbias, None
-
-
-def depthwise_conv_act_triton(x, weight, bias, activation):
-    return DepthwiseConvActFn.apply(x, weight, bias, activation)
+KERNEL = _dwconv_fwd_kernel  # what dispatch.kernels_interpreted inspects

@@ -13,7 +13,6 @@ The modulated variant normalises ``y * x * scale`` (scale per image and channel)
 layer's channel-affinity modulation and its output LayerNorm, in one pass and without keeping the product.
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -108,52 +107,47 @@ def _rows(t, channels):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-class GatedGroupNorm:
-    """Launches of the gated group norm kernels: ``forward`` returns the output, the tensors its backward
-    needs and the call's constants; ``backward`` the input gradients and, when asked, the recomputed output.
-    ``z=None``: plain per-group LayerNorm (``groups=1``: LayerNorm), without the gate."""
+def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype):
+    """``(out, mean, rstd)``: the gated per-group LayerNorm of ``y`` (``z=None``: no gate) in ``out_dtype``,
+    and the per-row, per-group statistics its backward reads."""
+    shape, channels = y.shape, y.shape[-1]
+    gated = z is not None
+    y2 = _rows(y, channels)
+    z2 = _rows(z, channels) if gated else y2
+    n = y2.shape[0]
+    out = torch.empty((n, channels), dtype=out_dtype, device=y.device)
+    mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
+    rstd = torch.empty_like(mean)
+    block_n, block_d = _tiles(channels // groups)
+    _gated_norm_fwd_kernel[(triton.cdiv(n, block_n),)](
+        y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
+        GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
+    return out.view(shape), mean, rstd
 
-    @staticmethod
-    def forward(y, z, weight, bias, groups, eps, out_dtype):
-        shape, channels = y.shape, y.shape[-1]
-        gated = z is not None
-        y2 = _rows(y, channels)
-        z2 = _rows(z, channels) if gated else y2
-        n = y2.shape[0]
-        out = torch.empty((n, channels), dtype=out_dtype, device=y.device)
-        mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
-        rstd = torch.empty_like(mean)
-        block_n, block_d = _tiles(channels // groups)
-        _gated_norm_fwd_kernel[(triton.cdiv(n, block_n),)](
-            y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
-            GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
-        saved = (y2, z2 if gated else None, weight, bias, mean, rstd)
-        return out.view(shape), saved, (groups, shape, z.shape if gated else None, out_dtype)
 
-    @staticmethod
-    def backward(dout, saved, constants, need_output):
-        y2, z2, weight, bias, mean, rstd = saved
-        groups, shape, z_shape, out_dtype = constants
-        gated = z2 is not None
-        n, channels = y2.shape
-        dout2 = _rows(dout, channels)
-        dy = torch.empty_like(y2, memory_format=torch.contiguous_format)
-        dz = torch.empty_like(z2, memory_format=torch.contiguous_format) if gated else dy
-        out = torch.empty((n, channels), dtype=out_dtype, device=y2.device) if need_output else dy
-        block_n, block_d = _tiles(channels // groups)
-        programs = triton.cdiv(n, block_n)
-        # Weight and bias partial sums in one buffer: one reduction for both.
-        dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y2.device)
-        dw_part, db_part = dwb_part
-        _gated_norm_bwd_kernel[(programs,)](
-            dout2, y2, z2 if gated else y2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, out, n,
-            dout2.stride(0), y2.stride(0), (z2 if gated else y2).stride(0), dy.stride(0), dz.stride(0),
-            out.stride(0), channels, GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
-            GATED=gated, STORE_OUT=need_output)
-        dw, db = dwb_part.sum(1)
-        grads = (dy.view(shape), (dz.view(z_shape) if gated else None), dw.to(weight.dtype), db.to(bias.dtype),
-                 None, None, None)
-        return grads, (out.view(shape) if need_output else None)
+def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output):
+    """``(dy, dz or None, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
+    the recomputed forward output."""
+    shape, channels = y.shape, y.shape[-1]
+    gated = z is not None
+    y2 = _rows(y, channels)
+    z2 = _rows(z, channels) if gated else y2
+    n = y2.shape[0]
+    dout2 = _rows(dout, channels)
+    dy = torch.empty((n, channels), dtype=y.dtype, device=y.device)
+    dz = torch.empty((n, channels), dtype=z.dtype, device=y.device) if gated else dy
+    out = torch.empty((n, channels), dtype=out_dtype, device=y.device) if need_output else dy
+    block_n, block_d = _tiles(channels // groups)
+    programs = triton.cdiv(n, block_n)
+    # Weight and bias partial sums in one buffer: one reduction for both.
+    dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
+    dw_part, db_part = dwb_part
+    _gated_norm_bwd_kernel[(programs,)](
+        dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, out, n,
+        dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
+        out.stride(0), channels, GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
+        GATED=gated, STORE_OUT=need_output)
+    return dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(1), (out.view(shape) if need_output else None)
 
 
 @triton.jit
@@ -209,105 +203,38 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, DSPar
         tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
 
 
-class ModulatedLayerNorm:
-    """Launches of the modulated LayerNorm kernels, as :class:`GatedGroupNorm`'s: ``LayerNorm(y * x *
-    scale[:, None, None, :])`` of ``(B, H, W, C)`` maps, ``scale`` ``(B, C)``."""
-
-    @staticmethod
-    def forward(y, x, scale, weight, bias, eps):
-        batch, height, width, channels = y.shape
-        hw = height * width
-        y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
-        out = torch.empty_like(y)
-        mean = torch.empty((batch * hw,), dtype=torch.float32, device=y.device)
-        rstd = torch.empty_like(mean)
-        block_n, block_c = _tiles(channels)
-        _modulated_norm_fwd_kernel[(triton.cdiv(hw, block_n), batch)](
-            y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c)
-        return out, (y, x, scale, weight, bias, mean, rstd), ()
-
-    @staticmethod
-    def backward(dout, saved, constants, need_output):
-        y, x, scale, weight, bias, mean, rstd = saved
-        batch, height, width, channels = y.shape
-        hw = height * width
-        block_n, block_c = _tiles(channels)
-        n_tiles = triton.cdiv(hw, block_n)
-        dy, dx = torch.empty_like(y), torch.empty_like(x)
-        out = torch.empty_like(y) if need_output else dy
-        # Scale, weight and bias partial sums (per image and tile) in one buffer: one reduction for all.
-        parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
-        _modulated_norm_bwd_kernel[(n_tiles, batch)](
-            dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts[0], parts[1], parts[2], out,
-            hw, channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output)
-        dscale = parts[0].sum(1)
-        dw, db = parts[1:].sum((1, 2))
-        grads = (dy, dx, dscale.to(scale.dtype), dw.to(weight.dtype), db.to(bias.dtype), None)
-        return grads, (out if need_output else None)
+def modulated_norm_forward(y, x, scale, weight, bias, eps):
+    """``(out, mean, rstd)`` of ``LayerNorm(y * x * scale[:, None, None, :])`` for ``(B, H, W, C)`` maps and
+    ``scale`` ``(B, C)``, in y's dtype."""
+    batch, height, width, channels = y.shape
+    hw = height * width
+    y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
+    out = torch.empty_like(y)
+    mean = torch.empty((batch * hw,), dtype=torch.float32, device=y.device)
+    rstd = torch.empty_like(mean)
+    block_n, block_c = _tiles(channels)
+    _modulated_norm_fwd_kernel[(triton.cdiv(hw, block_n), batch)](
+        y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c)
+    return out, mean, rstd
 
 
-class NormFn(torch.autograd.Function):
-    """``norm(*args)`` for ``norm`` one of the launchers above."""
-
-    @staticmethod
-    def forward(ctx, norm, *args):
-        out, saved, constants = norm.forward(*args)
-        ctx.save_for_backward(*saved)
-        ctx.norm, ctx.constants = norm, constants
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        grads, _ = ctx.norm.backward(dout, ctx.saved_tensors, ctx.constants, need_output=False)
-        return (None, *grads)
-
-
-class NormLinearFn(torch.autograd.Function):
-    """``linear(norm(*args), weight, bias)`` keeping for backward only what the norm keeps.
-
-    Autograd would also keep the norm's output, a full map, for the linear layer's weight gradient; here the
-    norm's backward pass recomputes it from what it reads anyway, for one extra write. ``weight``/``bias``
-    come in the compute dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, norm, weight, bias, *args):
-        out, saved, constants = norm.forward(*args)
-        ctx.save_for_backward(weight, *saved)
-        ctx.norm, ctx.constants = norm, constants
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return F.linear(out, weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        weight, *saved = ctx.saved_tensors
-        grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_normed = (grad_out2 @ weight).view(*grad_out.shape[:-1], weight.shape[1])
-        grads, normed = ctx.norm.backward(grad_normed, saved, ctx.constants, need_output=True)
-        grad_weight = grad_out2.t() @ normed.reshape(-1, normed.shape[-1])
-        grad_bias = None if ctx.bias_dtype is None else grad_out2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return (None, grad_weight, grad_bias, *grads)
+def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_output):
+    """``(dy, dx, dscale, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
+    the recomputed forward output."""
+    batch, height, width, channels = y.shape
+    hw = height * width
+    y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
+    block_n, block_c = _tiles(channels)
+    n_tiles = triton.cdiv(hw, block_n)
+    dy, dx = torch.empty_like(y), torch.empty_like(x)
+    out = torch.empty_like(y) if need_output else dy
+    # Scale, weight and bias partial sums (per image and tile) in one buffer: one reduction for all.
+    parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
+    _modulated_norm_bwd_kernel[(n_tiles, batch)](
+        dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts[0], parts[1], parts[2], out,
+        hw, channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output)
+    dscale = parts[0].sum(1)
+    return dy, dx, dscale.to(scale.dtype), parts[1:].sum((1, 2)), (out if need_output else None)
 
 
-def _out_dtype(y, z):
-    return torch.promote_types(y.dtype, z.dtype) if z is not None else y.dtype
-
-
-def gated_group_norm_triton(y, z, weight, bias, groups, eps, out_dtype=None):
-    """``out_dtype`` defaults to the inputs' promoted dtype."""
-    return NormFn.apply(GatedGroupNorm, y, z, weight, bias, groups, eps, out_dtype or _out_dtype(y, z))
-
-
-def gated_group_norm_linear_triton(y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias):
-    return NormLinearFn.apply(GatedGroupNorm, linear_weight, linear_bias, y, z, weight, bias, groups, eps,
-                              out_dtype or _out_dtype(y, z))
-
-
-def modulated_layer_norm_triton(y, x, scale, weight, bias, eps):
-    return NormFn.apply(ModulatedLayerNorm, y, x, scale, weight, bias, eps)
-
-
-def modulated_layer_norm_linear_triton(y, x, scale, weight, bias, eps, linear_weight, linear_bias):
-    return NormLinearFn.apply(ModulatedLayerNorm, linear_weight, linear_bias, y, x, scale, weight, bias, eps)
+KERNEL = _gated_norm_fwd_kernel  # what dispatch.kernels_interpreted inspects

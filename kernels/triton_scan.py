@@ -21,12 +21,13 @@ and wraps these launchers in an autograd Function. README.md in this folder desc
   order, so the gradients are bitwise reproducible.
 """
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .scan import multiprocessors
+from .dispatch import multiprocessors
 
 GROUPS = 4
 
@@ -211,14 +212,15 @@ def _propagate_kernel(
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
-    st_ptr,  # (batch, n_states, CH) fp32 forward state entering every BLOCK_T-th step
+    st_ptr,  # (batch, n_states, CH) fp32 forward state entering every STATE_T-th step
     gin_ptr,  # (batch, n_chunks, CH) fp32: dL/dh at the first step after each chunk (split only)
     du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype
     dB_ptr, dC_ptr,  # (n_cblocks, batch, L, 4) fp32 partial sums over this program's channels
     dA_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
     batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GIN: tl.constexpr, SUMMARY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, HAS_GIN: tl.constexpr,
+    SUMMARY: tl.constexpr,
 ):
     # With dh_t = dL/dh_t, the adjoint recurrence runs backward in time:
     #     dh_t = C_t dy_t + a_{t+1} dh_{t+1}
@@ -274,7 +276,7 @@ def _scan_bwd_kernel(
             a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
             Bu = Bt[:, None] * u
             x = dt * Bu
-            h0 = tl.load(st_ptr + (b.to(tl.int64) * n_states + ts // BLOCK_T) * CH + ch, mask=cmask,
+            h0 = tl.load(st_ptr + (b.to(tl.int64) * n_states + ts // STATE_T) * CH + ch, mask=cmask,
                          other=0.0)
             a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
             h = a_cum * h0[None, :] + x_cum
@@ -320,18 +322,29 @@ class PassConfig:
                 f'chunk_len={self.chunk_len}, n_chunks={self.n_chunks})')
 
 
+# The forward saves the state entering every STATE_STRIDE-th step (fewer where a backward tile is shorter).
+# A fixed stride makes the number of saved states a plain function of the length, ceil(L / 32), which
+# torch.compile can carry as a symbolic size without specialising on the map size.
+STATE_STRIDE = 32
+
+
+def state_stride(bwd_block_t):
+    """Checkpoint stride for a backward tile of ``bwd_block_t`` (a power of 2): every tile starts on one."""
+    return math.gcd(STATE_STRIDE, bwd_block_t)
+
+
 class ScanConfig:
     """Tilings of the forward and backward kernels of one call, and the checkpoint stride that links them.
 
-    The forward pass saves the state entering every ``state_t``-th step; the backward pass's tile is
-    ``state_t`` steps long, so each backward tile recomputes its states from one checkpoint.
+    The forward pass saves the state entering every ``state_t``-th step; every backward tile starts on such a
+    step and recomputes its states from that one checkpoint.
     """
 
     def __init__(self, batch, length, channels, fwd, bwd):
         self.batch, self.length, self.channels = batch, length, channels
         self.per_group = channels // GROUPS
         self.fwd, self.bwd = fwd, bwd
-        self.state_t = bwd.block_t
+        self.state_t = state_stride(bwd.block_t)
         self.n_states = triton.cdiv(length, self.state_t)
 
     def __repr__(self):
@@ -432,7 +445,9 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
 
 
 def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
-    """Gradients ``(du, ddelta, dA, dB, dC, dD, ddelta_bias)`` in the dtypes of their inputs."""
+    """Gradients ``(du, ddelta, dADb, dBC)``: du and ddelta in their inputs' dtypes; ``dADb`` the fp32 ``(3, C)``
+    gradients of A, D and delta_bias and ``dBC`` the fp32 ``(2, batch, L, 4)`` gradients of B and C, each
+    stack reduced in one launch."""
     height, width = hw
     batch, length, channels = u.shape
     bc = cfg.bwd
@@ -449,7 +464,7 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
     grid_x = bc.programs
     common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), bc.n_cblocks, bc.chunk_len,
               bc.n_chunks, cfg.n_states)
-    meta = dict(BLOCK_T=bc.block_t, BLOCK_C=bc.block_c, num_warps=bc.num_warps)
+    meta = dict(BLOCK_T=bc.block_t, BLOCK_C=bc.block_c, STATE_T=cfg.state_t, num_warps=bc.num_warps)
     gin = dummy
     if bc.n_chunks > 1:
         # Pass 1 in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
@@ -464,11 +479,9 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
         dA_part, dD_part, dbias_part, dummy, dummy, *common, 0,
         HAS_GIN=bc.n_chunks > 1, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
-    dA, dD, dbias = dADb_part.sum((1, 2))
-    dB, dC = (dBC_part[:, 0] if bc.n_cblocks == 1 else dBC_part.sum(1)).to(B.dtype)
-    return du, ddelta, dA.to(A.dtype), dB, dC.to(C.dtype), dD.to(D.dtype), dbias.to(delta_bias.dtype)
+    dADb = dADb_part.sum((1, 2))
+    dBC = dBC_part[:, 0] if bc.n_cblocks == 1 else dBC_part.sum(1)
+    return du, ddelta, dADb, dBC
 
 
-def kernels_interpreted():
-    """Whether these kernels were defined under TRITON_INTERPRET=1 (then they run on CPU tensors)."""
-    return not isinstance(_scan_fwd_kernel, triton.runtime.jit.JITFunction)
+KERNEL = _scan_fwd_kernel  # what dispatch.kernels_interpreted inspects

@@ -6,10 +6,21 @@ through the float64 reference.
 import pytest
 import torch
 
-from mmgroupmamba.kernels import depthwise_conv_act, depthwise_conv_act_reference, triton_dwconv
+from mmgroupmamba.kernels import (depthwise_conv_act, depthwise_conv_act_reference, dwconv_act_backward,
+                                  dwconv_act_forward, triton_dwconv)
 
 # Forced tilings put several channel blocks, column strips and row walks into tiny maps.
 SMALL_TILES = dict(block_w=4, block_c=8, rows=2)
+
+
+@pytest.fixture(autouse=True)
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+
+
+def force_tiles(monkeypatch, tiles, prefetch=False):
+    monkeypatch.setattr(triton_dwconv, 'choose_tiles',
+                        lambda t, backward=False, **kw: (tiles['block_w'], tiles['block_c'], tiles['rows'], 1, prefetch))
 
 
 def rel_err(a, b):
@@ -33,7 +44,7 @@ def reference_value_and_grads(x, weight, bias, dout, activation):
 
 def triton_value_and_grads(x, weight, bias, dout, activation):
     args = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    out = triton_dwconv.depthwise_conv_act_triton(*args, activation)
+    out = depthwise_conv_act(*args, activation)
     return (out, *torch.autograd.grad(out, args, dout.to(out.dtype)))
 
 
@@ -52,9 +63,7 @@ def test_fp32_matches_float64_reference(activation, shape, tiles, prefetch, monk
     x, weight, bias, dout = make_inputs(shape, gen)
     choose_tiles = triton_dwconv.choose_tiles
     if tiles:
-        monkeypatch.setattr(triton_dwconv, 'choose_tiles',
-                            lambda t, backward=False, **kw: (tiles['block_w'], tiles['block_c'], tiles['rows'], 1,
-                                                             prefetch))
+        force_tiles(monkeypatch, tiles, prefetch)
     else:
         monkeypatch.setattr(triton_dwconv, 'choose_tiles',
                             lambda t, backward=False, **kw: choose_tiles(t, backward, prefetch=prefetch))
@@ -118,10 +127,9 @@ def test_channel_slice_is_read_in_place(monkeypatch):
         assert rel_err(a, r) <= 1e-5
     # The incoming gradient may be strided too (read in place as well).
     wide_dout = torch.randn(2, 4, 5, 3 * channels, generator=gen)
-    strided = triton_dwconv.dwconv_act_backward(wide_dout[..., channels:2 * channels], x, weight, bias, 'gelu')
+    strided = dwconv_act_backward(wide_dout[..., channels:2 * channels], x, weight, bias, 'gelu')
     assert bwd.launches[-1][3].data_ptr() == wide_dout[..., channels:].data_ptr()
-    dense = triton_dwconv.dwconv_act_backward(wide_dout[..., channels:2 * channels].contiguous(), x, weight, bias,
-                                              'gelu')
+    dense = dwconv_act_backward(wide_dout[..., channels:2 * channels].contiguous(), x, weight, bias, 'gelu')
     for a, c in zip(strided[:3], dense[:3]):
         assert torch.equal(a, c)
 
@@ -131,7 +139,7 @@ def test_gradient_flows_back_into_the_wide_tensor():
     wide, weight, bias, _ = make_inputs((1, 3, 4, 16), gen)
     weight, bias = weight[:8], bias[:8]
     wide.requires_grad_()
-    out = triton_dwconv.depthwise_conv_act_triton(wide[..., :8], weight, bias, 'silu')
+    out = depthwise_conv_act(wide[..., :8], weight, bias, 'silu')
     dout = torch.randn(out.shape, generator=gen)
     (grad,) = torch.autograd.grad(out, wide, dout)
     ref = reference_value_and_grads(wide[..., :8], weight, bias, dout, 'silu')
@@ -139,11 +147,12 @@ def test_gradient_flows_back_into_the_wide_tensor():
     assert torch.count_nonzero(grad[..., 8:]) == 0
 
 
-def test_backward_is_deterministic():
+def test_backward_is_deterministic(monkeypatch):
     gen = torch.Generator().manual_seed(13)
     x, weight, bias, dout = make_inputs((2, 5, 6, 12), gen)
-    first = triton_dwconv.dwconv_act_backward(dout, x, weight, bias, 'gelu', **SMALL_TILES)
-    second = triton_dwconv.dwconv_act_backward(dout, x, weight, bias, 'gelu', **SMALL_TILES)
+    force_tiles(monkeypatch, SMALL_TILES)
+    first = dwconv_act_backward(dout, x, weight, bias, 'gelu')
+    second = dwconv_act_backward(dout, x, weight, bias, 'gelu')
     assert first[3] is None
     for a, c in zip(first[:3], second[:3]):
         assert torch.equal(a, c)
@@ -156,34 +165,17 @@ def test_backward_is_deterministic():
 def test_backward_can_return_the_forward_output(activation):
     gen = torch.Generator().manual_seed(14)
     x, weight, bias, dout = make_inputs((1, 5, 6, 12), gen, torch.bfloat16)
-    dx, dweight, dbias, out = triton_dwconv.dwconv_act_backward(dout.to(torch.bfloat16), x, weight, bias,
-                                                                activation, need_output=True)
-    forward = triton_dwconv.dwconv_act_forward(x, weight, bias, activation)
+    dx, dweight, dbias, out = dwconv_act_backward(dout.to(torch.bfloat16), x, weight, bias, activation,
+                                                  need_output=True)
+    forward = dwconv_act_forward(x, weight, bias, activation)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     # Same fp32 values summed in another order: at most one bf16 rounding step apart.
     torch.testing.assert_close(out, forward, rtol=8e-3, atol=1e-6)
     ref = reference_value_and_grads(x, weight, bias, dout.to(torch.bfloat16), activation)
     assert rel_err(out, ref[0]) <= 1e-2
-    without = triton_dwconv.dwconv_act_backward(dout.to(torch.bfloat16), x, weight, bias, activation)
+    without = dwconv_act_backward(dout.to(torch.bfloat16), x, weight, bias, activation)
     for a, c in zip((dx, dweight, dbias), without[:3]):
         assert torch.equal(a, c)
-
-
-def test_backward_can_write_dx_into_dout():
-    """``reuse_dout=True``: dx lands in dout's memory, bitwise equal to a fresh dx; a dout of another dtype
-    than x cannot hold dx and is left alone."""
-    gen = torch.Generator().manual_seed(15)
-    x, weight, bias, dout = make_inputs((2, 5, 7, 12), gen)
-    fresh = triton_dwconv.dwconv_act_backward(dout.clone(), x, weight, bias, 'gelu', need_output=True)
-    given = dout.clone()
-    reused = triton_dwconv.dwconv_act_backward(given, x, weight, bias, 'gelu', need_output=True, reuse_dout=True)
-    assert reused[0].data_ptr() == given.data_ptr()
-    for a, b in zip(reused, fresh):
-        assert torch.equal(a, b)
-    half = dout.half()
-    kept = half.clone()
-    dx = triton_dwconv.dwconv_act_backward(half, x, weight, bias, 'gelu', reuse_dout=True)[0]
-    assert dx.data_ptr() != half.data_ptr() and torch.equal(half, kept)
 
 
 def test_bad_activation_is_rejected(monkeypatch):
@@ -191,22 +183,34 @@ def test_bad_activation_is_rejected(monkeypatch):
     with pytest.raises(ValueError, match=r"'relu'.*'silu', 'gelu'"):
         depthwise_conv_act_reference(x, weight, bias, 'relu')
     with pytest.raises(ValueError, match=r"'GELU'.*'silu', 'gelu'"):
-        triton_dwconv.dwconv_act_forward(x, weight, bias, 'GELU')
+        dwconv_act_forward(x, weight, bias, 'GELU')
     with pytest.raises(ValueError, match=r"'tanh'"):
-        triton_dwconv.dwconv_act_backward(dout, x, weight, bias, 'tanh')
-    monkeypatch.setenv('MMGM_SCAN_IMPL', 'triton')
+        dwconv_act_backward(dout, x, weight, bias, 'tanh')
     with pytest.raises(ValueError, match=r"None.*'silu', 'gelu'"):
         depthwise_conv_act(x, weight, bias, None)
 
 
-def test_dispatch_follows_mmgm_scan_impl(monkeypatch):
+def test_dispatch_follows_the_kernels_variable(monkeypatch):
     gen = torch.Generator().manual_seed(16)
     x, weight, bias, _ = make_inputs((1, 3, 5, 8), gen)
     weight.requires_grad_()
-    monkeypatch.setenv('MMGM_SCAN_IMPL', 'triton')
+    launches = []
+    launch = triton_dwconv.dwconv_act_forward
+    monkeypatch.setattr(triton_dwconv, 'dwconv_act_forward', lambda *a, **k: launches.append(1) or launch(*a, **k))
     out = depthwise_conv_act(x, weight, bias, 'silu')
-    assert out.grad_fn.name().startswith('DepthwiseConvActFn')
-    monkeypatch.setenv('MMGM_SCAN_IMPL', 'reference')
+    assert len(launches) == 1
+    monkeypatch.setenv('MMGM_KERNELS', 'reference')
     ref = depthwise_conv_act(x, weight, bias, 'silu')
-    assert 'DepthwiseConvActFn' not in ref.grad_fn.name()
+    assert len(launches) == 1
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_gradients_have_the_parameters_strides():
+    """DDP checks gradient strides against the parameter's: (C, 1, 3, 3) conv weights get (9, 9, 3, 1)."""
+    gen = torch.Generator().manual_seed(17)
+    x, weight, bias, dout = make_inputs((1, 3, 5, 8), gen)
+    for impl in ('triton', 'reference'):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv('MMGM_KERNELS', impl)
+            _, dweight, dbias, _ = dwconv_act_backward(dout, x, weight, bias, 'gelu')
+        assert dweight.stride() == weight.stride() and dbias.stride() == bias.stride(), impl

@@ -1,11 +1,17 @@
-"""The fused gated group norm's Triton kernels, run through the Triton interpreter, against the reference.
+"""The norm ops' Triton kernels (``MMGM_KERNELS=triton``), run through the Triton interpreter, against the reference.
 
 conftest.py sets TRITON_INTERPRET=1 before Triton is first imported.
 """
 import pytest
 import torch
 
-from mmgroupmamba.kernels import gated_group_norm_reference, triton_gated_norm
+from mmgroupmamba.kernels import (gated_group_norm, gated_group_norm_linear, gated_group_norm_reference,
+                                  layer_norm_linear, modulated_layer_norm, modulated_layer_norm_linear)
+
+
+@pytest.fixture(autouse=True)
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
 
 
 def rel_err(a, b):
@@ -32,7 +38,7 @@ def test_fp32_matches_float64_reference(rows, group_dims, strided_z):
     gen = torch.Generator().manual_seed(rows * 1000 + group_dims)
     args = inputs(rows, 4 * group_dims, torch.float32, gen, strided_z)
     dout = torch.randn(rows, 4 * group_dims, generator=gen)
-    fast = value_and_grads(triton_gated_norm.gated_group_norm_triton, *args, dout)
+    fast = value_and_grads(gated_group_norm, *args, dout)
     exact = [t.detach().double().requires_grad_() for t in args]
     ref = value_and_grads(gated_group_norm_reference, *exact, dout.double())
     for name, a, r in zip(['out', 'dy', 'dz', 'dweight', 'dbias'], fast, ref):
@@ -45,7 +51,7 @@ def test_low_precision_inputs(dtype):
     gen = torch.Generator().manual_seed(1)
     y, z, w, b = inputs(50, 4 * 24, dtype, gen)
     dout = torch.randn(50, 96, generator=gen)
-    fast = value_and_grads(triton_gated_norm.gated_group_norm_triton, y, z, w, b, dout)
+    fast = value_and_grads(gated_group_norm, y, z, w, b, dout)
     exact = [t.detach().double().requires_grad_() for t in (y, z, w, b)]
     ref = value_and_grads(gated_group_norm_reference, *exact, dout.to(dtype).double())
     assert fast[0].dtype == dtype
@@ -59,24 +65,30 @@ def test_backward_is_deterministic_and_nd_shapes_work():
     y4 = y.detach().view(2, 5, 7, 32).requires_grad_()
     z4 = z.detach().view(2, 5, 7, 32).requires_grad_()
     dout = torch.randn(2, 5, 7, 32, generator=gen)
-    first = value_and_grads(triton_gated_norm.gated_group_norm_triton, y4, z4, w, b, dout)
-    second = value_and_grads(triton_gated_norm.gated_group_norm_triton, y4, z4, w, b, dout)
+    first = value_and_grads(gated_group_norm, y4, z4, w, b, dout)
+    second = value_and_grads(gated_group_norm, y4, z4, w, b, dout)
     assert first[0].shape == (2, 5, 7, 32)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
 
 
-def test_dispatch_follows_mmgm_scan_impl(monkeypatch):
-    from mmgroupmamba.kernels import gated_group_norm
+@pytest.mark.parametrize('variable', ['MMGM_KERNELS', 'MMGM_SCAN_IMPL'])
+def test_dispatch_follows_the_kernels_variable(monkeypatch, variable):
+    """Triton's statistics come out of the op; the reference path has none. The old name still works."""
+    from mmgroupmamba.kernels.gated_norm import gated_group_norm_fwd
     gen = torch.Generator().manual_seed(3)
     y, z, w, b = inputs(9, 16, torch.float32, gen)
-    monkeypatch.setenv('MMGM_SCAN_IMPL', 'triton')
-    out = gated_group_norm(y, z, w, b, 4, 1e-5)
-    assert out.grad_fn.name().startswith('NormFn')
-    monkeypatch.setenv('MMGM_SCAN_IMPL', 'reference')
-    ref = gated_group_norm(y, z, w, b, 4, 1e-5)
-    assert 'NormFn' not in ref.grad_fn.name()
+    monkeypatch.delenv('MMGM_KERNELS')
+    monkeypatch.setenv(variable, 'triton')
+    out, mean, _ = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
+    assert mean.shape == (9, 4)
+    monkeypatch.setenv(variable, 'reference')
+    ref, mean, _ = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
+    assert mean.numel() == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv(variable, 'fast')
+    with pytest.raises(ValueError, match=f'{variable}=.fast. is not one of auto, triton, reference'):
+        gated_group_norm(y, z, w, b, 4, 1e-5)
 
 
 @pytest.mark.parametrize('rows, channels', [(1, 8), (37, 64), (20, 348), (9, 512)])
@@ -84,7 +96,7 @@ def test_ungated_layer_norm_matches_float64(rows, channels):
     gen = torch.Generator().manual_seed(rows + channels)
     x, _, w, b = inputs(rows, channels, torch.float32, gen)
     dout = torch.randn(rows, channels, generator=gen)
-    fast = value_and_grads(lambda y, z, w, b, g, e: triton_gated_norm.gated_group_norm_triton(y, None, w, b, 1, e),
+    fast = value_and_grads(lambda y, z, w, b, g, e: gated_group_norm(y, None, w, b, 1, e),
                            x, x, w, b, dout)
     exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
     out = torch.nn.functional.layer_norm(exact[0], (channels,), exact[1], exact[2], 1e-5)
@@ -108,7 +120,7 @@ def test_modulated_layer_norm_matches_float64(batch, hw, channels):
         out = fn(*tensors, 1e-5)
         return (out, *torch.autograd.grad(out, tensors, dout.to(out.dtype)))
 
-    fast = value_and_grads_of(triton_gated_norm.modulated_layer_norm_triton, args)
+    fast = value_and_grads_of(modulated_layer_norm, args)
     exact = [t.detach().double().requires_grad_() for t in args]
     ref = value_and_grads_of(modulated_layer_norm_reference, exact)
     for name, a, r in zip(['out', 'dy', 'dx', 'dscale', 'dweight', 'dbias'], fast, ref):
@@ -124,7 +136,7 @@ def test_modulated_layer_norm_half_inputs():
     scale, w, b = (torch.rand(2, 64, generator=gen) + 0.5), torch.randn(64, generator=gen), torch.randn(64, generator=gen)
     args = [y, x] + [t.requires_grad_() for t in (scale, w, b)]
     dout = torch.randn(2, 4, 5, 64, generator=gen).half()
-    out = triton_gated_norm.modulated_layer_norm_triton(*args, 1e-5)
+    out = modulated_layer_norm(*args, 1e-5)
     grads = torch.autograd.grad(out, args, dout)
     exact = [t.detach().double().requires_grad_() for t in args]
     ref = modulated_layer_norm_reference(*exact, 1e-5)
@@ -144,13 +156,12 @@ def norm_linear_cases(gen, dtype):
     scale = torch.rand(2, 48, generator=gen) + 0.5
     w, b = torch.randn(48, generator=gen), torch.randn(48, generator=gen)
     lw, lb = torch.randn(out_channels, 48, generator=gen).to(dtype), torch.randn(out_channels, generator=gen).to(dtype)
-    t = triton_gated_norm
     return [
-        ('gated', lambda y, z, w, b, lw: t.gated_group_norm_linear_triton(y, z, w, b, 4, 1e-5, None, lw, None),
+        ('gated', lambda y, z, w, b, lw: gated_group_norm_linear(y, z, w, b, 4, 1e-5, lw),
          lambda y, z, w, b, lw: F.linear(gated_group_norm_reference(y, z, w, b, 4, 1e-5), lw), [y, z, w, b, lw]),
-        ('layer norm', lambda x, w, b, lw, lb: t.gated_group_norm_linear_triton(x, None, w, b, 1, 1e-6, dtype, lw, lb),
+        ('layer norm', lambda x, w, b, lw, lb: layer_norm_linear(x, w, b, 1e-6, dtype, lw, lb),
          lambda x, w, b, lw, lb: F.linear(F.layer_norm(x, (48,), w, b, 1e-6).to(x.dtype), lw, lb), [x, w, b, lw, lb]),
-        ('modulated', lambda *a: t.modulated_layer_norm_linear_triton(*a[:5], 1e-5, *a[5:]),
+        ('modulated', lambda *a: modulated_layer_norm_linear(*a[:5], 1e-5, *a[5:]),
          lambda *a: F.linear(modulated_layer_norm_reference(*a[:5], 1e-5), *a[5:]), [y, x, scale, w, b, lw, lb]),
     ]
 
@@ -178,17 +189,15 @@ def test_norm_then_linear_matches_reference(case, dtype):
 
 def test_norm_then_linear_keeps_no_norm_output(monkeypatch):
     """What autograd keeps: the norm's inputs and statistics and the linear weight, no map of the output's
-    size beyond those; the reference path (plain autograd) also keeps maps it computed."""
-    from mmgroupmamba.kernels import gated_group_norm_linear
+    size beyond those, on both paths (the reference's backward op recomputes through the reference)."""
     gen = torch.Generator().manual_seed(5)
     y, z, w, b = inputs(60, 32, torch.float32, gen)
     lw = torch.randn(16, 32, generator=gen, requires_grad=True)
     kept_maps = {}
     for impl in ('triton', 'reference'):
-        monkeypatch.setenv('MMGM_SCAN_IMPL', impl)
+        monkeypatch.setenv('MMGM_KERNELS', impl)
         kept = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
             gated_group_norm_linear(y, z, w, b, 4, 1e-5, lw)
         kept_maps[impl] = {t.data_ptr() for t in kept if t.numel() == y.numel()}
-    assert kept_maps['triton'] == {y.data_ptr(), z.data_ptr()}
-    assert kept_maps['reference'] - {y.data_ptr(), z.data_ptr()}
+    assert kept_maps['triton'] == kept_maps['reference'] == {y.data_ptr(), z.data_ptr()}

@@ -9,8 +9,19 @@ import torch
 
 from mmgroupmamba.kernels import scan as scan_module
 from mmgroupmamba.kernels import triton_scan
-from mmgroupmamba.kernels.scan import selective_scan, selective_scan_triton
+from mmgroupmamba.kernels.dispatch import kernels_interpreted
+from mmgroupmamba.kernels.scan import selective_scan
 from scan_oracle import random_scan_inputs, scan_loop_float64
+
+
+@pytest.fixture(autouse=True)
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+
+
+def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, **tiling):
+    """The scan op (Triton under the fixture's MMGM_KERNELS=triton) with forced tilings."""
+    return selective_scan(u, delta, A, B, C, D, delta_bias, hw, tiling=tiling)
 
 NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias']
 
@@ -73,8 +84,8 @@ def test_low_precision_inputs(dtype, split):
 
 
 def test_kernels_are_the_ones_that_ran(monkeypatch):
-    """Through the public op with MMGM_SCAN_IMPL=triton, the Triton launchers run and the reference doesn't."""
-    assert triton_scan.kernels_interpreted()
+    """Through the public op with MMGM_KERNELS=triton, the Triton launchers run and the reference doesn't."""
+    assert kernels_interpreted(triton_scan)
     calls = []
     for name in ('scan_forward', 'scan_backward'):
         original = getattr(triton_scan, name)
@@ -87,7 +98,6 @@ def test_kernels_are_the_ones_that_ran(monkeypatch):
     def no_reference(*args, **kwargs):
         raise AssertionError('the reference ran')
     monkeypatch.setattr(scan_module, 'selective_scan_reference', no_reference)
-    monkeypatch.setenv('MMGM_SCAN_IMPL', 'triton')
     gen = torch.Generator().manual_seed(3)
     inputs = random_scan_inputs(1, (3, 3), 8, generator=gen, requires_grad=True)
     y = selective_scan(**inputs)
@@ -111,6 +121,7 @@ def test_impl_variable(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     inputs = random_scan_inputs(1, (2, 3), 8, generator=gen)
     expected = scan_loop_float64(**inputs)
+    monkeypatch.delenv('MMGM_KERNELS')  # the variable's old name, still honoured
     for impl in ('auto', 'reference', 'triton', 'TRITON'):
         monkeypatch.setenv('MMGM_SCAN_IMPL', impl)
         assert rel_err(selective_scan(**inputs), expected) < 1e-5, impl
@@ -122,7 +133,6 @@ def test_impl_variable(monkeypatch):
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     gen = torch.Generator().manual_seed(6)
     inputs = random_scan_inputs(1, (2, 3), 8, generator=gen)
-    monkeypatch.setenv('MMGM_SCAN_IMPL', 'triton')
     monkeypatch.delenv('TRITON_INTERPRET')
     with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
         selective_scan(**inputs)

@@ -1,0 +1,127 @@
+"""An op followed by a linear layer, keeping for backward only what the op keeps.
+
+Autograd would also keep the op's output, a full map, for the linear layer's weight gradient. Here the op's
+backward kernel recomputes that output from what it reads anyway (one extra write), so the pair keeps the op's
+inputs only. GroupMamba runs three such pairs per block: the gated group norm -> ``out_proj``, the modulated
+LayerNorm -> ``proj`` and the FFN's LayerNorm -> ``fc1``; and the FFN's depthwise conv + GELU -> ``fc2``, whose
+8x-channel hidden maps are the largest activations of the model.
+
+Each pair is a ``torch.autograd.Function`` over the custom ops, which ``torch.compile`` traces into its graph.
+"""
+import torch
+import torch.nn.functional as F
+
+from .dwconv import dwconv_act_backward, dwconv_act_forward
+from .gated_norm import (gated_group_norm_fwd, gated_group_norm_grads, modulated_layer_norm_fwd,
+                         modulated_layer_norm_grads, promoted_dtype)
+
+
+def _compute_dtype(t):
+    """The dtype the linear layer runs in: autocast's when it is on for ``t``'s device, else ``t``'s."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def _linear_forward(ctx, out, weight, bias):
+    """``F.linear(out, weight, bias)`` in the compute dtype; keeps the cast weight for backward."""
+    dtype = _compute_dtype(out)
+    weight_c = weight.to(dtype)
+    ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+    return F.linear(out.to(dtype), weight_c, None if bias is None else bias.to(dtype)), weight_c
+
+
+def _linear_backward(ctx, grad_out, weight_c, recompute):
+    """The linear layer's gradients; ``recompute(grad_op_out)`` runs the op's backward and returns its input
+    gradients and its recomputed output."""
+    grad_out2 = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_c.dtype)
+    grad_op_out = (grad_out2 @ weight_c).view(*grad_out.shape[:-1], weight_c.shape[1])
+    grads, op_out = recompute(grad_op_out)
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    grad_weight = (grad_out2.t() @ op_out.reshape(-1, op_out.shape[-1]).to(weight_c.dtype)).to(weight_dtype)
+    grad_bias = None if bias_dtype is None else grad_out2.sum(0, dtype=torch.float32).to(bias_dtype)
+    return grad_weight, grad_bias, grads
+
+
+class GatedNormLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias):
+        normed, mean, rstd = gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype)
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias)
+        ctx.save_for_backward(y, z, weight, bias, mean, rstd, weight_c)
+        ctx.constants = (groups, eps, out_dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, z, weight, bias, mean, rstd, weight_c = ctx.saved_tensors
+
+        def recompute(grad_normed):
+            *grads, normed = gated_group_norm_grads(grad_normed, y, z, weight, bias, mean, rstd, *ctx.constants, True)
+            return grads, normed
+
+        grad_lw, grad_lb, (dy, dz, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
+        return dy, dz, dw, db, None, None, None, grad_lw, grad_lb
+
+
+class ModulatedNormLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, x, scale, weight, bias, eps, linear_weight, linear_bias):
+        normed, mean, rstd = modulated_layer_norm_fwd(y, x, scale, weight, bias, eps)
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias)
+        ctx.save_for_backward(y, x, scale, weight, bias, mean, rstd, weight_c)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *saved, weight_c = ctx.saved_tensors
+
+        def recompute(grad_normed):
+            *grads, normed = modulated_layer_norm_grads(grad_normed, *saved, ctx.eps, True)
+            return grads, normed
+
+        grad_lw, grad_lb, (dy, dx, dscale, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
+        return dy, dx, dscale, dw, db, None, grad_lw, grad_lb
+
+
+class ConvActLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, conv_weight, conv_bias, activation, linear_weight, linear_bias):
+        out, weight_c = _linear_forward(ctx, dwconv_act_forward(h, conv_weight, conv_bias, activation),
+                                        linear_weight, linear_bias)
+        ctx.save_for_backward(h, conv_weight, conv_bias, weight_c)
+        ctx.activation = activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, conv_weight, conv_bias, weight_c = ctx.saved_tensors
+
+        def recompute(grad_hidden):
+            dh, dw, db, hidden = dwconv_act_backward(grad_hidden.to(h.dtype), h, conv_weight, conv_bias,
+                                                     ctx.activation, True)
+            return (dh, dw, db), hidden
+
+        grad_lw, grad_lb, (dh, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
+        return dh, dw, db, None, grad_lw, grad_lb
+
+
+def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, linear_bias=None, out_dtype=None):
+    """``F.linear(gated_group_norm(y, z, weight, bias, groups, eps, out_dtype), linear_weight, linear_bias)``."""
+    return GatedNormLinearFn.apply(y, z, weight, bias, groups, eps, out_dtype or promoted_dtype(y, z),
+                                   linear_weight, linear_bias)
+
+
+def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None):
+    """``F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)``."""
+    return gated_group_norm_linear(x, None, weight, bias, 1, eps, linear_weight, linear_bias, out_dtype)
+
+
+def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None):
+    """``F.linear(modulated_layer_norm(y, x, scale, weight, bias, eps), linear_weight, linear_bias)``."""
+    return ModulatedNormLinearFn.apply(y, x, scale, weight, bias, eps, linear_weight, linear_bias)
+
+
+def depthwise_conv_act_linear(h, conv_weight, conv_bias, activation, linear_weight, linear_bias=None):
+    """``F.linear(depthwise_conv_act(h, conv_weight, conv_bias, activation), linear_weight, linear_bias)``."""
+    return ConvActLinearFn.apply(h, conv_weight, conv_bias, activation, linear_weight, linear_bias)
