@@ -212,26 +212,31 @@ def test_ffn_recomputing_backward_matches_plain_autograd(autocast):
 
 
 def per_group_layer(layer, x):
-    """What the official layer computes, one channel group at a time, with plain autograd ops (no packing,
-    no block-diagonal weights): the oracle for GroupMambaLayer's assembled weights and their gradients."""
+    """What the official layer computes, one channel group at a time, with plain autograd ops (each group's
+    weights a view of the packed parameters, no block-diagonal weights): the oracle for GroupMambaLayer's
+    forward and its gradients."""
     import torch.nn.functional as F
     from mmgroupmamba.kernels import selective_scan_reference
     batch, height, width, channels = x.shape
-    d = channels // 4
+    d, rank = channels // 4, layer.dt_rank
     xn = F.layer_norm(x, (channels,), layer.norm.weight, layer.norm.bias, layer.norm.eps)
     us, zs, deltas, bs, cs = [], [], [], [], []
-    for g, group in enumerate(layer.scan_groups):
-        u, z = group.in_proj(xn[..., g * d:(g + 1) * d]).chunk(2, dim=-1)
-        u = F.silu(group.conv2d(u.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(batch, -1, d)
-        dt, b, c = (u @ group.x_proj_weight[0].t()).split([group.dt_rank, 1, 1], dim=-1)
-        us.append(u), zs.append(z), deltas.append(dt @ group.dt_projs_weight[0].t()), bs.append(b), cs.append(c)
-    groups = layer.scan_groups
+    conv = layer.conv2d
+    for g in range(4):
+        u, z = F.linear(xn[..., g * d:(g + 1) * d], layer.in_proj_weight[g]).chunk(2, dim=-1)
+        u = F.conv2d(u.permute(0, 3, 1, 2), conv.weight[g * d:(g + 1) * d], conv.bias[g * d:(g + 1) * d], padding=1,
+                     groups=d)
+        u = F.silu(u).permute(0, 2, 3, 1).reshape(batch, -1, d)
+        dt, b, c = (u @ layer.x_proj_weight[g].t()).split([rank, 1, 1], dim=-1)
+        us.append(u), zs.append(z), deltas.append(dt @ layer.dt_projs_weight[g].t()), bs.append(b), cs.append(c)
     y = selective_scan_reference(
-        torch.cat(us, -1), torch.cat(deltas, -1), torch.cat([-g.A_logs.exp().flatten() for g in groups]),
-        torch.cat(bs, -1), torch.cat(cs, -1), torch.cat([g.Ds for g in groups]),
-        torch.cat([g.dt_projs_bias.flatten() for g in groups]), (height, width))
+        torch.cat(us, -1), torch.cat(deltas, -1), -layer.A_logs.exp().flatten(), torch.cat(bs, -1),
+        torch.cat(cs, -1), layer.Ds, layer.dt_projs_bias.flatten(), (height, width))
     y = y.view(batch, height, width, channels)
-    outs = [g.out_proj(g.out_norm(y[..., i * d:(i + 1) * d]) * F.silu(zs[i])) for i, g in enumerate(groups)]
+    norm = layer.out_norm
+    outs = [F.linear(F.layer_norm(y[..., g * d:(g + 1) * d], (d,), norm.weight[g * d:(g + 1) * d],
+                                  norm.bias[g * d:(g + 1) * d], norm.eps) * F.silu(zs[g]), layer.out_proj_weight[g])
+            for g in range(4)]
     affinity = torch.sigmoid(layer.fc2(F.relu(layer.fc1(xn.mean((1, 2))))))
     y = torch.cat(outs, -1) * layer.skip_scale * xn * affinity[:, None, None, :]
     return layer.proj(F.layer_norm(y, (channels,), layer.norm.weight, layer.norm.bias, layer.norm.eps))
@@ -239,7 +244,7 @@ def per_group_layer(layer, x):
 
 @pytest.mark.parametrize('autocast', [False, True])
 def test_layer_matches_per_group_computation_and_gradients(autocast):
-    """The assembled block-diagonal weights (GroupedLayerWeights) give the per-group outputs and gradients."""
+    """The packed parameters and block-diagonal weights give the per-group outputs and gradients."""
     from mmgroupmamba.models.groupmamba import GroupMambaLayer, init_official_weights
     torch.manual_seed(0)
     layer = GroupMambaLayer(48)
@@ -279,10 +284,8 @@ def test_block_stochastic_depth_drops_whole_branches_per_image():
 
 
 def test_training_after_inference_mode():
-    """Cached helpers (identity matrices, tilings) made under inference_mode must not break a later
-    training step (inference tensors cannot enter autograd)."""
-    from mmgroupmamba.models.groupmamba import _identity
-    _identity.cache_clear()
+    """Nothing made under inference_mode (tilings, weights) may leak into a later training step (inference
+    tensors cannot enter autograd)."""
     model = GroupMamba(arch=SMALL_ARCH)
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
@@ -292,70 +295,48 @@ def test_training_after_inference_mode():
         loss = sum(o.float().square().mean() for o in model(x))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert _identity.cache_info().hits > 0
 
 
-def test_grouped_weights_gradients_when_some_outputs_are_unused():
-    """Outputs that take no part in the loss get None gradients: their parameters' slots must come back 0."""
-    from mmgroupmamba.models.groupmamba import GroupedLayerWeights, GroupMambaLayer, init_official_weights
-    torch.manual_seed(0)
-    layer = GroupMambaLayer(16)
-    layer.apply(init_official_weights)
-    params = layer._packing.gather(layer)
-    outs = GroupedLayerWeights.apply(torch.float32, layer._packing, *params)
-    in_proj, delta, A = outs[0], outs[1], outs[13]
-    loss = in_proj.sum() + (delta * torch.randn_like(delta)).sum() + A.sum()
-    grads = dict(zip(layer._packing.names, torch.autograd.grad(loss, params)))
-    for name, g in grads.items():
-        used = name.endswith(('in_proj.weight', 'x_proj_weight', 'dt_projs_weight', 'A_logs'))
-        assert bool(g.abs().sum() > 0) == used, name
-    # d sum(block-diagonal in_proj) / d (each group's weight) is all ones.
-    assert torch.equal(grads['mamba_g2.in_proj.weight'], torch.ones(8, 4))
-    # x_proj's B and C rows feed only the unused bc output.
-    assert not grads['mamba_g1.x_proj_weight'][0, -2:].any()
+def test_official_keys_round_trip_through_packed_parameters(golden):
+    """official_to_packed / packed_to_official are inverse pure functions, state_dict() gives the official keys
+    as views of the packed parameters, and load_state_dict takes official and packed keys alike."""
+    from mmgroupmamba.models.groupmamba import official_to_packed, packed_to_official
+    official = {k: v for k, v in golden['state_dict'].items() if not k.startswith(CLASSIFICATION_PREFIXES)}
+    before = {k: v.clone() for k, v in official.items()}
+    packed = official_to_packed(official)
+    assert all(torch.equal(official[k], before[k]) for k in official)  # the input is untouched
+    assert 'block3.1.attn.in_proj_weight' in packed and 'block3.1.attn.mamba_g1.in_proj.weight' not in packed
+    model = GroupMamba(arch=golden['arch_cfg'])
+    assert set(packed) == set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
+    back = packed_to_official(packed)
+    assert set(back) == set(official) and all(torch.equal(back[k], official[k]) for k in official)
+
+    model.load_state_dict(official)
+    state = model.state_dict()
+    assert set(state) == set(official) and all(torch.equal(state[k], official[k]) for k in official)
+    # Views: an in-place update through the official key (as EMA does) reaches the packed parameter.
+    state['block2.0.attn.mamba_g3.Ds'].add_(1.0)
+    assert torch.equal(model.block2[0].attn.Ds[32:48], official['block2.0.attn.mamba_g3.Ds'] + 1.0)
+    other = GroupMamba(arch=golden['arch_cfg'])
+    other.load_state_dict(official_to_packed(model.state_dict()))
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
 
 
-def test_inference_reuses_grouped_weights_until_parameters_change(monkeypatch):
-    from mmgroupmamba.models import groupmamba
-    calls = []
-    apply = groupmamba.GroupedLayerWeights.apply
-    monkeypatch.setattr(groupmamba.GroupedLayerWeights, 'apply', lambda *a: calls.append(1) or apply(*a))
-    torch.manual_seed(0)
-    model = GroupMamba(arch=SMALL_ARCH).eval()
-    layers = sum(SMALL_ARCH['depths'])
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        first = model(x)
-        assert len(calls) == layers
-        assert all(torch.equal(a, b) for a, b in zip(first, model(x))) and len(calls) == layers  # reused
-        model.block3[1].attn.mamba_g2.in_proj.weight.mul_(1.5)  # in place, as an optimizer step
-        changed = model(x)
-        assert len(calls) == layers + 1  # only the changed layer rebuilt
-        fresh = copy.deepcopy(model)
-        fresh.apply(lambda m: setattr(m, '_derived_weights', None) if hasattr(m, '_derived_weights') else None)
-        assert all(torch.equal(a, b) for a, b in zip(changed, fresh(x)))
-        model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})
-        calls.clear()
-        model(x)
-        assert len(calls) == layers
-        with torch.autocast('cpu', dtype=torch.bfloat16):  # another compute dtype: built again
-            model(x)
-        assert len(calls) == 2 * layers
-    calls.clear()
-    model.train()
-    model(x)[0].sum().backward()  # with gradients: built every forward, never cached
-    model(x)
-    assert len(calls) == 2 * layers
+def test_incomplete_official_layer_is_refused(golden):
+    from mmgroupmamba.models.groupmamba import official_to_packed
+    state = dict(golden['state_dict'])
+    del state['block1.0.attn.mamba_g3.in_proj.weight']
+    with pytest.raises(KeyError, match=r'block1\.0\.attn\.in_proj_weight.*mamba_g3'):
+        official_to_packed(state)
 
 
-def test_frozen_stages_reuse_grouped_weights_in_training(monkeypatch):
-    from mmgroupmamba.models import groupmamba
-    calls = []
-    apply = groupmamba.GroupedLayerWeights.apply
-    monkeypatch.setattr(groupmamba.GroupedLayerWeights, 'apply', lambda *a: calls.append(1) or apply(*a))
-    model = GroupMamba(arch=SMALL_ARCH, frozen_stages=1).train()
-    x = torch.randn(1, 3, 64, 64)
-    for _ in range(2):
-        sum(o.sum() for o in model(x)).backward()
-    layers, frozen = sum(SMALL_ARCH['depths']), SMALL_ARCH['depths'][0]
-    assert len(calls) == 2 * layers - frozen  # the frozen stage's layers built once
+def test_packed_parameters_keep_their_official_dimensionality():
+    """Optimizer rules by ndim (no decay on 1-D parameters) treat packed and official parameters alike."""
+    from mmgroupmamba.models.groupmamba import PACKED_PARAMS
+    model = GroupMamba(arch=SMALL_ARCH)
+    official = model.state_dict()
+    layer = model.block2[0].attn
+    for name, (official_name, _) in PACKED_PARAMS.items():
+        packed = layer.get_parameter(name)
+        single = official[f'block2.0.attn.mamba_g1.{official_name}']
+        assert (packed.dim() == 1) == (single.dim() == 1), name

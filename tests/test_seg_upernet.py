@@ -100,8 +100,8 @@ def test_no_weight_decay_on_norms_and_scan_parameters():
         else:
             assert decay_of[id(param)] == pytest.approx(0.01), name
             counted['decayed'] += 1
-    # 4 groups x 3 scan parameters + skip_scale in each of the small arch's 5 blocks.
-    assert counted['scan'] == 5 * (4 * 3 + 1)
+    # 3 scan parameters (each packing the 4 groups) + skip_scale in each of the small arch's 5 blocks.
+    assert counted['scan'] == 5 * (3 + 1)
     assert counted['norm'] > 0 and counted['decayed'] > 0
 
 

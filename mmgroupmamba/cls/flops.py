@@ -22,7 +22,7 @@ from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.analysis.jit_handles import get_shape
 
 from mmgroupmamba.kernels import selective_scan
-from mmgroupmamba.models.groupmamba import NUM_GROUPS, GroupMambaLayer
+from mmgroupmamba.models.groupmamba import NUM_GROUPS, ConvFFN, GroupMambaLayer
 
 D_STATE = 1
 
@@ -52,38 +52,55 @@ SCAN_OP_NAME = f'prim::PythonOp.{CountedSelectiveScan.__name__}'
 
 
 def groupwise_forward(layer, x):
-    """:class:`GroupMambaLayer` forward computed group by group with the official per-group ops."""
+    """:class:`GroupMambaLayer` forward computed group by group with the official per-group ops (each group's
+    weights a slice of the packed parameters), so that FLOPs are counted as the official model spends them."""
     batch, height, width, dims = x.shape
+    d = dims // NUM_GROUPS
     x = layer.norm(x)
     affinity = torch.sigmoid(layer.fc2(F.relu(layer.fc1(x.mean((1, 2))))))
+    conv, norm = layer.conv2d, layer.out_norm
     scan_inputs, gates = [], []
-    for group, x_group in zip(layer.scan_groups, x.chunk(NUM_GROUPS, dim=-1)):
-        u, z = group.in_proj(x_group).chunk(2, dim=-1)
-        u = F.silu(group.conv2d(u.permute(0, 3, 1, 2))).flatten(2).transpose(1, 2)  # (B, L, d)
-        dt_low, b, c = F.linear(u, group.x_proj_weight[0]).split([group.dt_rank, D_STATE, D_STATE], dim=-1)
-        delta = F.linear(dt_low, group.dt_projs_weight[0])
-        scan_inputs.append((u, delta, b, c, -group.A_logs[:, 0].float().exp(), group.Ds, group.dt_projs_bias[0]))
+    for g, x_group in enumerate(x.chunk(NUM_GROUPS, dim=-1)):
+        channels = slice(g * d, (g + 1) * d)
+        u, z = F.linear(x_group, layer.in_proj_weight[g]).chunk(2, dim=-1)
+        u = F.silu(F.conv2d(u.permute(0, 3, 1, 2), conv.weight[channels], conv.bias[channels], padding=1, groups=d))
+        u = u.flatten(2).transpose(1, 2)  # (B, L, d)
+        dt_low, b, c = F.linear(u, layer.x_proj_weight[g]).split([layer.dt_rank, D_STATE, D_STATE], dim=-1)
+        delta = F.linear(dt_low, layer.dt_projs_weight[g])
+        scan_inputs.append((u, delta, b, c, -layer.A_logs[channels, 0].float().exp(), layer.Ds[channels],
+                            layer.dt_projs_bias[g]))
         gates.append(F.silu(z))
     u, delta, b, c, A, D, delta_bias = (torch.cat(parts, dim=-1) for parts in zip(*scan_inputs))
     y = CountedSelectiveScan.apply(u, delta, A, b, c, D, delta_bias, height, width)
     outs = []
-    for group, y_group, gate in zip(layer.scan_groups, y.chunk(NUM_GROUPS, dim=-1), gates):
-        outs.append(group.out_proj(group.out_norm(y_group).view(batch, height, width, -1) * gate))
+    for g, (y_group, gate) in enumerate(zip(y.chunk(NUM_GROUPS, dim=-1), gates)):
+        channels = slice(g * d, (g + 1) * d)
+        normed = F.layer_norm(y_group, (d,), norm.weight[channels], norm.bias[channels], norm.eps)
+        outs.append(F.linear(normed.view(batch, height, width, -1) * gate, layer.out_proj_weight[g]))
     y = torch.cat(outs, dim=-1) * (layer.skip_scale * x) * affinity[:, None, None, :]
     return layer.proj(layer.norm(y))
 
 
+def plain_ffn_forward(ffn, x, norm):
+    """:class:`ConvFFN` forward with plain ops (the fused op + linear pairs are single opaque nodes to a trace)."""
+    conv = ffn.dwconv.dwconv
+    h = ffn.fc1(norm(x)).permute(0, 3, 1, 2)
+    return ffn.fc2(F.gelu(conv(h)).permute(0, 2, 3, 1))
+
+
 @contextmanager
 def scan_counting(model):
-    """Run every GroupMambaLayer of ``model`` through :func:`groupwise_forward` inside the block."""
-    layers = [m for m in model.modules() if isinstance(m, GroupMambaLayer)]
-    for layer in layers:
-        layer.forward = groupwise_forward.__get__(layer)
+    """Run every GroupMambaLayer of ``model`` through :func:`groupwise_forward` and every ConvFFN through
+    :func:`plain_ffn_forward` inside the block."""
+    replaced = [(m, groupwise_forward) for m in model.modules() if isinstance(m, GroupMambaLayer)]
+    replaced += [(m, plain_ffn_forward) for m in model.modules() if isinstance(m, ConvFFN)]
+    for module, forward in replaced:
+        module.forward = forward.__get__(module)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward
+        for module, _ in replaced:
+            del module.forward
 
 
 def model_complexity(model, input_shape=(3, 224, 224)):
@@ -93,13 +110,22 @@ def model_complexity(model, input_shape=(3, 224, 224)):
     """
     model = model.eval()
     inputs = torch.randn(1, *input_shape)
-    with scan_counting(model), torch.no_grad():
-        analyzer = FlopAnalyzer(model, (inputs, ))
-        analyzer.set_op_handle(SCAN_OP_NAME, selective_scan_flop_jit)
-        analyzer.unsupported_ops_warnings(False)
-        analyzer.uncalled_modules_warnings(False)
-        flops = analyzer.total()
-        by_operator = analyzer.by_operator()
+    # The trace takes the model's state_dict() tensors as its inputs, and GroupMamba's state_dict() gives the
+    # official per-group views of its packed parameters: the packed parameters themselves enter the trace as
+    # constants, which the tracer refuses while they require grad.
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        with scan_counting(model), torch.no_grad():
+            analyzer = FlopAnalyzer(model, (inputs, ))
+            analyzer.set_op_handle(SCAN_OP_NAME, selective_scan_flop_jit)
+            analyzer.unsupported_ops_warnings(False)
+            analyzer.uncalled_modules_warnings(False)
+            flops = analyzer.total()
+            by_operator = analyzer.by_operator()
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
     return dict(flops=flops, params=parameter_count(model)[''], flops_by_operator=by_operator)
 
 

@@ -17,7 +17,7 @@ Layout::
 
     block:  x = x + DropPath(GroupMambaLayer(x));   x = x + DropPath(ConvFFN(norm2(x)))
 
-    GroupMambaLayer (C channels, 4 groups of C/4):
+    GroupMambaLayer (C channels, 4 groups of d = C/4):
         x = LayerNorm(x)
         per group g: in_proj -> (u, z); u = SiLU(dwconv3x3(u)); project u to (delta, B, C);
                      y = selective scan of u over the map in SCAN_DIRECTIONS[g] order (d_state=1);
@@ -25,22 +25,20 @@ Layout::
         y = concat(groups) * skip_scale * x * sigmoid(fc2(relu(fc1(mean_hw(x)))))   (channel affinity)
         return proj(LayerNorm(y))          (the same LayerNorm as at the input, as in the official model)
 
-Module and parameter names are the official ones (``block1.0.attn.mamba_g1.x_proj_weight``, ...), so official
-checkpoints load unchanged. The four groups' parameters are kept per group under those names but are never
-run group by group: each forward, :class:`GroupedLayerWeights` packs them, casts the matmul weights once to
-the compute dtype and assembles block-diagonal weights, and every group runs in one linear layer, one fused
-depthwise conv + SiLU and one scan launch. All tensors inside a stage are channels-last ``(B, H, W, C)``.
+Parameters are stored the way the kernels use them: the four groups' scan parameters packed together, one
+tensor per kind (``in_proj_weight`` ``(4, 2d, d)``, ``A_logs`` ``(C, 1)``, ...; VMamba's SS2D layout), and
+every group runs in the same launches: one linear layer for all groups' projections (their block-diagonal
+weights), one depthwise conv, one scan. ``state_dict()`` gives the official per-group keys and shapes
+(``block1.0.attn.mamba_g1.x_proj_weight`` ...) and ``load_state_dict`` takes them, through
+:func:`official_to_packed` / :func:`packed_to_official`; official checkpoints load unchanged. Tensors inside a
+stage are channels-last ``(B, H, W, C)``.
 
-Why it is built this way: a GroupMamba step on the GPU is bound by host work per launch (measured on an
-H200: ~3900 launches, 35 ms of kernels, 166 ms of wall time at 800x1344), so the layer is written for few
-launches: packed weights, fused Triton kernels (``mmgroupmamba.kernels``: scan, gated group norm, modulated
-LayerNorm, depthwise conv + activation), in-place reads of column slices, one addcmul for stochastic depth.
-For inputs of a few fixed sizes, ``cuda_graph=True`` replays the whole backbone's forward and backward from
-recorded CUDA graphs (:mod:`mmgroupmamba.models.cuda_graph`), which takes the host out of the step.
+The fused ops (``mmgroupmamba.kernels``) are PyTorch custom ops, so the backbone runs eagerly, under
+``torch.compile`` (``compile=True``: one graph, symbolic sizes) and from CUDA graphs (``cuda_graph=True``,
+:mod:`mmgroupmamba.models.cuda_graph`) with the same results.
 """
-import functools
 import math
-import operator
+import re
 
 import torch
 import torch.nn as nn
@@ -53,10 +51,11 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
-from mmgroupmamba.models.cuda_graph import CudaGraphs
-from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, dwconv_act_backward, dwconv_act_forward,
-                                  gated_group_norm_linear, layer_norm, layer_norm_linear,
+from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, depthwise_conv_act_linear,
+                                  gated_group_norm, gated_group_norm_linear, layer_norm, layer_norm_linear,
                                   modulated_layer_norm_linear, selective_scan)
+from mmgroupmamba.models.compiled import CompiledForward
+from mmgroupmamba.models.cuda_graph import CudaGraphs
 
 ARCH_SETTINGS = {
     'tiny': dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 9, 3]),
@@ -95,199 +94,99 @@ def resolve_arch(arch):
     return arch
 
 
-def _compute_dtype(x):
-    """The dtype the layer's matmuls run in: autocast's, when it is on for ``x``'s device, else ``x``'s."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+# ----------------------------------------------------------------------------------------------------------
+# Official per-group keys <-> packed parameters
+# ----------------------------------------------------------------------------------------------------------
+# Packed name -> (official name inside mamba_g{g}, how the G official tensors join): 'stack' adds a leading
+# group dim (their own leading dim of 1 dropped where they have one), 'cat' concatenates along dim 0.
+PACKED_PARAMS = {
+    'x_proj_weight': ('x_proj_weight', 'cat'),  # (1, R+2, d) each -> (G, R+2, d)
+    'dt_projs_weight': ('dt_projs_weight', 'cat'),  # (1, d, R) -> (G, d, R)
+    'dt_projs_bias': ('dt_projs_bias', 'cat'),  # (1, d) -> (G, d)
+    'A_logs': ('A_logs', 'cat'),  # (d, 1) -> (C, 1)
+    'Ds': ('Ds', 'cat'),  # (d,) -> (C,)
+    'out_norm.weight': ('out_norm.weight', 'cat'),  # (d,) -> (C,)
+    'out_norm.bias': ('out_norm.bias', 'cat'),
+    'in_proj_weight': ('in_proj.weight', 'stack'),  # (2d, d) -> (G, 2d, d)
+    'conv2d.weight': ('conv2d.weight', 'cat'),  # (d, 1, 3, 3) -> (C, 1, 3, 3)
+    'conv2d.bias': ('conv2d.bias', 'cat'),
+    'out_proj_weight': ('out_proj.weight', 'stack'),  # (d, d) -> (G, d, d)
+}
+_OFFICIAL_KEY = re.compile(r'^(?P<layer>.*?)mamba_g(?P<group>[1-4])\.(?P<name>.+)$')
+_OFFICIAL_NAMES = {official: packed for packed, (official, _) in PACKED_PARAMS.items()}
 
 
-def _block_diagonal(blocks, eye):
-    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices in one multiply (``eye``: G x G).
+def official_to_packed(state_dict):
+    """A state dict with official per-group keys (``...attn.mamba_g1.in_proj.weight``) -> the same with each
+    layer's groups packed (``...attn.in_proj_weight``); every other key passes unchanged. Pure: the input is
+    not modified. Raises if a layer has some of its groups' tensors but not all."""
+    out, groups = {}, {}
+    for key, value in state_dict.items():
+        match = _OFFICIAL_KEY.match(key)
+        if match is None or match['name'] not in _OFFICIAL_NAMES:
+            out[key] = value
+            continue
+        packed_key = match['layer'] + _OFFICIAL_NAMES[match['name']]
+        groups.setdefault(packed_key, {})[int(match['group']) - 1] = value
+        out.setdefault(packed_key, None)  # keeps the layer's keys where the first group's were
+    for packed_key, tensors in groups.items():
+        if sorted(tensors) != list(range(NUM_GROUPS)):
+            missing = [f'mamba_g{g + 1}' for g in range(NUM_GROUPS) if g not in tensors]
+            raise KeyError(f'GroupMamba checkpoint: {packed_key} needs all {NUM_GROUPS} groups; missing {missing}')
+        how = PACKED_PARAMS[packed_key[len(packed_key) - len(_local_name(packed_key)):]][1]
+        parts = [tensors[g] for g in range(NUM_GROUPS)]
+        out[packed_key] = torch.stack(parts) if how == 'stack' else torch.cat(parts)
+    return out
 
-    ``torch.block_diag`` copies block by block: many small launches per call.
+
+def _local_name(packed_key):
+    return next(name for name in PACKED_PARAMS if packed_key.endswith(name))
+
+
+def packed_to_official(state_dict, prefix=None):
+    """The inverse of :func:`official_to_packed`: each packed tensor becomes its four groups' official tensors,
+    as views of it (in-place updates through them, as by EMA, reach it). With ``prefix`` (a layer's own
+    prefix), only that layer's keys are converted; without, every key whose name after its last ``attn.`` is a
+    packed name."""
+    out = {}
+    for key, value in state_dict.items():
+        if prefix is None:
+            layer, sep, local = key.rpartition('attn.')
+            layer += sep
+        else:
+            layer, local = prefix, (key[len(prefix):] if key.startswith(prefix) else None)
+        if local not in PACKED_PARAMS:
+            out[key] = value
+            continue
+        official, how = PACKED_PARAMS[local]
+        parts = value.unbind(0) if how == 'stack' else value.chunk(NUM_GROUPS, 0)
+        for g, part in enumerate(parts):
+            out[f'{layer}mamba_g{g + 1}.{official}'] = part
+    return out
+
+
+def block_diagonal(blocks):
+    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices, in one broadcast multiply.
+
+    One dense matmul with the block-diagonal weight beats G small ones (and G launches); the weights are
+    small, and under torch.compile this fuses into the weight's cast.
     """
     *lead, groups, rows, cols = blocks.shape
-    # Written into a contiguous buffer: the product alone would follow a transposed input's strides, and the
-    # reshape would then copy.
-    out = blocks.new_empty((*lead, groups, rows, groups, cols))
-    torch.mul(blocks[..., :, :, None, :], eye[:, None, :, None], out=out)
-    return out.view(*lead, groups * rows, groups * cols)
-
-
-def _diagonal_blocks(matrix, groups):
-    """The ``groups`` diagonal ``(m, n)`` blocks of a ``(..., G*m, G*n)`` matrix, as a strided view."""
-    *lead, rows, cols = matrix.shape
-    blocks = matrix.reshape(*lead, groups, rows // groups, groups, cols // groups)
-    return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
-
-
-class _Packing:
-    """Parameters packed one after another into a 1-D buffer, read back as per-parameter views or as
-    ``pieces`` (runs of consecutive parameters viewed together, e.g. the 4 groups' ``in_proj`` as one tensor).
-    """
-
-    def __init__(self, param_shapes, piece_shapes):
-        self.param_shapes = [tuple(s) for s in param_shapes]
-        self.piece_shapes = [tuple(s) for s in piece_shapes]
-        self.param_sizes = [math.prod(s) for s in self.param_shapes]
-        self.piece_sizes = [math.prod(s) for s in self.piece_shapes]
-        self.numel = sum(self.param_sizes)
-        assert self.numel == sum(self.piece_sizes)
-
-    @staticmethod
-    def pack(params, dtype):
-        # One batched copy of all parameters (same dtype, contiguous), then at most one cast.
-        return torch.cat([p.reshape(-1) for p in params]).to(dtype)
-
-    def pieces(self, flat):
-        return [t.view(s) for t, s in zip(flat.split(self.piece_sizes), self.piece_shapes)]
-
-    def params(self, flat):
-        return [t.view(s) for t, s in zip(flat.split(self.param_sizes), self.param_shapes)]
-
-
-class _LayerPacking:
-    """What :class:`GroupedLayerWeights` needs to know about one layer: its parameters, in packing order."""
-    # Per-group parameters packed group after group, so the 4 groups of a name are one contiguous piece.
-    MATMUL_GROUP_PARAMS = ('in_proj.weight', 'x_proj_weight', 'dt_projs_weight', 'out_proj.weight')
-    LINEARS = ('fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias', 'proj.weight', 'proj.bias')
-    FP32_GROUP_PARAMS = ('conv2d.weight', 'conv2d.bias', 'dt_projs_bias', 'A_logs', 'Ds', 'out_norm.weight',
-                         'out_norm.bias')
-
-    def __init__(self, layer):
-        group = layer.mamba_g1
-        self.dt_rank = group.dt_rank
-        names = ([f'mamba_g{g + 1}.{n}' for n in self.MATMUL_GROUP_PARAMS for g in range(NUM_GROUPS)]
-                 + list(self.LINEARS)
-                 + [f'mamba_g{g + 1}.{n}' for n in self.FP32_GROUP_PARAMS for g in range(NUM_GROUPS)])
-        self.names = names
-        self._getters = [operator.attrgetter(name) for name in names]  # C-level lookups: run every forward
-        shapes = {name: p.shape for name, p in layer.named_parameters()}
-        self.num_matmul = NUM_GROUPS * len(self.MATMUL_GROUP_PARAMS) + len(self.LINEARS)
-        self.matmul = _Packing(
-            [shapes[n] for n in names[:self.num_matmul]],
-            [(NUM_GROUPS, *shapes[f'mamba_g1.{n}'][-2:]) for n in self.MATMUL_GROUP_PARAMS]
-            + [shapes[n] for n in self.LINEARS])
-        self.linears_numel = sum(shapes[n].numel() for n in self.LINEARS)
-        channels = NUM_GROUPS * group.Ds.numel()
-        self.fp32 = _Packing([shapes[n] for n in names[self.num_matmul:]],
-                             [(channels, 1, 3, 3)] + [(channels,)] * (len(self.FP32_GROUP_PARAMS) - 1))
-
-    def gather(self, layer):
-        return [get(layer) for get in self._getters]
-
-
-class CastParameters(torch.autograd.Function):
-    """Parameters cast to the compute dtype by one packed copy and one cast, where autocast would cast each at
-    every use (and cast each gradient back): two launches forward and two backward instead of two per tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, dtype, *params):
-        ctx.packing = _Packing([p.shape for p in params], [p.shape for p in params])
-        return tuple(ctx.packing.pieces(_Packing.pack(params, dtype)))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        shapes = ctx.packing.param_shapes
-        grads = [g if g is not None else torch.zeros(s, device=grads[0].device) for g, s in zip(grads, shapes)]
-        return (None, *ctx.packing.params(torch.cat([g.reshape(-1) for g in grads]).float()))
-
-
-def _cast_parameters(dtype, *params):
-    if all(p.dtype == dtype for p in params):
-        return params
-    return CastParameters.apply(dtype, *params)
-
-
-@functools.lru_cache(maxsize=16)
-def _identity(size, dtype, device):
-    """A cached identity matrix (read only): building it is a launch per layer per step otherwise."""
-    return torch.eye(size, dtype=dtype, device=device)
-
-
-class GroupedLayerWeights(torch.autograd.Function):
-    """A layer's parameters as the tensors its forward uses: the 4 groups' weights assembled into
-    block-diagonal / concatenated form, every matmul weight already in the compute dtype.
-
-    With autograd ops the same assembly took ~20 kernels forward and ~50 backward per layer, plus autocast's
-    cast of every weight at every use: the training step was bound by launches on the host. Here forward
-    packs, casts and assembles in ~9 kernels, and backward writes every parameter's gradient into its slot of
-    two packed buffers (~12 kernels) and returns views of them.
-
-    Outputs, in the compute dtype: ``in_proj (2C, C)`` (rows u then z), ``delta (C, C)`` (dt_proj folded into
-    x_proj), ``bc (2G, C)`` (rows B_0..B_3, C_0..C_3), ``out_proj (C, C)``, then the fc1, fc2 and proj weights
-    and biases; in fp32: the dwconv weight ``(C, 1, 3, 3)`` and bias, the delta bias, ``A = -exp(A_logs)``,
-    D and the out_norm weight and bias (all ``(C,)``).
-    """
-
-    @staticmethod
-    def forward(ctx, dtype, packing, *params):
-        matmul = packing.matmul.pieces(packing.matmul.pack(params[:packing.num_matmul], dtype))
-        fp32 = packing.fp32.pieces(packing.fp32.pack(params[packing.num_matmul:], torch.float32))
-        in_proj, x_proj, dt_proj, out_proj, *linears = matmul
-        conv_weight, conv_bias, delta_bias, A_logs, D, norm_weight, norm_bias = fp32
-        groups, rank = NUM_GROUPS, packing.dt_rank
-        eye = _identity(groups, dtype, in_proj.device)
-        x_dt = x_proj[:, :rank]
-        # (G, 2d, d) -> (2, G, d, d) -> block-diagonal (2, C, C) -> rows (u, z).
-        in_uz = _block_diagonal(in_proj.unflatten(1, (2, -1)).transpose(0, 1), eye).flatten(0, 1)
-        delta = _block_diagonal(torch.bmm(dt_proj, x_dt), eye)
-        # (G, 2, d) B and C rows -> (2, 1, C) blocks per group -> (2G, C), group g's rows only on its channels.
-        bc = _block_diagonal(x_proj[:, rank:].transpose(0, 1).unsqueeze(-2), eye).flatten(0, 1)
-        A = A_logs.exp().neg_()
-        ctx.save_for_backward(dt_proj, x_dt, A)
-        ctx.packing = packing
-        return (in_uz, delta, bc, _block_diagonal(out_proj, eye), *linears,
-                conv_weight, conv_bias, delta_bias, A, D, norm_weight, norm_bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        dt_proj, x_dt, A = ctx.saved_tensors
-        packing, groups, rank = ctx.packing, NUM_GROUPS, ctx.packing.dt_rank
-        grouped = len(_LayerPacking.MATMUL_GROUP_PARAMS)  # the block-diagonal outputs come first
-        num_linears = len(_LayerPacking.LINEARS)
-        g_in_uz, g_delta, g_bc, g_out_proj = grads[:grouped]
-        g_linears = grads[grouped:grouped + num_linears]
-        g_fp32 = list(grads[grouped + num_linears:])
-
-        # Each matmul weight's gradient is copied (and cast) straight into its slot of one fp32 buffer.
-        alloc = torch.empty if all(g is not None for g in grads[:grouped]) else torch.zeros  # unwritten: 0
-        flat = alloc(packing.matmul.numel, dtype=torch.float32, device=A.device)
-        in_proj, x_proj, dt_proj_grad, out_proj, *linears = packing.matmul.pieces(flat)
-        if g_in_uz is not None:
-            in_proj.unflatten(1, (2, -1)).copy_(_diagonal_blocks(g_in_uz.unflatten(0, (2, -1)), groups)
-                                                .transpose(0, 1))
-        if g_delta is not None:
-            g_blocks = _diagonal_blocks(g_delta, groups).contiguous()
-            dt_proj_grad.copy_(torch.bmm(g_blocks, x_dt.transpose(1, 2)))
-            x_proj[:, :rank].copy_(torch.bmm(dt_proj.transpose(1, 2), g_blocks))
-        if g_bc is not None:
-            x_proj[:, rank:].copy_(_diagonal_blocks(g_bc.unflatten(0, (2, -1)), groups).squeeze(-2).transpose(0, 1))
-        if g_out_proj is not None:
-            out_proj.copy_(_diagonal_blocks(g_out_proj, groups))
-        # The linear layers' slots are adjacent, at the end: one cat and one cast-copy for all of them.
-        g_linears = [g if g is not None else flat.new_zeros(slot.shape) for slot, g in zip(linears, g_linears)]
-        flat[packing.matmul.numel - packing.linears_numel:].copy_(torch.cat([g.reshape(-1) for g in g_linears]))
-
-        # fp32 parameters: one cat of their gradients (zeros where a gradient is missing).
-        fp32_pieces = packing.fp32.piece_shapes
-        if g_fp32[3] is not None:
-            g_fp32[3] = g_fp32[3] * A  # d(-exp(a))/da = -exp(a) = A
-        g_fp32 = [g if g is not None else A.new_zeros(shape) for g, shape in zip(g_fp32, fp32_pieces)]
-        fp32 = torch.cat([g.reshape(-1).float() for g in g_fp32])
-        return (None, None, *packing.matmul.params(flat), *packing.fp32.params(fp32))
+    eye = torch.eye(groups, dtype=blocks.dtype, device=blocks.device)
+    return (blocks.unsqueeze(-2) * eye[:, None, :, None]).reshape(*lead, groups * rows, groups * cols)
 
 
 def apply_layer_norm(norm, x):
     """``norm(x)`` for an ``nn.LayerNorm`` over the last dim, through the blocks' LayerNorm kernel on CUDA, with
-    PyTorch's dtypes (fp32 out under autocast, x's dtype otherwise). PyTorch's kernel runs one thread block per
-    row: its 8 calls (stem, downsampling and stage norms) took 2.5 ms of a GroupMamba-T bs128 step's 83 ms
-    of kernels (H200 profile), ~210 us a forward call."""
+    PyTorch's dtypes (fp32 out under autocast, x's dtype otherwise)."""
     out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else None
     return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype)
+
+
+def _compute_dtype(x):
+    """The dtype the layer's matmuls run in: autocast's, when it is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _to_nchw(x):
@@ -298,130 +197,107 @@ def _to_nhwc(x):
     return x.permute(0, 2, 3, 1)
 
 
-class ScanGroupParameters(nn.Module):
-    """Parameters of one channel group's selective scan, under the official names (``mamba_g1`` ...).
+class GroupLayerNorm(nn.LayerNorm):
+    """LayerNorm over each of ``groups`` equal channel groups on its own (the scan groups' ``out_norm``s, packed:
+    weight and bias ``(C,)``). A LayerNorm to optimizers' norm rules."""
 
-    The group is never run on its own: :class:`GroupMambaLayer` assembles all groups' weights and runs them
-    together.
-    """
+    def __init__(self, channels, groups, eps=1e-5):
+        super().__init__(channels, eps=eps)
+        self.groups = groups
 
-    def __init__(self, dims, d_state=1, d_conv=3):
-        super().__init__()
-        dt_rank = math.ceil(dims / 16)
-        self.dt_rank = dt_rank
-        self.in_proj = nn.Linear(dims, 2 * dims, bias=False)  # -> (u, z)
-        self.conv2d = nn.Conv2d(dims, dims, d_conv, padding=(d_conv - 1) // 2, groups=dims)
-        # (1, dt_rank + 2 * d_state, dims): the official x_proj of one scan direction, rows (dt, B, C).
-        self.x_proj_weight = nn.Parameter(torch.empty(1, dt_rank + 2 * d_state, dims))
-        self.dt_projs_weight = nn.Parameter(torch.empty(1, dims, dt_rank))
-        self.dt_projs_bias = nn.Parameter(torch.empty(1, dims))
-        self.A_logs = nn.Parameter(torch.empty(dims, d_state))
-        self.Ds = nn.Parameter(torch.empty(dims))
-        self.out_norm = nn.LayerNorm(dims)
-        self.out_proj = nn.Linear(dims, dims, bias=False)
-
-    @torch.no_grad()
-    def reset_scan_parameters(self, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
-        """Mamba's initialisation of the scan parameters (the official one)."""
-        dims = self.Ds.numel()
-        bound = 1 / math.sqrt(dims)  # nn.Linear's default, as the official x_proj is created by one
-        self.x_proj_weight.uniform_(-bound, bound)
-        self.dt_projs_weight.uniform_(-self.dt_rank**-0.5, self.dt_rank**-0.5)
-        # Step sizes log-uniform in [dt_min, dt_max]; the bias is their inverse softplus.
-        dt = torch.exp(torch.rand(dims) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_floor)
-        self.dt_projs_bias.copy_((dt + torch.log(-torch.expm1(-dt))).unsqueeze(0))
-        d_state = self.A_logs.shape[1]
-        self.A_logs.copy_(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).expand(dims, d_state))
-        self.Ds.fill_(1.0)
+    def forward(self, y, gate=None):
+        """``(per-group LayerNorm(y) * weight + bias) * silu(gate)`` (no gate when ``gate`` is None)."""
+        return gated_group_norm(y, gate, self.weight, self.bias, self.groups, self.eps)
 
 
-def _recording_cuda_graph():
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-class _ReusesWeights(nn.Module):
-    """A module whose forward first derives weights from its parameters (packed, cast, assembled). Where no
-    gradient can reach them (inference, frozen stages) they are kept and reused while the parameters are
-    unchanged: rebuilding them is several launches per module at every forward."""
-
-    def __init__(self):
-        super().__init__()
-        self._derived_weights = None  # (key, weights)
-
-    def _derived(self, params, dtype, build):
-        # While a CUDA graph is recorded the weights must be derived inside it: a kept copy would be baked
-        # into the graph and go stale when the parameters change.
-        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or _recording_cuda_graph():
-            self._derived_weights = None
-            return build()
-        # Any in-place change (optimizer step, load_state_dict) bumps a tensor's version; replacing .data
-        # changes its storage.
-        key = (dtype, *((p.data_ptr(), p._version) for p in params))
-        if self._derived_weights is None or self._derived_weights[0] != key:
-            self._derived_weights = (key, build())
-        return self._derived_weights[1]
-
-    def _apply(self, fn, *args, **kwargs):
-        self._derived_weights = None  # .to()/.cuda()/.half(): don't keep the old copies alive
-        return super()._apply(fn, *args, **kwargs)
-
-
-class GroupMambaLayer(_ReusesWeights):
+class GroupMambaLayer(nn.Module):
     """Modulated group Mamba layer: 4 channel groups, each scanned in its own direction, channel affinity.
 
     Args:
-        dims (int): channels (divisible by 4).
+        dims (int): channels C (divisible by 4).
         reduction (int): channel-affinity bottleneck ratio.
     """
 
     def __init__(self, dims, reduction=16):
         super().__init__()
         group_dims = dims // NUM_GROUPS
+        self.dt_rank = math.ceil(group_dims / 16)
         self.norm = nn.LayerNorm(dims)
         self.fc1 = nn.Linear(dims, dims // reduction)
         self.fc2 = nn.Linear(dims // reduction, dims)
-        for g in range(NUM_GROUPS):
-            self.add_module(f'mamba_g{g + 1}', ScanGroupParameters(group_dims))
+        # The 4 groups' scan parameters (rows of x_proj: dt, B, C).
+        self.in_proj_weight = nn.Parameter(torch.empty(NUM_GROUPS, 2 * group_dims, group_dims))  # rows (u, z)
+        self.conv2d = nn.Conv2d(dims, dims, 3, padding=1, groups=dims)
+        self.x_proj_weight = nn.Parameter(torch.empty(NUM_GROUPS, self.dt_rank + 2, group_dims))
+        self.dt_projs_weight = nn.Parameter(torch.empty(NUM_GROUPS, group_dims, self.dt_rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(NUM_GROUPS, group_dims))
+        self.A_logs = nn.Parameter(torch.empty(dims, 1))
+        self.Ds = nn.Parameter(torch.empty(dims))
+        self.out_norm = GroupLayerNorm(dims, NUM_GROUPS)
+        self.out_proj_weight = nn.Parameter(torch.empty(NUM_GROUPS, group_dims, group_dims))
         self.skip_scale = nn.Parameter(torch.ones(1))
         self.proj = nn.Linear(dims, dims)
-        self._packing = _LayerPacking(self)
+        self.reset_scan_parameters()
+        self.register_state_dict_post_hook(_state_dict_to_official)
+        self.register_load_state_dict_pre_hook(_official_state_dict_to_packed)
 
-    @property
-    def scan_groups(self):
-        return [getattr(self, f'mamba_g{g + 1}') for g in range(NUM_GROUPS)]
+    @torch.no_grad()
+    def reset_scan_parameters(self, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+        """The official initialisation of the groups' parameters (Mamba's for the scan's)."""
+        group_dims = self.Ds.numel() // NUM_GROUPS
+        trunc_normal_(self.in_proj_weight, std=0.02)  # official: nn.Linear layers
+        trunc_normal_(self.out_proj_weight, std=0.02)
+        bound = 1 / math.sqrt(group_dims)  # nn.Linear's default, as the official x_proj is created by one
+        self.x_proj_weight.uniform_(-bound, bound)
+        self.dt_projs_weight.uniform_(-self.dt_rank**-0.5, self.dt_rank**-0.5)
+        # Step sizes log-uniform in [dt_min, dt_max]; the bias is their inverse softplus.
+        dt = torch.exp(torch.rand(self.dt_projs_bias.shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_logs.zero_()  # log(1): d_state = 1
+        self.Ds.fill_(1.0)
 
     def forward(self, x):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's)."""
         batch, height, width, dims = x.shape
-        dtype = _compute_dtype(x)
-        (in_proj, delta_proj, bc_proj, out_proj, fc1_w, fc1_b, fc2_w, fc2_b, proj_w, proj_b, conv_w, conv_b,
-         delta_bias, A, D, out_norm_w, out_norm_b) = self._grouped_weights(dtype)
+        x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
+        affinity = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((1, 2))))))
 
-        x = self._norm(x, dtype)
-        affinity = torch.sigmoid(F.linear(F.relu(F.linear(x.mean((1, 2)), fc1_w, fc1_b)), fc2_w, fc2_b))
-        # One projection for (u, z): u is read in place by the conv and z by the fused norm, both as column
-        # slices, and backward joins their gradients in one copy.
+        rank = self.dt_rank
+        # (G, 2d, d) -> (2, G, d, d) -> block-diagonal (2, C, C) -> rows (u of all groups, z of all groups).
+        in_proj = block_diagonal(self.in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1)).flatten(0, 1)
+        # dt_proj folded into x_proj's dt rows: one (C, C) projection for the step sizes.
+        delta_proj = block_diagonal(torch.bmm(self.dt_projs_weight, self.x_proj_weight[:, :rank]))
+        # x_proj's B and C rows: (G, 2, d) -> (2, G, 1, d) -> (2G, C), group g's rows on its channels only.
+        bc_proj = block_diagonal(self.x_proj_weight[:, rank:].transpose(0, 1).unsqueeze(-2)).flatten(0, 1)
+
+        # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(dims, dim=-1)
-        u = depthwise_conv_act(u, conv_w, conv_b, 'silu').reshape(batch, height * width, dims)
+        u = depthwise_conv_act(u, self.conv2d.weight, self.conv2d.bias, 'silu').reshape(batch, height * width, dims)
         b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
-        y = selective_scan(u, F.linear(u, delta_proj), A, b, c, D, delta_bias, (height, width))
-
+        y = selective_scan(u, F.linear(u, delta_proj), -torch.exp(self.A_logs.flatten()), b, c, self.Ds,
+                           self.dt_projs_bias.flatten(), (height, width))
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
-        # norms come with the linear layer after them, so that their outputs need not be kept for backward.
-        y = gated_group_norm_linear(y.view(batch, height, width, dims), z, out_norm_w, out_norm_b, NUM_GROUPS,
-                                    self.mamba_g1.out_norm.eps, out_proj)
+        # norms run with the linear layer after them, so that their outputs need not be kept for backward.
+        y = gated_group_norm_linear(y.view(batch, height, width, dims), z, self.out_norm.weight,
+                                    self.out_norm.bias, NUM_GROUPS, self.out_norm.eps,
+                                    block_diagonal(self.out_proj_weight))
         # skip_scale and the channel affinity are one scale per (image, channel), applied with x inside the
         # output LayerNorm's pass (the same LayerNorm as at the input, as in the official model).
         return modulated_layer_norm_linear(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias,
-                                           self.norm.eps, proj_w, proj_b)
+                                           self.norm.eps, self.proj.weight, self.proj.bias)
 
-    def _norm(self, x, dtype):
-        return layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, dtype)
 
-    def _grouped_weights(self, dtype):
-        params = self._packing.gather(self)
-        return self._derived(params, dtype, lambda: GroupedLayerWeights.apply(dtype, self._packing, *params))
+def _state_dict_to_official(module, state_dict, prefix, local_metadata):
+    own = {k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+    state_dict.update(packed_to_official(own, prefix))
+
+
+def _official_state_dict_to_packed(module, state_dict, prefix, *args):
+    own = [k for k in state_dict if k.startswith(prefix) and _OFFICIAL_KEY.match(k[len(prefix):])]
+    if own:
+        converted = official_to_packed({k: state_dict.pop(k) for k in own})
+        state_dict.update(converted)
 
 
 class DepthwiseConv(nn.Module):
@@ -432,41 +308,12 @@ class DepthwiseConv(nn.Module):
         self.dwconv = nn.Conv2d(dims, dims, 3, padding=1, groups=dims)
 
 
-class ConvGeluLinearFn(torch.autograd.Function):
-    """``linear(gelu(dwconv(h)))`` that keeps only ``h`` for backward.
-
-    The FFN's hidden maps (8x the channels in stages 1-2) are the largest activations of the model, and plain
-    autograd keeps three of them (the conv's, the GELU's and the linear layer's inputs). This keeps one; the
-    backward recomputes the conv and GELU inside the fused depthwise-conv backward, which also returns the
-    hidden map for the linear layer's weight gradient. The linear layer's matmul is not recomputed.
-    ``weight``/``bias`` come already in the compute dtype (see :class:`CastParameters`).
-    """
-
-    @staticmethod
-    def forward(ctx, h, conv_weight, conv_bias, weight, bias):
-        ctx.save_for_backward(h, conv_weight, conv_bias, weight)
-        ctx.bias_dtype = bias.dtype
-        return F.linear(dwconv_act_forward(h, conv_weight, conv_bias, 'gelu'), weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        h, conv_weight, conv_bias, weight = ctx.saved_tensors
-        grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])
-        # h, weight and the output share the compute dtype (weight comes cast, see CastParameters).
-        grad_hidden = (grad_out2 @ weight).view(h.shape)
-        grad_h, grad_conv_weight, grad_conv_bias, hidden = dwconv_act_backward(
-            grad_hidden, h, conv_weight, conv_bias, 'gelu', need_output=True, reuse_dout=True)
-        grad_weight = grad_out2.t() @ hidden.reshape(-1, hidden.shape[-1])
-        grad_bias = grad_out2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return grad_h, grad_conv_weight, grad_conv_bias, grad_weight, grad_bias
-
-
-class ConvFFN(_ReusesWeights):
+class ConvFFN(nn.Module):
     """FFN with a depthwise conv between its two linear layers (PVTv2 style), after the block's LayerNorm.
 
-    The norm (the block's ``norm2``, under its official key) is passed in and run here with ``fc1``, so that
-    its output need not be kept for backward.
+    The norm (the block's ``norm2``, under its official key) is passed in and run here with ``fc1``, and the
+    conv + GELU with ``fc2``: only the norm's input and the conv's input are kept for backward, not the
+    8x-channel hidden maps after the conv and the GELU.
     """
 
     def __init__(self, dims, hidden_dims):
@@ -477,15 +324,9 @@ class ConvFFN(_ReusesWeights):
 
     def forward(self, x, norm):
         """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``."""
-        dtype = _compute_dtype(x)
-        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        fc1_w, fc1_b, fc2_w, fc2_b = self._derived(params, dtype, lambda: _cast_parameters(dtype, *params))
-        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_w, fc1_b)
+        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, _compute_dtype(x), self.fc1.weight, self.fc1.bias)
         conv = self.dwconv.dwconv
-        if torch.is_grad_enabled() and h.requires_grad:
-            return ConvGeluLinearFn.apply(h, conv.weight, conv.bias, fc2_w, fc2_b)
-        # Nothing is kept for backward without grad: the plain ops are the same computation.
-        return F.linear(depthwise_conv_act(h, conv.weight, conv.bias, 'gelu'), fc2_w, fc2_b)
+        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', self.fc2.weight, self.fc2.bias)
 
 
 class GroupMambaBlock(nn.Module):
@@ -500,8 +341,7 @@ class GroupMambaBlock(nn.Module):
         self.with_cp = with_cp
 
     def _add_branch(self, x, branch):
-        """``x + DropPath(branch)``: stochastic depth as a per-image mask folded into a single addcmul
-        (mmcv's DropPath plus the add take five launches forward, this two)."""
+        """``x + DropPath(branch)``: stochastic depth as a per-image mask folded into a single addcmul."""
         if not (self.training and self.drop_path > 0):
             return x + branch
         keep = 1 - self.drop_path
@@ -574,6 +414,12 @@ class GroupMamba(BaseModule):
             (:mod:`mmgroupmamba.models.cuda_graph`). A step then costs the host one launch instead of
             thousands; worth it where inputs come in a few fixed sizes (classification, segmentation crops,
             fixed-size detection). Other inputs run eagerly, with a log line.
+        compile (bool | dict): run the backbone through ``torch.compile`` (one graph, no graph break, sizes
+            symbolic so that new input sizes reuse it): ``True`` for the defaults (``dynamic=True,
+            fullgraph=True``) or a dict of ``torch.compile`` arguments (``mode``, ``dynamic``, ``fullgraph``,
+            ``backend``, ``options``). Compiles the backbone only, so it works inside any training loop
+            (mmengine's own ``compile=True`` compiles the whole train step). Exclusive with ``cuda_graph``
+            (``mode='reduce-overhead'`` is the compiled way to CUDA graphs).
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` for an official
             GroupMamba ImageNet checkpoint (raw, under ``model``/``state_dict``, with or without ``backbone.``).
     """
@@ -588,11 +434,15 @@ class GroupMamba(BaseModule):
                  with_cp=False,
                  norm_cfg=dict(type='BN', requires_grad=True),
                  cuda_graph=False,
+                 compile=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if cuda_graph and with_cp:
             # Checkpointing's recomputation saves and restores the RNG state, which a recorded graph cannot.
             raise ValueError('GroupMamba: cuda_graph=True and with_cp=True cannot be combined')
+        if cuda_graph and compile:
+            raise ValueError("GroupMamba: cuda_graph=True and compile cannot be combined; for compiled CUDA graphs "
+                             "use compile=dict(mode='reduce-overhead')")
         self.arch = resolve_arch(arch)
         embed_dims, depths = self.arch['embed_dims'], self.arch['depths']
         self.num_stages = len(depths)
@@ -623,6 +473,7 @@ class GroupMamba(BaseModule):
         self.apply(init_official_weights)
         self._freeze_stages()
         self._cuda_graphs = CudaGraphs('GroupMamba') if cuda_graph else None
+        self._compiled = CompiledForward('GroupMamba', compile) if compile else None
 
     def init_weights(self):
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
@@ -666,6 +517,8 @@ class GroupMamba(BaseModule):
     def forward(self, x):
         if self._cuda_graphs is not None:
             return self._cuda_graphs(self, self._forward, x)
+        if self._compiled is not None:
+            return self._compiled(self._forward, x)
         return self._forward(x)
 
     def _forward(self, x):
@@ -693,5 +546,5 @@ def init_official_weights(module):
         nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, ScanGroupParameters):
+    elif isinstance(module, GroupMambaLayer):
         module.reset_scan_parameters()

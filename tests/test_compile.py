@@ -1,0 +1,184 @@
+"""torch.compile of the backbone and the custom ops under it.
+
+The backbone compiles as one graph (``fullgraph=True``) with symbolic sizes. On the CPU these tests compile with
+the ``aot_eager`` backend: Dynamo's capture and AOTAutograd's forward/backward split with fake tensors, exactly
+what Inductor receives, without Inductor's C++ code generation (minutes per graph on a 2-core machine). Inductor
+itself is exercised on the GPU (benchmarks/check_gpu.py, benchmarks/backbone_speed.py --compile).
+"""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgroupmamba import GroupMamba
+from mmgroupmamba.kernels.dwconv import dwconv_act_bwd, dwconv_act_forward
+from mmgroupmamba.kernels.gated_norm import (gated_group_norm_bwd, gated_group_norm_fwd, modulated_layer_norm_bwd,
+                                              modulated_layer_norm_fwd)
+from mmgroupmamba.kernels.scan import AUTO_TILING, selective_scan_bwd, selective_scan_fwd
+from scan_oracle import random_scan_inputs
+
+GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
+CLASSIFICATION_PREFIXES = ('post_network.', 'head.', 'dist_head.')
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope='module')
+def golden():
+    return torch.load(GOLDEN / 'golden_mini_seed0.pt', weights_only=True)
+
+
+def op_samples(gen):
+    """(op, args) for every custom op, with inputs as the layer passes them (B and C column slices, a
+    channel slice into the conv, fp32 statistics)."""
+    scan = random_scan_inputs(2, (3, 5), 8, generator=gen, requires_grad=True)
+    bc = torch.cat([scan['B'], scan['C']], -1).detach().requires_grad_()
+    scan_args = (scan['u'], scan['delta'], scan['A'], bc[..., :4], bc[..., 4:], scan['D'], scan['delta_bias'])
+    with torch.no_grad():
+        _, states = selective_scan_fwd(*scan_args, 3, 5, list(AUTO_TILING), True)
+    dy = torch.randn(2, 15, 8, generator=gen)
+    wide = torch.randn(1, 4, 5, 16, generator=gen, requires_grad=True)
+    conv_w, conv_b = torch.randn(8, 1, 3, 3, generator=gen, requires_grad=True), torch.randn(8, generator=gen)
+    y, z, x = (torch.randn(2, 3, 4, 16, generator=gen, requires_grad=True) for _ in range(3))
+    w, b = torch.randn(16, generator=gen, requires_grad=True), torch.randn(16, generator=gen, requires_grad=True)
+    scale = torch.rand(2, 16, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        _, mean, rstd = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
+        _, mmean, mrstd = modulated_layer_norm_fwd(y, x, scale, w, b, 1e-5)
+    dout = torch.randn(2, 3, 4, 16, generator=gen)
+    return [
+        (selective_scan_fwd, (*scan_args, 3, 5, list(AUTO_TILING), True)),
+        (selective_scan_bwd, (dy, *scan_args, states, 3, 5, list(AUTO_TILING))),
+        (dwconv_act_forward, (wide[..., :8], conv_w, conv_b, 'silu')),
+        (dwconv_act_bwd, (torch.randn(1, 4, 5, 8, generator=gen), wide[..., :8], conv_w, conv_b, 'gelu', True)),
+        (gated_group_norm_fwd, (y, z, w, b, 4, 1e-5, torch.float32)),
+        (gated_group_norm_fwd, (x, None, w, b, 1, 1e-6, torch.float32)),
+        (gated_group_norm_bwd, (dout, y, z, w, b, mean, rstd, 4, 1e-5, torch.float32, True)),
+        (modulated_layer_norm_fwd, (y, x, scale, w, b, 1e-5)),
+        (modulated_layer_norm_bwd, (dout, y, x, scale, w, b, mmean, mrstd, 1e-5, False)),
+    ]
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_opcheck_every_custom_op(impl, monkeypatch):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch with dynamic shapes, on both
+    implementations (Triton through the interpreter)."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    backward_ops = (selective_scan_bwd, dwconv_act_bwd, gated_group_norm_bwd, modulated_layer_norm_bwd)
+    for op, args in op_samples(torch.Generator().manual_seed(0)):
+        if op in backward_ops:  # not differentiable themselves (no double backward)
+            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        torch.library.opcheck(op, args)
+
+
+def test_op_gradients_match_autograd_through_the_references():
+    """The ops' registered backward formulas against plain autograd through the references, in float64."""
+    from mmgroupmamba.kernels import (depthwise_conv_act, depthwise_conv_act_reference, gated_group_norm,
+                                      gated_group_norm_reference, modulated_layer_norm, modulated_layer_norm_reference,
+                                      selective_scan, selective_scan_reference)
+    gen = torch.Generator().manual_seed(1)
+    scan = random_scan_inputs(2, (3, 5), 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    y, z, x = (torch.randn(2, 3, 4, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w, b = (torch.randn(16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scale = torch.rand(2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    conv_w = torch.randn(16, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    cases = [
+        (selective_scan, selective_scan_reference, [scan[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')],
+         (scan['hw'],)),
+        (gated_group_norm, gated_group_norm_reference, [y, z, w, b], (4, 1e-5)),
+        (modulated_layer_norm, modulated_layer_norm_reference, [y, x, scale, w, b], (1e-5,)),
+        (depthwise_conv_act, depthwise_conv_act_reference, [x, conv_w, b], ('gelu',)),
+    ]
+    for op, reference, tensors, constants in cases:
+        out = op(*tensors, *constants)
+        grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        ours = torch.autograd.grad(out, tensors, grad_out)
+        expected = torch.autograd.grad(reference(*tensors, *constants), tensors, grad_out)
+        for g, e in zip(ours, expected):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def compiled_entries():
+    """How many compiled versions of the backbone's forward Dynamo holds (one per guard set it compiled)."""
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(GroupMamba._forward.__code__))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def golden_model(golden, **kwargs):
+    model = GroupMamba(arch=golden['arch_cfg'], **kwargs)
+    model.load_state_dict(golden['state_dict'], strict=False)
+    return model
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_compiled_backbone_gives_golden_outputs_and_eager_gradients(golden, impl, monkeypatch, fresh_dynamo):
+    """fullgraph=True (a graph break raises), dynamic sizes: the official outputs, and eager's gradients for the
+    input and every parameter, in train mode."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    compiled = golden_model(golden, compile=dict(backend='aot_eager')).eval()
+    eager = golden_model(golden).eval()
+    with torch.no_grad():
+        for out, expected in zip(compiled(golden['input']), golden['stage_outputs']):
+            assert rel_err(out, expected) <= 1e-4
+    compiled.train(), eager.train()
+    x = golden['input'][:, :, :40, :48] if impl == 'triton' else golden['input']  # the interpreter is slow
+    grads = []
+    for model in (compiled, eager):
+        inp = x.clone().requires_grad_()
+        loss = sum((o * o).sum() for o in model(inp))
+        grads.append(torch.autograd.grad(loss, [inp, *model.parameters()]))
+    for name, a, b in zip(['input'] + [n for n, _ in eager.named_parameters()], *grads):
+        assert rel_err(a, b) <= 1e-5, name
+    assert compiled_entries() == 2  # no grad, and grad
+
+
+def test_new_input_sizes_reuse_the_compiled_graph(golden, fresh_dynamo):
+    """Three sizes, one graph: sizes are symbolic (dynamic=True), so detection batches of new sizes do not
+    each compile anew."""
+    model = golden_model(golden, compile=dict(backend='aot_eager')).train()
+    for hw in [(64, 96), (72, 88), (96, 64)]:
+        x = torch.randn(2, 3, *hw, requires_grad=True)
+        sum(o.sum() for o in model(x)).backward()
+    assert compiled_entries() == 1
+
+
+def test_compile_under_autocast(golden, fresh_dynamo):
+    model = golden_model(golden, compile=dict(backend='aot_eager')).train()
+    eager = golden_model(golden).train()
+    x = golden['input']
+    outs = []
+    for m in (model, eager):
+        with torch.autocast('cpu', dtype=torch.float16):
+            out = m(x)
+        outs.append(out)
+        sum(o.float().sum() for o in out).backward()
+    # fp16 results of the same math traced and run op by op: equal up to fp16 rounding (0.05 % a rounding,
+    # compounded over the blocks; sums such as skip_scale's gradient collect it from every position).
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype == torch.float32 and rel_err(a, b) <= 1e-2
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert rel_err(p.grad, q.grad) <= 3e-2, name
+
+
+def test_compile_option_is_checked_and_copies_start_uncompiled(golden):
+    with pytest.raises(KeyError, match=r"unknown compile option\(s\) \['modee'\]"):
+        GroupMamba(arch=golden['arch_cfg'], compile=dict(modee='max-autotune'))
+    with pytest.raises(TypeError, match='compile must be a bool or a dict'):
+        GroupMamba(arch=golden['arch_cfg'], compile='yes')
+    with pytest.raises(ValueError, match="cuda_graph=True and compile cannot be combined.*reduce-overhead"):
+        GroupMamba(arch=golden['arch_cfg'], compile=True, cuda_graph=True)
+    model = golden_model(golden, compile=dict(backend='eager'))
+    model.eval()(golden['input'])
+    assert model._compiled._compiled is not None
+    copied = copy.deepcopy(model)
+    assert copied._compiled._compiled is None and copied._compiled.options == model._compiled.options
+    assert model._compiled.options['dynamic'] and model._compiled.options['fullgraph']
