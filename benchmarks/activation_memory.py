@@ -9,7 +9,7 @@ mmdet's Swin-T (from its Mask R-CNN config) is counted the same way, as a whole,
 
 On the CPU the scan runs its PyTorch reference, which saves far more than the Triton kernels (decay matrices
 of every chunk); for the GPU's numbers run the Triton kernels through the interpreter (slow):
-``TRITON_INTERPRET=1 MMGM_SCAN_IMPL=triton python benchmarks/activation_memory.py --archs tiny --batch 1``.
+``TRITON_INTERPRET=1 MMGM_KERNELS=triton python benchmarks/activation_memory.py --archs tiny --batch 1``.
 """
 import argparse
 from collections import defaultdict

@@ -8,7 +8,7 @@ Swin-T reserved 0.4 GiB above its 9.4 GiB. Reserved memory beyond the allocated 
 block large enough for a request, so a new segment is reserved. To try changes against that without a GPU:
 
 1. One AMP training step (bf16 autocast, the classifiers of ``backbone_speed.py``) runs on the CPU through the
-   GPU code path (``MMGM_SCAN_IMPL=triton``), with every Triton launch skipped: the values are garbage, but
+   GPU code path (``MMGM_KERNELS=triton``), with every Triton launch skipped: the values are garbage, but
    the tensors allocated and freed, their sizes and their order are those of the GPU step. The profiler's
    memory timeline records them.
 2. That sequence is replayed for ``--steps`` steps through :class:`CachingAllocatorModel`, which follows the
@@ -190,7 +190,7 @@ def main():
     args = parser.parse_args()
     # The GPU code path on the CPU: Triton's interpreter accepts CPU tensors; its launches are skipped.
     os.environ['TRITON_INTERPRET'] = '1'
-    os.environ['MMGM_SCAN_IMPL'] = 'triton'
+    os.environ['MMGM_KERNELS'] = 'triton'
     skip_triton_launches()
     import torch
     from backbone_speed import Classifier, build_backbones

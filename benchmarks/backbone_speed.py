@@ -1,7 +1,7 @@
 """GPU speed and memory of GroupMamba T/S/B against Swin-T, measured in one run on one card.
 
-    python benchmarks/backbone_speed.py [--models T S B] [--batch 128] [--steps 20] [--cuda-graph]
-                                        [--adamw {fused,foreach}]
+    python benchmarks/backbone_speed.py [--models T S B] [--batch 128] [--steps 20] [--cuda-graph] [--compile]
+                                        [--eager] [--adamw {fused,foreach}]
 
 For every model:
 
@@ -17,8 +17,10 @@ Swin-T is mmdet's own, built from its Mask R-CNN config; the classifiers are eac
 pooling + a 1000-way linear head, the same for both. The last lines print a table with ratios to Swin-T.
 
 ``--cuda-graph`` adds a row per model whose backbone forward and backward are replayed from CUDA graphs
-(GroupMamba's ``cuda_graph=True``; Swin-T wrapped in the same :class:`CudaGraphs`), so that both are also
-compared with the host's launch work taken out. Ratios are always to eager Swin-T.
+(GroupMamba's ``cuda_graph=True``; Swin-T wrapped in the same :class:`CudaGraphs`); ``--compile`` a row per
+model whose backbone runs through ``torch.compile`` (GroupMamba's ``compile=True``: dynamic sizes, one graph;
+Swin-T through the same :class:`CompiledForward`, without ``fullgraph``). Ratios are to Swin-T in the same
+mode. The launches column counts kernel launches in one detection step (torch.profiler).
 """
 import argparse
 import time
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from mmengine.hub import get_config
 
 import mmgroupmamba  # noqa: F401  (registers GroupMamba)
+from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
@@ -63,9 +66,24 @@ class GraphedBackbone(torch.nn.Module):
         return self.graphs(self.backbone, self.backbone.forward, x)
 
 
-def build_backbones(models, cuda_graph, drop_path_rate):
-    """mmdet's own Swin-T (from its Mask R-CNN config) and GroupMamba of the given sizes, with channel counts;
-    with ``cuda_graph`` also each of them replayed from CUDA graphs (name suffix ``+graphs``)."""
+class CompiledBackbone(torch.nn.Module):
+    """Any backbone run through ``torch.compile`` as GroupMamba is with ``compile=True``."""
+
+    def __init__(self, backbone, **options):
+        super().__init__()
+        self.backbone = backbone
+        self.compiled = CompiledForward(type(backbone).__name__, options)
+
+    def forward(self, x):
+        return self.compiled(self.backbone.forward, x)
+
+
+MODES = ('', ' +graphs', ' +compile')
+
+
+def build_backbones(models, modes, drop_path_rate):
+    """mmdet's own Swin-T (from its Mask R-CNN config) and GroupMamba of the given sizes, with channel counts,
+    in each of ``modes`` (name suffixes: '' eager, ' +graphs' replayed from CUDA graphs, ' +compile')."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
     swin = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
@@ -78,12 +96,17 @@ def build_backbones(models, cuda_graph, drop_path_rate):
                                       ARCH_SETTINGS[arch]['embed_dims'][-1])
     backbones = {}
     with DefaultScope.overwrite_default_scope('mmdet'):
-        for name, (cfg, channels) in cfgs.items():
-            backbones[name] = (DET_MODELS.build(cfg), channels)
-            if cuda_graph:
-                graphed = (GraphedBackbone(DET_MODELS.build(cfg)) if name == 'Swin-T'
-                           else DET_MODELS.build(dict(cfg, cuda_graph=True)))
-                backbones[f'{name} +graphs'] = (graphed, channels)
+        for mode in modes:
+            for name, (cfg, channels) in cfgs.items():
+                swin = name == 'Swin-T'
+                if mode == '':
+                    model = DET_MODELS.build(cfg)
+                elif mode == ' +graphs':
+                    model = GraphedBackbone(DET_MODELS.build(cfg)) if swin else DET_MODELS.build(dict(cfg, cuda_graph=True))
+                else:
+                    model = (CompiledBackbone(DET_MODELS.build(cfg), fullgraph=False) if swin
+                             else DET_MODELS.build(dict(cfg, compile=True)))
+                backbones[name + mode] = (model, channels)
     return backbones
 
 
@@ -143,7 +166,17 @@ def classification_numbers(model, batch, steps, adamw):
                 graph_pool=graph_pool)
 
 
-def detection_step_ms(backbone, steps):
+def kernel_launches(step):
+    """Kernel launches the host issues in one call of ``step`` (CUDA runtime and driver launch calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if 'LaunchKernel' in e.name or e.name == 'cudaGraphLaunch')
+
+
+def detection_step(backbone, steps):
+    """(ms, launches) of the backbone's detection-size step: bs 2, 800x1344, forward + backward under AMP."""
     backbone.cuda()
     backbone.train()  # not chained: mmdet's SwinTransformer.train() returns None
     images = torch.randn(2, 3, 800, 1344, device='cuda')
@@ -154,8 +187,9 @@ def detection_step_ms(backbone, steps):
         loss.backward()
 
     ms = timed(step, steps) * 1000
+    launches = kernel_launches(step)
     backbone.cpu()
-    return ms
+    return ms, launches
 
 
 def main():
@@ -165,30 +199,36 @@ def main():
     parser.add_argument('--steps', type=int, default=20)
     parser.add_argument('--skip-detection', action='store_true')
     parser.add_argument('--cuda-graph', action='store_true', help='add rows replayed from CUDA graphs')
+    parser.add_argument('--compile', action='store_true', help='add rows run through torch.compile')
+    parser.add_argument('--no-eager', action='store_true', help='leave out the eager rows')
     parser.add_argument('--adamw', choices=('fused', 'foreach'), default='fused')
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
+    modes = [m for m, on in zip(MODES, (not args.no_eager, args.cuda_graph, args.compile)) if on]
     results = {}
-    for name, (backbone, channels) in build_backbones(args.models, args.cuda_graph, drop_path_rate=0.1).items():
+    for name, (backbone, channels) in build_backbones(args.models, modes, drop_path_rate=0.1).items():
+        start = time.perf_counter()
         results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps,
                                                args.adamw)
         torch.cuda.empty_cache()
-        print(name, results[name], flush=True)
+        print(name, results[name], f'({time.perf_counter() - start:.0f} s with warm-up)', flush=True)
     if not args.skip_detection:
-        for name, (backbone, _) in build_backbones(args.models, args.cuda_graph, drop_path_rate=0.2).items():
-            results[name]['det_ms'] = detection_step_ms(backbone, max(5, args.steps // 2))
+        for name, (backbone, _) in build_backbones(args.models, modes, drop_path_rate=0.2).items():
+            results[name]['det_ms'], results[name]['launches'] = detection_step(backbone, max(5, args.steps // 2))
             torch.cuda.empty_cache()
-            print(name, 'detection step ms', results[name]['det_ms'], flush=True)
+            print(name, 'detection step ms, launches', results[name]['det_ms'], results[name]['launches'], flush=True)
 
-    base = results['Swin-T']
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
-          f'AdamW {args.adamw}, steps {args.steps}')
+          f'AdamW {args.adamw}, steps {args.steps}; ratios to Swin-T in the same mode')
     print('| model | train img/s | x Swin-T | infer img/s | x Swin-T | train peak reserved GiB | x Swin-T '
-          '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin-T |')
-    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+          '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin-T | launches per det step '
+          '| x Swin-T |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for name, r in results.items():
-        det = (f'{r["det_ms"]:.1f} | {r["det_ms"] / base["det_ms"]:.2f}' if 'det_ms' in r else '- | -')
+        base = results['Swin-T' + next(m for m in MODES[1:] + ('',) if name.endswith(m))]
+        det = (f'{r["det_ms"]:.1f} | {r["det_ms"] / base["det_ms"]:.2f} | {r["launches"]} | '
+               f'{r["launches"] / max(base["launches"], 1):.2f}' if 'det_ms' in r else '- | - | - | -')
         print(f'| {name} | {r["train"]:.0f} | {r["train"] / base["train"]:.2f} | {r["infer"]:.0f} | '
               f'{r["infer"] / base["infer"]:.2f} | {r["reserved"]:.1f} | {r["reserved"] / base["reserved"]:.2f} | '
               f'{r["allocated"]:.1f} | {r["graph_pool"]:.1f} | {det} |')

@@ -1,10 +1,13 @@
 """GPU correctness of GroupMamba with the Triton kernels, before any timing.
 
-    python benchmarks/check_gpu.py [--amp-steps 1000] [--bf16-steps 300] [--amp-cuda-graph]
+    python benchmarks/check_gpu.py [--compile] [--amp-steps 1000] [--bf16-steps 300] [--amp-cuda-graph]
 
 1. The golden official outputs (``../shared/golden`` or ``--golden``), fp32 on the GPU (TF32 off): <= 1e-4.
-2. GroupMamba-T on the GPU, Triton path against the PyTorch reference path (``MMGM_SCAN_IMPL=reference``):
+2. GroupMamba-T on the GPU, Triton path against the PyTorch reference path (``MMGM_KERNELS=reference``):
    outputs and every parameter gradient, fp32.
+2b. ``--compile``: ``compile=True`` (Inductor, dynamic sizes) against eager, fp32 and AMP fp16, three input
+   sizes: outputs and every gradient, and the number of compiled graphs (one per grad/AMP signature, not
+   per size).
 3. CUDA graphs (``cuda_graph=True``) against eager, from the same weights: AdamW training steps under AMP
    over two alternating input sizes (losses, parameters, BatchNorm statistics), an eval forward, stochastic
    depth drawing fresh masks per replay, two forwards before one backward (the eager fallback), and
@@ -14,12 +17,14 @@
    finite. ``--amp-cuda-graph`` runs them replayed from CUDA graphs (the same kernels, ~4x faster here).
 """
 import argparse
+import copy
 import os
 from pathlib import Path
 
 import torch
 
 from mmgroupmamba import GroupMamba
+from mmgroupmamba.models.compiled import CompiledForward
 
 
 def rel_err(a, b):
@@ -43,7 +48,7 @@ def ramp_loss(outs):
 
 
 def run_with(impl, model, x):
-    os.environ['MMGM_SCAN_IMPL'] = impl
+    os.environ['MMGM_KERNELS'] = impl
     model.zero_grad(set_to_none=True)
     outs = model(x)
     ramp_loss(outs).backward()
@@ -57,12 +62,42 @@ def check_against_reference():
     x = torch.randn(2, 3, 160, 224, device='cuda')
     outs_t, grads_t = run_with('triton', model, x)
     outs_r, grads_r = run_with('reference', model, x)
-    os.environ.pop('MMGM_SCAN_IMPL')
+    os.environ.pop('MMGM_KERNELS')
     out_err = max(rel_err(a, b) for a, b in zip(outs_t, outs_r))
     grad_errs = {n: rel_err(grads_t[n], grads_r[n]) for n in grads_r if grads_r[n].norm() > 0}
     worst = max(grad_errs, key=grad_errs.get)
     print(f'T, Triton vs reference (fp32): outputs {out_err:.2e}, worst gradient {worst} {grad_errs[worst]:.2e}')
     assert out_err <= 1e-4 and grad_errs[worst] <= 1e-3
+
+
+def check_compile(sizes=((2, 160, 224), (2, 192, 160), (1, 224, 288))):
+    """compile=True (Inductor, dynamic sizes, one graph) against eager: outputs and gradients in fp32 and under
+    AMP fp16, and new sizes reuse the compiled graph."""
+    torch.manual_seed(0)
+    eager = GroupMamba(arch='tiny').cuda().train()
+    compiled = copy.deepcopy(eager)
+    compiled._compiled = CompiledForward('GroupMamba', True)
+    for autocast in (False, True):
+        for batch, height, width in sizes:
+            x = torch.randn(batch, 3, height, width, device='cuda')
+            results = []
+            for model in (eager, compiled):
+                model.zero_grad(set_to_none=True)
+                with torch.autocast('cuda', dtype=torch.float16, enabled=autocast):
+                    outs = model(x)
+                ramp_loss(outs).backward()
+                results.append(([o.detach().float() for o in outs],
+                                {n: p.grad.detach().float() for n, p in model.named_parameters()}))
+            (outs_e, grads_e), (outs_c, grads_c) = results
+            out_err = max(rel_err(a, b) for a, b in zip(outs_c, outs_e))
+            grad_errs = {n: rel_err(grads_c[n], grads_e[n]) for n in grads_e if grads_e[n].norm() > 0}
+            worst = max(grad_errs, key=grad_errs.get)
+            print(f'T, compiled vs eager ({"AMP fp16" if autocast else "fp32"}, {batch}x{height}x{width}): outputs '
+                  f'{out_err:.2e}, worst gradient {worst} {grad_errs[worst]:.2e}', flush=True)
+            assert out_err <= (2e-2 if autocast else 1e-4) and grad_errs[worst] <= (5e-2 if autocast else 1e-3)
+    entries = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(GroupMamba._forward.__code__))
+    print(f'T, compiled graphs for {len(sizes)} sizes x (fp32, AMP): {entries}')
+    assert entries <= 2, entries
 
 
 def check_cuda_graphs(steps=6):
@@ -164,12 +199,15 @@ def main():
     parser.add_argument('--amp-steps', type=int, default=0)
     parser.add_argument('--bf16-steps', type=int, default=0)
     parser.add_argument('--amp-cuda-graph', action='store_true')
+    parser.add_argument('--compile', action='store_true', help='also check compile=True against eager')
     args = parser.parse_args()
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the comparisons
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name())
     check_golden(args.golden)
     check_against_reference()
+    if args.compile:
+        check_compile()
     torch.backends.cudnn.allow_tf32 = True
     check_cuda_graphs()
     for steps, dtype in ((args.amp_steps, torch.float16), (args.bf16_steps, torch.bfloat16)):
