@@ -9,6 +9,7 @@ AdamW state are bitwise equal on both ranks, with the merged optimizer param gro
 cannot run on CPU tensors; the entry refuses it with the config keys to change, tested at the end.
 """
 import math
+import multiprocessing
 import os
 import os.path as osp
 import signal
@@ -180,6 +181,32 @@ def test_upernet_demo_trains_in_two_processes(tmp_path):
     assert set(STEM_BN) <= {name.rsplit('.', 1)[0] for name in differing}
     assert any(name.startswith('decode_head.') for name in differing)
     assert (tmp_path / 'work_dir' / f'iter_{ITERS}.pth').is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='what mmengine does without CUDA')
+def test_mmengine_launcher_needs_cuda(tmp_path, monkeypatch):
+    """Why the entry exists: mmengine's ``--launcher pytorch`` path cannot run CPU processes. Its init_dist sets a
+    CUDA device even for gloo, and the device_ids it gives DistributedDataParallel are refused for a CPU module.
+    Should an mmengine or torch release change that, this test says so."""
+    from mmengine.dist import init_dist
+    from mmengine.model import MMDistributedDataParallel
+    for name, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(name, value)
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        with pytest.raises(RuntimeError, match='NVIDIA driver'):
+            init_dist('pytorch', backend='gloo')
+    finally:  # init_dist sets 'spawn' for the whole process when no start method was set
+        multiprocessing.set_start_method(start_method, force=True)
+    assert not torch_dist.is_initialized()
+
+    torch_dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match='device_ids and output_device arguments only work with'):
+            MMDistributedDataParallel(module=torch.nn.Linear(2, 2), device_ids=[0], broadcast_buffers=False)
+    finally:
+        torch_dist.destroy_process_group()
 
 
 @pytest.mark.parametrize('norm_type', ['SyncBN', 'MMSyncBN'])
