@@ -9,7 +9,8 @@
 # Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), det_graph (its CUDA-graph variant,
 # mask_rcnn_groupmamba_t_cuda_graph.py: training batches padded to 800x1344, 1344x800 or 1344x1344), swin (mmdet's own Swin-T Mask R-CNN config, same data
 # and overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
-# compare it with det), ddp_graph (the same with the CUDA-graph config). Each run's log and a summary table
+# compare it with det), ddp_graph (the same with the CUDA-graph config), ddp_compile (the ddp run with the
+# backbone compiled: --cfg-options model.backbone.compile=True). Each run's log and a summary table
 # (benchmarks/summarize_logs.py) go to OUT_DIR.
 # Sizes: DET_IMAGES training images (default 300; one epoch at 2 images per GPU), SEG_ITERS (default 200);
 # STEP_TIMEOUT (seconds, default none) stops a run that takes longer, keeping its log.
@@ -94,6 +95,9 @@ for step in "$@"; do
       summaries+=("$work/seg_groupmamba_t");;
     ddp) det_run ddp_2gpu configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch --gpus 2;;
     ddp_graph) det_run ddp_2gpu_graphs configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py --launcher pytorch --gpus 2;;
+    # mim passes both --cfg-options to tools/train.py, whose DictAction merges them.
+    ddp_compile) det_run ddp_2gpu_compiled configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch --gpus 2 \
+      --cfg-options model.backbone.compile=True;;
     *) echo "unknown step $step"; exit 2;;
   esac
 done
