@@ -142,3 +142,16 @@ def test_segmentation_demo_resumes_exactly(tmp_path):
     set_workers(cfg, 0)
     runs = run_interrupted_and_resumed(cfg, tmp_path, interrupt_at=2)
     assert_resumed_equals_full(*runs, {'model state', 'optimizer state', 'param schedulers'})
+
+
+def test_segmentation_demo_resumes_exactly_with_a_worker_and_no_seed_set(tmp_path):
+    """A dataloader worker draws the augmentation, and ``randomness.seed`` is unset (mmpretrain's, mmdet's and
+    mmseg's default): the resumed run starts with a seed of its own, so its InfiniteSampler and its worker
+    would take other seeds than the interrupted run's unless they are set back."""
+    cfg = seg_cfg(tmp_path)
+    set_workers(cfg, 1)
+    full, interrupted, resumed = run_interrupted_and_resumed(cfg, tmp_path, interrupt_at=2, seed=None)
+    assert_resumed_equals_full(full, interrupted, resumed, {'model state', 'optimizer state', 'param schedulers'})
+    # mmengine drew another seed for the resumed run and built its dataloader with it; the hook set it back.
+    log = next(Path(resumed['log_dir']).glob('*.log')).read_text()
+    assert 'sampler seed ' in log and f'-> {interrupted["seed"]}, worker_init_fn seed ' in log, log[-3000:]
