@@ -307,7 +307,8 @@ def main(argv=None):
           f'{args.interrupt_at} = iteration {interrupted_iter})')
     print(report(after, 'quantity'))
     exact = all(d.identical for d in after.values())
-    print('\nresumed run ' + ('equals the uninterrupted one bitwise' if exact else 'DIFFERS from the uninterrupted one'))
+    print('\nresumed run ' + ('equals the uninterrupted one bitwise' if exact else
+                              'DIFFERS from the uninterrupted one'))
     return 0 if exact else 1
 
 

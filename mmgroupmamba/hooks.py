@@ -20,6 +20,7 @@ Everything is stored as plain data (tensors, ints, floats, strings, lists, dicts
 with ``torch.load(weights_only=True)`` and nothing is added to its allow-list.
 """
 import functools
+import logging
 import random
 
 import numpy as np
@@ -39,14 +40,16 @@ def capture_random_states():
     """This process's global generators as plain data.
 
     ``torch``: the CPU generator's state (uint8 tensor); ``cuda``: one state per CUDA device (when CUDA is
-    available); ``numpy``: the global RandomState's MT19937 state (its 624 keys as a uint32 tensor);
+    available); ``numpy``: the global RandomState's MT19937 state (its 624 32-bit keys as an int64 tensor);
     ``python``: ``random``'s state (625 ints).
     """
     bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     states = dict(
         torch=torch.get_rng_state(),
-        numpy=dict(bit_generator=str(bit_generator), keys=torch.from_numpy(np.array(keys, dtype=np.uint32)),
+        # int64, not uint32: torch 2.14 cannot unpickle a uint32 tensor pickled without torch.save (as
+        # all_gather_object does with the ranks' states).
+        numpy=dict(bit_generator=str(bit_generator), keys=torch.from_numpy(np.array(keys, dtype=np.int64)),
                    pos=int(pos), has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian)),
         python=dict(version=int(version), internal=[int(v) for v in internal],
                     gauss_next=None if gauss_next is None else float(gauss_next)),
@@ -68,8 +71,8 @@ def restore_random_states(states):
     numpy_state = states['numpy']
     python_state = states['python']
     torch.set_rng_state(states['torch'])
-    np.random.set_state((numpy_state['bit_generator'], numpy_state['keys'].numpy(), numpy_state['pos'],
-                         numpy_state['has_gauss'], numpy_state['cached_gaussian']))
+    np.random.set_state((numpy_state['bit_generator'], numpy_state['keys'].numpy().astype(np.uint32),
+                         numpy_state['pos'], numpy_state['has_gauss'], numpy_state['cached_gaussian']))
     random.setstate((python_state['version'], tuple(python_state['internal']), python_state['gauss_next']))
     restored = ['torch CPU', 'numpy', 'random']
 
@@ -85,10 +88,10 @@ def restore_random_states(states):
                       f'this process sees {devices}; '
                       + ('the generators of the other devices keep their seeded state.' if devices else
                          'their draws (e.g. stochastic depth on the GPU) do not carry over to the CPU generator.'),
-                      logger='current', level='WARNING')
+                      logger='current', level=logging.WARNING)
     elif devices:
         print_log('RandomStateHook: the checkpoint holds no CUDA generator states (it was saved without CUDA); '
-                  'the CUDA generators keep their seeded state.', logger='current', level='WARNING')
+                  'the CUDA generators keep their seeded state.', logger='current', level=logging.WARNING)
     return restored
 
 
@@ -125,7 +128,7 @@ def restore_dataloader_seeds(dataloader, seeds):
         if sampler is None:
             print_log(f'RandomStateHook: the checkpoint holds the train sampler\'s seed {seeds["sampler"]}, but '
                       f'this run\'s sampler ({type(getattr(dataloader, "sampler", None)).__name__}) takes none; '
-                      'its order may differ from the interrupted run\'s.', logger='current', level='WARNING')
+                      'its order may differ from the interrupted run\'s.', logger='current', level=logging.WARNING)
         elif sampler.seed != seeds['sampler']:
             changes.append(f'sampler seed {sampler.seed} -> {seeds["sampler"]}')
             sampler.seed = seeds['sampler']
@@ -143,7 +146,7 @@ def restore_dataloader_seeds(dataloader, seeds):
             print_log(f'RandomStateHook: the checkpoint holds the dataloader workers\' seed '
                       f'{seeds["worker_init_fn"]}, but this run\'s worker_init_fn ({init_fn!r}) takes none; the '
                       'workers\' augmentation may differ from the interrupted run\'s.', logger='current',
-                      level='WARNING')
+                      level=logging.WARNING)
     return changes
 
 
@@ -243,10 +246,10 @@ class RandomStateHook(Hook):
             ranks = self._gathered[1]
         else:
             raise RuntimeError(
-                f'RandomStateHook: a checkpoint is being saved at iteration {runner.iter}, where the {get_world_size()} '
-                'ranks\' random states were not gathered (that happens after each epoch, after each iteration '
-                'when a CheckpointHook saves by iteration, and before validation). Save checkpoints at those '
-                'points, or remove RandomStateHook to resume without exact random states.')
+                f'RandomStateHook: a checkpoint is being saved at iteration {runner.iter}, where the '
+                f'{get_world_size()} ranks\' random states were not gathered (that happens after each epoch, after '
+                'each iteration when a CheckpointHook saves by iteration, and before validation). Save checkpoints '
+                'at those points, or remove RandomStateHook to resume without exact random states.')
         checkpoint[CHECKPOINT_KEY] = dict(format=FORMAT, world_size=len(ranks), ranks=ranks)
 
     # ------------------------------------------------------------------------------------------------ resuming
@@ -257,7 +260,7 @@ class RandomStateHook(Hook):
         if stored is None:
             print_log('RandomStateHook: the checkpoint holds no random states (it was saved without '
                       'RandomStateHook): the resumed run continues from freshly seeded generators and draws other '
-                      'random numbers than the interrupted run would have.', logger='current', level='WARNING')
+                      'random numbers than the interrupted run would have.', logger='current', level=logging.WARNING)
             return
         if stored.get('format') != FORMAT or not isinstance(stored.get('ranks'), list):
             raise ValueError(f'RandomStateHook: unknown random-state format in the checkpoint '
@@ -265,7 +268,7 @@ class RandomStateHook(Hook):
         if stored['world_size'] != get_world_size():
             print_log(f'RandomStateHook: the checkpoint holds the random states of {stored["world_size"]} ranks and '
                       f'this run has {get_world_size()}: they are not restored, and the resumed run draws other '
-                      'random numbers than the interrupted run would have.', logger='current', level='WARNING')
+                      'random numbers than the interrupted run would have.', logger='current', level=logging.WARNING)
             return
         self._resumed = stored['ranks'][get_rank()]
 
@@ -301,9 +304,9 @@ class RandomStateHook(Hook):
             print_log('RandomStateHook: the train dataloader\'s workers are persistent: their random states live in '
                       'the worker processes across epochs and are not in the checkpoint, so the data augmentation '
                       'of the resumed epochs differs from the uninterrupted run\'s. For an exact resume, train with '
-                      'train_dataloader.persistent_workers=False.', logger='current', level='WARNING')
+                      'train_dataloader.persistent_workers=False.', logger='current', level=logging.WARNING)
         if runner.iter != runner.epoch * len(dataloader):
             print_log(f'RandomStateHook: the checkpoint was saved inside epoch {runner.epoch + 1} (iteration '
                       f'{runner.iter}); mmengine\'s EpochBasedTrainLoop trains that epoch again from its first '
                       'batch, so the resumed run does not repeat the uninterrupted one. Save checkpoints at epoch '
-                      'ends for an exact resume.', logger='current', level='WARNING')
+                      'ends for an exact resume.', logger='current', level=logging.WARNING)

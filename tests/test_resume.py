@@ -9,7 +9,6 @@ import copy
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
