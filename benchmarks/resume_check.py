@@ -18,7 +18,7 @@ timings). ``interrupted`` against ``full`` at N shows the runs agree up to the i
 ``--noise-floor`` a second uninterrupted run measures how far two runs from the same seed drift anyway (e.g.
 non-deterministic GPU kernels). Exit status: 0 when ``resumed`` equals ``full`` bitwise, 1 otherwise.
 
-The checkpoint interval is set to N; ``randomness`` defaults to ``seed=0, deterministic=True`` (on a GPU,
+The checkpoint interval is set to N and the logging interval to 1; ``randomness`` defaults to ``seed=0, deterministic=True`` (on a GPU,
 ops without a deterministic implementation then raise: pass ``randomness.deterministic=False`` and
 ``--noise-floor``). CPU, the classification demo, tiny (``DATA`` from ``python -m mmgroupmamba.cls.demo_data``,
 ``TEACHER`` any weights of the demo teacher)::
@@ -93,6 +93,7 @@ def stage_config(cfg, stage, work_dir, interrupt_at, resume_from=None):
                          f'{"epochs" if by_epoch else "iterations"}')
     # Every checkpoint kept: the full run's at the interruption point is compared too.
     cfg.default_hooks.checkpoint.update(interval=interrupt_at, by_epoch=by_epoch, max_keep_ckpts=-1)
+    cfg.default_hooks.logger.interval = 1  # every iteration's losses logged, to compare them all
     if stage == 'resumed':
         if resume_from is None:
             raise ValueError('the resumed stage needs the checkpoint to resume from')
@@ -215,7 +216,10 @@ def compare(reference, other, after_iter=0):
         difference.add(ref_groups.get(name), other_groups.get(name), name)
     ref_logged = {i: r for i, r in logged_training_scalars(reference['log_dir']).items() if i > after_iter}
     other_logged = {i: r for i, r in logged_training_scalars(other['log_dir']).items() if i > after_iter}
-    if sorted(ref_logged) != sorted(other_logged):
+    if not ref_logged:
+        differences['logged iterations'] = none = Difference()
+        none._differs(math.inf, f'none logged after iteration {after_iter}')
+    elif sorted(ref_logged) != sorted(other_logged):
         differences['logged iterations'] = missing = Difference()
         missing._differs(math.inf, f'{sorted(ref_logged)} vs {sorted(other_logged)}')
     for key in sorted({k for record in ref_logged.values() for k in record}):
@@ -285,11 +289,22 @@ def main(argv=None):
     results = {}
     for stage in STAGES[:2] + (('full_again', ) if args.noise_floor else ()) + STAGES[2:]:
         extra = ['--resume-from', results['interrupted']['checkpoint']] if stage == 'resumed' else []
-        print(f'== {stage}', flush=True)
-        subprocess.run(base + ['--stage', stage] + extra, check=True, env=env)
+        log = osp.join(args.work_dir, f'{stage}.log')
+        print(f'== {stage} (log: {log})', flush=True)
+        with open(log, 'w') as out:
+            returncode = subprocess.run(base + ['--stage', stage] + extra, stdout=out, stderr=subprocess.STDOUT,
+                                        env=env).returncode
+        if returncode:
+            with open(log) as f:
+                print(f.read()[-6000:])
+            raise SystemExit(f'the {stage} run failed (exit status {returncode}); its log: {log}')
         with open(osp.join(args.work_dir, f'{stage}.json')) as f:
             results[stage] = json.load(f)
 
+    with open(osp.join(args.work_dir, 'resumed.log')) as f:
+        hook_lines = [line.rstrip() for line in f if 'RandomStateHook:' in line]
+    print('\nthe resumed run\'s RandomStateHook: ' + ('\n  ' + '\n  '.join(hook_lines) if hook_lines else
+                                                   'nothing logged (is the hook in custom_hooks?)'))
     by_epoch = is_epoch_based(cfg)
     unit = 'epoch' if by_epoch else 'iteration'
     full_at_n = dict(results['full'], checkpoint=osp.join(osp.dirname(results['full']['checkpoint']),
@@ -317,6 +332,9 @@ def _logged_up_to(differences, reference, other, last_iter):
     ref = {i: r for i, r in logged_training_scalars(reference['log_dir']).items() if i <= last_iter}
     oth = logged_training_scalars(other['log_dir'])
     out = {}
+    if not ref:
+        out['logged iterations'] = none = Difference()
+        none._differs(math.inf, f'none logged up to iteration {last_iter}')
     for key in sorted({k for record in ref.values() for k in record}):
         difference = out[f'logged {key}'] = Difference()
         for i in sorted(ref):

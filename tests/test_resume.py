@@ -6,6 +6,7 @@ EMA parameters, optimizer state, param schedulers and every logged loss bitwise 
 run's. The runs and the comparison are those of ``benchmarks/resume_check.py``.
 """
 import copy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -154,3 +155,26 @@ def test_segmentation_demo_resumes_exactly_with_a_worker_and_no_seed_set(tmp_pat
     # mmengine drew another seed for the resumed run and built its dataloader with it; the hook set it back.
     log = next(Path(resumed['log_dir']).glob('*.log')).read_text()
     assert 'sampler seed ' in log and f'-> {interrupted["seed"]}, worker_init_fn seed ' in log, log[-3000:]
+
+
+def test_resume_check_script_on_the_segmentation_demo(tmp_path):
+    """benchmarks/resume_check.py as the lead runs it on a GPU: three processes, then the comparison table."""
+    from mmgroupmamba.seg.make_demo_data import make_demo_dataset
+    data_root = tmp_path / 'ade_demo'
+    make_demo_dataset(str(data_root), num_train=4, num_val=1, seed=0)
+    options = [f'{loader}.dataset.data_root={data_root}' for loader in ('train_dataloader', 'val_dataloader')]
+    options += ['train_cfg.max_iters=4', 'train_cfg.val_interval=10', 'train_dataloader.batch_size=2',
+                'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+                'train_dataloader.dataset.pipeline.3.crop_size=(64,64)', 'model.data_preprocessor.size=(64,64)',
+                'model.backbone.drop_path_rate=0.1']
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'benchmarks/resume_check.py'), str(SEG_CONFIG), '--interrupt-at', '2',
+         '--work-dir', str(tmp_path / 'check'), '--cfg-options', *options],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert 'resumed run equals the uninterrupted one bitwise' in out, out
+    assert 'restored the random states of iteration 2' in out, out
+    table = out[out.index('resumed vs full'):]
+    for row in ('model state', 'optimizer state', 'random states', 'logged loss', 'logged decode.loss_ce'):
+        assert f'\n{row} ' in table and 'bitwise equal' in table.split(f'\n{row} ')[1].splitlines()[0], table
