@@ -182,7 +182,8 @@ class RandomStateHook(Hook):
     ``random_states`` entry: ``dict(format, world_size, ranks=[per rank: dict(generators, dataloader)])``.
 
     Resuming is then exact (bitwise on the CPU) except where random state lives outside this process or is
-    not random state at all; the hook warns at resume about the first two:
+    not random state at all; the hook warns at resume about the first two (and about a checkpoint without
+    random states, or from another number of ranks):
 
     * persistent dataloader workers (``persistent_workers=True``) in an epoch-based loop keep their generators
       in their own processes across epochs; after a resume they start again from their seeds. Iteration-based
@@ -190,7 +191,9 @@ class RandomStateHook(Hook):
     * a checkpoint written inside an epoch of an epoch-based loop: mmengine starts that epoch again from its
       first batch;
     * non-deterministic kernels (CUDA atomics, cuDNN without ``randomness.deterministic=True``) and the
-      resumed process's own autotuning give other numerics, random states or not.
+      resumed process's own autotuning give other numerics, random states or not;
+    * work a resumed process does again and that draws numbers, e.g. the eager warm-up passes before a CUDA
+      graph is recorded (``cuda_graph=True`` with stochastic depth): see docs/resuming.md.
 
     In distributed runs every rank's states are stored: they are gathered on all ranks where a checkpoint can
     be written (after each epoch; after each iteration when a CheckpointHook saves by iteration; before
