@@ -43,3 +43,6 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
     dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
 ]
+
+# Random states in every checkpoint, so that a resumed training continues exactly (mmgroupmamba/hooks.py).
+custom_hooks = [dict(type='RandomStateHook')]

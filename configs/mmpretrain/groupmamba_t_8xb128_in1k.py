@@ -45,6 +45,9 @@ optim_wrapper = dict(
             **{key: dict(decay_mult=0.0)
                for key in ('.A_logs', '.Ds', '.dt_projs_bias', '.skip_scale')})))
 
-custom_hooks = [dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL')]  # the official EMA decay 0.9999
+custom_hooks = [
+    dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL'),  # the official EMA decay 0.9999
+    dict(type='RandomStateHook'),  # random states in every checkpoint: resuming continues exactly (mmgroupmamba/hooks.py)
+]
 
 auto_scale_lr = dict(base_batch_size=1024, enable=True)

@@ -34,3 +34,6 @@ optim_wrapper = dict(
     # paramwise_cfg's per-parameter groups merged by equal settings (~1200 groups otherwise; mmgroupmamba/optim.py).
     constructor='MergedGroupsOptimWrapperConstructor',
     paramwise_cfg=dict(_delete_=True, norm_decay_mult=0.0, custom_keys={{_base_.groupmamba_no_decay_keys}}))
+
+# Random states in every checkpoint, so that a resumed training continues exactly (mmgroupmamba/hooks.py).
+custom_hooks = [dict(type='RandomStateHook')]

@@ -112,11 +112,18 @@ class DistillationImageClassifier(ImageClassifier):
         self.__dict__['teacher'] = None
 
     def build_teacher(self):
-        """Build the teacher, load its checkpoint strictly, freeze it; returns it. Called on the first loss."""
+        """Build the teacher, load its checkpoint strictly, freeze it; returns it. Called on the first loss.
+
+        Building it leaves torch's generator as it was, so training draws the same numbers whether the teacher
+        is built at the first iteration or again at the first iteration after a resume.
+        """
         model_cfg = self.teacher_cfg['model']
         if isinstance(model_cfg, str):
             model_cfg = Config.fromfile(model_cfg).model
-        teacher = MODELS.build(model_cfg)
+        # Its initial weights are overwritten by the checkpoint: drawing them must not move the generator that
+        # training draws from, or a resumed run (which builds the teacher again) would draw other numbers.
+        with torch.random.fork_rng(devices=[]):
+            teacher = MODELS.build(model_cfg)
         if not isinstance(teacher, BaseClassifier):
             raise TypeError(f'DistillationImageClassifier: the teacher must be an mmpretrain classifier, got '
                             f'{type(teacher).__name__}')

@@ -43,5 +43,8 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=1),
 ]
 train_cfg = dict(max_epochs=8, val_interval=4)
-custom_hooks = [dict(type='EMAHook', momentum=0.02, priority='ABOVE_NORMAL')]  # 80 iterations: a short average
+custom_hooks = [
+    dict(type='EMAHook', momentum=0.02, priority='ABOVE_NORMAL'),  # 80 iterations: a short average
+    dict(type='RandomStateHook'),  # random states in every checkpoint: resuming continues exactly
+]
 default_hooks = dict(logger=dict(interval=5), checkpoint=dict(interval=4))

@@ -7,4 +7,4 @@ model = dict(
     backbone=dict(type='ResNet', depth=18, stem_channels=16, base_channels=16),
     neck=dict(type='GlobalAveragePooling'),
     head=dict(type='LinearClsHead', num_classes=10, in_channels=128))
-custom_hooks = []
+custom_hooks = [dict(type='RandomStateHook')]  # no EMA for the teacher
