@@ -11,9 +11,10 @@ _base_ = [
 ]
 custom_imports = dict(imports=['mmgroupmamba', 'mmgroupmamba.det'], allow_failed_imports=False)
 
-# The official GroupMamba-T ImageNet-1k checkpoint (download it from the links in the official README and set
-# the path or URL here or with --cfg-options model.backbone.init_cfg.checkpoint=...).
-pretrained = 'checkpoints/groupmamba_tiny.pth'
+# The official GroupMamba-T ImageNet-1k weights (mmgroupmamba.checkpoint.OFFICIAL_WEIGHTS), downloaded on first use
+# into torch's hub cache. Offline: download the file elsewhere and pass its path with
+# --cfg-options model.backbone.init_cfg.checkpoint=PATH.
+pretrained = 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Tiny/resolve/main/groupmamba_tiny_ema.pth'
 
 model = dict(
     backbone=dict(

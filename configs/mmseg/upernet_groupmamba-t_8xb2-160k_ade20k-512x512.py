@@ -10,9 +10,10 @@ _base_ = [
 
 custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
 
-# The official GroupMamba-T ImageNet-1k weights (see docs/segmentation.md for where to get them), or pass
+# The official GroupMamba-T ImageNet-1k weights (mmgroupmamba.checkpoint.OFFICIAL_WEIGHTS), downloaded on first use
+# into torch's hub cache. Offline: download the file elsewhere and pass its path with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH.
-checkpoint_file = 'checkpoints/groupmamba_tiny.pth'
+checkpoint_file = 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Tiny/resolve/main/groupmamba_tiny_ema.pth'
 model = dict(
     backbone=dict(
         _delete_=True,  # nothing of the Swin backbone may leak in
