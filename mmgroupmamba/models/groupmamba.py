@@ -54,6 +54,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
 from mmgroupmamba.models.cuda_graph import CudaGraphs
+from mmgroupmamba.models.inputs import check_image_batch
 from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, dwconv_act_backward, dwconv_act_forward,
                                   gated_group_norm_linear, layer_norm, layer_norm_linear,
                                   modulated_layer_norm_linear, selective_scan)
@@ -664,6 +665,7 @@ class GroupMamba(BaseModule):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x):
+        check_image_batch(x, self.patch_embed1.conv[0].weight, in_channels=self.patch_embed1.conv[0].in_channels)
         if self._cuda_graphs is not None:
             return self._cuda_graphs(self, self._forward, x)
         return self._forward(x)
