@@ -53,5 +53,7 @@ fi
 "${pip[@]}" pytest
 
 "${pip[@]}" --no-deps --no-build-isolation -e "$here"
-"$py" -c "import mmcv.ops, mmdet.models, mmseg.models, mmpretrain.models, mmgroupmamba; print('install.sh: ok')"
+# The plugin first: it names package combinations that break the imports after it (e.g. transformers >= 5 on an
+# image that had it installed) and their fix.
+"$py" -c "import mmgroupmamba, mmgroupmamba.cls, mmcv.ops, mmdet.models, mmseg.models, mmpretrain.models; print('install.sh: ok')"
 "$py" -m mim --version >/dev/null
