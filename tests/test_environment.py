@@ -67,3 +67,15 @@ def test_transformers_4_passes_the_check(tmp_path):
             'check_classification_imports()')
     result = run_python(['-c', code], site, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_environment_meets_openmim_requirements():
+    """pip finds every requirement of openmim in the environment tools/install.sh built (issue #17, item 5).
+
+    An unmet one makes pip print "ERROR: pip's dependency resolver ... openmim 0.3.9 requires opendatalab" at
+    every later install of a package openmim depends on, install.sh's own included, which a new user reads as
+    a failed install. `pip check` reports the same conflicts without installing anything.
+    """
+    result = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True)
+    openmim = [line for line in result.stdout.splitlines() if line.lower().startswith('openmim')]
+    assert not openmim, f'{openmim}: this environment was not set up by the current tools/install.sh; run it'
