@@ -3,9 +3,10 @@ from .checkpoint import register_safe_checkpoint_loading
 from .environment import check_detection_and_segmentation_imports
 from .models import GroupMamba
 from .optim import MergedGroupsOptimWrapperConstructor
+from .runner import PreflightRunner
 
 __version__ = '0.1.0'
-__all__ = ['GroupMamba', 'MergedGroupsOptimWrapperConstructor']
+__all__ = ['GroupMamba', 'MergedGroupsOptimWrapperConstructor', 'PreflightRunner']
 
 # The configs import the plugin before mmdet.models or mmseg.models (nothing above imports them): a package
 # combination that breaks those imports is reported here, with the fix, instead of as a TypeError deep inside

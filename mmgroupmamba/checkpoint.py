@@ -295,11 +295,13 @@ def official_weights_help(arch=None):
     """Where the released weights are, the one of ``arch`` (a name or an arch dict) first."""
     from mmgroupmamba.models import ARCH_SETTINGS  # the models import this module
     name = arch if isinstance(arch, str) else next((n for n, a in ARCH_SETTINGS.items() if a == arch), None)
-    urls = ', '.join(f'{n}: {url}' for n, url in OFFICIAL_WEIGHTS.items())
-    mine = f'{OFFICIAL_WEIGHTS[name]} for this arch ({name}); ' if name in OFFICIAL_WEIGHTS else ''
-    return (f'The official GroupMamba ImageNet-1k weights are at {mine}all: {urls}. Give the URL as the '
-            'checkpoint (model.backbone.init_cfg.checkpoint; it is downloaded once into torch\'s hub cache) or '
-            'the path of a downloaded copy; the files load as they are.')
+    if name in OFFICIAL_WEIGHTS:
+        where = f'The official ImageNet-1k weights of GroupMamba arch={name!r} are {OFFICIAL_WEIGHTS[name]}'
+    else:
+        where = ('The official ImageNet-1k weights (none for this arch) are '
+                 + ', '.join(f'{n}: {url}' for n, url in OFFICIAL_WEIGHTS.items()))
+    return (f'{where}. Give the URL as the checkpoint (model.backbone.init_cfg.checkpoint; downloaded once into '
+            'torch\'s hub cache) or the path of a downloaded copy; the file loads as it is.')
 
 
 def load_backbone_checkpoint(backbone, filename, prefix=None):
