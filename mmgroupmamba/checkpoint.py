@@ -14,6 +14,7 @@ loader, which unpickles downloads with ``weights_only=False``).
 import os
 import os.path as osp
 import pickle
+import sys
 import zipfile
 from collections import OrderedDict
 from urllib.parse import urlparse
@@ -210,7 +211,7 @@ def load_url_checkpoint(url, map_location=None):
         print_log(f'Downloading {url} to {cached_file}', logger='current')
         try:
             # Writes a temporary file and renames it when complete, so an interrupted download leaves no file.
-            torch.hub.download_url_to_file(url, cached_file, progress=False)
+            torch.hub.download_url_to_file(url, cached_file, progress=sys.stderr.isatty())
         except OSError as error:  # urllib's URLError/HTTPError, timeouts, refused connections
             raise OSError(
                 f'Could not download {url} ({error}). Without internet access here, download it on another '
