@@ -1,22 +1,45 @@
-"""Checkpoints: mmengine's own files under torch's safe loading, and official GroupMamba weights for a backbone.
+"""Checkpoints: mmengine's own files under torch's safe loading, official GroupMamba weights for a backbone, and
+clear errors for files that are missing, damaged or not checkpoints at all.
 
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; since torch 2.6 that means ``weights_only=True``
 and mmengine's own checkpoints (resume, ``load_from``, ``mim test --checkpoint``) are refused, because they
 pickle a few non-tensor objects. :func:`allow_mmengine_checkpoint_types` allow-lists exactly those, so safe
 loading stays on: a file holding anything else is still refused, with a message naming the explicit opt-in
-(``python -m mmgroupmamba.checkpoint trust SRC DST``) for a file the user trusts.
+(``python -m mmgroupmamba.trust_checkpoint SRC DST``) for a file the user trusts.
+
+The released GroupMamba weights (:data:`OFFICIAL_WEIGHTS`) are plain state dicts: they load under safe loading
+as they are, from a local path or from their URL (:func:`load_url_checkpoint` replaces mmengine's http(s)
+loader, which unpickles downloads with ``weights_only=False``).
 """
-import argparse
+import os
 import os.path as osp
 import pickle
+import sys
+import zipfile
 from collections import OrderedDict
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from mmengine.dist import get_dist_info
 from mmengine.logging import HistoryBuffer, print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
-TRUST_COMMAND = 'python -m mmgroupmamba.checkpoint trust SRC DST'
+TRUST_COMMAND = 'python -m mmgroupmamba.trust_checkpoint SRC DST'
+
+# The released ImageNet-1k weights of the official GroupMamba code (github.com/Amshaker/GroupMamba, README "Model
+# Weights"), each the EMA classifier's state dict saved as an OrderedDict of tensors. Tiny and Small: file names
+# and pickle imports as listed on their HuggingFace pages; Base: the same naming (its file list was not checked).
+OFFICIAL_WEIGHTS = {
+    'tiny': 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Tiny/resolve/main/groupmamba_tiny_ema.pth',
+    'small': 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Small/resolve/main/groupmamba_small_ema.pth',
+    'base': 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Base/resolve/main/groupmamba_base_ema.pth',
+}
+
+
+class InvalidCheckpointError(RuntimeError):
+    """A checkpoint file that is damaged or is not a checkpoint at all."""
+
 
 # The statistics functions a HistoryBuffer pickles by reference (``getattr(HistoryBuffer, 'mean')``).
 _HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
@@ -66,22 +89,99 @@ def allow_mmengine_checkpoint_types():
 
 
 def load_local_checkpoint(filename, map_location=None):
-    """mmengine's local-file loader with torch's safe loading and a clear refusal."""
+    """mmengine's local-file loader with torch's safe loading, an integrity check and errors that name the file."""
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
+    checked_crc = _check_checkpoint_file(filename)
     try:
         return torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = _unpickler_reason(error)
+        if not _is_refusal(reason):
+            raise InvalidCheckpointError(
+                f'{filename} is not a valid checkpoint: its pickle does not parse ({reason}). '
+                f'{_DAMAGED_ADVICE}') from None
         raise pickle.UnpicklingError(
             f'Refused to load {filename}: it holds Python objects beyond tensors and the types mmengine writes, '
-            f'and unpickling them could run code ({_unpickler_reason(error)}). If you trust this file (for '
-            f'example an official GroupMamba release, which stores its training config), re-save it once as '
-            f'plain data with `{TRUST_COMMAND}` and use DST instead.') from None
+            f'and unpickling them could run code ({reason}). If you trust this file (for example a training '
+            f'checkpoint of the official GroupMamba code, which pickles its config; the released weights need no '
+            f'conversion), re-save it once as plain data with `{TRUST_COMMAND}` and use DST instead.') from None
+    except Exception as error:  # torch.load's many ways to fail on bytes that are not what it expects
+        if checked_crc:
+            # Every record's bytes are the ones torch.save wrote (the zip's directory may still be damaged, or the
+            # failure is not about the file, e.g. map_location): torch's own message, with the file named.
+            raise RuntimeError(f'torch.load could not load {filename}: {type(error).__name__}: {error}') from error
+        raise InvalidCheckpointError(
+            f'{filename} is not a valid checkpoint: torch.load failed with {type(error).__name__}: {error}. '
+            f'The file has no checksums that would tell whether it is damaged. {_DAMAGED_ADVICE}') from error
+
+
+_DAMAGED_ADVICE = 'If it was downloaded or copied, download or copy it again.'
+
+# The first bytes of files that are mistaken for checkpoints most often.
+_TEXT_FILE_EXPLANATIONS = (
+    (b'version https://git-lfs', 'it is a Git LFS pointer, not the file it points to: run `git lfs pull` in the '
+     'repository it came from, or download the file itself'),
+    (b'<!doctype html', 'it is an HTML page: a web page was saved instead of the file (on HuggingFace, download '
+     'the "resolve" URL, not the "blob" page)'),
+    (b'<html', 'it is an HTML page: a web page was saved instead of the file (on HuggingFace, download the '
+     '"resolve" URL, not the "blob" page)'),
+)
+
+
+def _check_checkpoint_file(filename):
+    """Raise :class:`InvalidCheckpointError` for a file that is not a torch checkpoint or fails its checksums.
+
+    ``torch.save`` writes a zip archive with a CRC32 per record, which ``torch.load`` never checks: a bit flipped
+    in a tensor loads silently as a wrong weight. Returns whether CRCs were checked (files written with
+    ``torch.serialization.set_crc32_options(False)`` and legacy pickles have none).
+    """
+    with open(filename, 'rb') as f:
+        head = f.read(64)
+    if head.startswith(b'PK'):
+        return _check_zip_records(filename)
+    # torch.save's format before 1.6 (and a raw torch pickle) starts with the pickle PROTO opcode.
+    if head[:1] == b'\x80':
+        return False
+    lowered = head.lstrip().lower()
+    explanation = next((text for start, text in _TEXT_FILE_EXPLANATIONS if lowered.startswith(start)), None)
+    if explanation is None:
+        explanation = ('it is neither a zip archive (torch.save\'s format since torch 1.6) nor a pickle (the '
+                       f'format before); it starts with {head[:24]!r}')
+    raise InvalidCheckpointError(f'{filename} is not a checkpoint: {explanation}.')
+
+
+def _check_zip_records(filename):
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            records = archive.infolist()
+            if not any(r.filename.endswith('data.pkl') for r in records):
+                raise InvalidCheckpointError(
+                    f'{filename} is not a checkpoint: it is a zip archive without the data.pkl record torch.save '
+                    f'writes (its records: {[r.filename for r in records[:5]]})')
+            checked = False
+            for record in records:
+                if record.CRC == 0:  # written without CRCs; nothing to compare
+                    continue
+                # ZipFile raises BadZipFile once a record's bytes do not match its CRC32.
+                with archive.open(record) as data:
+                    while data.read(1 << 24):
+                        pass
+                checked = True
+            return checked
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as error:
+        raise InvalidCheckpointError(
+            f'{filename} is not a valid checkpoint: the file is damaged ({error}; torch.save writes a CRC32 '
+            f'checksum for every record, which torch.load itself never checks). {_DAMAGED_ADVICE}') from None
 
 
 def _unpickler_reason(error):
-    """The part of torch's long weights_only message that names what was refused."""
+    """The part of torch's long weights_only message that names what was refused or could not be read."""
+    # torch >= 2.7 raises its own message from inside the unpickler's error, which holds the reason alone.
+    inner = error.__context__
+    if isinstance(inner, pickle.UnpicklingError) and str(inner).strip():
+        return str(inner).strip().splitlines()[0]
     text = str(error)
     marker = 'WeightsUnpickler error:'
     if marker not in text:
@@ -91,9 +191,40 @@ def _unpickler_reason(error):
     return reason.split(' Please use', 1)[0].splitlines()[0].strip()
 
 
+def _is_refusal(reason):
+    """Whether torch's weights_only unpickler refused an object (rather than failing to parse the bytes)."""
+    return 'GLOBAL' in reason or 'allowlisted' in reason or 'add_safe_globals' in reason
+
+
+def load_url_checkpoint(url, map_location=None):
+    """Download ``url`` once into torch's hub cache (where mmengine puts it too) and load it like a local file.
+
+    mmengine's http(s) loader passes the download to ``torch.hub.load_state_dict_from_url``, which unpickles it
+    with ``weights_only=False``: any code in the file would run. Here a download is loaded safely, and a failed
+    download says what to do instead.
+    """
+    model_dir = osp.join(torch.hub.get_dir(), 'checkpoints')
+    cached_file = osp.join(model_dir, osp.basename(urlparse(url).path))
+    rank, world_size = get_dist_info()
+    if rank == 0 and not osp.isfile(cached_file):
+        os.makedirs(model_dir, exist_ok=True)
+        print_log(f'Downloading {url} to {cached_file}', logger='current')
+        try:
+            # Writes a temporary file and renames it when complete, so an interrupted download leaves no file.
+            torch.hub.download_url_to_file(url, cached_file, progress=sys.stderr.isatty())
+        except OSError as error:  # urllib's URLError/HTTPError, timeouts, refused connections
+            raise OSError(
+                f'Could not download {url} ({error}). Without internet access here, download it on another '
+                f'machine, copy it over and give the checkpoint as its local path instead of the URL.') from None
+    if world_size > 1:
+        torch.distributed.barrier()  # the other ranks wait for rank 0's download
+    return load_local_checkpoint(cached_file, map_location)
+
+
 def register_safe_checkpoint_loading():
     allow_mmengine_checkpoint_types()
     CheckpointLoader.register_scheme(prefixes='', loader=load_local_checkpoint, force=True)
+    CheckpointLoader.register_scheme(prefixes=['http://', 'https://'], loader=load_url_checkpoint, force=True)
 
 
 def to_plain_data(obj, path='', dropped=None):
@@ -161,9 +292,25 @@ def extract_backbone_state_dict(checkpoint, prefix=None):
     return state, left_out, classification
 
 
+def official_weights_help(arch=None):
+    """Where the released weights are, the one of ``arch`` (a name or an arch dict) first."""
+    from mmgroupmamba.models import ARCH_SETTINGS  # the models import this module
+    name = arch if isinstance(arch, str) else next((n for n, a in ARCH_SETTINGS.items() if a == arch), None)
+    if name in OFFICIAL_WEIGHTS:
+        where = f'The official ImageNet-1k weights of GroupMamba arch={name!r} are {OFFICIAL_WEIGHTS[name]}'
+    else:
+        where = ('The official ImageNet-1k weights (none for this arch) are '
+                 + ', '.join(f'{n}: {url}' for n, url in OFFICIAL_WEIGHTS.items()))
+    return (f'{where}. Give the URL as the checkpoint (model.backbone.init_cfg.checkpoint; downloaded once into '
+            'torch\'s hub cache) or the path of a downloaded copy; the file loads as it is.')
+
+
 def load_backbone_checkpoint(backbone, filename, prefix=None):
     """Load an official GroupMamba checkpoint into ``backbone``: every backbone key must be present and fit."""
-    checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    try:
+        checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f'{error} {official_weights_help(backbone.arch)}') from None
     state, left_out, classification = extract_backbone_state_dict(checkpoint, prefix)
     own = backbone.state_dict()
     for key, value in own.items():
@@ -186,21 +333,6 @@ def load_backbone_checkpoint(backbone, filename, prefix=None):
               + (f'; skipped {" and ".join(skipped)}' if skipped else ''), logger='current')
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog='python -m mmgroupmamba.checkpoint',
-        description='Checkpoint utilities of mmgroupmamba.')
-    commands = parser.add_subparsers(dest='command', required=True)
-    trust = commands.add_parser(
-        'trust', help='Unpickle a checkpoint you trust (this can run code in it) and save it as plain data '
-        '(tensors, numbers, strings, containers) that loads under torch.load(weights_only=True).')
-    trust.add_argument('src')
-    trust.add_argument('dst')
-    args = parser.parse_args(argv)
-    dropped = trust_checkpoint(args.src, args.dst)
-    print(f'saved {args.dst}' + (f'; dropped {len(dropped)} non-data objects: {", ".join(dropped)}' if dropped
-                                 else ''))
-
-
 if __name__ == '__main__':
-    main()
+    # The command moved: running this module with runpy warns, because the package's __init__ imports it.
+    raise SystemExit(f'The trust command is now `{TRUST_COMMAND}`.')

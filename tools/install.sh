@@ -47,11 +47,16 @@ if ! "$py" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev
 fi
 
 "${pip[@]}" mmdet==3.3.0 mmsegmentation==1.2.2 ftfy regex mmpretrain==1.2.0 triton
-# openmim depends on openxlab, which pins setuptools 60: take mim alone plus what it really imports.
+# openmim 0.3.9 requires opendatalab, whose latest release (0.0.10) requires openxlab, which pins setuptools 60:
+# take mim alone, then its requirements with opendatalab 0.0.9, the last release without openxlab (it only
+# provides the `odl` command of `mim download --dataset`). With every requirement of openmim met, pip prints no
+# "ERROR: pip's dependency resolver ... openmim 0.3.9 requires opendatalab" here or at later installs.
 "${pip[@]}" --no-deps openmim==0.3.9
-"${pip[@]}" click colorama model-index pandas requests rich tabulate
+"${pip[@]}" click colorama model-index opendatalab==0.0.9 pandas requests rich tabulate
 "${pip[@]}" pytest
 
 "${pip[@]}" --no-deps --no-build-isolation -e "$here"
-"$py" -c "import mmcv.ops, mmdet.models, mmseg.models, mmpretrain.models, mmgroupmamba; print('install.sh: ok')"
+# The plugin first: it names package combinations that break the imports after it (e.g. transformers >= 5 on an
+# image that had it installed) and their fix.
+"$py" -c "import mmgroupmamba, mmgroupmamba.cls, mmcv.ops, mmdet.models, mmseg.models, mmpretrain.models; print('install.sh: ok')"
 "$py" -m mim --version >/dev/null

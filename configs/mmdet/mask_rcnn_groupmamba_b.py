@@ -2,8 +2,8 @@
 # also for the drop-path rate per size).
 _base_ = './mask_rcnn_groupmamba_t.py'
 
-# The official GroupMamba-B ImageNet-1k checkpoint (path or URL).
-pretrained = 'checkpoints/groupmamba_base.pth'
+# The official GroupMamba-B ImageNet-1k weights (URL or the path of a downloaded copy).
+pretrained = 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Base/resolve/main/groupmamba_base_ema.pth'
 
 model = dict(
     backbone=dict(arch='base', drop_path_rate=0.6, init_cfg=dict(checkpoint=pretrained)),

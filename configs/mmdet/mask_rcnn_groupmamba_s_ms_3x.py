@@ -1,8 +1,8 @@
 # Mask R-CNN + FPN with GroupMamba-S on COCO, 3x multi-scale: the T 3x recipe (mask_rcnn_groupmamba_t_ms_3x.py).
 _base_ = './mask_rcnn_groupmamba_t_ms_3x.py'
 
-# The official GroupMamba-S ImageNet-1k checkpoint (path or URL).
-pretrained = 'checkpoints/groupmamba_small.pth'
+# The official GroupMamba-S ImageNet-1k weights (URL or the path of a downloaded copy).
+pretrained = 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Small/resolve/main/groupmamba_small_ema.pth'
 
 # Drop-path rate per size: see mask_rcnn_groupmamba_t.py.
 model = dict(

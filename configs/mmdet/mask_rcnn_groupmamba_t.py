@@ -10,10 +10,18 @@ _base_ = [
     '../_base_/groupmamba_no_decay.py',
 ]
 custom_imports = dict(imports=['mmgroupmamba', 'mmgroupmamba.det'], allow_failed_imports=False)
+# Checks data, weights and device before anything is built and reports what is missing with the fix
+# (mmgroupmamba/runner.py); missing_data_help is its word on this config's data.
+runner_type = 'PreflightRunner'
+missing_data_help = (
+    "COCO 2017 goes in data/coco/ in mmdet's layout (annotations/instances_{train,val}2017.json, train2017/, "
+    'val2017/): see docs/detection.md, "Train and test on COCO", and docs/getting_started.md. Without COCO, '
+    'the CPU demo configs/mmdet/mask_rcnn_groupmamba_demo_shapes.py generates its data')
 
-# The official GroupMamba-T ImageNet-1k checkpoint (download it from the links in the official README and set
-# the path or URL here or with --cfg-options model.backbone.init_cfg.checkpoint=...).
-pretrained = 'checkpoints/groupmamba_tiny.pth'
+# The official GroupMamba-T ImageNet-1k weights (mmgroupmamba.checkpoint.OFFICIAL_WEIGHTS), downloaded on first use
+# into torch's hub cache. Offline: download the file elsewhere and pass its path with
+# --cfg-options model.backbone.init_cfg.checkpoint=PATH.
+pretrained = 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Tiny/resolve/main/groupmamba_tiny_ema.pth'
 
 model = dict(
     backbone=dict(

@@ -7,6 +7,13 @@ _base_ = [
     'mmpretrain::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['mmgroupmamba', 'mmgroupmamba.cls'], allow_failed_imports=False)
+# Checks data, weights and device before anything is built and reports what is missing with the fix
+# (mmgroupmamba/runner.py); missing_data_help is its word on this config's data.
+runner_type = 'PreflightRunner'
+missing_data_help = (
+    "ImageNet-1k goes in data/imagenet in mmpretrain's layout (train/, val/, meta/train.txt, meta/val.txt): see "
+    'docs/classification.md. Without ImageNet, the CPU demo generates its data: '
+    'python -m mmgroupmamba.cls.demo_data data/groupmamba_cls_demo, then configs/mmpretrain/demo/')
 
 model = dict(
     type='DistillationImageClassifier',

@@ -5,6 +5,8 @@
 _base_ = './upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py'
 
 data_root = 'data/ade_demo'
+missing_data_help = ('The demo data are generated: python -m mmgroupmamba.seg.make_demo_data --out data/ade_demo '
+                     '--num-train 200 --num-val 40 (docs/segmentation.md, "CPU demo")')
 demo_classes = ('building', 'sky', 'tree', 'road', 'grass', 'car')  # mmgroupmamba.seg.make_demo_data.DEMO_CLASSES
 crop_size = (128, 128)
 max_iters = 600

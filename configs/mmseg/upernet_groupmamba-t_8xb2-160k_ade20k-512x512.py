@@ -9,10 +9,19 @@ _base_ = [
 ]
 
 custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
+# Checks data, weights and device before anything is built and reports what is missing with the fix
+# (mmgroupmamba/runner.py); missing_data_help is its word on this config's data.
+runner_type = 'PreflightRunner'
+missing_data_help = (
+    "ADE20K goes in data/ade/ADEChallengeData2016 in mmseg's layout (images/{training,validation}, "
+    'annotations/{training,validation}): see docs/segmentation.md, "Train and test on ADE20K". Without ADE20K, '
+    'the CPU demo generates its data: python -m mmgroupmamba.seg.make_demo_data --out data/ade_demo '
+    '--num-train 200 --num-val 40, then configs/mmseg/upernet_groupmamba-mini_1xb4-600_ade20k-demo-128x128.py')
 
-# The official GroupMamba-T ImageNet-1k weights (see docs/segmentation.md for where to get them), or pass
+# The official GroupMamba-T ImageNet-1k weights (mmgroupmamba.checkpoint.OFFICIAL_WEIGHTS), downloaded on first use
+# into torch's hub cache. Offline: download the file elsewhere and pass its path with
 # --cfg-options model.backbone.init_cfg.checkpoint=PATH.
-checkpoint_file = 'checkpoints/groupmamba_tiny.pth'
+checkpoint_file = 'https://huggingface.co/Abdelrahman-shaker/GroupMamba-Tiny/resolve/main/groupmamba_tiny_ema.pth'
 model = dict(
     backbone=dict(
         _delete_=True,  # nothing of the Swin backbone may leak in

@@ -1,7 +1,11 @@
 """Classification parts of mmgroupmamba (imported by the configs in configs/mmpretrain/ through custom_imports)."""
-from .backbone import ClassBlock, GroupMambaClsBackbone
-from .distill import DistillationImageClassifier, distillation_loss
-from .head import DistillationLinearClsHead
+from mmgroupmamba.environment import check_classification_imports
+
+check_classification_imports()  # before the modules below import mmpretrain
+
+from .backbone import ClassBlock, GroupMambaClsBackbone  # noqa: E402
+from .distill import DistillationImageClassifier, distillation_loss  # noqa: E402
+from .head import DistillationLinearClsHead  # noqa: E402
 
 __all__ = ['ClassBlock', 'GroupMambaClsBackbone', 'DistillationImageClassifier', 'DistillationLinearClsHead',
            'distillation_loss']

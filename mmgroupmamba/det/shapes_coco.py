@@ -167,6 +167,8 @@ class ShapesCocoDataset(CocoDataset):
     """
 
     METAINFO = dict(classes=SHAPE_CLASSES, palette=[(220, 20, 60), (0, 128, 255), (60, 180, 75)])
+    # Its files need not exist before a run: PreflightRunner (mmgroupmamba/runner.py) does not ask for them.
+    creates_missing_data = True
 
     def __init__(self, *args, num_images, image_size=128, max_objects=4, min_size=20, max_size=56, seed=0,
                  aspect_ratios=(1.0, ), **kwargs):

@@ -56,6 +56,7 @@ from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, depthwise
                                   modulated_layer_norm_linear, selective_scan)
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.cuda_graph import CudaGraphs
+from mmgroupmamba.models.inputs import check_image_batch
 
 ARCH_SETTINGS = {
     'tiny': dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 9, 3]),
@@ -515,6 +516,7 @@ class GroupMamba(BaseModule):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x):
+        check_image_batch(x, self.patch_embed1.conv[0].weight, in_channels=self.patch_embed1.conv[0].in_channels)
         if self._cuda_graphs is not None:
             return self._cuda_graphs(self, self._forward, x)
         if self._compiled is not None:

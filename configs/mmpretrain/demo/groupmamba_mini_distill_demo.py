@@ -4,6 +4,8 @@
 _base_ = '../groupmamba_t_8xb128_in1k.py'
 
 demo_root = 'data/groupmamba_cls_demo'
+missing_data_help = ('The demo data are generated: python -m mmgroupmamba.cls.demo_data data/groupmamba_cls_demo '
+                     '(docs/classification.md, "CPU demo")')
 
 model = dict(
     backbone=dict(
