@@ -42,7 +42,8 @@ class RecordRankHook(Hook):
         self.record.update(
             rank=runner.rank,
             world_size=runner.world_size,
-            final={name: t.detach().clone() for name, t in module.state_dict().items()},
+            # Parameters under their own names (state_dict() maps GroupMamba's packed ones to official keys).
+            final={name: t.detach().clone() for name, t in (*module.named_parameters(), *module.named_buffers())},
             trainable=[name for name, p in module.named_parameters() if p.requires_grad],
             optimizer_state=optimizer.state_dict()['state'],
             param_groups=[dict({k: v for k, v in group.items() if k != 'params'},

@@ -100,8 +100,11 @@ def _check_ranks_agree(records):
     for name in rank0['initial']:
         assert torch.equal(rank0['initial'][name], rank1['initial'][name]), name
     assert rank0['trainable'] == rank1['trainable'] and rank0['trainable']
-    for name in rank0['trainable']:
-        assert not torch.equal(rank0['initial'][name], rank0['final'][name]), f'{name} did not change'
+    # A parameter may get no gradient at all: the channel affinity's bottleneck (fc1 -> ReLU, 2 units in the
+    # small arch) is dead for every image when both units are negative at init, and then fc1 gets zero
+    # gradients. Everything else must have moved.
+    unchanged = [name for name in rank0['trainable'] if torch.equal(rank0['initial'][name], rank0['final'][name])]
+    assert all('.attn.fc1.' in name for name in unchanged), unchanged
     # After the steps the parameters are bitwise equal on both ranks: the gradients were averaged.
     for name in rank0['trainable']:
         assert torch.equal(rank0['final'][name], rank1['final'][name]), name
