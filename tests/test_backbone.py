@@ -204,6 +204,19 @@ def test_pretrained_official_checkpoint_loads(golden, tmp_path, wrap):
     assert rel_err(out, golden['stage_outputs'][3]) <= 1e-4
 
 
+def test_pretrained_official_checkpoint_loads_the_class_block_for_cls_token(golden, tmp_path):
+    path = tmp_path / 'official.pth'
+    torch.save(golden['state_dict'], path)
+    model = GroupMamba(arch=golden['arch_cfg'], out_type='cls_token',
+                       init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with mmengine_messages() as messages:
+        model.init_weights()
+    report = [m for m in messages if 'classification keys' in m]
+    assert len(report) == 1 and 'head.' in report[0] and 'post_network.' not in report[0]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, golden['state_dict'][key]), key
+
+
 def test_pretrained_with_wrong_shape_fails_naming_the_key(golden, tmp_path):
     state = dict(golden['state_dict'])
     state['block2.0.attn.proj.weight'] = torch.zeros(3, 3)
