@@ -269,11 +269,12 @@ def trust_checkpoint(src, dst):
 CLASSIFICATION_PREFIXES = ('post_network.', 'head.', 'dist_head.')
 
 
-def extract_backbone_state_dict(checkpoint, prefix=None):
+def extract_backbone_state_dict(checkpoint, prefix=None, skip=CLASSIFICATION_PREFIXES):
     """The backbone's weights from an official or mmengine checkpoint, and the keys left out (reported).
 
     Accepts a raw state dict or one under ``state_dict`` / ``model``; keys may carry a ``backbone.`` prefix
-    (or ``prefix``), in which case only those keys are taken.
+    (or ``prefix``), in which case only those keys are taken. Keys starting with one of ``skip`` (the
+    classifier's parts the backbone does not have) are returned apart.
     """
     state = checkpoint
     for key in ('state_dict', 'model'):
@@ -287,8 +288,8 @@ def extract_backbone_state_dict(checkpoint, prefix=None):
         prefix += '.'
     left_out = [k for k in state if not k.startswith(prefix)]
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    classification = [k for k in state if k.startswith(CLASSIFICATION_PREFIXES)]
-    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFICATION_PREFIXES)}
+    classification = [k for k in state if k.startswith(skip)]
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
     return state, left_out, classification
 
 
@@ -311,8 +312,10 @@ def load_backbone_checkpoint(backbone, filename, prefix=None):
         checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
     except FileNotFoundError as error:
         raise FileNotFoundError(f'{error} {official_weights_help(backbone.arch)}') from None
-    state, left_out, classification = extract_backbone_state_dict(checkpoint, prefix)
     own = backbone.state_dict()
+    # GroupMamba(out_type='cls_token') has the class block (post_network.*) and takes it from the checkpoint.
+    skip = tuple(p for p in CLASSIFICATION_PREFIXES if not any(k.startswith(p) for k in own))
+    state, left_out, classification = extract_backbone_state_dict(checkpoint, prefix, skip)
     for key, value in own.items():
         if key in state and tuple(state[key].shape) != tuple(value.shape):
             raise ValueError(
@@ -326,7 +329,7 @@ def load_backbone_checkpoint(backbone, filename, prefix=None):
     backbone.load_state_dict(state, strict=True)
     skipped = []
     if classification:
-        skipped.append(f'{len(classification)} classification keys ({", ".join(CLASSIFICATION_PREFIXES)})')
+        skipped.append(f'{len(classification)} classification keys ({", ".join(skip)})')
     if left_out:
         skipped.append(f'{len(left_out)} keys of other modules (e.g. {left_out[0]})')
     print_log(f'GroupMamba: loaded {len(own)} backbone tensors from {filename}'

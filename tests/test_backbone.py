@@ -51,6 +51,57 @@ def test_parameter_counts_and_official_keys(size, expected):
     assert ours == official
 
 
+@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+def test_cls_token_adds_exactly_the_official_post_network(size):
+    model = GroupMamba(arch=size, out_type='cls_token')
+    official = {k: v for k, v in official_shapes(size).items() if not k.startswith(('head.', 'dist_head.'))}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official
+    # The other out_types are the detection/segmentation backbone: no class-token parameters.
+    for out_type in ('featmap', 'avg_featmap'):
+        keys = GroupMamba(arch=size, out_type=out_type).state_dict().keys()
+        assert not any(k.startswith('post_network.') for k in keys)
+
+
+def test_out_types_shapes_and_pooling():
+    torch.manual_seed(0)
+    featmap = GroupMamba(arch=SMALL_ARCH).eval()
+    avg = GroupMamba(arch=SMALL_ARCH, out_type='avg_featmap', out_indices=(1, 3)).eval()
+    avg.load_state_dict(featmap.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps = featmap(x)
+        pooled = avg(x)
+        last_pooled = GroupMamba(arch=SMALL_ARCH, out_type='avg_featmap').eval()(x)
+        token = GroupMamba(arch=SMALL_ARCH, out_type='cls_token').eval()(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 24), (2, 64, 8, 12), (2, 96, 4, 6), (2, 128, 2, 3)]
+    assert [tuple(p.shape) for p in pooled] == [(2, 64), (2, 128)]
+    for p, m in zip(pooled, (maps[1], maps[3])):
+        torch.testing.assert_close(p, m.mean((2, 3)))
+    assert len(last_pooled) == 1 and last_pooled[0].shape == (2, 128)  # the last stage by default, as ViT
+    assert len(token) == 1 and token[0].shape == (2, 128)
+
+
+def test_cls_token_gives_the_official_head_logits(golden):
+    model = GroupMamba(arch=golden['arch_cfg'], out_type='cls_token')
+    result = model.load_state_dict(golden['state_dict'], strict=False)
+    assert result.missing_keys == []
+    assert all(k.startswith(('head.', 'dist_head.')) for k in result.unexpected_keys)
+    model.eval()
+    with torch.no_grad():
+        (token, ) = model(golden['input'])
+    state = golden['state_dict']
+    logits = torch.nn.functional.linear(token, state['head.weight'], state['head.bias'])
+    assert (logits - golden['head']).abs().max() <= 1e-4 * golden['logits'].abs().max()
+
+
+def test_out_type_errors_name_the_key_and_choices():
+    with pytest.raises(ValueError, match=r"unknown out_type 'cls'; choose one of \('featmap', 'avg_featmap', "
+                                         r"'cls_token'\)"):
+        GroupMamba(arch=SMALL_ARCH, out_type='cls')
+    with pytest.raises(ValueError, match=r"out_type='cls_token'.*out_indices must be \(3,\).*got \(2, 3\)"):
+        GroupMamba(arch=SMALL_ARCH, out_type='cls_token', out_indices=(2, 3))
+
+
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg', 'mmpretrain', None])
 def test_registry_builds_in_every_scope(scope):
     cfg = dict(type='GroupMamba', arch=SMALL_ARCH, out_indices=(1, 3))
@@ -151,6 +202,19 @@ def test_pretrained_official_checkpoint_loads(golden, tmp_path, wrap):
     with torch.no_grad():
         out = model(golden['input'])[3]
     assert rel_err(out, golden['stage_outputs'][3]) <= 1e-4
+
+
+def test_pretrained_official_checkpoint_loads_the_class_block_for_cls_token(golden, tmp_path):
+    path = tmp_path / 'official.pth'
+    torch.save(golden['state_dict'], path)
+    model = GroupMamba(arch=golden['arch_cfg'], out_type='cls_token',
+                       init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    with mmengine_messages() as messages:
+        model.init_weights()
+    report = [m for m in messages if 'classification keys' in m]
+    assert len(report) == 1 and 'head.' in report[0] and 'post_network.' not in report[0]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, golden['state_dict'][key]), key
 
 
 def test_pretrained_with_wrong_shape_fails_naming_the_key(golden, tmp_path):

@@ -12,12 +12,13 @@ from mmengine.runner import Runner
 from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 
+from log_capture import mmengine_messages
 from mmgroupmamba.cls import GroupMambaClsBackbone
 from mmgroupmamba.cls.convert import convert_official, official_state_dict
 from mmgroupmamba.cls.demo_data import make_demo_imagenet
 from mmgroupmamba.cls.distill import distillation_loss
 from mmgroupmamba.cls.flops import SCAN_OP_NAME, groupwise_forward, model_complexity
-from mmgroupmamba.models import ARCH_SETTINGS, GroupMambaLayer
+from mmgroupmamba.models import ARCH_SETTINGS, GroupMamba, GroupMambaLayer
 
 REPO = Path(__file__).resolve().parents[1]
 T_CONFIG = REPO / 'configs/mmpretrain/groupmamba_t_8xb128_in1k.py'
@@ -221,7 +222,7 @@ def test_groupwise_forward_is_the_layer():
 
 
 def test_flops_count_the_scan_and_match_the_paper():
-    backbone = GroupMambaClsBackbone(SMALL_ARCH)
+    backbone = GroupMamba(SMALL_ARCH, out_type='cls_token')
     result = model_complexity(backbone, (3, 64, 96))
     # Every layer scans L tokens of C channels: 9*L*C*d_state + L*C (d_state=1); the class block scans 1 token.
     tokens = [16 * 24, 8 * 12, 4 * 6, 2 * 3]
@@ -234,3 +235,23 @@ def test_flops_count_the_scan_and_match_the_paper():
     tiny = model_complexity(build_t_model(ARCH_SETTINGS['tiny'], num_classes=1000))
     assert abs(tiny['flops'] / 4.5e9 - 1) < 0.05  # the paper: 4.5 GFLOPs at 224x224
     assert abs(tiny['params'] / 1e6 - 23.36) < 0.01
+
+
+def test_deprecated_cls_backbone_is_group_mamba_cls_token(monkeypatch):
+    monkeypatch.setattr(GroupMambaClsBackbone, 'deprecation_logged', False)
+    init_default_scope('mmpretrain')
+    with mmengine_messages() as messages:
+        aliases = [MODELS.build(dict(type='GroupMambaClsBackbone', arch=SMALL_ARCH)) for _ in range(2)]
+    warnings = [m for m in messages if 'GroupMambaClsBackbone is deprecated' in m]
+    assert len(warnings) == 1 and "type='GroupMamba'" in warnings[0] and "out_type='cls_token'" in warnings[0]
+
+    torch.manual_seed(0)
+    model = GroupMamba(SMALL_ARCH, out_type='cls_token').eval()
+    alias = aliases[0].eval()
+    assert alias.out_type == 'cls_token'
+    alias.load_state_dict(model.state_dict(), strict=True)  # its checkpoints load into the new type and back
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(alias(x), model(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="out_type is not an argument.*type='GroupMamba', out_type='featmap'"):
+        GroupMambaClsBackbone(SMALL_ARCH, out_type='featmap')

@@ -10,15 +10,14 @@ import torch
 
 from log_capture import mmengine_messages
 from mmgroupmamba import GroupMamba
-from mmgroupmamba.cls.backbone import GroupMambaClsBackbone
 from mmgroupmamba.models.cuda_graph import _garbage_collected_first
 
 
-@pytest.mark.parametrize('cls', [GroupMamba, GroupMambaClsBackbone])
-def test_cpu_input_runs_eagerly_with_a_warning(cls):
+@pytest.mark.parametrize('out_type', ['featmap', 'cls_token'])
+def test_cpu_input_runs_eagerly_with_a_warning(out_type):
     torch.manual_seed(0)
-    eager = cls(arch='tiny').eval()
-    graphed = cls(arch='tiny', cuda_graph=True).eval()
+    eager = GroupMamba(arch='tiny', out_type=out_type).eval()
+    graphed = GroupMamba(arch='tiny', out_type=out_type, cuda_graph=True).eval()
     graphed.load_state_dict(eager.state_dict())
     x = torch.randn(1, 3, 64, 64)
     with mmengine_messages() as messages, torch.no_grad():

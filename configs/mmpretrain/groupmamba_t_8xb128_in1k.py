@@ -17,7 +17,8 @@ missing_data_help = (
 
 model = dict(
     type='DistillationImageClassifier',
-    backbone=dict(type='GroupMambaClsBackbone', arch='tiny', drop_path_rate=0.05),  # the official train.py's rate
+    # The official classifier's output: its class token (the rate is the official train.py's).
+    backbone=dict(type='GroupMamba', arch='tiny', out_type='cls_token', drop_path_rate=0.05),
     head=dict(
         type='DistillationLinearClsHead',
         num_classes=1000,  # in_channels: the backbone's last embed dim (448 for T)

@@ -3,9 +3,8 @@ from mmgroupmamba.environment import check_classification_imports
 
 check_classification_imports()  # before the modules below import mmpretrain
 
-from .backbone import ClassBlock, GroupMambaClsBackbone  # noqa: E402
+from .backbone import GroupMambaClsBackbone  # noqa: E402
 from .distill import DistillationImageClassifier, distillation_loss  # noqa: E402
 from .head import DistillationLinearClsHead  # noqa: E402
 
-__all__ = ['ClassBlock', 'GroupMambaClsBackbone', 'DistillationImageClassifier', 'DistillationLinearClsHead',
-           'distillation_loss']
+__all__ = ['GroupMambaClsBackbone', 'DistillationImageClassifier', 'DistillationLinearClsHead', 'distillation_loss']

@@ -2,7 +2,7 @@
 
 Official keys are the model's attribute names (``patch_embed1.*``, ``block3.7.attn.mamba_g2.A_logs``,
 ``norm4.*``, ``post_network.0.*``, ``head.*``, ``dist_head.*``); in the mmpretrain model the first four live
-under ``backbone.`` (:class:`GroupMambaClsBackbone`) and the two heads under ``head.``
+under ``backbone.`` (``GroupMamba(out_type='cls_token')``) and the two heads under ``head.``
 (:class:`DistillationLinearClsHead`).
 """
 import re

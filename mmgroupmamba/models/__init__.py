@@ -1,3 +1,3 @@
-from .groupmamba import ARCH_SETTINGS, GroupMamba, GroupMambaBlock, GroupMambaLayer
+from .groupmamba import ARCH_SETTINGS, OUT_TYPES, ClassBlock, GroupMamba, GroupMambaBlock, GroupMambaLayer
 
-__all__ = ['ARCH_SETTINGS', 'GroupMamba', 'GroupMambaBlock', 'GroupMambaLayer']
+__all__ = ['ARCH_SETTINGS', 'OUT_TYPES', 'ClassBlock', 'GroupMamba', 'GroupMambaBlock', 'GroupMambaLayer']

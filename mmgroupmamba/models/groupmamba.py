@@ -15,6 +15,10 @@ Layout::
     image -> patch_embed1 (conv stem, /4) -> block1 x D_1 -> norm1 -> out 0
           -> patch_embed2 (3x3 s2 conv)   -> block2 x D_2 -> norm2 -> out 1     ... -> norm4 -> out 3
 
+    out_type='featmap' returns those maps (NCHW), 'avg_featmap' their spatial means ``(B, C_i)``, and
+    'cls_token' the official classifier's vector ``(B, C_4)``:
+          block4's tokens (before norm4) -> mean -> post_network (one ClassBlock) -> norm4
+
     block:  x = x + DropPath(GroupMambaLayer(x));   x = x + DropPath(ConvFFN(norm2(x)))
 
     GroupMambaLayer (C channels, 4 groups of d = C/4):
@@ -64,6 +68,7 @@ ARCH_SETTINGS = {
     'base': dict(stem_hidden_dim=64, embed_dims=[96, 192, 424, 512], mlp_ratios=[8, 8, 4, 4], depths=[3, 6, 21, 3]),
 }
 ARCH_KEYS = ('stem_hidden_dim', 'embed_dims', 'mlp_ratios', 'depths')
+OUT_TYPES = ('featmap', 'avg_featmap', 'cls_token')
 NUM_GROUPS = len(SCAN_DIRECTIONS)
 # The official model builds its stage norms and FFN norms with eps=1e-6, and every other LayerNorm (stem,
 # downsampling, the layer's own norm and the scan's out_norm) with PyTorch's default 1e-5.
@@ -359,6 +364,37 @@ class GroupMambaBlock(nn.Module):
         return self._forward(x)
 
 
+class PlainFFN(nn.Module):
+    """``fc2(gelu(fc1(x)))``: the class block's FFN (no depthwise conv: there is a single token)."""
+
+    def __init__(self, dims, hidden_dims):
+        super().__init__()
+        self.fc1 = nn.Linear(dims, hidden_dims)
+        self.fc2 = nn.Linear(hidden_dims, dims)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ClassBlock(nn.Module):
+    """The official ``post_network`` block, on a ``(B, 1, 1, C)`` class token.
+
+    ``x = x + norm1(attn(x)); x = x + mlp(norm2(x))``. On a 1x1 map the layer's scans have length 1 and its
+    channel affinity sees the token itself, as in the official model.
+    """
+
+    def __init__(self, dims, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dims, eps=STAGE_NORM_EPS)
+        self.norm2 = nn.LayerNorm(dims, eps=STAGE_NORM_EPS)
+        self.attn = GroupMambaLayer(dims)
+        self.mlp = PlainFFN(dims, int(dims * mlp_ratio))
+
+    def forward(self, token):
+        token = token + self.norm1(self.attn(token))
+        return token + self.mlp(self.norm2(token))
+
+
 class ConvStem(nn.Module):
     """Three convs (7x7 s2, 3x3, 3x3) with BN and ReLU, then a 3x3 s2 projection and LayerNorm: /4."""
 
@@ -398,13 +434,23 @@ class Downsample(nn.Module):
 
 @MODELS.register_module()
 class GroupMamba(BaseModule):
-    """GroupMamba backbone for detection, segmentation and classification.
+    """GroupMamba backbone for detection, segmentation (``out_type='featmap'``) and classification
+    (``out_type='cls_token'``, the official classifier's, or ``'avg_featmap'``).
 
     Args:
         arch (str | dict): ``'tiny'``, ``'small'``, ``'base'`` or a dict with keys ``stem_hidden_dim``,
             ``embed_dims``, ``mlp_ratios`` and ``depths``.
         in_channels (int): image channels.
-        out_indices (Sequence[int]): stages (0-3) whose normalised maps are returned, as NCHW tensors.
+        out_indices (Sequence[int], optional): stages (0-3) whose outputs are returned. Defaults to all four
+            for ``out_type='featmap'`` and to the last, ``(3,)``, for the pooled types (as mmpretrain's
+            VisionTransformer: its last layer by default). ``'cls_token'`` takes only ``(3,)``.
+        out_type (str): what is returned for each of ``out_indices``, after mmpretrain's VisionTransformer:
+
+            - ``'featmap'``: the stage's normalised map, NCHW ``(B, C_i, H_i, W_i)`` (detection, segmentation).
+            - ``'avg_featmap'``: the spatial mean of that map, ``(B, C_i)``.
+            - ``'cls_token'``: the official classifier's class token ``(B, C_4)``: the last stage's tokens
+              (before ``norm4``) mean-pooled, refined by ``post_network`` (one :class:`ClassBlock`, built
+              only for this type; official keys ``post_network.0.*``) and normalised by ``norm4``.
         drop_path_rate (float): stochastic depth, rising linearly over all blocks.
         frozen_stages (int): -1 trains everything; 0 freezes the stem (``patch_embed1``); k >= 1 freezes
             stages 1..k (their ``patch_embed``, blocks and ``norm``).
@@ -428,7 +474,8 @@ class GroupMamba(BaseModule):
     def __init__(self,
                  arch='tiny',
                  in_channels=3,
-                 out_indices=(0, 1, 2, 3),
+                 out_indices=None,
+                 out_type='featmap',
                  drop_path_rate=0.0,
                  frozen_stages=-1,
                  norm_eval=False,
@@ -447,13 +494,24 @@ class GroupMamba(BaseModule):
         self.arch = resolve_arch(arch)
         embed_dims, depths = self.arch['embed_dims'], self.arch['depths']
         self.num_stages = len(depths)
+        if out_type not in OUT_TYPES:
+            raise ValueError(f'GroupMamba: unknown out_type {out_type!r}; choose one of {OUT_TYPES} (NCHW maps, '
+                             f'their spatial means, the official class token)')
+        last = self.num_stages - 1
+        if out_indices is None:
+            out_indices = range(self.num_stages) if out_type == 'featmap' else (last, )
         out_indices = tuple(out_indices)
+        if out_type == 'cls_token' and out_indices != (last, ):
+            raise ValueError(f"GroupMamba: out_type='cls_token' has one output, after the last stage: out_indices "
+                             f"must be ({last},) or left out, got {out_indices}; for pooled maps of other stages use "
+                             f"out_type='avg_featmap'")
         for i in out_indices:
             if not 0 <= i < self.num_stages:
                 raise ValueError(f'GroupMamba: out_indices must lie in [0, {self.num_stages - 1}], got {out_indices}')
         if not -1 <= frozen_stages <= self.num_stages:
             raise ValueError(f'GroupMamba: frozen_stages must lie in [-1, {self.num_stages}], got {frozen_stages}')
         self.out_indices = out_indices
+        self.out_type = out_type
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.embed_dims = embed_dims
@@ -471,6 +529,8 @@ class GroupMamba(BaseModule):
             self.add_module(f'patch_embed{i + 1}', patch_embed)
             self.add_module(f'block{i + 1}', blocks)
             self.add_module(f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=STAGE_NORM_EPS))
+        if out_type == 'cls_token':
+            self.post_network = nn.ModuleList([ClassBlock(embed_dims[-1], self.arch['mlp_ratios'][-1])])
         self.apply(init_official_weights)
         self._freeze_stages()
         self._cuda_graphs = CudaGraphs('GroupMamba') if cuda_graph else None
@@ -524,14 +584,25 @@ class GroupMamba(BaseModule):
         return self._forward(x)
 
     def _forward(self, x):
+        # out_type and out_indices are constructor constants: the branches below are fixed for a model, and
+        # torch.compile traces one path.
         outs = []
         for i in range(self.num_stages):
-            normed = apply_layer_norm(getattr(self, f'norm{i + 1}'), self.forward_stage(i, x))
-            if i in self.out_indices:
-                outs.append(_to_nchw(normed).contiguous())
+            x = self.forward_stage(i, x)
+            if self.out_type == 'cls_token' and i == self.num_stages - 1:
+                return (self._class_token(x), )
             # The official model feeds the normalised map of stages 1-3 into the next stage.
-            x = normed
+            x = apply_layer_norm(getattr(self, f'norm{i + 1}'), x)
+            if i in self.out_indices:
+                outs.append(x.mean((1, 2)) if self.out_type == 'avg_featmap' else _to_nchw(x).contiguous())
         return tuple(outs)
+
+    def _class_token(self, tokens):
+        """The official classifier's vector from the last stage's un-normalised tokens ``(B, H, W, C)``."""
+        token = tokens.mean((1, 2), keepdim=True)  # (B, 1, 1, C)
+        for block in self.post_network:
+            token = block(token)
+        return apply_layer_norm(getattr(self, f'norm{self.num_stages}'), token.flatten(1))
 
 
 def init_official_weights(module):
