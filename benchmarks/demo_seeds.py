@@ -116,7 +116,7 @@ def main():
                 sys.exit(f'demo_seeds: no validation with {keys} in {work_dir}/*/vis_data/scalars.json')
         results[seed] = metrics
 
-    width = max(len(key) for key in keys)
+    width = max(len(key) for key in [*keys, 'metric'])
     print(f'\n{args.task} demo, final validation, seeds {" ".join(map(str, args.seeds))}')
     print(f'{"metric":<{width}}  ' + '  '.join(f'seed {s:<3}' for s in args.seeds) + '  mean      range')
     for key in keys:
