@@ -186,6 +186,23 @@ def test_classifier_loss_terms_per_mode(tmp_path, mode):
     assert model.head.dist_head.weight.grad is not None
 
 
+def test_teacher_runs_in_fp32_under_autocast(tmp_path):
+    """The official distillation loss (and its teacher forward) runs outside autocast: so does ours."""
+    teacher_path = tmp_path / 'teacher.pth'
+    save_tiny_teacher(teacher_path)
+    init_default_scope('mmpretrain')
+    model = MODELS.build(demo_cfg(tmp_path, teacher_path).model)
+    inputs = torch.randn(2, 3, 32, 32)
+    with torch.autocast(device_type='cpu', dtype=torch.bfloat16):
+        # Autocast is on: the student's linear layers compute in bf16 ...
+        assert model.head.forward_heads(model.extract_feat(inputs))[1].dtype == torch.bfloat16
+        teacher_logits = model.teacher_logits(inputs)
+    # ... and the teacher's logits are fp32 and equal to its plain fp32 forward.
+    assert teacher_logits.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(teacher_logits, model.teacher(inputs, mode='tensor'))
+
+
 def test_teacher_config_errors_are_loud(tmp_path):
     init_default_scope('mmpretrain')
     cfg = Config.fromfile(str(T_CONFIG))

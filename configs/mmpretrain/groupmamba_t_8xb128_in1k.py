@@ -37,7 +37,8 @@ model = dict(
     train_cfg=dict(augments=[dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]),
 )
 
-train_dataloader = dict(batch_size=128)
+# drop_last: the official loader drops the last incomplete batch (classification/data/build.py).
+train_dataloader = dict(batch_size=128, drop_last=True)
 val_dataloader = dict(batch_size=128)
 test_dataloader = val_dataloader
 
@@ -46,16 +47,29 @@ optim_wrapper = dict(
     # paramwise_cfg's per-parameter groups merged by equal settings (~1200 groups otherwise; mmgroupmamba/optim.py).
     constructor='MergedGroupsOptimWrapperConstructor',
     clip_grad=dict(max_norm=5.0),
-    paramwise_cfg=dict(
-        # No weight decay on the scan's parameters, the skip scale, norms, biases and other 1-D parameters.
-        custom_keys=dict(
-            _delete_=True,
-            **{key: dict(decay_mult=0.0)
-               for key in ('.A_logs', '.Ds', '.dt_projs_bias', '.skip_scale')})))
+    # The official rule (classification/utils/optimizer.py, set_weight_decay): no decay for 1-D parameters and
+    # for names ending in `.bias`, and nothing else -- the official model has no no_weight_decay list. So the
+    # 2-D scan parameters A_logs (d, 1) and dt_projs_bias (1, d) are decayed, Ds and skip_scale are not.
+    # The base's norm_decay_mult and Swin's custom_keys are dropped: with these two, mmengine already gives
+    # every norm parameter (1-D) decay 0.
+    paramwise_cfg=dict(_delete_=True, flat_decay_mult=0.0, bias_decay_mult=0.0))
 
+# The official scheduler steps every iteration (timm's CosineLRScheduler, t_in_epochs=False) and scales its
+# minimum lr (5e-6 at batch 512) with the batch size like the lr; the base's cosine steps once an epoch to a
+# fixed 1e-5.
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, end=20, convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min_ratio=1e-2, by_epoch=True, begin=20, convert_to_iter_based=True),
+]
+
+# The official EMA (timm's ModelEma, decay 0.9999) averages the buffers too: the stem's BatchNorm statistics.
 custom_hooks = [
-    dict(type='EMAHook', momentum=1e-4, priority='ABOVE_NORMAL'),  # the official EMA decay 0.9999
+    dict(type='EMAHook', momentum=1e-4, update_buffers=True, priority='ABOVE_NORMAL'),
     dict(type='RandomStateHook'),  # random states in every checkpoint: resuming continues exactly (mmgroupmamba/hooks.py)
 ]
 
 auto_scale_lr = dict(base_batch_size=1024, enable=True)
+
+# The official train.py seeds 0 + rank and turns cuDNN's autotuner on (fixed 224x224 batches).
+randomness = dict(seed=0, diff_rank_seed=True)
+env_cfg = dict(cudnn_benchmark=True)

@@ -1,12 +1,11 @@
-# UperNet + GroupMamba-T on ADE20K, 160k iterations of 512x512 crops, batch 16 (8 GPUs x 2), following
-# VMamba's protocol, which is mmseg's Swin UperNet recipe: AdamW lr 6e-5, weight decay 0.01, 1500-iteration
-# linear warmup then poly decay (power 1) -- all inherited from the Swin-T config below, as are the ADE20K
-# pipelines, whole-image testing and the multi-scale + flip TTA (`--tta`).
+# UperNet + GroupMamba-T on ADE20K, 160k iterations of 512x512 crops, batch 16 (8 GPUs x 2): VMamba's recipe
+# (VMamba segmentation/configs/vssm1/upernet_vssm_4xb4-160k_ade20k-512x512_tiny.py), which is mmseg's Swin-T
+# UperNet config with another backbone. Inherited from that Swin-T config: AdamW lr 6e-5, weight decay 0.01
+# except for names containing `norm`, 1500-iteration linear warmup then poly decay (power 1), the ADE20K
+# pipelines, whole-image testing and the multi-scale + flip TTA (`--tta`). docs/segmentation.md has the
+# recipe table.
 # Paper: 48.6 mIoU single-scale, 49.2 multi-scale.
-_base_ = [
-    'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
-    '../_base_/groupmamba_no_decay.py',
-]
+_base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
 
 custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
 # Checks data, weights and device before anything is built and reports what is missing with the fix
@@ -29,20 +28,21 @@ model = dict(
         arch='tiny',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
-        # The stem's BatchNorm sees 2 images per GPU: synchronise it like the heads' norms.
+        # The stem's BatchNorm sees 2 images per GPU: synchronised like the heads' BatchNorms, as mmseg trains
+        # BN backbones (VMamba's backbone has no BatchNorm: docs/segmentation.md).
         norm_cfg=dict(type='SyncBN', requires_grad=True),
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     decode_head=dict(in_channels=[64, 128, 348, 448]),
     auxiliary_head=dict(in_channels=348))
 
-# Mixed precision. No weight decay on norms nor on the selective-scan parameters (the official GroupMamba
-# no-decay set, configs/_base_/groupmamba_no_decay.py); Swin's position-embedding keys are dropped with the
-# rest of its paramwise_cfg.
 optim_wrapper = dict(
+    # Mixed precision for speed; VMamba trains in fp32 (OptimWrapper). The reference recipe is one option away:
+    # --cfg-options optim_wrapper.type=OptimWrapper
     type='AmpOptimWrapper',
     # paramwise_cfg's per-parameter groups merged by equal settings (~1200 groups otherwise; mmgroupmamba/optim.py).
-    constructor='MergedGroupsOptimWrapperConstructor',
-    paramwise_cfg=dict(_delete_=True, norm_decay_mult=0.0, custom_keys={{_base_.groupmamba_no_decay_keys}}))
+    # paramwise_cfg itself is the Swin config's, as in VMamba: decay 0 for names containing `norm` (its keys
+    # for Swin's position tables match no GroupMamba parameter).
+    constructor='MergedGroupsOptimWrapperConstructor')
 
 # Random states in every checkpoint, so that a resumed training continues exactly (mmgroupmamba/hooks.py).
 custom_hooks = [dict(type='RandomStateHook')]

@@ -141,8 +141,10 @@ class DistillationImageClassifier(ImageClassifier):
             self.__dict__['teacher'] = self.build_teacher()
         teacher = self.teacher.to(inputs.device)
         teacher.eval()  # stays in eval mode whatever mode the student is switched to
-        with torch.no_grad():
-            logits = teacher(inputs, mode='tensor')
+        # In fp32 even under AMP, as in the official train.py, whose distillation loss (the teacher's forward
+        # included) runs outside autocast: the hard labels are the fp32 teacher's top-1.
+        with torch.no_grad(), torch.autocast(device_type=inputs.device.type, enabled=False):
+            logits = teacher(inputs.float(), mode='tensor')
         if not isinstance(logits, torch.Tensor) or logits.shape != (inputs.shape[0], self.head.num_classes):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f'DistillationImageClassifier: the teacher must return ({inputs.shape[0]}, '
