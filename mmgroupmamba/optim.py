@@ -2,9 +2,9 @@
 param group.
 
 Why: mmengine's ``DefaultOptimWrapperConstructor`` gives every parameter its own param group once
-``paramwise_cfg`` is set. GroupMamba keeps the official per-group parameter names (``mamba_g1`` ..
-``mamba_g4``), so a GroupMamba-T Mask R-CNN has ~1300 parameters and thus ~1300 groups, and PyTorch's AdamW
-runs its multi-tensor (``foreach``) kernels once per group: thousands of launches per step, paid on the host.
+``paramwise_cfg`` is set. A GroupMamba-T Mask R-CNN has several hundred parameters (over a thousand before
+the scan groups' parameters were packed), so as many groups, and PyTorch's AdamW runs its multi-tensor
+(``foreach``) kernels once per group: thousands of launches per step, paid on the host.
 Parameters whose group settings are equal (lr, weight decay, ...) are merged here, in the order of their
 first appearance, so the optimizer sees a handful of groups and the same per-parameter settings.
 """
