@@ -131,7 +131,7 @@ def test_ema_averages_every_parameter_and_buffer():
     """The classification EMA averages the whole state, as the official timm ModelEma: with
     ``update_buffers=True`` mmengine averages through ``state_dict()``, so each parameter must move there."""
     cfg = load_config(CLS_CONFIGS['tiny'])
-    (ema_hook, ) = cfg.custom_hooks
+    (ema_hook, ) = [hook for hook in cfg.custom_hooks if hook.type == 'EMAHook']
     assert ema_hook.type == 'EMAHook' and ema_hook.update_buffers is True and ema_hook.momentum == 1e-4
     cfg.model.backbone.arch = SMALL_ARCH
     cfg.model.head.num_classes = 10
