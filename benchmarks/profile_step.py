@@ -1,6 +1,10 @@
 """Where a GroupMamba training step spends its time: wall time against GPU kernel time, and the top CUDA ops.
 
     python benchmarks/profile_step.py [--arch tiny] [--batch 128] [--size 224 224] [--rows 30]
+                                      [--compile [MODE]] [--dynamic]
+
+``--compile`` runs the backbone through its ``compile`` option (default mode, or ``reduce-overhead`` ...;
+static sizes unless ``--dynamic``) and adds the host side: the top CPU ops of the profiled step.
 
 A step whose wall time is well above its summed kernel time is bound by the host (Python, dispatch and
 launches), not by the GPU.
@@ -20,9 +24,14 @@ def main():
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--size', type=int, nargs=2, default=(224, 224))
     parser.add_argument('--rows', type=int, default=30)
+    parser.add_argument('--compile', nargs='?', const='default', default=None, metavar='MODE')
+    parser.add_argument('--dynamic', action='store_true')
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    model = GroupMamba(arch=args.arch, out_indices=(3,)).cuda().train()
+    compile_options = False
+    if args.compile:
+        compile_options = dict(mode=args.compile, dynamic=args.dynamic)
+    model = GroupMamba(arch=args.arch, out_indices=(3,), compile=compile_options).cuda().train()
     x = torch.randn(args.batch, 3, *args.size, device='cuda')
 
     def step():
@@ -30,6 +39,10 @@ def main():
             loss = model(x)[0].float().pow(2).mean()
         loss.backward()
 
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    print(f'first step (compiles with --compile) {time.perf_counter() - start:.1f} s', flush=True)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -45,13 +58,17 @@ def main():
     host_ms = (time.perf_counter() - start) * 1000
     torch.cuda.synchronize()
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.compile else [])
+    with profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
     events = prof.key_averages()
     kernel_ms = sum(e.self_device_time_total for e in events) / 1000
     launches = sum(e.count for e in events if e.self_device_time_total > 0)
-    print(prof.key_averages().table(sort_by='self_device_time_total', row_limit=args.rows, max_name_column_width=60))
+    print(events.table(sort_by='self_device_time_total', row_limit=args.rows, max_name_column_width=60))
+    if args.compile:
+        print(events.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=60))
+        print('dynamo counters:', {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v})
     print(f'{args.arch} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches')
 

@@ -4,11 +4,11 @@ custom ops ``mmgroupmamba::dwconv_act_fwd`` / ``..._bwd``: Triton on CUDA tensor
 import torch
 
 from .dispatch import triton_module, use_triton
-from .ops_util import empty, reference_grads
+from .ops_util import empty, fused_op, reduced_dtype, reference_grads
 from .reference import check_dwconv_activation, depthwise_conv_act_reference
 
 
-@torch.library.custom_op('mmgroupmamba::dwconv_act_fwd', mutates_args=())
+@fused_op('mmgroupmamba::dwconv_act_fwd')
 def dwconv_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(dwconv3x3(x) + bias)``; contiguous ``(B, H, W, C)`` in x's dtype. A channel slice of a wider map
     is read in place by the Triton path."""
@@ -23,7 +23,7 @@ def _(x, weight, bias, activation):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op('mmgroupmamba::dwconv_act_bwd', mutates_args=())
+@fused_op('mmgroupmamba::dwconv_act_bwd')
 def dwconv_act_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str,
                    need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dparams, output)``: ``dparams`` the ``(10 * C,)`` weight and bias gradients (fp32; fp64 for fp64 x) (see
@@ -34,18 +34,15 @@ def dwconv_act_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
     else:
         (dx, dweight, dbias), out = reference_grads(
             lambda *t: depthwise_conv_act_reference(*t, activation), (x, weight, bias), dout, need_output)
-        dparams = torch.cat([dweight.reshape(-1), dbias]).to(_reduced_dtype(x))
+        dparams = torch.cat([dweight.reshape(-1), dbias]).to(reduced_dtype(x))
     return dx, dparams, (out if need_output else empty(x))
 
-
-def _reduced_dtype(x):
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 @dwconv_act_bwd.register_fake
 def _(dout, x, weight, bias, activation, need_output):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else empty(x)
-    dparams = x.new_empty((10 * x.shape[-1],), dtype=_reduced_dtype(x))
+    dparams = x.new_empty((10 * x.shape[-1],), dtype=reduced_dtype(x))
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), dparams, out
 
 

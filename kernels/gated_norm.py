@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 
 from .dispatch import triton_module, use_triton
-from .ops_util import empty, reference_grads
+from .ops_util import empty, fused_op, reduced_dtype, reference_grads
 from .reference import group_layer_norm_reference, modulated_layer_norm_reference
 
 
-@torch.library.custom_op('mmgroupmamba::gated_group_norm_fwd', mutates_args=())
+@fused_op('mmgroupmamba::gated_group_norm_fwd')
 def gated_group_norm_fwd(y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
                          groups: int, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
@@ -33,7 +33,7 @@ def _(y, z, weight, bias, groups, eps, out_dtype):
     return out, empty(y, torch.float32), empty(y, torch.float32)
 
 
-@torch.library.custom_op('mmgroupmamba::gated_group_norm_bwd', mutates_args=())
+@fused_op('mmgroupmamba::gated_group_norm_bwd')
 def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor,
                          bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int, eps: float,
                          out_dtype: torch.dtype, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -46,12 +46,9 @@ def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.
     else:
         (dy, dz, dw, db), out = reference_grads(
             lambda *t: group_layer_norm_reference(*t, groups, eps, out_dtype), (y, z, weight, bias), dout, need_output)
-        dwb = torch.stack([dw, db]).to(_reduced_dtype(y))
+        dwb = torch.stack([dw, db]).to(reduced_dtype(y))
     return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
 
-
-def _reduced_dtype(y):
-    return torch.promote_types(y.dtype, torch.float32)
 
 
 @gated_group_norm_bwd.register_fake
@@ -59,7 +56,7 @@ def _(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output)
     out = torch.empty(y.shape, dtype=out_dtype, device=y.device) if need_output else empty(y, out_dtype)
     dz = empty(y) if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
     return (torch.empty(y.shape, dtype=y.dtype, device=y.device), dz,
-            weight.new_empty((2, *weight.shape), dtype=_reduced_dtype(y)), out)
+            weight.new_empty((2, *weight.shape), dtype=reduced_dtype(y)), out)
 
 
 def gated_group_norm_grads(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
@@ -85,7 +82,7 @@ def _gated_backward(ctx, dout, _dmean, _drstd):
 gated_group_norm_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
-@torch.library.custom_op('mmgroupmamba::modulated_layer_norm_fwd', mutates_args=())
+@fused_op('mmgroupmamba::modulated_layer_norm_fwd')
 def modulated_layer_norm_fwd(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, mean, rstd)`` of ``LayerNorm(y * x * scale[:, None, None, :])``; statistics as above."""
@@ -105,7 +102,7 @@ def _(y, x, scale, weight, bias, eps):
     return out, empty(y, torch.float32), empty(y, torch.float32)
 
 
-@torch.library.custom_op('mmgroupmamba::modulated_layer_norm_bwd', mutates_args=())
+@fused_op('mmgroupmamba::modulated_layer_norm_bwd')
 def modulated_layer_norm_bwd(dout: torch.Tensor, y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                              weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                              eps: float, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -117,7 +114,7 @@ def modulated_layer_norm_bwd(dout: torch.Tensor, y: torch.Tensor, x: torch.Tenso
     else:
         (dy, dx, dscale, dw, db), out = reference_grads(
             lambda *t: modulated_layer_norm_reference(*t, eps), (y, x, scale, weight, bias), dout, need_output)
-        dwb = torch.stack([dw, db]).to(_reduced_dtype(y))
+        dwb = torch.stack([dw, db]).to(reduced_dtype(y))
     return dy, dx, dscale, dwb, (out if need_output else empty(y))
 
 
@@ -125,7 +122,7 @@ def modulated_layer_norm_bwd(dout: torch.Tensor, y: torch.Tensor, x: torch.Tenso
 def _(dout, y, x, scale, weight, bias, mean, rstd, eps, need_output):
     out = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_output else empty(y)
     return (torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            torch.empty_like(scale), weight.new_empty((2, *weight.shape), dtype=_reduced_dtype(y)), out)
+            torch.empty_like(scale), weight.new_empty((2, *weight.shape), dtype=reduced_dtype(y)), out)
 
 
 def modulated_layer_norm_grads(dout, y, x, scale, weight, bias, mean, rstd, eps, need_output):

@@ -3,8 +3,57 @@ import contextlib
 
 import torch
 
+from .dispatch import interpreter_requested, use_triton
+
 _AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
                   torch._C.DispatchKey.AutogradNestedTensor, torch._C.DispatchKey.ADInplaceOrView)
+
+
+def fused_op(name):
+    """Decorator: ``fn`` as the custom op ``name`` (``torch.library.triton_op``); register its fake
+    implementation on the result (``@op.register_fake``) as for any custom op.
+
+    Where the op runs compiled Triton kernels, AOTAutograd traces into ``fn``: its kernels (launched through
+    ``torch.library.wrap_triton``) and tensor ops become nodes of the compiled graph, which Inductor launches
+    from its own generated code. A custom op that stays opaque is called through the dispatcher and runs its
+    Python launcher at every call: that host work (150-430 µs a call on the H200's host) kept the compiled
+    backbone host-bound. On the reference path, and under Triton's interpreter (whose kernels are Python
+    functions that need real data), the op stays one opaque node, its registered fake giving the shapes.
+    """
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def register(fn):
+        op = torch.library.triton_op(name, fn, mutates_args=())
+
+        def functional_rule(mode, func, types, args, kwargs):
+            if use_triton(args[0]) and not interpreter_requested():
+                with mode:
+                    return fn(*args, **kwargs)
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+
+        op.register_torch_dispatch(FunctionalTensorMode, functional_rule)
+        return op
+
+    return register
+
+
+def size_hint(n):
+    """A size as a plain int: itself, or, for a symbolic size while a graph is traced, its value in the
+    example being traced (no guard is added). For tiling choices only: any tiling is correct for any size,
+    so a graph compiled for one size stays correct for the others; counts derived from sizes (grids, chunks)
+    stay symbolic."""
+    if isinstance(n, int):
+        return n
+    hint = n.node.hint
+    if hint is None:
+        raise ValueError(f'symbolic size {n} has no example value to choose a tiling by')
+    return int(hint)
+
+
+def reduced_dtype(t):
+    """The dtype of the gradients the kernels reduce over many elements (weights, biases): fp32, or fp64 for
+    fp64 inputs."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def empty(like, dtype=None):

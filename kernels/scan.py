@@ -8,7 +8,7 @@ around it.
 import torch
 
 from .dispatch import triton_module, use_triton
-from .ops_util import empty, reference_grads
+from .ops_util import empty, fused_op, reduced_dtype, reference_grads
 from .reference import selective_scan_reference
 
 # Tiling knobs, forward then backward: (block_t, block_c, num_warps, chunk_len); 0 = the heuristics' choice.
@@ -42,7 +42,7 @@ def _triton_inputs(u, delta, A, B, C, D, delta_bias):
     return (u.contiguous(), delta.contiguous(), A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous())
 
 
-@torch.library.custom_op('mmgroupmamba::selective_scan_fwd', mutates_args=())
+@fused_op('mmgroupmamba::selective_scan_fwd')
 def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        D: torch.Tensor, delta_bias: torch.Tensor, height: int, width: int, tiling: list[int],
                        save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +72,7 @@ def _(u, delta, A, B, C, D, delta_bias, height, width, tiling, save_states):
     return torch.empty_like(u, memory_format=torch.contiguous_format), states
 
 
-@torch.library.custom_op('mmgroupmamba::selective_scan_bwd', mutates_args=())
+@fused_op('mmgroupmamba::selective_scan_bwd')
 def selective_scan_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        C: torch.Tensor, D: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
                        height: int, width: int, tiling: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -87,19 +87,16 @@ def selective_scan_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A
         return ts.scan_backward(dy, *inputs, (height, width), states, cfg)
     (du, ddelta, dA, dB, dC, dD, dbias), _ = reference_grads(
         lambda *t: selective_scan_reference(*t, (height, width)), (u, delta, A, B, C, D, delta_bias), dy)
-    reduced = _reduced_dtype(u)
+    reduced = reduced_dtype(u)
     return du, ddelta, torch.stack([dA, dD, dbias]).to(reduced), torch.stack([dB, dC]).to(reduced)
 
-
-def _reduced_dtype(u):
-    return torch.promote_types(u.dtype, torch.float32)
 
 
 @selective_scan_bwd.register_fake
 def _(dy, u, delta, A, B, C, D, delta_bias, states, height, width, tiling):
     contiguous = dict(memory_format=torch.contiguous_format)
     return (torch.empty_like(u, **contiguous), torch.empty_like(delta, **contiguous),
-            A.new_empty((3, *A.shape), dtype=_reduced_dtype(u)), B.new_empty((2, *B.shape), dtype=_reduced_dtype(u)))
+            A.new_empty((3, *A.shape), dtype=reduced_dtype(u)), B.new_empty((2, *B.shape), dtype=reduced_dtype(u)))
 
 
 def _setup_scan_context(ctx, inputs, output):

@@ -26,9 +26,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .reference import check_dwconv_activation
 from .dispatch import multiprocessors
+from .ops_util import size_hint
+from .reference import check_dwconv_activation
 
 _ACT_CODES = {'silu': 1, 'gelu': 2}
 _NO_ACT = 0
@@ -253,8 +255,8 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
     three resident blocks per SM. Neither default is timed yet: ``kernels/bench_dwconv.py --sweep`` times both.
     """
     # Under the interpreter, any small multiprocessor count makes the tests exercise several row blocks.
-    return _tiles_for(tuple(x.shape), multiprocessors(x.device, interpreted=4), backward, block_w, block_c, rows,
-                      num_warps, prefetch)
+    return _tiles_for(tuple(size_hint(n) for n in x.shape), multiprocessors(x.device, interpreted=4), backward,
+                      block_w, block_c, rows, num_warps, prefetch)
 
 
 @functools.lru_cache(maxsize=1024)  # asked four times per block per step; the answer is pure
@@ -310,7 +312,7 @@ def _conv_launch(x, taps, bias, out, act, has_bias, flip, tiles):
     block_w, block_c, rows, num_warps, prefetch = tiles
     batch, height, width, channels = x.shape
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
-    _dwconv_fwd_kernel[(programs,)](
+    wrap_triton(_dwconv_fwd_kernel)[(programs,)](
         x, taps, bias, out, height, width, channels, n_cb, n_wb, n_rb, rows,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         ACT=act, HAS_BIAS=has_bias, FLIP=flip, PREFETCH=prefetch, BLOCK_W=block_w, BLOCK_C=block_c,
@@ -350,7 +352,7 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
     part = torch.empty((programs // n_cb, 10 * channels), dtype=torch.float32, device=x.device)
     if d_pre.numel():
-        _dwconv_bwd_pre_kernel[(programs,)](
+        wrap_triton(_dwconv_bwd_pre_kernel)[(programs,)](
             x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, BLOCK_W=block_w,

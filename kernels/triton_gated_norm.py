@@ -15,6 +15,7 @@ layer's channel-affinity modulation and its output LayerNorm, in one pass and wi
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -119,7 +120,7 @@ def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype):
     mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     block_n, block_d = _tiles(channels // groups)
-    _gated_norm_fwd_kernel[(triton.cdiv(n, block_n),)](
+    wrap_triton(_gated_norm_fwd_kernel)[(triton.cdiv(n, block_n),)](
         y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
         GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
     return out.view(shape), mean, rstd
@@ -142,7 +143,7 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     # Weight and bias partial sums in one buffer: one reduction for both.
     dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
     dw_part, db_part = dwb_part
-    _gated_norm_bwd_kernel[(programs,)](
+    wrap_triton(_gated_norm_bwd_kernel)[(programs,)](
         dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, out, n,
         dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
         out.stride(0), channels, GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -213,7 +214,7 @@ def modulated_norm_forward(y, x, scale, weight, bias, eps):
     mean = torch.empty((batch * hw,), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     block_n, block_c = _tiles(channels)
-    _modulated_norm_fwd_kernel[(triton.cdiv(hw, block_n), batch)](
+    wrap_triton(_modulated_norm_fwd_kernel)[(triton.cdiv(hw, block_n), batch)](
         y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c)
     return out, mean, rstd
 
@@ -230,7 +231,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     out = torch.empty_like(y) if need_output else dy
     # Scale, weight and bias partial sums (per image and tile) in one buffer: one reduction for all.
     parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
-    _modulated_norm_bwd_kernel[(n_tiles, batch)](
+    wrap_triton(_modulated_norm_bwd_kernel)[(n_tiles, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts[0], parts[1], parts[2], out,
         hw, channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output)
     dscale = parts[0].sum(1)

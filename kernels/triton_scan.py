@@ -26,8 +26,10 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
+from .ops_util import size_hint
 
 GROUPS = 4
 
@@ -307,19 +309,28 @@ def _scan_bwd_kernel(
 # Host side
 # --------------------------------------------------------------------------------------------------------
 class PassConfig:
-    """Tiling of one direction (forward or backward) of a scan call."""
+    """Tiling of one direction (forward or backward) of a scan call.
 
-    def __init__(self, batch, length, channels, block_t, block_c, num_warps, chunk_len):
+    The tiles are plain ints, chosen for one example size; the counts that follow from a call's sizes
+    (programs, chunks) are computed by the launchers from the sizes they are given, which are symbolic while
+    ``torch.compile`` traces, so one traced graph serves other sizes.
+    """
+
+    def __init__(self, channels, block_t, block_c, num_warps, chunk_len):
         self.block_t, self.block_c, self.num_warps = block_t, block_c, num_warps
         self.n_cblocks = triton.cdiv(channels // GROUPS, block_c)
-        self.programs = batch * GROUPS * self.n_cblocks
         # A chunk is a whole number of tiles, so tiles never straddle two programs.
         self.chunk_len = max(block_t, triton.cdiv(max(chunk_len, 1), block_t) * block_t)
-        self.n_chunks = triton.cdiv(length, self.chunk_len)
+
+    def programs(self, batch):
+        return batch * GROUPS * self.n_cblocks
+
+    def n_chunks(self, length):
+        return triton.cdiv(length, self.chunk_len)
 
     def __repr__(self):
         return (f'(block_t={self.block_t}, block_c={self.block_c}, num_warps={self.num_warps}, '
-                f'chunk_len={self.chunk_len}, n_chunks={self.n_chunks})')
+                f'chunk_len={self.chunk_len})')
 
 
 # The forward saves the state entering every STATE_STRIDE-th step (fewer where a backward tile is shorter).
@@ -340,12 +351,13 @@ class ScanConfig:
     step and recomputes its states from that one checkpoint.
     """
 
-    def __init__(self, batch, length, channels, fwd, bwd):
-        self.batch, self.length, self.channels = batch, length, channels
+    def __init__(self, channels, fwd, bwd):
         self.per_group = channels // GROUPS
         self.fwd, self.bwd = fwd, bwd
         self.state_t = state_stride(bwd.block_t)
-        self.n_states = triton.cdiv(length, self.state_t)
+
+    def n_states(self, length):
+        return triton.cdiv(length, self.state_t)
 
     def __repr__(self):
         return f'ScanConfig(fwd={self.fwd}, bwd={self.bwd})'
@@ -381,7 +393,7 @@ def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chun
             # pass and the propagation stay small next to the scan itself.
             wanted = triton.cdiv(8 * sms, programs)
             chunk_len = max(4 * block_t, triton.cdiv(length, wanted))
-    return PassConfig(batch, length, channels, block_t, block_c, num_warps, chunk_len)
+    return PassConfig(channels, block_t, block_c, num_warps, chunk_len)
 
 
 def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None):
@@ -392,23 +404,23 @@ def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None)
     sequence is split only when there are too few ``batch x groups x channel blocks`` programs for the GPU.
     """
     args = tuple(_pair(v) for v in (block_t, block_c, num_warps, chunk_len))
-    return _config_for(*u.shape, multiprocessors(u.device), args)
+    return _config_for(*(size_hint(n) for n in u.shape), multiprocessors(u.device), args)
 
 
 @functools.lru_cache(maxsize=1024)  # every layer of every step asks again, and the answer is pure
 def _config_for(batch, length, channels, sms, args):
     fwd = _pass_config(batch, length, channels, sms, *(a[0] for a in args), backward=False)
     bwd = _pass_config(batch, length, channels, sms, *(a[1] for a in args), backward=True)
-    return ScanConfig(batch, length, channels, fwd, bwd)
+    return ScanConfig(channels, fwd, bwd)
 
 
 def _propagate(P, E, cfg, n_chunks, reverse):
     batch, _, channels = P.shape
     out = torch.empty_like(P)
     block_c = 32
-    block_n = min(64, triton.next_power_of_2(n_chunks))
+    block_n = min(64, triton.next_power_of_2(size_hint(n_chunks)))  # a tile width: any is correct
     unused = 0 if reverse else n_chunks - 1
-    _propagate_kernel[(batch, triton.cdiv(channels, block_c))](
+    wrap_triton(_propagate_kernel)[(batch, triton.cdiv(channels, block_c))](
         P, E, out, n_chunks, channels, unused,
         BLOCK_N=block_n, BLOCK_C=block_c, REVERSE=reverse, num_warps=2)
     return out
@@ -422,25 +434,27 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = torch.empty(1, **f32)
     y = torch.empty_like(u)
-    states = torch.empty(batch, cfg.n_states, channels, **f32) if save_states else dummy
-    grid_x = fc.programs
+    n_states, n_chunks = cfg.n_states(length), fc.n_chunks(length)
+    states = torch.empty(batch, n_states, channels, **f32) if save_states else dummy
+    grid_x = fc.programs(batch)
     common = (length, height, width, channels, cfg.per_group, B.stride(1), fc.n_cblocks, fc.chunk_len,
-              fc.n_chunks, cfg.n_states)
+              n_chunks, n_states)
     meta = dict(BLOCK_T=fc.block_t, BLOCK_C=fc.block_c, STATE_T=cfg.state_t, num_warps=fc.num_warps)
+    split = bool(n_chunks > 1)
     hin = dummy
-    if fc.n_chunks > 1:
+    if split:
         # Pass 1: each chunk's decay product and end state from a zero start (the last chunk's is unused).
-        P = torch.empty(batch, fc.n_chunks, channels, **f32)
+        P = torch.empty(batch, n_chunks, channels, **f32)
         E = torch.empty_like(P)
-        _scan_fwd_kernel[(grid_x, fc.n_chunks - 1)](
+        wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks - 1)](
             u, delta, A, B, C, D, delta_bias, y, dummy, dummy, P, E, *common, 0,
             HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta)
         # Pass 2: the state entering every chunk.
-        hin = _propagate(P, E, cfg, fc.n_chunks, reverse=False)
+        hin = _propagate(P, E, cfg, n_chunks, reverse=False)
     # Pass 3 (the only pass without a split): the scan from each chunk's true starting state.
-    _scan_fwd_kernel[(grid_x, fc.n_chunks)](
+    wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks)](
         u, delta, A, B, C, D, delta_bias, y, hin, states, dummy, dummy, *common, 0,
-        HAS_HIN=fc.n_chunks > 1, SAVE_STATES=save_states, SUMMARY=False, **meta)
+        HAS_HIN=split, SAVE_STATES=save_states, SUMMARY=False, **meta)
     return y, (states if save_states else None)
 
 
@@ -459,25 +473,27 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
     # Partial sums of (dB, dC) and of (dA, dD, dbias), each pair/triple in one buffer: one reduction each.
     dBC_part = torch.empty(2, bc.n_cblocks, batch, length, GROUPS, **f32)
     dB_part, dC_part = dBC_part
-    dADb_part = torch.empty(3, batch, bc.n_chunks, channels, **f32)
+    n_chunks = bc.n_chunks(length)
+    dADb_part = torch.empty(3, batch, n_chunks, channels, **f32)
     dA_part, dD_part, dbias_part = dADb_part
-    grid_x = bc.programs
+    grid_x = bc.programs(batch)
     common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), bc.n_cblocks, bc.chunk_len,
-              bc.n_chunks, cfg.n_states)
+              n_chunks, cfg.n_states(length))
     meta = dict(BLOCK_T=bc.block_t, BLOCK_C=bc.block_c, STATE_T=cfg.state_t, num_warps=bc.num_warps)
+    split = bool(n_chunks > 1)
     gin = dummy
-    if bc.n_chunks > 1:
+    if split:
         # Pass 1 in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
-        P = torch.empty(batch, bc.n_chunks, channels, **f32)
+        P = torch.empty(batch, n_chunks, channels, **f32)
         E = torch.empty_like(P)
-        _scan_bwd_kernel[(grid_x, bc.n_chunks - 1)](
+        wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
             u, delta, A, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
             dummy, dummy, dummy, P, E, *common, 1, HAS_GIN=False, SUMMARY=True, **meta)
-        gin = _propagate(P, E, cfg, bc.n_chunks, reverse=True)
-    _scan_bwd_kernel[(grid_x, bc.n_chunks)](
+        gin = _propagate(P, E, cfg, n_chunks, reverse=True)
+    wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks)](
         u, delta, A, B, C, D, delta_bias, dy, states, gin, du, ddelta, dB_part, dC_part,
         dA_part, dD_part, dbias_part, dummy, dummy, *common, 0,
-        HAS_GIN=bc.n_chunks > 1, SUMMARY=False, **meta)
+        HAS_GIN=split, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
     dADb = dADb_part.sum((1, 2))
     dBC = dBC_part[:, 0] if bc.n_cblocks == 1 else dBC_part.sum(1)

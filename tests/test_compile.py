@@ -12,10 +12,7 @@ import pytest
 import torch
 
 from mmgroupmamba import GroupMamba
-from mmgroupmamba.kernels.dwconv import dwconv_act_bwd, dwconv_act_forward
-from mmgroupmamba.kernels.gated_norm import (gated_group_norm_bwd, gated_group_norm_fwd, modulated_layer_norm_bwd,
-                                              modulated_layer_norm_fwd)
-from mmgroupmamba.kernels.scan import AUTO_TILING, selective_scan_bwd, selective_scan_fwd
+from op_samples import opcheck_every_op
 from scan_oracle import random_scan_inputs
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
@@ -31,47 +28,12 @@ def golden():
     return torch.load(GOLDEN / 'golden_mini_seed0.pt', weights_only=True)
 
 
-def op_samples(gen):
-    """(op, args) for every custom op, with inputs as the layer passes them (B and C column slices, a
-    channel slice into the conv, fp32 statistics)."""
-    scan = random_scan_inputs(2, (3, 5), 8, generator=gen, requires_grad=True)
-    bc = torch.cat([scan['B'], scan['C']], -1).detach().requires_grad_()
-    scan_args = (scan['u'], scan['delta'], scan['A'], bc[..., :4], bc[..., 4:], scan['D'], scan['delta_bias'])
-    with torch.no_grad():
-        _, states = selective_scan_fwd(*scan_args, 3, 5, list(AUTO_TILING), True)
-    dy = torch.randn(2, 15, 8, generator=gen)
-    wide = torch.randn(1, 4, 5, 16, generator=gen, requires_grad=True)
-    conv_w, conv_b = torch.randn(8, 1, 3, 3, generator=gen, requires_grad=True), torch.randn(8, generator=gen)
-    y, z, x = (torch.randn(2, 3, 4, 16, generator=gen, requires_grad=True) for _ in range(3))
-    w, b = torch.randn(16, generator=gen, requires_grad=True), torch.randn(16, generator=gen, requires_grad=True)
-    scale = torch.rand(2, 16, generator=gen, requires_grad=True)
-    with torch.no_grad():
-        _, mean, rstd = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
-        _, mmean, mrstd = modulated_layer_norm_fwd(y, x, scale, w, b, 1e-5)
-    dout = torch.randn(2, 3, 4, 16, generator=gen)
-    return [
-        (selective_scan_fwd, (*scan_args, 3, 5, list(AUTO_TILING), True)),
-        (selective_scan_bwd, (dy, *scan_args, states, 3, 5, list(AUTO_TILING))),
-        (dwconv_act_forward, (wide[..., :8], conv_w, conv_b, 'silu')),
-        (dwconv_act_bwd, (torch.randn(1, 4, 5, 8, generator=gen), wide[..., :8], conv_w, conv_b, 'gelu', True)),
-        (gated_group_norm_fwd, (y, z, w, b, 4, 1e-5, torch.float32)),
-        (gated_group_norm_fwd, (x, None, w, b, 1, 1e-6, torch.float32)),
-        (gated_group_norm_bwd, (dout, y, z, w, b, mean, rstd, 4, 1e-5, torch.float32, True)),
-        (modulated_layer_norm_fwd, (y, x, scale, w, b, 1e-5)),
-        (modulated_layer_norm_bwd, (dout, y, x, scale, w, b, mmean, mrstd, 1e-5, False)),
-    ]
-
-
 @pytest.mark.parametrize('impl', ['reference', 'triton'])
 def test_opcheck_every_custom_op(impl, monkeypatch):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch with dynamic shapes, on both
     implementations (Triton through the interpreter)."""
     monkeypatch.setenv('MMGM_KERNELS', impl)
-    backward_ops = (selective_scan_bwd, dwconv_act_bwd, gated_group_norm_bwd, modulated_layer_norm_bwd)
-    for op, args in op_samples(torch.Generator().manual_seed(0)):
-        if op in backward_ops:  # not differentiable themselves (no double backward)
-            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
-        torch.library.opcheck(op, args)
+    opcheck_every_op(torch.Generator().manual_seed(0))
 
 
 def test_op_gradients_match_autograd_through_the_references():
