@@ -1,9 +1,9 @@
 """The scan op that GroupMamba layers call: a PyTorch custom op (``mmgroupmamba::selective_scan_fwd`` and
 ``..._bwd``) that runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere.
 
-As custom ops with fake (meta) implementations and a registered autograd formula, the scan is one opaque node
-for ``torch.compile``: it traces without graph breaks, with symbolic sizes, and Inductor fuses the glue
-around it.
+With fake (meta) implementations and a registered autograd formula, the scan traces under ``torch.compile``
+without graph breaks and with symbolic sizes; on CUDA its Triton launches become nodes of the compiled graph
+(``ops_util.fused_op``).
 """
 import torch
 
