@@ -8,7 +8,8 @@ so they suit inputs of a few fixed sizes: classification, segmentation crops, fi
 How it stays correct:
 
 * Graphs are recorded after two eager warm-up passes on a side stream (Triton compiles, cuDNN picks its
-  algorithms); the BatchNorm statistics those passes move are put back.
+  algorithms); the BatchNorm statistics those passes move, and the CUDA generator's state they advance, are
+  put back.
 * Autocast's weight-cast cache is off while recording: a cached cast would be baked into the graph and go
   stale after the first optimizer step.
 * Every replay copies the input in and returns fresh copies of the outputs, and parameter gradients come
@@ -211,8 +212,12 @@ class CudaGraphs:
                   logger='current')
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        # The warm-up passes must not count as training: put the BatchNorm statistics back afterwards.
+        # The warm-up passes must not count as training: put the BatchNorm statistics back afterwards, and the
+        # CUDA generator too (they draw stochastic-depth masks). Recording then leaves the random stream as it
+        # found it, so the first replay draws what an eager pass would, and a resumed run, which records again
+        # at its first iteration, draws what the uninterrupted run drew.
         buffers = [(b, b.detach().clone()) for b in module.buffers()]
+        rng_state = torch.cuda.get_rng_state(x.device)
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side), _autocast_without_cache(x.device.type):
@@ -225,6 +230,7 @@ class CudaGraphs:
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
+        torch.cuda.set_rng_state(rng_state, x.device)
         for dtype in {p.dtype for p in params}:
             if dtype not in self.grad_buffers:  # room for every parameter of that dtype, whichever get gradients
                 numel = sum(p.numel() for p in self.members[0] if p.dtype == dtype)
