@@ -150,7 +150,7 @@ def test_compile_option_is_checked_and_copies_start_uncompiled(golden):
         GroupMamba(arch=golden['arch_cfg'], compile=dict(modee='max-autotune'))
     with pytest.raises(TypeError, match='compile must be a bool or a dict'):
         GroupMamba(arch=golden['arch_cfg'], compile='yes')
-    with pytest.raises(ValueError, match="cuda_graph=True and compile cannot be combined.*reduce-overhead"):
+    with pytest.raises(ValueError, match="cuda_graph and compile cannot be combined"):
         GroupMamba(arch=golden['arch_cfg'], compile=True, cuda_graph=True)
     model = golden_model(golden, compile=dict(backend='eager'))
     model.eval()(golden['input'])

@@ -35,6 +35,25 @@ def test_with_cp_and_cuda_graph_refused():
         GroupMamba(arch='tiny', cuda_graph=True, with_cp=True)
 
 
+def test_train_only_graphs_leave_evaluation_eager():
+    """cuda_graph='train': training passes go through the graphs (on the CPU: their eager fallback, with its log
+    line), evaluation passes do not reach them at all."""
+    model = GroupMamba(arch='tiny', cuda_graph='train')
+    x = torch.randn(1, 3, 64, 64)
+    with mmengine_messages() as messages, torch.no_grad():
+        model.eval()(x)
+    assert not [m for m in messages if 'without CUDA graphs' in m]
+    with mmengine_messages() as messages, torch.no_grad():
+        model.train()(x)
+    assert [m for m in messages if 'without CUDA graphs' in m]
+
+
+@pytest.mark.parametrize('value', ['eval', 1, None])
+def test_unknown_cuda_graph_value_refused(value):
+    with pytest.raises(ValueError, match=f"cuda_graph={value!r}; choose one of"):
+        GroupMamba(arch='tiny', cuda_graph=value)
+
+
 def test_copies_start_without_graphs():
     model = GroupMamba(arch='tiny', cuda_graph=True)
     model._cuda_graphs.warned.add('something')

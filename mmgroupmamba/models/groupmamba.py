@@ -69,6 +69,7 @@ ARCH_SETTINGS = {
 }
 ARCH_KEYS = ('stem_hidden_dim', 'embed_dims', 'mlp_ratios', 'depths')
 OUT_TYPES = ('featmap', 'avg_featmap', 'cls_token')
+CUDA_GRAPH_MODES = (False, True, 'train')
 NUM_GROUPS = len(SCAN_DIRECTIONS)
 # The official model builds its stage norms and FFN norms with eps=1e-6, and every other LayerNorm (stem,
 # downsampling, the layer's own norm and the scan's out_norm) with PyTorch's default 1e-5.
@@ -457,16 +458,17 @@ class GroupMamba(BaseModule):
         norm_eval (bool): keep the stem's BatchNorm layers in eval mode while training.
         with_cp (bool): gradient checkpointing of every block (saves memory, costs a recompute).
         norm_cfg (dict): norm of the conv stem (``BN``; ``SyncBN`` for multi-GPU training).
-        cuda_graph (bool): replay forward and backward from CUDA graphs recorded per input size
+        cuda_graph (bool | str): replay forward and backward from CUDA graphs recorded per input size
             (:mod:`mmgroupmamba.models.cuda_graph`). A step then costs the host one launch instead of
             thousands; worth it where inputs come in a few fixed sizes (classification, segmentation crops,
-            fixed-size detection). Other inputs run eagerly, with a log line.
+            fixed-size detection). Other inputs run eagerly, with a log line. ``'train'``: only while the
+            module is in training mode, for fixed-size training whose evaluation images come in many sizes
+            (each would record its own graphs); evaluation then runs eagerly.
         compile (bool | dict): run the backbone through ``torch.compile`` (one graph, no graph break, sizes
             symbolic so that new input sizes reuse it): ``True`` for the defaults (``dynamic=True,
             fullgraph=True``) or a dict of ``torch.compile`` arguments (``mode``, ``dynamic``, ``fullgraph``,
             ``backend``, ``options``). Compiles the backbone only, so it works inside any training loop
-            (mmengine's own ``compile=True`` compiles the whole train step). Exclusive with ``cuda_graph``
-            (``mode='reduce-overhead'`` is the compiled way to CUDA graphs).
+            (mmengine's own ``compile=True`` compiles the whole train step). Exclusive with ``cuda_graph``.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` for an official
             GroupMamba ImageNet checkpoint (raw, under ``model``/``state_dict``, with or without ``backbone.``).
     """
@@ -485,12 +487,14 @@ class GroupMamba(BaseModule):
                  compile=False,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
+        if not (isinstance(cuda_graph, bool) or cuda_graph == 'train'):
+            raise ValueError(f'GroupMamba: cuda_graph={cuda_graph!r}; choose one of {CUDA_GRAPH_MODES} (graphs in '
+                             "training and evaluation, in training only ('train'), or none)")
         if cuda_graph and with_cp:
             # Checkpointing's recomputation saves and restores the RNG state, which a recorded graph cannot.
-            raise ValueError('GroupMamba: cuda_graph=True and with_cp=True cannot be combined')
+            raise ValueError(f'GroupMamba: cuda_graph={cuda_graph!r} and with_cp=True cannot be combined')
         if cuda_graph and compile:
-            raise ValueError("GroupMamba: cuda_graph=True and compile cannot be combined; for compiled CUDA graphs "
-                             "use compile=dict(mode='reduce-overhead')")
+            raise ValueError('GroupMamba: cuda_graph and compile cannot be combined; choose one')
         self.arch = resolve_arch(arch)
         embed_dims, depths = self.arch['embed_dims'], self.arch['depths']
         self.num_stages = len(depths)
@@ -534,6 +538,7 @@ class GroupMamba(BaseModule):
         self.apply(init_official_weights)
         self._freeze_stages()
         self._cuda_graphs = CudaGraphs('GroupMamba') if cuda_graph else None
+        self._graphs_in_eval = cuda_graph is True
         self._compiled = CompiledForward('GroupMamba', compile) if compile else None
 
     def init_weights(self):
@@ -577,7 +582,7 @@ class GroupMamba(BaseModule):
 
     def forward(self, x):
         check_image_batch(x, self.patch_embed1.conv[0].weight, in_channels=self.patch_embed1.conv[0].in_channels)
-        if self._cuda_graphs is not None:
+        if self._cuda_graphs is not None and (self.training or self._graphs_in_eval):
             return self._cuda_graphs(self, self._forward, x)
         if self._compiled is not None:
             return self._compiled(self._forward, x)
