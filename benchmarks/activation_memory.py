@@ -66,7 +66,8 @@ def main():
     swin_total = sum(saved_bytes(swin, x).values()) / args.batch
     mib = 2**20
     print(f'\nbytes saved for backward per image, {args.size}x{args.size}, bf16 autocast, all four stage outputs')
-    print('| model | total MiB | x Swin-T | GroupMambaLayer | ConvFFN | block norms/residuals | stem+downsampling | other |')
+    print('| model | total MiB | x Swin-T | GroupMambaLayer | ConvFFN | block norms/residuals | stem+downsampling '
+          '| other |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- |')
     print(f'| Swin-T (mmdet) | {swin_total / mib:.1f} | 1.00 | | | | | |')
     for arch in args.archs:
@@ -74,8 +75,9 @@ def main():
         total = sum(parts.values()) / args.batch
         cells = [parts.get(k, 0) / args.batch / mib for k in ('GroupMambaLayer', 'ConvFFN', 'GroupMambaBlock')]
         stem = (parts.get('ConvStem', 0) + parts.get('Downsample', 0)) / args.batch / mib
+        other = parts.get('other', 0) / args.batch / mib
         print(f'| GroupMamba-{arch[0].upper()} | {total / mib:.1f} | {total / swin_total:.2f} | '
-              + ' | '.join(f'{c:.1f}' for c in cells) + f' | {stem:.1f} | {parts.get("other", 0) / args.batch / mib:.1f} |')
+              + ' | '.join(f'{c:.1f}' for c in cells) + f' | {stem:.1f} | {other:.1f} |')
 
 
 if __name__ == '__main__':

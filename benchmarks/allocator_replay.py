@@ -193,6 +193,7 @@ def main():
     os.environ['MMGM_KERNELS'] = 'triton'
     skip_triton_launches()
     import torch
+
     from backbone_speed import Classifier, build_backbones
     torch.manual_seed(0)
     print(f'one training step at bs {args.batch}, 224x224, bf16 autocast, replayed {args.steps} times\n')

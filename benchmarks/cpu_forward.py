@@ -41,7 +41,7 @@ def main():
     base = results['torchvision Swin-T']
     print(f'\nCPU forward, batch 1, {args.size}x{args.size}, fp32, {torch.get_num_threads()} threads, '
           f'median of {args.repeats}')
-    print(f'| model | seconds | vs Swin-T |\n| --- | --- | --- |')
+    print('| model | seconds | vs Swin-T |\n| --- | --- | --- |')
     for name, seconds in results.items():
         print(f'| {name} | {seconds:.3f} | {seconds / base:.2f}x |')
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgroupmamba import GroupMamba
-from mmgroupmamba.kernels import (depthwise_conv_act, gated_group_norm, layer_norm, modulated_layer_norm,
-                                  selective_scan)
+from mmgroupmamba.kernels import depthwise_conv_act, gated_group_norm, layer_norm, modulated_layer_norm, selective_scan
 from mmgroupmamba.models.groupmamba import GroupMambaBlock
 
 

@@ -18,10 +18,10 @@ timings). ``interrupted`` against ``full`` at N shows the runs agree up to the i
 ``--noise-floor`` a second uninterrupted run measures how far two runs from the same seed drift anyway (e.g.
 non-deterministic GPU kernels). Exit status: 0 when ``resumed`` equals ``full`` bitwise, 1 otherwise.
 
-The checkpoint interval is set to N and the logging interval to 1; ``randomness`` defaults to ``seed=0, deterministic=True`` (on a GPU,
-ops without a deterministic implementation then raise: pass ``randomness.deterministic=False`` and
-``--noise-floor``). CPU, the classification demo, tiny (``DATA`` from ``python -m mmgroupmamba.cls.demo_data``,
-``TEACHER`` any weights of the demo teacher)::
+The checkpoint interval is set to N and the logging interval to 1; ``randomness`` defaults to ``seed=0,
+deterministic=True`` (on a GPU, ops without a deterministic implementation then raise: pass
+``randomness.deterministic=False`` and ``--noise-floor``). CPU, the classification demo, tiny (``DATA`` from
+``python -m mmgroupmamba.cls.demo_data``, ``TEACHER`` any weights of the demo teacher)::
 
     python benchmarks/resume_check.py configs/mmpretrain/demo/groupmamba_mini_distill_demo.py --interrupt-at 2 \\
         --cfg-options train_cfg.max_epochs=4 train_dataloader.dataset.data_root=DATA \\

@@ -7,11 +7,20 @@ Installed as ``mmgroupmamba.kernels``.
 """
 from .directions import SCAN_DIRECTIONS, scan_order_index
 from .dwconv import depthwise_conv_act, dwconv_act_backward, dwconv_act_forward
-from .fused_linear import (depthwise_conv_act_linear, gated_group_norm_linear, layer_norm_linear,
-                           modulated_layer_norm_linear)
+from .fused_linear import (
+    depthwise_conv_act_linear,
+    gated_group_norm_linear,
+    layer_norm_linear,
+    modulated_layer_norm_linear,
+)
 from .gated_norm import gated_group_norm, layer_norm, modulated_layer_norm
-from .reference import (depthwise_conv_act_reference, gated_group_norm_reference, linear_recurrence,
-                        modulated_layer_norm_reference, selective_scan_reference)
+from .reference import (
+    depthwise_conv_act_reference,
+    gated_group_norm_reference,
+    linear_recurrence,
+    modulated_layer_norm_reference,
+    selective_scan_reference,
+)
 from .scan import selective_scan
 
 __all__ = ['SCAN_DIRECTIONS', 'scan_order_index', 'linear_recurrence', 'selective_scan',

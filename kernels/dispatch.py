@@ -76,7 +76,8 @@ def _cuda_multiprocessors(index):
 
 def multiprocessors(device, interpreted=1):
     """Multiprocessor count of a CUDA device, which the kernels' tilings are sized for; ``interpreted`` for
-    CPU tensors (Triton's interpreter). Looked up once per device: the query costs tens of µs.
+    CPU tensors (Triton's interpreter). Looked up once per device: the launchers ask at every call, and their
+    host time is on a training step's critical path.
     """
     if device.type != 'cuda':
         return interpreted

@@ -14,6 +14,7 @@ loader, which unpickles downloads with ``weights_only=False``).
 import os
 import os.path as osp
 import pickle
+import re
 import sys
 import zipfile
 from collections import OrderedDict
@@ -267,22 +268,33 @@ def trust_checkpoint(src, dst):
 
 # Keys of the official classifier that a backbone does not have.
 CLASSIFICATION_PREFIXES = ('post_network.', 'head.', 'dist_head.')
+# Where trainers put the weights in their checkpoints: mmengine under ``state_dict``, DeiT/timm and the official
+# GroupMamba training under ``model``.
+STATE_DICT_KEYS = ('state_dict', 'model')
+
+
+def unwrap_state_dict(checkpoint, keys=STATE_DICT_KEYS, source='the checkpoint'):
+    """The state dict inside a loaded checkpoint, and where it was: ``(state_dict, key or 'raw state dict')``.
+
+    The first of ``keys`` (in order of preference) whose value is a dict wraps the weights; without one the
+    checkpoint is the state dict itself. A ``module.`` prefix (a DistributedDataParallel model's) is removed.
+    ``source`` names the checkpoint in the error for anything but a dict.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'{source} holds a {type(checkpoint).__name__}, not a state dict or a dict wrapping one')
+    where = next((key for key in keys if isinstance(checkpoint.get(key), dict)), None)
+    state = checkpoint[where] if where is not None else checkpoint
+    return {re.sub(r'^module\.', '', key): value for key, value in state.items()}, where or 'raw state dict'
 
 
 def extract_backbone_state_dict(checkpoint, prefix=None, skip=CLASSIFICATION_PREFIXES):
     """The backbone's weights from an official or mmengine checkpoint, and the keys left out (reported).
 
-    Accepts a raw state dict or one under ``state_dict`` / ``model``; keys may carry a ``backbone.`` prefix
-    (or ``prefix``), in which case only those keys are taken. Keys starting with one of ``skip`` (the
-    classifier's parts the backbone does not have) are returned apart.
+    Accepts what :func:`unwrap_state_dict` does; keys may carry a ``backbone.`` prefix (or ``prefix``), in
+    which case only those keys are taken. Keys starting with one of ``skip`` (the classifier's parts the
+    backbone does not have) are returned apart.
     """
-    state = checkpoint
-    for key in ('state_dict', 'model'):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise TypeError(f'Expected a state dict in the checkpoint, got {type(state).__name__}')
+    state, _ = unwrap_state_dict(checkpoint)
     prefix = prefix or ('backbone.' if any(k.startswith('backbone.') for k in state) else '')
     if prefix and not prefix.endswith('.'):
         prefix += '.'

@@ -3,8 +3,12 @@ tests/test_compile.py on the CPU (both implementations) and by benchmarks/check_
 import torch
 
 from mmgroupmamba.kernels.dwconv import dwconv_act_bwd, dwconv_act_forward
-from mmgroupmamba.kernels.gated_norm import (gated_group_norm_bwd, gated_group_norm_fwd, modulated_layer_norm_bwd,
-                                              modulated_layer_norm_fwd)
+from mmgroupmamba.kernels.gated_norm import (
+    gated_group_norm_bwd,
+    gated_group_norm_fwd,
+    modulated_layer_norm_bwd,
+    modulated_layer_norm_fwd,
+)
 from mmgroupmamba.kernels.scan import AUTO_TILING, selective_scan_bwd, selective_scan_fwd
 from scan_oracle import random_scan_inputs
 

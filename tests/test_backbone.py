@@ -280,6 +280,7 @@ def per_group_layer(layer, x):
     weights a view of the packed parameters, no block-diagonal weights): the oracle for GroupMambaLayer's
     forward and its gradients."""
     import torch.nn.functional as F
+
     from mmgroupmamba.kernels import selective_scan_reference
     batch, height, width, channels = x.shape
     d, rank = channels // 4, layer.dt_rank

@@ -13,8 +13,9 @@ from mmpretrain.registry import MODELS
 from mmpretrain.structures import DataSample
 
 from log_capture import mmengine_messages
+from mmgroupmamba.checkpoint import unwrap_state_dict
 from mmgroupmamba.cls import GroupMambaClsBackbone
-from mmgroupmamba.cls.convert import convert_official, official_state_dict
+from mmgroupmamba.cls.convert import WEIGHT_KEYS, convert_official
 from mmgroupmamba.cls.demo_data import make_demo_imagenet
 from mmgroupmamba.cls.distill import distillation_loss
 from mmgroupmamba.cls.flops import SCAN_OP_NAME, groupwise_forward, model_complexity
@@ -49,7 +50,7 @@ def build_t_model(arch, num_classes=10):
 
 def test_t_config_matches_official_golden_logits(golden):
     model = build_t_model(golden['arch_cfg'], golden['num_classes'])
-    state_dict, _ = official_state_dict(golden)
+    state_dict, _ = unwrap_state_dict(golden, WEIGHT_KEYS)
     converted, unplaced = convert_official(state_dict)
     assert unplaced == []
     model.load_state_dict(converted, strict=True)
@@ -217,7 +218,7 @@ def test_teacher_config_errors_are_loud(tmp_path):
 
 
 def test_runner_test_of_converted_checkpoint_on_demo_data(golden, tmp_path):
-    converted, _ = convert_official(official_state_dict(golden)[0])
+    converted, _ = convert_official(unwrap_state_dict(golden, WEIGHT_KEYS)[0])
     checkpoint = tmp_path / 'golden_mmpretrain.pth'
     torch.save(dict(state_dict=converted), checkpoint)
     cfg = demo_cfg(tmp_path, tmp_path / 'never_built.pth')

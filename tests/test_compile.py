@@ -38,9 +38,16 @@ def test_opcheck_every_custom_op(impl, monkeypatch):
 
 def test_op_gradients_match_autograd_through_the_references():
     """The ops' registered backward formulas against plain autograd through the references, in float64."""
-    from mmgroupmamba.kernels import (depthwise_conv_act, depthwise_conv_act_reference, gated_group_norm,
-                                      gated_group_norm_reference, modulated_layer_norm, modulated_layer_norm_reference,
-                                      selective_scan, selective_scan_reference)
+    from mmgroupmamba.kernels import (
+        depthwise_conv_act,
+        depthwise_conv_act_reference,
+        gated_group_norm,
+        gated_group_norm_reference,
+        modulated_layer_norm,
+        modulated_layer_norm_reference,
+        selective_scan,
+        selective_scan_reference,
+    )
     gen = torch.Generator().manual_seed(1)
     scan = random_scan_inputs(2, (3, 5), 8, generator=gen, dtype=torch.float64, requires_grad=True)
     y, z, x = (torch.randn(2, 3, 4, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))

@@ -11,7 +11,6 @@ cannot run on CPU tensors; the entry refuses it with the config keys to change, 
 import math
 import multiprocessing
 import os
-import os.path as osp
 import signal
 import socket
 import subprocess

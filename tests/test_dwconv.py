@@ -6,8 +6,13 @@ through the float64 reference.
 import pytest
 import torch
 
-from mmgroupmamba.kernels import (depthwise_conv_act, depthwise_conv_act_reference, dwconv_act_backward,
-                                  dwconv_act_forward, triton_dwconv)
+from mmgroupmamba.kernels import (
+    depthwise_conv_act,
+    depthwise_conv_act_reference,
+    dwconv_act_backward,
+    dwconv_act_forward,
+    triton_dwconv,
+)
 
 # Forced tilings put several channel blocks, column strips and row walks into tiny maps.
 SMALL_TILES = dict(block_w=4, block_c=8, rows=2)
@@ -19,8 +24,8 @@ def triton_kernels(monkeypatch):
 
 
 def force_tiles(monkeypatch, tiles, prefetch=False):
-    monkeypatch.setattr(triton_dwconv, 'choose_tiles',
-                        lambda t, backward=False, **kw: (tiles['block_w'], tiles['block_c'], tiles['rows'], 1, prefetch))
+    chosen = (tiles['block_w'], tiles['block_c'], tiles['rows'], 1, prefetch)
+    monkeypatch.setattr(triton_dwconv, 'choose_tiles', lambda t, backward=False, **kw: chosen)
 
 
 def rel_err(a, b):

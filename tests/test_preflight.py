@@ -39,7 +39,8 @@ def test_detection_without_coco_weights_or_gpu(tmp_path):
 
 
 def test_segmentation_without_ade20k(tmp_path):
-    error = mim_train_error(tmp_path, 'mmseg', str(REPO / 'configs/mmseg/upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py'))
+    config = REPO / 'configs/mmseg/upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py'
+    error = mim_train_error(tmp_path, 'mmseg', str(config))
     message = error[error.index('ConfigNotReadyError: Cannot'):]
     assert 'data/ade/ADEChallengeData2016 does not exist (train_dataloader.dataset.data_root' in message, message
     assert 'docs/segmentation.md' in message and 'python -m mmgroupmamba.seg.make_demo_data' in message

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.dist import get_rank
 from mmengine.model import BaseModel

@@ -40,8 +40,9 @@ def set_workers(cfg, num_workers):
 def cls_cfg(tmp_path):
     """The classification demo (Mixup/CutMix, stochastic depth, EMA, distillation) on 10 images of 32x32,
     5 per batch: 2 iterations per epoch, 4 epochs, validation every 2."""
-    from mmgroupmamba.cls.demo_data import make_demo_imagenet
     from mmpretrain.registry import MODELS
+
+    from mmgroupmamba.cls.demo_data import make_demo_imagenet
     root = make_demo_imagenet(str(tmp_path / 'data'), num_classes=10, train_per_class=1, val_per_class=1, size=32)
     init_default_scope('mmpretrain')
     torch.manual_seed(1)

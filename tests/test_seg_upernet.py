@@ -1,5 +1,6 @@
 """UperNet + GroupMamba through stock mmseg: every config parses and builds (the recipe's weight decay per
-parameter is checked in test_recipes.py), a short `mim train` / `mim test` (+ `--tta`) run on generated ADE20K-format data, and inference at odd sizes."""
+parameter is checked in test_recipes.py), a short `mim train` / `mim test` (+ `--tta`) run on generated
+ADE20K-format data, and inference at odd sizes."""
 import inspect
 import os.path as osp
 import re
@@ -61,7 +62,8 @@ def test_config_parses_and_builds(path):
 def test_full_configs_follow_the_recipe():
     expected = {'t': ('tiny', 0.2), 's': ('small', 0.3), 'b': ('base', 0.6)}
     for size, (arch, drop_path) in expected.items():
-        cfg = Config.fromfile(osp.join(REPO, 'configs', 'mmseg', f'upernet_groupmamba-{size}_8xb2-160k_ade20k-512x512.py'))
+        name = f'upernet_groupmamba-{size}_8xb2-160k_ade20k-512x512.py'
+        cfg = Config.fromfile(osp.join(REPO, 'configs', 'mmseg', name))
         backbone = cfg.model.backbone
         assert (backbone.arch, backbone.drop_path_rate) == (arch, drop_path)
         assert backbone.init_cfg.type == 'Pretrained' and arch in backbone.init_cfg.checkpoint

@@ -5,8 +5,14 @@ conftest.py sets TRITON_INTERPRET=1 before Triton is first imported.
 import pytest
 import torch
 
-from mmgroupmamba.kernels import (gated_group_norm, gated_group_norm_linear, gated_group_norm_reference,
-                                  layer_norm_linear, modulated_layer_norm, modulated_layer_norm_linear)
+from mmgroupmamba.kernels import (
+    gated_group_norm,
+    gated_group_norm_linear,
+    gated_group_norm_reference,
+    layer_norm_linear,
+    modulated_layer_norm,
+    modulated_layer_norm_linear,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +139,8 @@ def test_modulated_layer_norm_half_inputs():
     from mmgroupmamba.kernels import modulated_layer_norm_reference
     gen = torch.Generator().manual_seed(7)
     y, x = (torch.randn(2, 4, 5, 64, generator=gen).half().requires_grad_() for _ in range(2))
-    scale, w, b = (torch.rand(2, 64, generator=gen) + 0.5), torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    scale = torch.rand(2, 64, generator=gen) + 0.5
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
     args = [y, x] + [t.requires_grad_() for t in (scale, w, b)]
     dout = torch.randn(2, 4, 5, 64, generator=gen).half()
     out = modulated_layer_norm(*args, 1e-5)
@@ -149,7 +156,7 @@ def test_modulated_layer_norm_half_inputs():
 
 def norm_linear_cases(gen, dtype):
     """(name, fused norm+linear, the same through the reference norm and F.linear, inputs) for each norm."""
-    from mmgroupmamba.kernels import layer_norm, modulated_layer_norm_reference
+    from mmgroupmamba.kernels import modulated_layer_norm_reference
     F = torch.nn.functional
     shape, out_channels = (2, 3, 5, 48), 20
     y, z, x = ((torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype) for _ in range(3))

@@ -2,8 +2,6 @@
 
 conftest.py sets TRITON_INTERPRET=1 before Triton is first imported.
 """
-import os
-
 import pytest
 import torch
 
@@ -22,6 +20,7 @@ def triton_kernels(monkeypatch):
 def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, **tiling):
     """The scan op (Triton under the fixture's MMGM_KERNELS=triton) with forced tilings."""
     return selective_scan(u, delta, A, B, C, D, delta_bias, hw, tiling=tiling)
+
 
 NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias']
 
@@ -69,7 +68,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize('hw,channels,tiling', CASES, ids=[f'{c[0][0]}x{c[0][1]}-c{c[1]}-{i}' for i, c in enumerate(CASES)])
+@pytest.mark.parametrize('hw,channels,tiling', CASES,
+                         ids=[f'{c[0][0]}x{c[0][1]}-c{c[1]}-{i}' for i, c in enumerate(CASES)])
 def test_fp32_matches_float64_oracle(hw, channels, tiling):
     errors = compare_with_oracle(hw, channels, **tiling)
     assert max(errors.values()) <= 1e-5, errors

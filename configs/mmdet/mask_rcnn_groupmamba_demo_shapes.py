@@ -50,30 +50,29 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
+# Merged into the base's COCO loaders: the dataset class, its files, the pipelines and the generator's settings
+# change; the samplers, persistent workers, backend_args and validation's test_mode are the base's.
 shapes_dataset = dict(type='ShapesCocoDataset', data_root=data_root, image_size=image_scale[0])
+demo_loader = dict(batch_size=8, num_workers=1)
 train_dataloader = dict(
-    batch_size=8,
-    num_workers=1,
+    **demo_loader,
     dataset=dict(
-        _delete_=True,
         **shapes_dataset,
         ann_file='annotations/instances_train.json',
         data_prefix=dict(img='train/'),
         num_images=512,
         seed=0,
-        filter_cfg=dict(filter_empty_gt=True),
+        # No size filter: the base drops images under 32 px a side, and smaller generated images stay usable.
+        filter_cfg=dict(min_size=0),
         pipeline=train_pipeline))
 val_dataloader = dict(
-    batch_size=8,
-    num_workers=1,
+    **demo_loader,
     dataset=dict(
-        _delete_=True,
         **shapes_dataset,
         ann_file='annotations/instances_val.json',
         data_prefix=dict(img='val/'),
         num_images=64,
         seed=1,
-        test_mode=True,
         pipeline=test_pipeline))
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')

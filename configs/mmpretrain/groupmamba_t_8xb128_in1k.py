@@ -68,7 +68,8 @@ param_scheduler = [
 # The official EMA (timm's ModelEma, decay 0.9999) averages the buffers too: the stem's BatchNorm statistics.
 custom_hooks = [
     dict(type='EMAHook', momentum=1e-4, update_buffers=True, priority='ABOVE_NORMAL'),
-    dict(type='RandomStateHook'),  # random states in every checkpoint: resuming continues exactly (mmgroupmamba/hooks.py)
+    # Random states in every checkpoint: resuming continues exactly (mmgroupmamba/hooks.py).
+    dict(type='RandomStateHook'),
 ]
 
 auto_scale_lr = dict(base_batch_size=1024, enable=True)

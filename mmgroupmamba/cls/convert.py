@@ -14,26 +14,9 @@ KEY_MAP = (
     (r'^head\.', 'head.head.'),
     (r'^dist_head\.', 'head.dist_head.'),
 )
-# Where official training checkpoints keep weights: the EMA model (the one the paper evaluates) first.
+# Where official training checkpoints keep weights, for mmgroupmamba.checkpoint.unwrap_state_dict: the EMA model
+# (the one the paper evaluates) first. A released checkpoint is the raw state dict.
 WEIGHT_KEYS = ('model_ema', 'model', 'state_dict_ema', 'state_dict')
-
-
-def official_state_dict(checkpoint, weights=None):
-    """The official state dict inside a loaded checkpoint; returns ``(state_dict, where)``.
-
-    A released checkpoint is the raw state dict; a training checkpoint wraps it (``model``, ``model_ema``).
-    ``weights`` picks a wrapper key; by default the first of ``WEIGHT_KEYS`` present, else the raw dict.
-    A ``module.`` prefix (DistributedDataParallel) is removed.
-    """
-    if weights is not None:
-        if weights not in checkpoint:
-            raise KeyError(f'checkpoint has no {weights!r}; its top-level keys: {sorted(checkpoint)[:20]}')
-        where = weights
-    else:
-        where = next((key for key in WEIGHT_KEYS if key in checkpoint), None)
-    state_dict = checkpoint[where] if where is not None else checkpoint
-    state_dict = OrderedDict((re.sub(r'^module\.', '', k), v) for k, v in state_dict.items())
-    return state_dict, where or 'raw state dict'
 
 
 def convert_official(state_dict):

@@ -17,6 +17,8 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from mmpretrain.models.classifiers import BaseClassifier, ImageClassifier
 from mmpretrain.registry import MODELS
 
+from mmgroupmamba.checkpoint import unwrap_state_dict
+
 DISTILLATION_MODES = ('hard', 'soft')
 
 
@@ -36,20 +38,14 @@ def distillation_loss(student_logits, teacher_logits, mode, tau=1.0):
 
 
 def load_teacher_state_dict(path, revise_keys=()):
-    """The state dict of a teacher checkpoint: mmengine's (``state_dict``), DeiT/timm's (``model``) or raw.
+    """The state dict of a teacher checkpoint: mmengine's (``state_dict``), DeiT/timm's (``model``) or raw
+    (:func:`mmgroupmamba.checkpoint.unwrap_state_dict`).
 
     ``revise_keys``: ``(pattern, replacement)`` regex pairs applied in order to every key, to place a foreign
     checkpoint's keys in the teacher model.
     """
     checkpoint = CheckpointLoader.load_checkpoint(path, map_location='cpu')
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f'teacher checkpoint {path}: expected a dict, got {type(checkpoint).__name__}')
-    if 'state_dict' in checkpoint:
-        state_dict = checkpoint['state_dict']
-    elif 'model' in checkpoint:
-        state_dict = checkpoint['model']
-    else:
-        state_dict = checkpoint
+    state_dict, _ = unwrap_state_dict(checkpoint, source=f'teacher checkpoint {path}')
     for pattern, replacement in revise_keys:
         state_dict = {re.sub(pattern, replacement, key): value for key, value in state_dict.items()}
     return state_dict

@@ -191,4 +191,3 @@ class ShapesCocoDataset(CocoDataset):
                 generate_shapes_coco(self.ann_file, self.data_prefix['img'], **self.generator_settings)
         barrier()
         return super().load_data_list()
-

@@ -11,7 +11,8 @@ import sys
 import torch
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from mmgroupmamba.cls.convert import WEIGHT_KEYS, convert_official, official_state_dict
+from mmgroupmamba.checkpoint import unwrap_state_dict
+from mmgroupmamba.cls.convert import WEIGHT_KEYS, convert_official
 
 
 def main(argv=None):
@@ -24,7 +25,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     checkpoint = CheckpointLoader.load_checkpoint(args.src, map_location='cpu')
-    state_dict, where = official_state_dict(checkpoint, args.weights)
+    state_dict, where = unwrap_state_dict(checkpoint, (args.weights, ) if args.weights else WEIGHT_KEYS, args.src)
+    if args.weights and where != args.weights:  # unwrap_state_dict fell back to the raw checkpoint
+        parser.error(f'{args.src} has no state dict under {args.weights!r}; top-level keys: {sorted(checkpoint)[:20]}')
     converted, unplaced = convert_official(state_dict)
     print(f'{args.src}: {len(state_dict)} tensors from {where}; {len(converted)} placed, {len(unplaced)} not placed')
     for key in unplaced:

@@ -1,6 +1,6 @@
 """Check and time the Triton selective scan on a GPU against the card's copy bandwidth and the reference.
 
-    python -m mmgroupmamba.kernels.bench [--dtypes fp32,bf16] [--sweep] [--log FILE]
+    python benchmarks/scan_kernels.py [--dtypes fp32,bf16] [--skip-checks] [--sweep] [--sweep-dtypes fp32]
 
 Steps: (1) copy bandwidth of the card (large device-to-device copy, bytes read + written); (2) correctness of
 forward and all gradients against the float64 reference on small odd shapes and on each benchmark shape at
@@ -18,10 +18,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-from .reference import selective_scan_reference
-from .scan import selective_scan
-from . import triton_scan
-
+from mmgroupmamba.kernels import selective_scan, selective_scan_reference, triton_scan
 
 
 def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, **tiling):
@@ -121,7 +118,6 @@ def copy_bandwidth():
     x = torch.empty(2 ** 29, dtype=torch.float32, device=DEVICE).normal_()  # 2 GiB
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode='median')
-    del x, y
     return 2 * 2 ** 31 / (ms * 1e-3)
 
 
@@ -228,7 +224,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(',')
     if not torch.cuda.is_available():
-        sys.exit('bench.py needs a CUDA GPU')
+        sys.exit('scan_kernels.py needs a CUDA GPU')
     props = torch.cuda.get_device_properties(0)
     log(f'device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; '
         f'triton {__import__("triton").__version__}; {time.strftime("%Y-%m-%d %H:%M")}')

@@ -1,13 +1,14 @@
 """Check and time the fused depthwise conv + activation on a GPU against copy bandwidth and cuDNN.
 
-    python -m mmgroupmamba.kernels.bench_dwconv [--sweep]
+    python benchmarks/dwconv_kernels.py [--sweep]
 
 For GroupMamba-T's shapes at batch 128, 224x224 (the Mamba layer's SiLU conv on C channels and the FFN's
 GELU conv on its hidden channels, each stage) and the detection shape: the forward and the backward
 (launchers only: pre-activation pass, transposed conv, reduction), median ms (triton.testing.do_bench),
 the minimal bytes over time as a fraction of copy bandwidth, and the PyTorch reference (cuDNN's depthwise
 conv, permutes, activation) forward + backward. Every shape is first checked against the reference.
-``--sweep`` also times a grid of tilings for the FFN convs of stages 1-3 (the defaults are chosen in triton_dwconv.choose_tiles).
+``--sweep`` also times a grid of tilings for the FFN convs of stages 1-3 (the defaults are chosen in
+triton_dwconv.choose_tiles).
 """
 import argparse
 import itertools
@@ -15,10 +16,10 @@ import itertools
 import torch
 from triton.testing import do_bench
 
-from .bench import copy_bandwidth, log, rel_err
-from .reference import depthwise_conv_act_reference
-from .dwconv import split_param_grads
-from .triton_dwconv import choose_tiles, dwconv_act_backward, dwconv_act_forward
+from mmgroupmamba.kernels import depthwise_conv_act_reference
+from mmgroupmamba.kernels.dwconv import split_param_grads
+from mmgroupmamba.kernels.triton_dwconv import choose_tiles, dwconv_act_backward, dwconv_act_forward
+from scan_kernels import copy_bandwidth, log, rel_err
 
 SHAPES = [  # name, batch, H, W, channels, activation
     ('s1 layer', 128, 56, 56, 64, 'silu'), ('s1 ffn', 128, 56, 56, 512, 'gelu'),
