@@ -38,7 +38,6 @@ def dwconv_act_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
     return dx, dparams, (out if need_output else empty(x))
 
 
-
 @dwconv_act_bwd.register_fake
 def _(dout, x, weight, bias, activation, need_output):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else empty(x)

@@ -12,8 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from .dwconv import dwconv_act_backward, dwconv_act_forward
-from .gated_norm import (gated_group_norm_fwd, gated_group_norm_grads, modulated_layer_norm_fwd,
-                         modulated_layer_norm_grads, promoted_dtype)
+from .gated_norm import (
+    gated_group_norm_fwd,
+    gated_group_norm_grads,
+    modulated_layer_norm_fwd,
+    modulated_layer_norm_grads,
+    promoted_dtype,
+)
 
 
 def _compute_dtype(t):

@@ -50,7 +50,6 @@ def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.
     return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
 
 
-
 @gated_group_norm_bwd.register_fake
 def _(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
     out = torch.empty(y.shape, dtype=out_dtype, device=y.device) if need_output else empty(y, out_dtype)

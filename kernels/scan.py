@@ -91,7 +91,6 @@ def selective_scan_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A
     return du, ddelta, torch.stack([dA, dD, dbias]).to(reduced), torch.stack([dB, dC]).to(reduced)
 
 
-
 @selective_scan_bwd.register_fake
 def _(dy, u, delta, A, B, C, D, delta_bias, states, height, width, tiling):
     contiguous = dict(memory_format=torch.contiguous_format)

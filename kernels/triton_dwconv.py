@@ -252,7 +252,7 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
     are in flight while the previous row is computed: at 4 elements a thread the loads' latency is otherwise
     exposed (the bs128 profile had these kernels at about a third of copy bandwidth). On by default forward,
     where it costs 2 registers (ptxas, sm_90: 77); off backward, where it costs 32 (168 -> 200) and one of
-    three resident blocks per SM. Neither default is timed yet: ``kernels/bench_dwconv.py --sweep`` times both.
+    three resident blocks per SM. Neither default is timed yet: ``benchmarks/dwconv_kernels.py --sweep`` times both.
     """
     # Under the interpreter, any small multiprocessor count makes the tests exercise several row blocks.
     return _tiles_for(tuple(size_hint(n) for n in x.shape), multiprocessors(x.device, interpreted=4), backward,

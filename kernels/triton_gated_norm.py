@@ -148,7 +148,8 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
         dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
         out.stride(0), channels, GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
         GATED=gated, STORE_OUT=need_output)
-    return dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(1), (out.view(shape) if need_output else None)
+    return (dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(1),
+            (out.view(shape) if need_output else None))
 
 
 @triton.jit

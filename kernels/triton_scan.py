@@ -368,7 +368,7 @@ def _pair(value):
 
 
 def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chunk_len, backward):
-    # Defaults from the tiling sweep of bench.py on an H100 (README.md). The kernels are bound by the
+    # Defaults from the tiling sweep of benchmarks/scan_kernels.py on an H100 (README.md). The kernels are bound by the
     # per-tile scan work (shuffles, barriers), not by DRAM, so short tiles with 8-16 elements per thread
     # and many resident programs won; see README.md for the numbers.
     per_group = channels // GROUPS

@@ -55,9 +55,17 @@ from mmengine.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
-from mmgroupmamba.kernels import (SCAN_DIRECTIONS, depthwise_conv_act, depthwise_conv_act_linear,
-                                  gated_group_norm, gated_group_norm_linear, layer_norm, layer_norm_linear,
-                                  modulated_layer_norm_linear, selective_scan)
+from mmgroupmamba.kernels import (
+    SCAN_DIRECTIONS,
+    depthwise_conv_act,
+    depthwise_conv_act_linear,
+    gated_group_norm,
+    gated_group_norm_linear,
+    layer_norm,
+    layer_norm_linear,
+    modulated_layer_norm_linear,
+    selective_scan,
+)
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.models.inputs import check_image_batch
