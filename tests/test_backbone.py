@@ -10,7 +10,7 @@ from mmgroupmamba import GroupMamba
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
-SMALL_ARCH = dict(stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+SMALL_ARCH = ARCH_SETTINGS['mini']
 CLASSIFICATION_PREFIXES = ('post_network.', 'head.', 'dist_head.')
 
 
@@ -183,7 +183,7 @@ def test_arch_errors_name_the_bad_key():
         GroupMamba(arch=dict(SMALL_ARCH, embed_dims=[30, 64, 96, 128]))
     with pytest.raises(ValueError, match='out_indices'):
         GroupMamba(arch=SMALL_ARCH, out_indices=(4,))
-    assert set(ARCH_SETTINGS) == {'tiny', 'small', 'base'}
+    assert set(ARCH_SETTINGS) == {'tiny', 'small', 'base', 'mini'}
 
 
 @pytest.mark.parametrize('wrap', ['raw', 'model', 'state_dict', 'backbone_prefix'])

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 T_CONFIG = REPO / 'configs/mmpretrain/groupmamba_t_8xb128_in1k.py'
 DEMO_CONFIG = REPO / 'configs/mmpretrain/demo/groupmamba_mini_distill_demo.py'
 GOLDEN = Path('/work/shared/golden/golden_mini_seed0.pt')
-SMALL_ARCH = dict(stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+SMALL_ARCH = ARCH_SETTINGS['mini']
 TINY_TEACHER = dict(
     type='ImageClassifier',
     backbone=dict(type='ResNet', depth=18, stem_channels=8, base_channels=8),

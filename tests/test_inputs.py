@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from mmgroupmamba.models import GroupMamba
+from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 from mmgroupmamba.models.inputs import check_image_batch
 
-TINY_ARCH = dict(stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+TINY_ARCH = ARCH_SETTINGS['mini']
 
 
 @pytest.fixture(scope='module')

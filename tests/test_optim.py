@@ -9,10 +9,11 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 from mmengine.utils import import_modules_from_strings
 
+from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 from mmgroupmamba.optim import merge_param_groups
 
 CONFIG = Path(__file__).parents[1] / 'configs' / 'mmdet' / 'mask_rcnn_groupmamba_t.py'
-SMALL_ARCH = dict(stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+SMALL_ARCH = ARCH_SETTINGS['mini']
 
 
 def test_merge_param_groups_keeps_order_and_settings():

@@ -24,10 +24,11 @@ from mmengine.registry import init_default_scope
 from mmengine.utils import import_modules_from_strings
 
 from mmgroupmamba.cls.convert import KEY_MAP
+from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).resolve().parents[2] / 'shared' / 'golden'
-SMALL_ARCH = dict(stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+SMALL_ARCH = ARCH_SETTINGS['mini']
 CLS_CONFIGS = {'tiny': 'configs/mmpretrain/groupmamba_t_8xb128_in1k.py',
                'small': 'configs/mmpretrain/groupmamba_s_8xb128_in1k.py',
                'base': 'configs/mmpretrain/groupmamba_b_8xb128_in1k.py'}

@@ -17,9 +17,7 @@ model = dict(
     # No ImageNet weights: the shapes are learnt from scratch (so the stem's BatchNorm learns its statistics),
     # and a short schedule needs no stochastic depth.
     backbone=dict(
-        arch=dict(
-            _delete_=True, stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2],
-            depths=[1, 1, 2, 1]),
+        arch='mini',
         drop_path_rate=0.0,
         norm_eval=False,
         init_cfg=None),

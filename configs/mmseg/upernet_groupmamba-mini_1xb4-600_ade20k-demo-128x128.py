@@ -18,9 +18,7 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(
         # A custom arch replaces the base's arch name.
-        arch=dict(
-            _delete_=True, stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2],
-            depths=[1, 1, 2, 1]),
+        arch='mini',
         drop_path_rate=0.0,
         norm_cfg=dict(type='BN', requires_grad=True),
         init_cfg=None),  # from scratch: no ImageNet weights for this arch

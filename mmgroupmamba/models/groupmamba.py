@@ -74,6 +74,8 @@ ARCH_SETTINGS = {
     'tiny': dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 9, 3]),
     'small': dict(stem_hidden_dim=64, embed_dims=[64, 128, 348, 512], mlp_ratios=[8, 8, 4, 4], depths=[3, 4, 16, 3]),
     'base': dict(stem_hidden_dim=64, embed_dims=[96, 192, 424, 512], mlp_ratios=[8, 8, 4, 4], depths=[3, 6, 21, 3]),
+    # Not a paper variant: the demos' and tests' backbone, small enough to train on a CPU in minutes.
+    'mini': dict(stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1]),
 }
 ARCH_KEYS = ('stem_hidden_dim', 'embed_dims', 'mlp_ratios', 'depths')
 OUT_TYPES = ('featmap', 'avg_featmap', 'cls_token')

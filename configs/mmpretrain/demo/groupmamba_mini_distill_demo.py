@@ -12,9 +12,7 @@ randomness = dict(seed=0)
 
 model = dict(
     backbone=dict(
-        arch=dict(
-            _delete_=True, stem_hidden_dim=16, embed_dims=[32, 64, 96, 128], mlp_ratios=[2, 2, 2, 2],
-            depths=[1, 1, 2, 1])),
+        arch='mini'),
     head=dict(num_classes=10, in_channels=128),
     teacher=dict(
         _delete_=True,
