@@ -325,6 +325,9 @@ class PassConfig:
     def programs(self, batch):
         return batch * GROUPS * self.n_cblocks
 
+    def launch_meta(self, state_t):
+        return dict(BLOCK_T=self.block_t, BLOCK_C=self.block_c, STATE_T=state_t, num_warps=self.num_warps)
+
     def n_chunks(self, length):
         return triton.cdiv(length, self.chunk_len)
 
@@ -414,7 +417,17 @@ def _config_for(batch, length, channels, sms, args):
     return ScanConfig(channels, fwd, bwd)
 
 
-def _propagate(P, E, cfg, n_chunks, reverse):
+def _chunk_carries(summarize, batch, n_chunks, channels, device, reverse):
+    """The passes before a split scan: ``summarize(P, E)`` launches the scan kernel in its summary mode, which
+    writes each chunk's decay product ``P`` and end value ``E`` from a zero start; the propagation then gives
+    what enters every chunk (states forward, state gradients backward, ``reverse``)."""
+    P = torch.empty(batch, n_chunks, channels, device=device, dtype=torch.float32)
+    E = torch.empty_like(P)
+    summarize(P, E)
+    return _propagate(P, E, n_chunks, reverse)
+
+
+def _propagate(P, E, n_chunks, reverse):
     batch, _, channels = P.shape
     out = torch.empty_like(P)
     block_c = 32
@@ -439,18 +452,14 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
     grid_x = fc.programs(batch)
     common = (length, height, width, channels, cfg.per_group, B.stride(1), fc.n_cblocks, fc.chunk_len,
               n_chunks, n_states)
-    meta = dict(BLOCK_T=fc.block_t, BLOCK_C=fc.block_c, STATE_T=cfg.state_t, num_warps=fc.num_warps)
+    meta = fc.launch_meta(cfg.state_t)
     split = bool(n_chunks > 1)
-    hin = dummy
-    if split:
-        # Pass 1: each chunk's decay product and end state from a zero start (the last chunk's is unused).
-        P = torch.empty(batch, n_chunks, channels, **f32)
-        E = torch.empty_like(P)
-        wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks - 1)](
+    # Passes 1 and 2 of a split scan: the state entering every chunk (the last chunk's summary is unused).
+    hin = _chunk_carries(
+        lambda P, E: wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks - 1)](
             u, delta, A, B, C, D, delta_bias, y, dummy, dummy, P, E, *common, 0,
-            HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta)
-        # Pass 2: the state entering every chunk.
-        hin = _propagate(P, E, cfg, n_chunks, reverse=False)
+            HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta),
+        batch, n_chunks, channels, u.device, reverse=False) if split else dummy
     # Pass 3 (the only pass without a split): the scan from each chunk's true starting state.
     wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks)](
         u, delta, A, B, C, D, delta_bias, y, hin, states, dummy, dummy, *common, 0,
@@ -479,17 +488,14 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
     grid_x = bc.programs(batch)
     common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), bc.n_cblocks, bc.chunk_len,
               n_chunks, cfg.n_states(length))
-    meta = dict(BLOCK_T=bc.block_t, BLOCK_C=bc.block_c, STATE_T=cfg.state_t, num_warps=bc.num_warps)
+    meta = bc.launch_meta(cfg.state_t)
     split = bool(n_chunks > 1)
-    gin = dummy
-    if split:
-        # Pass 1 in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
-        P = torch.empty(batch, n_chunks, channels, **f32)
-        E = torch.empty_like(P)
-        wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
+    # A split scan in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
+    gin = _chunk_carries(
+        lambda P, E: wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
             u, delta, A, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
-            dummy, dummy, dummy, P, E, *common, 1, HAS_GIN=False, SUMMARY=True, **meta)
-        gin = _propagate(P, E, cfg, n_chunks, reverse=True)
+            dummy, dummy, dummy, P, E, *common, 1, HAS_GIN=False, SUMMARY=True, **meta),
+        batch, n_chunks, channels, u.device, reverse=True) if split else dummy
     wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks)](
         u, delta, A, B, C, D, delta_bias, dy, states, gin, du, ddelta, dB_part, dC_part,
         dA_part, dD_part, dbias_part, dummy, dummy, *common, 0,

@@ -63,15 +63,11 @@ train_dataloader = dict(
         # No size filter: the base drops images under 32 px a side, and smaller generated images stay usable.
         filter_cfg=dict(min_size=0),
         pipeline=train_pipeline))
+# Validation: another set from the same generator (its own seed), with the test pipeline.
 val_dataloader = dict(
     **demo_loader,
-    dataset=dict(
-        **shapes_dataset,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
-        num_images=64,
-        seed=1,
-        pipeline=test_pipeline))
+    dataset=dict(**shapes_dataset, ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
+                 num_images=64, seed=1, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator

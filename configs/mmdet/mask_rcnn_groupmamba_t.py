@@ -5,11 +5,8 @@
 # linear warm-up over 1000 iterations, lr x0.1 at epochs 8 and 11, 16 images per iteration (2 per GPU x 8
 # GPUs; `--auto-scale-lr` rescales lr for other totals). docs/detection.md has the recipe table.
 # Paper (arXiv 2407.13772): box AP 47.6, mask AP 42.9.
-_base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
+_base_ = ['mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py', '../_base_/preflight.py']
 custom_imports = dict(imports=['mmgroupmamba', 'mmgroupmamba.det'], allow_failed_imports=False)
-# Checks data, weights and device before anything is built and reports what is missing with the fix
-# (mmgroupmamba/runner.py); missing_data_help is its word on this config's data.
-runner_type = 'PreflightRunner'
 missing_data_help = (
     "COCO 2017 goes in data/coco/ in mmdet's layout (annotations/instances_{train,val}2017.json, train2017/, "
     'val2017/): see docs/detection.md, "Train and test on COCO", and docs/getting_started.md. Without COCO, '

@@ -5,11 +5,9 @@ _base_ = [
     'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',  # RandAugment m9, random erasing 0.25, bicubic
     'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',  # lr 1e-3 @ 1024, wd 0.05, 20 warm-up ep, cosine
     'mmpretrain::_base_/default_runtime.py',
+    '../_base_/preflight.py',
 ]
 custom_imports = dict(imports=['mmgroupmamba', 'mmgroupmamba.cls'], allow_failed_imports=False)
-# Checks data, weights and device before anything is built and reports what is missing with the fix
-# (mmgroupmamba/runner.py); missing_data_help is its word on this config's data.
-runner_type = 'PreflightRunner'
 missing_data_help = (
     "ImageNet-1k goes in data/imagenet in mmpretrain's layout (train/, val/, meta/train.txt, meta/val.txt): see "
     'docs/classification.md. Without ImageNet, the CPU demo generates its data: '

@@ -5,12 +5,10 @@
 # pipelines, whole-image testing and the multi-scale + flip TTA (`--tta`). docs/segmentation.md has the
 # recipe table.
 # Paper: 48.6 mIoU single-scale, 49.2 multi-scale.
-_base_ = 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+_base_ = [
+    'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py', '../_base_/preflight.py'
+]
 
-custom_imports = dict(imports=['mmgroupmamba'], allow_failed_imports=False)
-# Checks data, weights and device before anything is built and reports what is missing with the fix
-# (mmgroupmamba/runner.py); missing_data_help is its word on this config's data.
-runner_type = 'PreflightRunner'
 missing_data_help = (
     "ADE20K goes in data/ade/ADEChallengeData2016 in mmseg's layout (images/{training,validation}, "
     'annotations/{training,validation}): see docs/segmentation.md, "Train and test on ADE20K". Without ADE20K, '
