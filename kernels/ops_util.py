@@ -16,8 +16,8 @@ def fused_op(name):
     Where the op runs compiled Triton kernels, AOTAutograd traces into ``fn``: its kernels (launched through
     ``torch.library.wrap_triton``) and tensor ops become nodes of the compiled graph, which Inductor launches
     from its own generated code. A custom op that stays opaque is called through the dispatcher and runs its
-    Python launcher at every call: that host work (150-430 µs a call on the H200's host) kept the compiled
-    backbone host-bound. On the reference path, and under Triton's interpreter (whose kernels are Python
+    Python launcher at every call: that host work kept the compiled backbone host-bound (README,
+    torch.compile). On the reference path, and under Triton's interpreter (whose kernels are Python
     functions that need real data), the op stays one opaque node, its registered fake giving the shapes.
     """
     from torch._subclasses.functional_tensor import FunctionalTensorMode

@@ -4,9 +4,9 @@ Without the gate (and with one group) the same kernels are the LayerNorm of the 
 
 ``out = (LayerNorm_over_group(y) * weight + bias) * silu(z)`` for rows of ``C = groups * D`` channels. PyTorch
 runs the per-group LayerNorm as a LayerNorm over rows of ``D`` channels (16..128 here): one thread block per
-tiny row, which profiled as the largest GPU cost of a GroupMamba training step (H200, bs 128: 30 ms of
-150 ms). Here a program normalises a tile of ``BLOCK_N`` rows for every group at once, applies the affine and
-the gate, and keeps per-row statistics for a backward that recomputes everything else. Weight and bias
+tiny row, which profiled as the largest GPU cost of a GroupMamba training step (kernels/README.md). Here a
+program normalises a tile of ``BLOCK_N`` rows for every group at once, applies the affine and the gate, and
+keeps per-row statistics for a backward that recomputes everything else. Weight and bias
 gradients are per-program partial sums reduced afterwards in a fixed order: deterministic, no atomics.
 
 The modulated variant normalises ``y * x * scale`` (scale per image and channel) over all channels: the

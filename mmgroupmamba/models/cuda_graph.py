@@ -1,7 +1,8 @@
 """A module's forward (and its backward) replayed from CUDA graphs, one pair of graphs per input signature.
 
-Why: a GroupMamba training step launches ~3900 kernels, and on the H200 the host needs ~166 ms to issue what
-the GPU runs in ~35 ms (``benchmarks/profile_step.py``). A replayed graph issues them all in one call. The
+Why: a GroupMamba training step launches thousands of kernels, and the host takes several times longer to
+issue them than the GPU takes to run them (``benchmarks/profile_step.py``; figures in the README's Speed
+section). A replayed graph issues them all in one call. The
 graphs are recorded per input signature (shape, dtype, autocast dtype, grad mode, module modes, parameters),
 so they suit inputs of a few fixed sizes: classification, segmentation crops, fixed-size detection.
 
@@ -152,7 +153,8 @@ class CudaGraphs:
         self.replays = 0
         self.warned = set()
         self.grad_buffers = {}  # dtype -> flat gradient buffer shared by all signatures
-        # The module's parameters and submodules below it, listed once (walking them costs ~1 ms). The module
+        # The module's parameters and submodules below it, listed once (walking them at every call would cost
+        # the host as much as a few kernel launches). The module
         # itself is left out: holding it would put the module in a reference cycle, and its graphs would
         # outlive it until a garbage collection.
         self.members = None
