@@ -305,10 +305,9 @@ def extract_backbone_state_dict(checkpoint, prefix=None, skip=CLASSIFICATION_PRE
     return state, left_out, classification
 
 
-def official_weights_help(arch=None):
-    """Where the released weights are, the one of ``arch`` (a name or an arch dict) first."""
-    from mmgroupmamba.models import ARCH_SETTINGS  # the models import this module
-    name = arch if isinstance(arch, str) else next((n for n, a in ARCH_SETTINGS.items() if a == arch), None)
+def official_weights_help(name=None):
+    """Where the released weights are, those of the arch called ``name`` first (``None``: an arch without a
+    name, see ``mmgroupmamba.models.groupmamba.arch_name``)."""
     if name in OFFICIAL_WEIGHTS:
         where = f'The official ImageNet-1k weights of GroupMamba arch={name!r} are {OFFICIAL_WEIGHTS[name]}'
     else:
@@ -323,7 +322,7 @@ def load_backbone_checkpoint(backbone, filename, prefix=None):
     try:
         checkpoint = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
     except FileNotFoundError as error:
-        raise FileNotFoundError(f'{error} {official_weights_help(backbone.arch)}') from None
+        raise FileNotFoundError(f'{error} {official_weights_help(backbone.arch_name)}') from None
     own = backbone.state_dict()
     # GroupMamba(out_type='cls_token') has the class block (post_network.*) and takes it from the checkpoint.
     skip = tuple(p for p in CLASSIFICATION_PREFIXES if not any(k.startswith(p) for k in own))

@@ -20,6 +20,7 @@ from mmengine.registry import DATASETS, RUNNERS
 from mmengine.runner import Runner
 
 from mmgroupmamba.checkpoint import official_weights_help
+from mmgroupmamba.models.groupmamba import arch_name
 
 # Guides by the config's default scope, for problems the config's own help does not cover.
 GUIDES = {'mmdet': 'docs/detection.md', 'mmseg': 'docs/segmentation.md', 'mmpretrain': 'docs/classification.md'}
@@ -76,7 +77,8 @@ class PreflightRunner(Runner):
                 continue
             problem = f'Checkpoint: {path} does not exist ({key}).'
             if owner is not None and owner.get('type') == 'GroupMamba':
-                problem += ' ' + official_weights_help(owner.get('arch'))
+                arch = owner.get('arch')
+                problem += ' ' + official_weights_help(None if arch is None else arch_name(arch))
             elif key != 'load_from':
                 problem += f' See {self._guide()} for where it comes from.'
             problems.append(problem)

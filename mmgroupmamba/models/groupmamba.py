@@ -86,6 +86,12 @@ NUM_GROUPS = len(SCAN_DIRECTIONS)
 STAGE_NORM_EPS = 1e-6
 
 
+def arch_name(arch):
+    """The name in ``ARCH_SETTINGS`` of ``arch`` (a name or an arch dict), or ``None`` for another dict."""
+    resolved = resolve_arch(arch)
+    return next((name for name, settings in ARCH_SETTINGS.items() if settings == resolved), None)
+
+
 def resolve_arch(arch):
     """Return the architecture dict for a name in ``ARCH_SETTINGS`` or a user dict, checked."""
     if isinstance(arch, str):
@@ -506,6 +512,7 @@ class GroupMamba(BaseModule):
         if cuda_graph and compile:
             raise ValueError('GroupMamba: cuda_graph and compile cannot be combined; choose one')
         self.arch = resolve_arch(arch)
+        self.arch_name = arch_name(self.arch)  # names the official weights in errors
         embed_dims, depths = self.arch['embed_dims'], self.arch['depths']
         self.num_stages = len(depths)
         if out_type not in OUT_TYPES:
