@@ -65,7 +65,7 @@ def final_metrics(work_dir, keys):
 
 def train_seg(seed, work_dir):
     if not osp.isdir(osp.join(REPO, 'data/ade_demo')):
-        run([sys.executable, '-m', 'mmgroupmamba.seg.make_demo_data', '--out', 'data/ade_demo', '--num-train', '200',
+        run([sys.executable, '-m', 'mmgroupmamba.seg.demo_data', '--out', 'data/ade_demo', '--num-train', '200',
              '--num-val', '40'])
     run(mim('train', 'mmseg', SEG_CONFIG, '--gpus', '0', '--work-dir', work_dir,
             '--cfg-options', f'randomness.seed={seed}'))

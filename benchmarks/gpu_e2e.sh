@@ -62,8 +62,8 @@ make_det_data() {
   mkdir -p "$work"
   # From $work: run from the repo root, python -m would import the source folder, which lacks the kernels.
   (cd "$work" &&
-   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split train --num-images "$det_images" $det_sizes --seed 0 &&
-   python3 -m mmgroupmamba.det.make_demo_data "$det_data" --split val --num-images 40 $det_sizes --seed 1
+   python3 -m mmgroupmamba.det.demo_data "$det_data" --split train --num-images "$det_images" $det_sizes --seed 0 &&
+   python3 -m mmgroupmamba.det.demo_data "$det_data" --split val --num-images 40 $det_sizes --seed 1
   ) > "$out/make_det_data.log" 2>&1 || { tail -20 "$out/make_det_data.log"; exit 1; }
 }
 
@@ -85,7 +85,7 @@ for step in "$@"; do
     swin) det_run det_swin_t "$mmdet_cfgs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py" --amp;;
     seg)
       [ -d "$seg_data" ] || (mkdir -p "$work" && cd "$work" &&  # not from the repo root: see make_det_data
-        python3 -m mmgroupmamba.seg.make_demo_data --out "$seg_data" --num-train 200 --num-val 20)
+        python3 -m mmgroupmamba.seg.demo_data --out "$seg_data" --num-train 200 --num-val 20)
       run seg_groupmamba_t env CUDA_VISIBLE_DEVICES=0 python3 -m mim train mmseg configs/mmseg/upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py \
         --work-dir "$work/seg_groupmamba_t" --cfg-options model.backbone.init_cfg=None \
         train_dataloader.dataset.data_root="$seg_data" val_dataloader.dataset.data_root="$seg_data" \

@@ -24,7 +24,7 @@ from mmengine.config import Config
 
 from mmgroupmamba.cpu_ddp import main as cpu_ddp_main
 from mmgroupmamba.cpu_ddp import sync_bn_keys
-from mmgroupmamba.seg.make_demo_data import make_demo_dataset
+from mmgroupmamba.seg.demo_data import make_demo_dataset
 
 REPO = Path(__file__).parents[1]
 TESTS = Path(__file__).parent

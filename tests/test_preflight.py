@@ -43,7 +43,7 @@ def test_segmentation_without_ade20k(tmp_path):
     error = mim_train_error(tmp_path, 'mmseg', str(config))
     message = error[error.index('ConfigNotReadyError: Cannot'):]
     assert 'data/ade/ADEChallengeData2016 does not exist (train_dataloader.dataset.data_root' in message, message
-    assert 'docs/segmentation.md' in message and 'python -m mmgroupmamba.seg.make_demo_data' in message
+    assert 'docs/segmentation.md' in message and 'python -m mmgroupmamba.seg.demo_data' in message
     assert '--cfg-options optim_wrapper.type=OptimWrapper' in message
 
 
@@ -61,5 +61,5 @@ def test_demo_data_not_generated_yet(tmp_path):
     error = mim_train_error(tmp_path, 'mmseg', str(config), '--gpus', '0')
     message = error[error.index('ConfigNotReadyError: Cannot'):]
     assert 'data/ade_demo does not exist' in message, message
-    assert 'python -m mmgroupmamba.seg.make_demo_data --out data/ade_demo' in message
+    assert 'python -m mmgroupmamba.seg.demo_data --out data/ade_demo' in message
     assert 'optim_wrapper' not in message  # the demo trains in fp32 already

@@ -82,7 +82,7 @@ def det_cfg(tmp_path):
 def seg_cfg(tmp_path):
     """The segmentation demo (random resize, crop, flip, photometric distortion; stochastic depth switched on)
     on 6 generated scenes, 64x64 crops, 2 per batch: 4 iterations, validation on 2 scenes every 2."""
-    from mmgroupmamba.seg.make_demo_data import make_demo_dataset
+    from mmgroupmamba.seg.demo_data import make_demo_dataset
     data_root = tmp_path / 'ade_demo'
     make_demo_dataset(str(data_root), num_train=6, num_val=2, seed=0)
     cfg = Config.fromfile(str(SEG_CONFIG))
@@ -160,7 +160,7 @@ def test_segmentation_demo_resumes_exactly_with_a_worker_and_no_seed_set(tmp_pat
 
 def test_resume_check_script_on_the_segmentation_demo(tmp_path):
     """benchmarks/resume_check.py as the lead runs it on a GPU: three processes, then the comparison table."""
-    from mmgroupmamba.seg.make_demo_data import make_demo_dataset
+    from mmgroupmamba.seg.demo_data import make_demo_dataset
     data_root = tmp_path / 'ade_demo'
     make_demo_dataset(str(data_root), num_train=4, num_val=1, seed=0)
     options = [f'{loader}.dataset.data_root={data_root}' for loader in ('train_dataloader', 'val_dataloader')]

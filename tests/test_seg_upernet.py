@@ -19,7 +19,7 @@ from mmseg.datasets import ADE20KDataset
 from mmseg.registry import MODELS
 
 from mmgroupmamba.models import GroupMamba
-from mmgroupmamba.seg.make_demo_data import ADE_IDS, DEMO_CLASSES, make_demo_dataset
+from mmgroupmamba.seg.demo_data import ADE_IDS, DEMO_CLASSES, make_demo_dataset
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(glob(osp.join(REPO, 'configs', 'mmseg', '*.py')))

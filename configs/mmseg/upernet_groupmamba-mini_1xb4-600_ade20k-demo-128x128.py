@@ -1,13 +1,13 @@
 # CPU demo: UperNet with a small GroupMamba, trained from scratch for 600 iterations on the generated
-# ADE20K-format street scenes (python -m mmgroupmamba.seg.make_demo_data). Everything not set here is the
+# ADE20K-format street scenes (python -m mmgroupmamba.seg.demo_data). Everything not set here is the
 # GroupMamba-T ADE20K config: the stock ADE20KDataset (restricted to the 6 generated classes through its
 # metainfo), IoUMetric, whole-image testing at any size and `--tta`.
 _base_ = './upernet_groupmamba-t_8xb2-160k_ade20k-512x512.py'
 
 data_root = 'data/ade_demo'
-missing_data_help = ('The demo data are generated: python -m mmgroupmamba.seg.make_demo_data --out data/ade_demo '
+missing_data_help = ('The demo data are generated: python -m mmgroupmamba.seg.demo_data --out data/ade_demo '
                      '--num-train 200 --num-val 40 (docs/segmentation.md, "CPU demo")')
-demo_classes = ('building', 'sky', 'tree', 'road', 'grass', 'car')  # mmgroupmamba.seg.make_demo_data.DEMO_CLASSES
+demo_classes = ('building', 'sky', 'tree', 'road', 'grass', 'car')  # mmgroupmamba.seg.demo_data.DEMO_CLASSES
 crop_size = (128, 128)
 max_iters = 600
 # A fixed seed (weights, data order, augmentations): the README's numbers are this seed's run; other seeds

@@ -12,7 +12,7 @@ _base_ = [
 missing_data_help = (
     "ADE20K goes in data/ade/ADEChallengeData2016 in mmseg's layout (images/{training,validation}, "
     'annotations/{training,validation}): see docs/segmentation.md, "Train and test on ADE20K". Without ADE20K, '
-    'the CPU demo generates its data: python -m mmgroupmamba.seg.make_demo_data --out data/ade_demo '
+    'the CPU demo generates its data: python -m mmgroupmamba.seg.demo_data --out data/ade_demo '
     '--num-train 200 --num-val 40, then configs/mmseg/upernet_groupmamba-mini_1xb4-600_ade20k-demo-128x128.py')
 
 # The official GroupMamba-T ImageNet-1k weights (mmgroupmamba.checkpoint.OFFICIAL_WEIGHTS), downloaded on first use

@@ -7,7 +7,7 @@ and ``CocoMetric`` (bbox and segm) read them unchanged.
 
 :class:`ShapesCocoDataset` generates its split on first use and then reads the cache; the command
 
-    python -m mmgroupmamba.det.make_demo_data OUT_DIR --split train --num-images 512 --seed 0
+    python -m mmgroupmamba.det.demo_data OUT_DIR --split train --num-images 512 --seed 0
 
 writes a split in COCO layout (``OUT_DIR/annotations/instances_<split>.json`` and ``OUT_DIR/<split>/*.png``).
 """

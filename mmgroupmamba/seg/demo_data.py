@@ -13,7 +13,7 @@ vary and are mostly not multiples of 32, like real ADE20K images.
 
 Usage::
 
-    python -m mmgroupmamba.seg.make_demo_data --out data/ade_demo --num-train 200 --num-val 40
+    python -m mmgroupmamba.seg.demo_data --out data/ade_demo --num-train 200 --num-val 40
 """
 import argparse
 import os
