@@ -3,19 +3,21 @@ custom ops ``mmgroupmamba::dwconv_act_fwd`` / ``..._bwd``: Triton on CUDA tensor
 """
 import torch
 
-from .dispatch import triton_module, use_triton
+from .dispatch import triton_module
 from .ops_util import empty, fused_op, reduced_dtype, reference_grads
 from .reference import check_dwconv_activation, depthwise_conv_act_reference
 
 
-@fused_op('mmgroupmamba::dwconv_act_fwd')
+def _forward_reference(x, weight, bias, activation):
+    with torch.no_grad():
+        return depthwise_conv_act_reference(x, weight, bias, activation)
+
+
+@fused_op('mmgroupmamba::dwconv_act_fwd', reference=_forward_reference)
 def dwconv_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(dwconv3x3(x) + bias)``; contiguous ``(B, H, W, C)`` in x's dtype. A channel slice of a wider map
     is read in place by the Triton path."""
-    if use_triton(x):
-        return triton_module('triton_dwconv', x.device).dwconv_act_forward(x, weight, bias, activation)
-    with torch.no_grad():
-        return depthwise_conv_act_reference(x, weight, bias, activation)
+    return triton_module('triton_dwconv', x.device).dwconv_act_forward(x, weight, bias, activation)
 
 
 @dwconv_act_forward.register_fake
@@ -23,18 +25,20 @@ def _(x, weight, bias, activation):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@fused_op('mmgroupmamba::dwconv_act_bwd')
+def _backward_reference(dout, x, weight, bias, activation, need_output):
+    (dx, dweight, dbias), out = reference_grads(
+        lambda *t: depthwise_conv_act_reference(*t, activation), (x, weight, bias), dout, need_output)
+    dparams = torch.cat([dweight.reshape(-1), dbias]).to(reduced_dtype(x))
+    return dx, dparams, (out if need_output else empty(x))
+
+
+@fused_op('mmgroupmamba::dwconv_act_bwd', reference=_backward_reference)
 def dwconv_act_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str,
                    need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dparams, output)``: ``dparams`` the ``(10 * C,)`` weight and bias gradients (fp32; fp64 for fp64 x) (see
     :func:`split_param_grads`), ``output`` the recomputed forward output, empty unless ``need_output``."""
-    if use_triton(x):
-        launch = triton_module('triton_dwconv', x.device).dwconv_act_backward
-        dx, dparams, out = launch(dout, x, weight, bias, activation, need_output)
-    else:
-        (dx, dweight, dbias), out = reference_grads(
-            lambda *t: depthwise_conv_act_reference(*t, activation), (x, weight, bias), dout, need_output)
-        dparams = torch.cat([dweight.reshape(-1), dbias]).to(reduced_dtype(x))
+    launch = triton_module('triton_dwconv', x.device).dwconv_act_backward
+    dx, dparams, out = launch(dout, x, weight, bias, activation, need_output)
     return dx, dparams, (out if need_output else empty(x))
 
 

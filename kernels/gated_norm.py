@@ -11,17 +11,18 @@ from .ops_util import empty, fused_op, reduced_dtype, reference_grads
 from .reference import group_layer_norm_reference, modulated_layer_norm_reference
 
 
-@fused_op('mmgroupmamba::gated_group_norm_fwd')
+def _gated_fwd_reference(y, z, weight, bias, groups, eps, out_dtype):
+    with torch.no_grad():
+        out = group_layer_norm_reference(y, z, weight, bias, groups, eps, out_dtype)
+    return out.contiguous(), empty(y, torch.float32), empty(y, torch.float32)
+
+
+@fused_op('mmgroupmamba::gated_group_norm_fwd', reference=_gated_fwd_reference)
 def gated_group_norm_fwd(y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
                          groups: int, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
     """``(out, mean, rstd)``; the statistics are the Triton backward's (empty on the reference path)."""
-    if use_triton(y):
-        return triton_module('triton_gated_norm', y.device).gated_norm_forward(y, z, weight, bias, groups, eps,
-                                                                               out_dtype)
-    with torch.no_grad():
-        out = group_layer_norm_reference(y, z, weight, bias, groups, eps, out_dtype)
-    return out.contiguous(), empty(y, torch.float32), empty(y, torch.float32)
+    return triton_module('triton_gated_norm', y.device).gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype)
 
 
 @gated_group_norm_fwd.register_fake
@@ -33,20 +34,22 @@ def _(y, z, weight, bias, groups, eps, out_dtype):
     return out, empty(y, torch.float32), empty(y, torch.float32)
 
 
-@fused_op('mmgroupmamba::gated_group_norm_bwd')
+def _gated_bwd_reference(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
+    (dy, dz, dw, db), out = reference_grads(
+        lambda *t: group_layer_norm_reference(*t, groups, eps, out_dtype), (y, z, weight, bias), dout, need_output)
+    dwb = torch.stack([dw, db]).to(reduced_dtype(y))
+    return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
+
+
+@fused_op('mmgroupmamba::gated_group_norm_bwd', reference=_gated_bwd_reference)
 def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor,
                          bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int, eps: float,
                          out_dtype: torch.dtype, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                              torch.Tensor]:
     """``(dy, dz, dwb, out)``: ``dz`` empty without a gate, ``dwb`` the ``(2, C)`` weight and bias gradients
     (fp32; reduced in one launch), ``out`` (the recomputed output) empty unless ``need_output``."""
-    if use_triton(y):
-        dy, dz, dwb, out = triton_module('triton_gated_norm', y.device).gated_norm_backward(
-            dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output)
-    else:
-        (dy, dz, dw, db), out = reference_grads(
-            lambda *t: group_layer_norm_reference(*t, groups, eps, out_dtype), (y, z, weight, bias), dout, need_output)
-        dwb = torch.stack([dw, db]).to(reduced_dtype(y))
+    dy, dz, dwb, out = triton_module('triton_gated_norm', y.device).gated_norm_backward(
+        dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output)
     return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
 
 
@@ -81,15 +84,17 @@ def _gated_backward(ctx, dout, _dmean, _drstd):
 gated_group_norm_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
-@fused_op('mmgroupmamba::modulated_layer_norm_fwd')
-def modulated_layer_norm_fwd(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
-                             bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, mean, rstd)`` of ``LayerNorm(y * x * scale[:, None, None, :])``; statistics as above."""
-    if use_triton(y):
-        return triton_module('triton_gated_norm', y.device).modulated_norm_forward(y, x, scale, weight, bias, eps)
+def _modulated_fwd_reference(y, x, scale, weight, bias, eps):
     with torch.no_grad():
         out = modulated_layer_norm_reference(y, x, scale, weight, bias, eps)
     return out.contiguous(), empty(y, torch.float32), empty(y, torch.float32)
+
+
+@fused_op('mmgroupmamba::modulated_layer_norm_fwd', reference=_modulated_fwd_reference)
+def modulated_layer_norm_fwd(y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, mean, rstd)`` of ``LayerNorm(y * x * scale[:, None, None, :])``; statistics as above."""
+    return triton_module('triton_gated_norm', y.device).modulated_norm_forward(y, x, scale, weight, bias, eps)
 
 
 @modulated_layer_norm_fwd.register_fake
@@ -101,19 +106,20 @@ def _(y, x, scale, weight, bias, eps):
     return out, empty(y, torch.float32), empty(y, torch.float32)
 
 
-@fused_op('mmgroupmamba::modulated_layer_norm_bwd')
+def _modulated_bwd_reference(dout, y, x, scale, weight, bias, mean, rstd, eps, need_output):
+    (dy, dx, dscale, dw, db), out = reference_grads(
+        lambda *t: modulated_layer_norm_reference(*t, eps), (y, x, scale, weight, bias), dout, need_output)
+    return dy, dx, dscale, torch.stack([dw, db]).to(reduced_dtype(y)), (out if need_output else empty(y))
+
+
+@fused_op('mmgroupmamba::modulated_layer_norm_bwd', reference=_modulated_bwd_reference)
 def modulated_layer_norm_bwd(dout: torch.Tensor, y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
                              weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                              eps: float, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                      torch.Tensor, torch.Tensor]:
     """``(dy, dx, dscale, dwb, out)``; ``dwb`` as for the gated norm, ``out`` empty unless ``need_output``."""
-    if use_triton(y):
-        dy, dx, dscale, dwb, out = triton_module('triton_gated_norm', y.device).modulated_norm_backward(
-            dout, y, x, scale, weight, bias, mean, rstd, need_output)
-    else:
-        (dy, dx, dscale, dw, db), out = reference_grads(
-            lambda *t: modulated_layer_norm_reference(*t, eps), (y, x, scale, weight, bias), dout, need_output)
-        dwb = torch.stack([dw, db]).to(reduced_dtype(y))
+    dy, dx, dscale, dwb, out = triton_module('triton_gated_norm', y.device).modulated_norm_backward(
+        dout, y, x, scale, weight, bias, mean, rstd, need_output)
     return dy, dx, dscale, dwb, (out if need_output else empty(y))
 
 

@@ -1,5 +1,6 @@
 """Pieces shared by the custom ops' implementations."""
 import contextlib
+import functools
 
 import torch
 
@@ -9,21 +10,28 @@ _AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchK
                   torch._C.DispatchKey.AutogradNestedTensor, torch._C.DispatchKey.ADInplaceOrView)
 
 
-def fused_op(name):
-    """Decorator: ``fn`` as the custom op ``name`` (``torch.library.triton_op``); register its fake
-    implementation on the result (``@op.register_fake``) as for any custom op.
+def fused_op(name, reference):
+    """Decorator: the Triton implementation ``fn`` and its PyTorch ``reference`` (the same signature) as one
+    custom op ``name`` (``torch.library.triton_op``); register its fake implementation on the result
+    (``@op.register_fake``) as for any custom op.
 
-    Where the op runs compiled Triton kernels, AOTAutograd traces into ``fn``: its kernels (launched through
+    Which of the two runs is decided here, for every op, from the first argument
+    (:func:`~mmgroupmamba.kernels.dispatch.use_triton`: ``MMGM_KERNELS``, CUDA or not). Where the op runs
+    compiled Triton kernels, AOTAutograd traces into ``fn``: its kernels (launched through
     ``torch.library.wrap_triton``) and tensor ops become nodes of the compiled graph, which Inductor launches
     from its own generated code. A custom op that stays opaque is called through the dispatcher and runs its
     Python launcher at every call: that host work kept the compiled backbone host-bound (README,
-    torch.compile). On the reference path, and under Triton's interpreter (whose kernels are Python
-    functions that need real data), the op stays one opaque node, its registered fake giving the shapes.
+    torch.compile). On the reference path, and under Triton's interpreter (whose kernels are Python functions
+    that need real data), the op stays one opaque node, its registered fake giving the shapes.
     """
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     def register(fn):
-        op = torch.library.triton_op(name, fn, mutates_args=())
+        @functools.wraps(fn)  # the op's schema is inferred from fn's annotations
+        def implementation(*args):
+            return (fn if use_triton(args[0]) else reference)(*args)
+
+        op = torch.library.triton_op(name, implementation, mutates_args=())
 
         def functional_rule(mode, func, types, args, kwargs):
             if use_triton(args[0]) and not interpreter_requested():

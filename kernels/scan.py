@@ -42,21 +42,23 @@ def _triton_inputs(u, delta, A, B, C, D, delta_bias):
     return (u.contiguous(), delta.contiguous(), A.contiguous(), B, C, D.contiguous(), delta_bias.contiguous())
 
 
-@fused_op('mmgroupmamba::selective_scan_fwd')
+def _scan_fwd_reference(u, delta, A, B, C, D, delta_bias, height, width, tiling, save_states):
+    with torch.no_grad():
+        y = selective_scan_reference(u, delta, A, B, C, D, delta_bias, (height, width))
+    return y.contiguous(), empty(u, torch.float32)
+
+
+@fused_op('mmgroupmamba::selective_scan_fwd', reference=_scan_fwd_reference)
 def selective_scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                        D: torch.Tensor, delta_bias: torch.Tensor, height: int, width: int, tiling: list[int],
                        save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, states)``: states are the Triton backward's checkpoints (empty on the reference path or when
     ``save_states`` is off)."""
-    if use_triton(u):
-        ts = triton_module('triton_scan', u.device)
-        inputs = _triton_inputs(u, delta, A, B, C, D, delta_bias)
-        cfg = ts.choose_config(inputs[0], **_tiling_kwargs(tiling))
-        y, states = ts.scan_forward(*inputs, (height, width), cfg, save_states)
-        return y, (states if save_states else empty(u, torch.float32))
-    with torch.no_grad():
-        y = selective_scan_reference(u, delta, A, B, C, D, delta_bias, (height, width))
-    return y.contiguous(), empty(u, torch.float32)
+    ts = triton_module('triton_scan', u.device)
+    inputs = _triton_inputs(u, delta, A, B, C, D, delta_bias)
+    cfg = ts.choose_config(inputs[0], **_tiling_kwargs(tiling))
+    y, states = ts.scan_forward(*inputs, (height, width), cfg, save_states)
+    return y, (states if save_states else empty(u, torch.float32))
 
 
 @selective_scan_fwd.register_fake
@@ -72,7 +74,14 @@ def _(u, delta, A, B, C, D, delta_bias, height, width, tiling, save_states):
     return torch.empty_like(u, memory_format=torch.contiguous_format), states
 
 
-@fused_op('mmgroupmamba::selective_scan_bwd')
+def _scan_bwd_reference(dy, u, delta, A, B, C, D, delta_bias, states, height, width, tiling):
+    (du, ddelta, dA, dB, dC, dD, dbias), _ = reference_grads(
+        lambda *t: selective_scan_reference(*t, (height, width)), (u, delta, A, B, C, D, delta_bias), dy)
+    reduced = reduced_dtype(u)
+    return du, ddelta, torch.stack([dA, dD, dbias]).to(reduced), torch.stack([dB, dC]).to(reduced)
+
+
+@fused_op('mmgroupmamba::selective_scan_bwd', reference=_scan_bwd_reference)
 def selective_scan_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        C: torch.Tensor, D: torch.Tensor, delta_bias: torch.Tensor, states: torch.Tensor,
                        height: int, width: int, tiling: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -80,15 +89,10 @@ def selective_scan_bwd(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A
     """``(du, ddelta, dADb, dBC)``: du and ddelta in their inputs' dtypes, ``dADb`` the ``(3, C)`` gradients of
     A, D and delta_bias and ``dBC`` the ``(2, batch, L, 4)`` gradients of B and C (fp32, fp64 for fp64 inputs);
     :func:`_scan_backward` takes them apart."""
-    if use_triton(u):
-        ts = triton_module('triton_scan', u.device)
-        inputs = _triton_inputs(u, delta, A, B, C, D, delta_bias)
-        cfg = ts.choose_config(inputs[0], **_tiling_kwargs(tiling))
-        return ts.scan_backward(dy, *inputs, (height, width), states, cfg)
-    (du, ddelta, dA, dB, dC, dD, dbias), _ = reference_grads(
-        lambda *t: selective_scan_reference(*t, (height, width)), (u, delta, A, B, C, D, delta_bias), dy)
-    reduced = reduced_dtype(u)
-    return du, ddelta, torch.stack([dA, dD, dbias]).to(reduced), torch.stack([dB, dC]).to(reduced)
+    ts = triton_module('triton_scan', u.device)
+    inputs = _triton_inputs(u, delta, A, B, C, D, delta_bias)
+    cfg = ts.choose_config(inputs[0], **_tiling_kwargs(tiling))
+    return ts.scan_backward(dy, *inputs, (height, width), states, cfg)
 
 
 @selective_scan_bwd.register_fake
