@@ -17,8 +17,8 @@ model = dict(
     type='DistillationImageClassifier',
     # The official classifier's output: its class token (the rate is the official train.py's).
     # Training batches are all 128 x 224x224 (drop_last below): training replays forward and backward from CUDA
-    # graphs (backbone alone on one H200: 1479 img/s against 451 eagerly; README, Speed), evaluation runs
-    # eagerly. Not yet run through mmpretrain on a GPU; off with --cfg-options model.backbone.cuda_graph=False.
+    # graphs (backbone alone on one H200 at f881035: 1479 img/s against 451 eagerly; README, Speed), evaluation
+    # runs eagerly. Not yet run through mmpretrain on a GPU; off with --cfg-options model.backbone.cuda_graph=False.
     backbone=dict(type='GroupMamba', arch='tiny', out_type='cls_token', drop_path_rate=0.05, cuda_graph='train'),
     head=dict(
         type='DistillationLinearClsHead',

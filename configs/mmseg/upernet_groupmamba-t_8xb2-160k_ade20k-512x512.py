@@ -30,9 +30,9 @@ model = dict(
         # BN backbones (VMamba's backbone has no BatchNorm: docs/segmentation.md).
         norm_cfg=dict(type='SyncBN', requires_grad=True),
         # Every training crop is 512x512: training replays forward and backward from CUDA graphs (one H200,
-        # stock mim train: 0.095 s/iter against 0.255 eagerly; README). Evaluation's whole images come in many
-        # sizes and run eagerly. Not yet run with several GPUs (SyncBN inside the graphs); off with
-        # --cfg-options model.backbone.cuda_graph=False.
+        # stock mim train at commit 410b4c1: 0.095 s/iter against 0.255 eagerly; README). Evaluation's whole
+        # images come in many sizes and run eagerly. Not yet run with several GPUs (SyncBN inside the graphs);
+        # off with --cfg-options model.backbone.cuda_graph=False.
         cuda_graph='train',
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
     decode_head=dict(in_channels=[64, 128, 348, 448]),
