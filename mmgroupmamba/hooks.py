@@ -70,8 +70,10 @@ def restore_random_states(states):
             raise KeyError(f'RandomStateHook: the stored random states have no {key!r} entry (keys: {sorted(states)})')
     numpy_state = states['numpy']
     python_state = states['python']
-    torch.set_rng_state(states['torch'])
-    np.random.set_state((numpy_state['bit_generator'], numpy_state['keys'].numpy().astype(np.uint32),
+    # .cpu(): a resumed GPU run's checkpoint is loaded onto the GPU (mmengine's map_location), and the
+    # generators take their states as CPU tensors only.
+    torch.set_rng_state(states['torch'].cpu())
+    np.random.set_state((numpy_state['bit_generator'], numpy_state['keys'].cpu().numpy().astype(np.uint32),
                          numpy_state['pos'], numpy_state['has_gauss'], numpy_state['cached_gaussian']))
     random.setstate((python_state['version'], tuple(python_state['internal']), python_state['gauss_next']))
     restored = ['torch CPU', 'numpy', 'random']
@@ -80,7 +82,7 @@ def restore_random_states(states):
     devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if saved_cuda:
         for device, state in enumerate(saved_cuda[:devices]):
-            torch.cuda.set_rng_state(state, device)
+            torch.cuda.set_rng_state(state.cpu(), device)
         if devices:
             restored.append(f'CUDA ({min(devices, len(saved_cuda))} device{"s" if devices > 1 else ""})')
         if len(saved_cuda) != devices:
