@@ -194,8 +194,8 @@ class RandomStateHook(Hook):
       first batch;
     * non-deterministic kernels (CUDA atomics, cuDNN without ``randomness.deterministic=True``) and the
       resumed process's own autotuning give other numerics, random states or not;
-    * work a resumed process does again and that draws numbers, e.g. the eager warm-up passes before a CUDA
-      graph is recorded (``cuda_graph=True`` with stochastic depth): see docs/resuming.md.
+    * work a resumed process does again and that draws numbers without putting the generators back (the CUDA
+      graph recording of ``cuda_graph=True`` does put them back after its warm-up passes: docs/resuming.md).
 
     In distributed runs every rank's states are stored: they are gathered on all ranks where a checkpoint can
     be written (after each epoch; after each iteration when a CheckpointHook saves by iteration; before
