@@ -12,6 +12,7 @@ The configs select it with ``runner_type='PreflightRunner'``, which the stock ``
 mmseg and mmpretrain (so ``mim train``) and mmdet's ``tools/test.py`` honour. A config says where its data
 comes from in ``missing_data_help``, printed with missing data.
 """
+import json
 import os
 import os.path as osp
 
@@ -60,6 +61,9 @@ class PreflightRunner(Runner):
                 _collect_missing_evaluator_paths(evaluator, loader.replace('_dataloader', '_evaluator'),
                                                  missing_data)
         problems = []
+        if not missing_data:
+            for loader in loaders:
+                problems += _coco_class_problems(self.cfg, loader, self._guide())
         if missing_data:
             lines = [f'{path} does not exist ({", ".join(keys)})' for path, keys in missing_data.items()]
             help_text = (self.cfg.get('missing_data_help') or f'See {self._guide()} for the data this config reads')
@@ -147,6 +151,73 @@ def _collect_missing_evaluator_paths(evaluator, key, missing):
             missing.setdefault(ann_file, []).append(f'{key}{f"[{i}]" if len(evaluators) > 1 else ""}.ann_file')
 
 
+def _coco_class_problems(cfg, loader, guide):
+    """Classes that mmdet's ``CocoMetric`` could not map back to the annotation file's categories.
+
+    The metric maps a predicted label ``i`` to the ``i``-th of the dataset's classes found among the annotation
+    file's categories. A head with more classes than that, or a class missing from the file, ends the first
+    evaluation, after a whole epoch of training, with ``IndexError: list index out of range`` in
+    ``results2json``. This happens with a COCO-format folder of other categories and the configs' 80 COCO classes.
+    """
+    evaluator_key = loader.replace('_dataloader', '_evaluator')
+    evaluators = cfg.get(evaluator_key)
+    evaluators = evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]
+    dataset = (cfg.get(loader) or {}).get('dataset')
+    problems = []
+    for metric in evaluators:
+        metric_type = metric.get('type') if isinstance(metric, dict) else None
+        ann_file = metric.get('ann_file') if isinstance(metric, dict) else None
+        if getattr(metric_type, '__name__', metric_type) != 'CocoMetric' or not isinstance(dataset, dict) \
+                or not isinstance(ann_file, str) or not osp.isfile(ann_file):
+            continue
+        classes = (dataset.get('metainfo') or {}).get('classes')
+        classes_key = f'{loader}.dataset.metainfo.classes'
+        if classes is None:
+            classes = getattr(_dataset_class(dataset.get('type')), 'METAINFO', {}).get('classes')
+            classes_key = f"{dataset.get('type')}'s default classes"
+        if not classes:
+            continue
+        with open(ann_file) as f:
+            categories = {category['name'] for category in json.load(f).get('categories', [])}
+        found = [name for name in classes if name in categories]
+        missing = [name for name in classes if name not in categories]
+        heads = [(key, n) for key, n in _num_classes(cfg.get('model'), 'model') if n != len(found)]
+        if not missing and not heads:
+            continue
+        problem = (f'Classes: mmdet\'s CocoMetric ({evaluator_key}) can map predictions to {len(found)} categories '
+                   f'of {ann_file}, the dataset\'s {len(classes)} classes ({classes_key}) found there')
+        if missing:
+            shown = ', '.join(repr(name) for name in missing[:5]) + (', ...' if len(missing) > 5 else '')
+            problem += f'; {len(missing)} of the classes are not among its categories ({shown})'
+        if heads:
+            problem += '; ' + ', '.join(f'{key}={n}' for key, n in heads) + ' predict more labels than that'
+        problem += ('. The first evaluation would stop with "IndexError: list index out of range". For a dataset of '
+                    'your own categories, name them in every dataloader\'s dataset (--cfg-options '
+                    f'{loader}.dataset.metainfo.classes="(a,b,c)" and the other dataloaders alike) and give the heads '
+                    'as many classes (' + ' '.join(f'{key}=N' for key, _ in _num_classes(cfg.get('model'), 'model'))
+                    + f'); see {guide}.')
+        problems.append(problem)
+    return problems
+
+
+def _num_classes(cfg, key):
+    """``(config key, num_classes)`` of the model's class-predicting heads (the RPN's one "object" class left
+    out)."""
+    return [(f'{owner_key}.num_classes', value) for owner_key, name, value, _ in _config_items(cfg, key)
+            if name == 'num_classes' and isinstance(value, int) and 'rpn_head' not in owner_key]
+
+
+def _config_items(cfg, key):
+    """Every ``(owner's key, name, value, owner)`` of the dicts nested in a config value, depth first."""
+    if isinstance(cfg, dict):
+        for name, value in cfg.items():
+            yield key, name, value, cfg
+            yield from _config_items(value, f'{key}.{name}')
+    elif isinstance(cfg, (list, tuple)):
+        for i, value in enumerate(cfg):
+            yield from _config_items(value, f'{key}[{i}]')
+
+
 def _dataset_class(dataset_type):
     if isinstance(dataset_type, type):
         return dataset_type
@@ -164,15 +235,9 @@ def _model_checkpoints(cfg, key):
     fit), or None for other ``checkpoint`` keys (e.g. a distillation teacher's).
     """
     found = []
-    if isinstance(cfg, dict):
-        for name, value in cfg.items():
-            if name == 'init_cfg' and isinstance(value, dict) and isinstance(value.get('checkpoint'), str):
-                found.append((f'{key}.init_cfg.checkpoint', value['checkpoint'], cfg))
-            elif name == 'checkpoint' and isinstance(value, str):
-                found.append((f'{key}.checkpoint', value, None))
-            else:
-                found += _model_checkpoints(value, f'{key}.{name}')
-    elif isinstance(cfg, (list, tuple)):
-        for i, value in enumerate(cfg):
-            found += _model_checkpoints(value, f'{key}[{i}]')
+    for owner_key, name, value, owner in _config_items(cfg, key):
+        if name == 'init_cfg' and isinstance(value, dict) and isinstance(value.get('checkpoint'), str):
+            found.append((f'{owner_key}.init_cfg.checkpoint', value['checkpoint'], owner))
+        elif name == 'checkpoint' and isinstance(value, str) and not owner_key.endswith('.init_cfg'):
+            found.append((f'{owner_key}.checkpoint', value, None))
     return found
