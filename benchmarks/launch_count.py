@@ -14,8 +14,9 @@ glue inside the fused custom ops (allocations aside: reductions, casts, copies) 
   re-entered, so the ops inside it are (the dispatcher switches modes off inside an op);
 * every Triton launch counts once, as ``triton:<kernel>``; the interpreter's own host copies are not seen.
 
-An ATen op counts as one launch; on CUDA a few launch two (``eye``, a fill and the diagonal) and a matmul may
-launch more (cuBLAS split-K); CPU and CUDA autocast cast the same ops. ``--sms`` is the multiprocessor count
+An ATen op counts as one launch, and as two where CUDA runs it as a zero fill and a copy (``eye``,
+``diag_embed``, ``slice_backward``); a matmul may launch more (cuBLAS split-K). CPU and CUDA autocast cast the
+same ops. ``--sms`` is the multiprocessor count
 the launchers size their tilings by (132: an H200), which decides whether a scan splits its sequence (two
 launches more each way); ``--size`` must be long enough for that to happen (16: 256 positions).
 """
@@ -38,6 +39,8 @@ from mmgroupmamba.models.groupmamba import GroupMambaBlock  # noqa: E402
 
 # Ops that launch nothing although their output is no view: allocations, and a reshape's copy-free result.
 NO_KERNEL = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided', '_unsafe_view'}
+# ATen ops that run as a zero fill and a copy on CUDA: two kernels.
+TWO_KERNELS = {'eye', 'diag_embed', 'slice_backward'}
 LAUNCHERS = ('triton_scan', 'triton_gated_norm', 'triton_dwconv')
 NAMESPACE = 'mmgroupmamba'
 
@@ -58,7 +61,7 @@ class LaunchCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         makes_tensor = any(isinstance(r.type, torch.TensorType) for r in func._schema.returns)
         if makes_tensor and not (func.is_view or name in NO_KERNEL):
-            self.counts[self.phase, name] += 1
+            self.counts[self.phase, name] += 2 if name in TWO_KERNELS else 1
         return func(*args, **kwargs)
 
     @contextlib.contextmanager
