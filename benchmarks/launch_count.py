@@ -15,10 +15,10 @@ glue inside the fused custom ops (allocations aside: reductions, casts, copies) 
 * every Triton launch counts once, as ``triton:<kernel>``; the interpreter's own host copies are not seen.
 
 An ATen op counts as one launch, and as two where CUDA runs it as a zero fill and a copy (``eye``,
-``diag_embed``, ``slice_backward``); a matmul may launch more (cuBLAS split-K). CPU and CUDA autocast cast the
-same ops. ``--sms`` is the multiprocessor count
-the launchers size their tilings by (132: an H200), which decides whether a scan splits its sequence (two
-launches more each way); ``--size`` must be long enough for that to happen (16: 256 positions).
+``diag_embed``, ``select_backward``, ``slice_backward``); a matmul may launch more (cuBLAS split-K). CPU and
+CUDA autocast cast the same ops. ``--sms`` is the multiprocessor count the launchers size their tilings by
+(132: an H200), which decides whether a scan splits its sequence (two launches more each way); ``--size`` must
+be long enough for that to happen (16: 256 positions).
 """
 import argparse
 import collections
@@ -40,7 +40,7 @@ from mmgroupmamba.models.groupmamba import GroupMambaBlock  # noqa: E402
 # Ops that launch nothing although their output is no view: allocations, and a reshape's copy-free result.
 NO_KERNEL = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided', '_unsafe_view'}
 # ATen ops that run as a zero fill and a copy on CUDA: two kernels.
-TWO_KERNELS = {'eye', 'diag_embed', 'slice_backward'}
+TWO_KERNELS = {'eye', 'diag_embed', 'select_backward', 'slice_backward'}
 LAUNCHERS = ('triton_scan', 'triton_gated_norm', 'triton_dwconv')
 NAMESPACE = 'mmgroupmamba'
 
