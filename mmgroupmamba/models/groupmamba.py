@@ -189,14 +189,16 @@ def packed_to_official(state_dict, prefix=None):
 
 
 def block_diagonal(blocks):
-    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices, in one broadcast multiply.
+    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices.
 
-    One dense matmul with the block-diagonal weight beats G small ones (and G launches); the weights are
-    small, and under torch.compile this fuses into the weight's cast.
+    One dense matmul with the block-diagonal weight beats G small ones (and G launches). ``diag_embed`` lays
+    the blocks on the diagonal of a zero-filled result (a fill and a copy on CUDA, into a contiguous result
+    whatever the blocks' layout); its backward takes the diagonal back out as a view, where a multiply with an
+    identity would cost a multiply and a reduction.
     """
     *lead, groups, rows, cols = blocks.shape
-    eye = torch.eye(groups, dtype=blocks.dtype, device=blocks.device)
-    return (blocks.unsqueeze(-2) * eye[:, None, :, None]).reshape(*lead, groups * rows, groups * cols)
+    diagonal = torch.diag_embed(blocks.movedim(-3, -1), dim1=len(lead), dim2=len(lead) + 2)  # (..., G, m, G, n)
+    return diagonal.view(*lead, groups * rows, groups * cols)
 
 
 def apply_layer_norm(norm, x):
@@ -280,20 +282,33 @@ class GroupMambaLayer(nn.Module):
         self.A_logs.zero_()  # log(1): d_state = 1
         self.Ds.fill_(1.0)
 
+    def projections(self, dtype):
+        """The groups' projections as block-diagonal ``dtype`` matrices over all channels: ``in_proj`` ``(2C, C)``
+        (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into x_proj's dt rows: one
+        projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its C rows) and
+        ``out_proj`` ``(C, C)``.
+
+        Rebuilt at every call from the parameters, in few launches (a training step is bound by its host's
+        launches): the square blocks of three of them are stacked and laid on their diagonals together, each
+        block cast before it is laid out (G times fewer elements than the matrix).
+        """
+        dt_rows, bc_rows = self.x_proj_weight.to(dtype).split([self.dt_rank, 2], dim=1)
+        square = torch.cat([self.in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
+                            torch.bmm(self.dt_projs_weight.to(dtype), dt_rows).unsqueeze(0),
+                            self.out_proj_weight.unsqueeze(0)])
+        # Split and flattened, not indexed: the backward of a split is one concatenation, that of an index a fill
+        # and a copy.
+        in_proj, delta_proj, out_proj = block_diagonal(square.to(dtype)).split([2, 1, 1])  # (4, C, C)
+        bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, 1, d) -> (2, G, C)
+        return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
+
     def forward(self, x):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's)."""
         batch, height, width, dims = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         affinity = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((1, 2))))))
 
-        rank = self.dt_rank
-        # (G, 2d, d) -> (2, G, d, d) -> block-diagonal (2, C, C) -> rows (u of all groups, z of all groups).
-        in_proj = block_diagonal(self.in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1)).flatten(0, 1)
-        # dt_proj folded into x_proj's dt rows: one (C, C) projection for the step sizes.
-        delta_proj = block_diagonal(torch.bmm(self.dt_projs_weight, self.x_proj_weight[:, :rank]))
-        # x_proj's B and C rows: (G, 2, d) -> (2, G, 1, d) -> (2G, C), group g's rows on its channels only.
-        bc_proj = block_diagonal(self.x_proj_weight[:, rank:].transpose(0, 1).unsqueeze(-2)).flatten(0, 1)
-
+        in_proj, delta_proj, bc_proj, out_proj = self.projections(x.dtype)
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(dims, dim=-1)
         u = depthwise_conv_act(u, self.conv2d.weight, self.conv2d.bias, 'silu').reshape(batch, height * width, dims)
@@ -303,8 +318,7 @@ class GroupMambaLayer(nn.Module):
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
         # norms run with the linear layer after them, so that their outputs need not be kept for backward.
         y = gated_group_norm_linear(y.view(batch, height, width, dims), z, self.out_norm.weight,
-                                    self.out_norm.bias, NUM_GROUPS, self.out_norm.eps,
-                                    block_diagonal(self.out_proj_weight))
+                                    self.out_norm.bias, NUM_GROUPS, self.out_norm.eps, out_proj)
         # skip_scale and the channel affinity are one scale per (image, channel), applied with x inside the
         # output LayerNorm's pass (the same LayerNorm as at the input, as in the official model).
         return modulated_layer_norm_linear(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias,
