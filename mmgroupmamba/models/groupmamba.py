@@ -282,23 +282,37 @@ class GroupMambaLayer(nn.Module):
         self.A_logs.zero_()  # log(1): d_state = 1
         self.Ds.fill_(1.0)
 
-    def projections(self, dtype):
-        """The groups' projections as block-diagonal ``dtype`` matrices over all channels: ``in_proj`` ``(2C, C)``
-        (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into x_proj's dt rows: one
-        projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its C rows) and
-        ``out_proj`` ``(C, C)``.
+    def matmul_weights(self, dtype):
+        """The parameters the layer's matmuls read, in ``dtype``: ``fc1`` and ``fc2``'s weights and biases, the
+        packed ``in_proj``, ``x_proj``, ``dt_projs`` and ``out_proj`` weights, ``proj``'s weight.
 
-        Rebuilt at every call from the parameters, in few launches (a training step is bound by its host's
-        launches): the square blocks of three of them are stacked and laid on their diagonals together, each
-        block cast before it is laid out (G times fewer elements than the matrix).
+        Under autocast they are cast together: one concatenation and one cast forward, one concatenation and
+        one cast backward, where autocast and the fused linear layer cast each on its own, both ways (a
+        training step is bound by its host's launches). ``proj``'s bias is not among them: the fused layer
+        reduces its gradient in fp32.
         """
-        dt_rows, bc_rows = self.x_proj_weight.to(dtype).split([self.dt_rank, 2], dim=1)
-        square = torch.cat([self.in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
-                            torch.bmm(self.dt_projs_weight.to(dtype), dt_rows).unsqueeze(0),
-                            self.out_proj_weight.unsqueeze(0)])
+        weights = [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.in_proj_weight,
+                   self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight, self.proj.weight]
+        if all(w.dtype == dtype for w in weights):
+            return weights
+        flat = torch.cat([w.flatten() for w in weights]).to(dtype)
+        return [part.view_as(w) for part, w in zip(flat.split([w.numel() for w in weights]), weights)]
+
+    def projections(self, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
+        """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
+        ``in_proj`` ``(2C, C)`` (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into
+        x_proj's dt rows: one projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its
+        C rows) and ``out_proj`` ``(C, C)``.
+
+        Rebuilt at every call, in four ops: the square blocks of three of them are stacked and laid on their
+        diagonals together.
+        """
+        dt_rows, bc_rows = x_proj_weight.split([self.dt_rank, 2], dim=1)
+        square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
+                            torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
         # Split and flattened, not indexed: the backward of a split is one concatenation, that of an index a fill
         # and a copy.
-        in_proj, delta_proj, out_proj = block_diagonal(square.to(dtype)).split([2, 1, 1])  # (4, C, C)
+        in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
         bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, 1, d) -> (2, G, C)
         return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
 
@@ -306,9 +320,11 @@ class GroupMambaLayer(nn.Module):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's)."""
         batch, height, width, dims = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
-        affinity = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((1, 2))))))
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, *scan_weights, proj_weight = self.matmul_weights(x.dtype)
+        hidden = F.relu(F.linear(x.mean((1, 2)), fc1_weight, fc1_bias))
+        affinity = torch.sigmoid(F.linear(hidden, fc2_weight, fc2_bias))
 
-        in_proj, delta_proj, bc_proj, out_proj = self.projections(x.dtype)
+        in_proj, delta_proj, bc_proj, out_proj = self.projections(*scan_weights)
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(dims, dim=-1)
         u = depthwise_conv_act(u, self.conv2d.weight, self.conv2d.bias, 'silu').reshape(batch, height * width, dims)
@@ -322,7 +338,7 @@ class GroupMambaLayer(nn.Module):
         # skip_scale and the channel affinity are one scale per (image, channel), applied with x inside the
         # output LayerNorm's pass (the same LayerNorm as at the input, as in the official model).
         return modulated_layer_norm_linear(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias,
-                                           self.norm.eps, self.proj.weight, self.proj.bias)
+                                           self.norm.eps, proj_weight, self.proj.bias)
 
 
 def _state_dict_to_official(module, state_dict, prefix, local_metadata):
