@@ -346,7 +346,8 @@ def test_projections_are_the_groups_blocks_on_the_diagonal(dtype):
                 torch.block_diag(*torch.bmm(dt_w, x_w[:, :rank])),
                 torch.cat([torch.block_diag(*x_w[:, rank:rank + 1]), torch.block_diag(*x_w[:, rank + 1:])]),
                 torch.block_diag(*out_w))
-    got = layer.projections(*layer.matmul_weights(dtype)[4:8])
+    from mmgroupmamba.models.groupmamba import cast_together
+    got = layer.projections(*cast_together(layer.matmul_params(), dtype)[4:8])
     for name, got, want in zip(('in_proj', 'delta_proj', 'bc_proj', 'out_proj'), got, expected):
         assert got.dtype == dtype and torch.equal(got, want), name
 

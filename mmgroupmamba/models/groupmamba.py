@@ -201,6 +201,17 @@ def block_diagonal(blocks):
     return diagonal.view(*lead, groups * rows, groups * cols)
 
 
+def cast_together(params, dtype):
+    """``params`` in ``dtype``: themselves where they are already in it, else cast together under autocast, in
+    one concatenation and one cast forward (and one concatenation and one cast backward), where autocast and
+    the fused linear layers would cast each on its own, both ways (a training step is bound by its host's
+    launches)."""
+    if all(p.dtype == dtype for p in params):
+        return params
+    flat = torch.cat([p.flatten() for p in params]).to(dtype)
+    return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
 def apply_layer_norm(norm, x):
     """``norm(x)`` for an ``nn.LayerNorm`` over the last dim, through the blocks' LayerNorm kernel on CUDA, with
     PyTorch's dtypes (fp32 out under autocast, x's dtype otherwise)."""
@@ -282,21 +293,13 @@ class GroupMambaLayer(nn.Module):
         self.A_logs.zero_()  # log(1): d_state = 1
         self.Ds.fill_(1.0)
 
-    def matmul_weights(self, dtype):
-        """The parameters the layer's matmuls read, in ``dtype``: ``fc1`` and ``fc2``'s weights and biases, the
-        packed ``in_proj``, ``x_proj``, ``dt_projs`` and ``out_proj`` weights, ``proj``'s weight.
-
-        Under autocast they are cast together: one concatenation and one cast forward, one concatenation and
-        one cast backward, where autocast and the fused linear layer cast each on its own, both ways (a
-        training step is bound by its host's launches). ``proj``'s bias is not among them: the fused layer
-        reduces its gradient in fp32.
-        """
-        weights = [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.in_proj_weight,
-                   self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight, self.proj.weight]
-        if all(w.dtype == dtype for w in weights):
-            return weights
-        flat = torch.cat([w.flatten() for w in weights]).to(dtype)
-        return [part.view_as(w) for part, w in zip(flat.split([w.numel() for w in weights]), weights)]
+    def matmul_params(self):
+        """The parameters the layer's matmuls read in the compute dtype, in the order ``forward``'s ``weights``
+        lists them: ``fc1`` and ``fc2``'s weights and biases, the packed ``in_proj``, ``x_proj``, ``dt_projs``
+        and ``out_proj`` weights, ``proj``'s weight (not its bias: the fused layer reduces its gradient in
+        fp32)."""
+        return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.in_proj_weight,
+                self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight, self.proj.weight]
 
     def projections(self, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
         """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
@@ -316,11 +319,14 @@ class GroupMambaLayer(nn.Module):
         bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, 1, d) -> (2, G, C)
         return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
 
-    def forward(self, x):
-        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's)."""
+    def forward(self, x, weights=None):
+        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's). ``weights``:
+        :meth:`matmul_params` already in that dtype (a block casts its layer's and its FFN's together)."""
         batch, height, width, dims = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias, *scan_weights, proj_weight = self.matmul_weights(x.dtype)
+        if weights is None:
+            weights = cast_together(self.matmul_params(), x.dtype)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, *scan_weights, proj_weight = weights
         hidden = F.relu(F.linear(x.mean((1, 2)), fc1_weight, fc1_bias))
         affinity = torch.sigmoid(F.linear(hidden, fc2_weight, fc2_bias))
 
@@ -375,11 +381,18 @@ class ConvFFN(nn.Module):
         self.dwconv = DepthwiseConv(hidden_dims)
         self.fc2 = nn.Linear(hidden_dims, dims)
 
-    def forward(self, x, norm):
-        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``."""
-        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, _compute_dtype(x), self.fc1.weight, self.fc1.bias)
+    def matmul_params(self):
+        """The weights the fused linear layers cast to the compute dtype (not the biases: their gradients are
+        reduced in fp32)."""
+        return [self.fc1.weight, self.fc2.weight]
+
+    def forward(self, x, norm, weights=None):
+        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``; ``weights``: :meth:`matmul_params`, maybe
+        already in the compute dtype."""
+        fc1_weight, fc2_weight = weights or self.matmul_params()
+        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, _compute_dtype(x), fc1_weight, self.fc1.bias)
         conv = self.dwconv.dwconv
-        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', self.fc2.weight, self.fc2.bias)
+        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, self.fc2.bias)
 
 
 class GroupMambaBlock(nn.Module):
@@ -402,8 +415,10 @@ class GroupMambaBlock(nn.Module):
         return torch.addcmul(x, branch, mask, value=1 / keep)
 
     def _forward(self, x):
-        x = self._add_branch(x, self.attn(x))
-        return self._add_branch(x, self.mlp(x, self.norm2))
+        attn_params = self.attn.matmul_params()
+        weights = cast_together(attn_params + self.mlp.matmul_params(), _compute_dtype(x))
+        x = self._add_branch(x, self.attn(x, weights[:len(attn_params)]))
+        return self._add_branch(x, self.mlp(x, self.norm2, weights[len(attn_params):]))
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:
