@@ -55,12 +55,17 @@ def triton_module(name, device):
     (``TRITON_INTERPRET=1``) when the kernels are defined, i.e. at this import.
     """
     require_triton_runnable(device)
-    module = importlib.import_module(f'{__package__}.{name}')
+    module = _import_launcher(name)
     if device.type != 'cuda' and not kernels_interpreted(module):
         raise RuntimeError(
             f'TRITON_INTERPRET=1 was set after {module.__name__} had been imported, so its kernels were '
             'compiled for the GPU; set it before the first import to run them on the CPU.')
     return module
+
+
+@functools.lru_cache(maxsize=None)  # asked at every op call: the module is looked up once
+def _import_launcher(name):
+    return importlib.import_module(f'{__package__}.{name}')
 
 
 def kernels_interpreted(module):

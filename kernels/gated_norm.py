@@ -74,6 +74,7 @@ def _gated_setup(ctx, inputs, output):
     y, z, weight, bias, groups, eps, out_dtype = inputs
     ctx.save_for_backward(y, z, weight, bias, output[1], output[2])
     ctx.constants = (groups, eps, out_dtype)
+    ctx.set_materialize_grads(False)  # mean and rstd get no gradient: no zero fills for them in every backward
 
 
 def _gated_backward(ctx, dout, _dmean, _drstd):
@@ -142,6 +143,7 @@ def _modulated_setup(ctx, inputs, output):
     y, x, scale, weight, bias, eps = inputs
     ctx.save_for_backward(y, x, scale, weight, bias, output[1], output[2])
     ctx.eps = eps
+    ctx.set_materialize_grads(False)  # mean and rstd get no gradient: no zero fills for them in every backward
 
 
 def _modulated_backward(ctx, dout, _dmean, _drstd):

@@ -58,6 +58,22 @@ def size_hint(n):
     return int(hint)
 
 
+def cdiv(x, y):
+    """``ceil(x / y)`` for sizes, plain or symbolic: ``triton.cdiv``'s arithmetic without the wrapper through
+    which Triton runs its constexpr functions on the host (it unwraps every argument), which the launchers would
+    pay several times a launch."""
+    return (x + y - 1) // y
+
+
+def next_power_of_2(n):
+    """The smallest power of 2 >= ``n``: ``triton.next_power_of_2``'s arithmetic, without its wrapper (see
+    :func:`cdiv`)."""
+    n -= 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        n |= n >> shift
+    return n + 1
+
+
 def reduced_dtype(t):
     """The dtype of the gradients the kernels reduce over many elements (weights, biases): fp32, or fp64 for
     fp64 inputs."""

@@ -106,6 +106,7 @@ def _setup_scan_context(ctx, inputs, output):
     u, delta, A, B, C, D, delta_bias, height, width, tiling, _ = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, output[1])
     ctx.hw, ctx.tiling = (height, width), tiling
+    ctx.set_materialize_grads(False)  # states get no gradient: no zero fill for it in every backward
 
 
 def _scan_backward(ctx, dy, _dstates):
@@ -113,7 +114,8 @@ def _scan_backward(ctx, dy, _dstates):
     u, delta, A, B, C, D, delta_bias, states = saved
     du, ddelta, dADb, dBC = selective_scan_bwd(dy, *saved, *ctx.hw, ctx.tiling)
     dA, dD, dbias = dADb
-    dB, dC = dBC
+    # B and C come as slices of one projection, in one dtype: one cast for both (none where it is fp32).
+    dB, dC = dBC.to(torch.promote_types(B.dtype, C.dtype))
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dbias.to(delta_bias.dtype),
             None, None, None, None)
 

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
-from .ops_util import size_hint
+from .ops_util import cdiv, next_power_of_2, size_hint
 from .reference import check_dwconv_activation
 
 _ACT_CODES = {'silu': 1, 'gelu': 2}
@@ -264,18 +264,18 @@ def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch
     batch, height, width, channels = shape
     budget = 512 if backward else 1024
     if block_c is None:
-        block_c = min(triton.next_power_of_2(channels), 64)
-        narrow = triton.next_power_of_2(width) if block_w is None else block_w
-        block_c = min(triton.next_power_of_2(channels), max(block_c, min(128, budget // narrow)))
+        block_c = min(next_power_of_2(channels), 64)
+        narrow = next_power_of_2(width) if block_w is None else block_w
+        block_c = min(next_power_of_2(channels), max(block_c, min(128, budget // narrow)))
     if block_w is None:
-        block_w = min(triton.next_power_of_2(width), max(1, budget // block_c))
+        block_w = min(next_power_of_2(width), max(1, budget // block_c))
     if num_warps is None:
         num_warps = max(1, min(8, block_w * block_c // 128))
     if rows is None:
-        programs = batch * triton.cdiv(width, block_w) * triton.cdiv(channels, block_c)
+        programs = batch * cdiv(width, block_w) * cdiv(channels, block_c)
         target = 4 * sms
         rows = 16
-        while rows > 1 and programs * triton.cdiv(height, rows) < target:
+        while rows > 1 and programs * cdiv(height, rows) < target:
             rows //= 2
     if prefetch is None:
         prefetch = not backward
@@ -284,7 +284,7 @@ def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch
 
 def _grid(shape, block_w, block_c, rows):
     batch, height, width, channels = shape
-    n_cb, n_wb, n_rb = triton.cdiv(channels, block_c), triton.cdiv(width, block_w), triton.cdiv(height, rows)
+    n_cb, n_wb, n_rb = cdiv(channels, block_c), cdiv(width, block_w), cdiv(height, rows)
     return n_cb, n_wb, n_rb, batch * n_rb * n_wb * n_cb
 
 

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .ops_util import cdiv, next_power_of_2
+
 
 @triton.jit
 def _row_tile(N, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -97,7 +99,7 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPa
 
 
 def _tiles(group_dims):
-    block_d = triton.next_power_of_2(group_dims)
+    block_d = next_power_of_2(group_dims)
     block_n = max(1, min(128, 4096 // block_d))
     return block_n, block_d
 
@@ -120,7 +122,7 @@ def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype):
     mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     block_n, block_d = _tiles(channels // groups)
-    wrap_triton(_gated_norm_fwd_kernel)[(triton.cdiv(n, block_n),)](
+    wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n),)](
         y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
         GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
     return out.view(shape), mean, rstd
@@ -139,7 +141,7 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     dz = torch.empty((n, channels), dtype=z.dtype, device=y.device) if gated else dy
     out = torch.empty((n, channels), dtype=out_dtype, device=y.device) if need_output else dy
     block_n, block_d = _tiles(channels // groups)
-    programs = triton.cdiv(n, block_n)
+    programs = cdiv(n, block_n)
     # Weight and bias partial sums in one buffer: one reduction for both.
     dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
     dw_part, db_part = dwb_part
@@ -215,7 +217,7 @@ def modulated_norm_forward(y, x, scale, weight, bias, eps):
     mean = torch.empty((batch * hw,), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     block_n, block_c = _tiles(channels)
-    wrap_triton(_modulated_norm_fwd_kernel)[(triton.cdiv(hw, block_n), batch)](
+    wrap_triton(_modulated_norm_fwd_kernel)[(cdiv(hw, block_n), batch)](
         y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c)
     return out, mean, rstd
 
@@ -227,7 +229,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     hw = height * width
     y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
     block_n, block_c = _tiles(channels)
-    n_tiles = triton.cdiv(hw, block_n)
+    n_tiles = cdiv(hw, block_n)
     dy, dx = torch.empty_like(y), torch.empty_like(x)
     out = torch.empty_like(y) if need_output else dy
     # Scale, weight and bias partial sums (per image and tile) in one buffer: one reduction for all.

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
-from .ops_util import size_hint
+from .ops_util import cdiv, next_power_of_2, size_hint
 
 GROUPS = 4
 
@@ -318,9 +318,9 @@ class PassConfig:
 
     def __init__(self, channels, block_t, block_c, num_warps, chunk_len):
         self.block_t, self.block_c, self.num_warps = block_t, block_c, num_warps
-        self.n_cblocks = triton.cdiv(channels // GROUPS, block_c)
+        self.n_cblocks = cdiv(channels // GROUPS, block_c)
         # A chunk is a whole number of tiles, so tiles never straddle two programs.
-        self.chunk_len = max(block_t, triton.cdiv(max(chunk_len, 1), block_t) * block_t)
+        self.chunk_len = max(block_t, cdiv(max(chunk_len, 1), block_t) * block_t)
 
     def programs(self, batch):
         return batch * GROUPS * self.n_cblocks
@@ -329,7 +329,7 @@ class PassConfig:
         return dict(BLOCK_T=self.block_t, BLOCK_C=self.block_c, STATE_T=state_t, num_warps=self.num_warps)
 
     def n_chunks(self, length):
-        return triton.cdiv(length, self.chunk_len)
+        return cdiv(length, self.chunk_len)
 
     def __repr__(self):
         return (f'(block_t={self.block_t}, block_c={self.block_c}, num_warps={self.num_warps}, '
@@ -360,7 +360,7 @@ class ScanConfig:
         self.state_t = state_stride(bwd.block_t)
 
     def n_states(self, length):
-        return triton.cdiv(length, self.state_t)
+        return cdiv(length, self.state_t)
 
     def __repr__(self):
         return f'ScanConfig(fwd={self.fwd}, bwd={self.bwd})'
@@ -380,22 +380,22 @@ def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chun
             block_c = 32 if (per_group % 32 == 0 or per_group % 16) else 16
         else:
             block_c = 32 if per_group % 32 == 0 else 16
-        block_c = min(block_c, triton.next_power_of_2(per_group))
+        block_c = min(block_c, next_power_of_2(per_group))
     if block_t is None:
         block_t = 64 if length >= 2048 else 32
-        block_t = max(1, min(block_t, triton.next_power_of_2(length)))
+        block_t = max(1, min(block_t, next_power_of_2(length)))
     if num_warps is None:
         per_thread = 16 if backward and per_group % 16 == 0 else 8
         num_warps = min(8, max(1, block_t * block_c // (32 * per_thread)))
     if chunk_len is None:
-        programs = batch * GROUPS * triton.cdiv(per_group, block_c)
+        programs = batch * GROUPS * cdiv(per_group, block_c)
         chunk_len = length
         if programs < 2 * sms:
             # Split only when batch x groups x channel blocks cannot fill the GPU, since a split reads the
             # inputs twice. Aim for ~8 programs a multiprocessor with chunks of >= 4 tiles, so the summary
             # pass and the propagation stay small next to the scan itself.
-            wanted = triton.cdiv(8 * sms, programs)
-            chunk_len = max(4 * block_t, triton.cdiv(length, wanted))
+            wanted = cdiv(8 * sms, programs)
+            chunk_len = max(4 * block_t, cdiv(length, wanted))
     return PassConfig(channels, block_t, block_c, num_warps, chunk_len)
 
 
@@ -431,9 +431,9 @@ def _propagate(P, E, n_chunks, reverse):
     batch, _, channels = P.shape
     out = torch.empty_like(P)
     block_c = 32
-    block_n = min(64, triton.next_power_of_2(size_hint(n_chunks)))  # a tile width: any is correct
+    block_n = min(64, next_power_of_2(size_hint(n_chunks)))  # a tile width: any is correct
     unused = 0 if reverse else n_chunks - 1
-    wrap_triton(_propagate_kernel)[(batch, triton.cdiv(channels, block_c))](
+    wrap_triton(_propagate_kernel)[(batch, cdiv(channels, block_c))](
         P, E, out, n_chunks, channels, unused,
         BLOCK_N=block_n, BLOCK_C=block_c, REVERSE=reverse, num_warps=2)
     return out

@@ -333,6 +333,55 @@ def test_layer_matches_per_group_computation_and_gradients(autocast):
         assert rel_err(a.float(), b.float()) <= tolerance, (name, rel_err(a.float(), b.float()))
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_projections_are_the_groups_blocks_on_the_diagonal(dtype):
+    """Each group's blocks, in ``dtype``, exactly (the packed weights are laid out, not computed with)."""
+    from mmgroupmamba.models.groupmamba import GroupMambaLayer
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(48)
+    d, rank = 12, layer.dt_rank
+    in_w, out_w, x_w, dt_w = (p.detach().to(dtype) for p in (layer.in_proj_weight, layer.out_proj_weight,
+                                                              layer.x_proj_weight, layer.dt_projs_weight))
+    expected = (torch.cat([torch.block_diag(*in_w[:, :d]), torch.block_diag(*in_w[:, d:])]),
+                torch.block_diag(*torch.bmm(dt_w, x_w[:, :rank])),
+                torch.cat([torch.block_diag(*x_w[:, rank:rank + 1]), torch.block_diag(*x_w[:, rank + 1:])]),
+                torch.block_diag(*out_w))
+    from mmgroupmamba.models.groupmamba import cast_together
+    got = layer.projections(*cast_together(layer.matmul_params(), dtype)[4:8])
+    for name, got, want in zip(('in_proj', 'delta_proj', 'bc_proj', 'out_proj'), got, expected):
+        assert got.dtype == dtype and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize('op', ['layer_norm', 'modulated_layer_norm', 'selective_scan'])
+def test_backward_fills_no_zero_gradient_for_unused_outputs(op):
+    """The ops' statistics and scan states get no gradient; autograd must not zero-fill one for them at every
+    backward (a kernel launch each on the GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmgroupmamba.kernels import layer_norm, modulated_layer_norm, selective_scan
+
+    class Fills(TorchDispatchMode):
+        names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x, y = (torch.randn(1, 4, 4, 8, requires_grad=True) for _ in range(2))
+    w, b, scale = torch.randn(8), torch.randn(8), torch.rand(1, 8)
+    u, delta = (torch.randn(1, 16, 8, requires_grad=True) for _ in range(2))
+    bc, vec = torch.randn(1, 16, 8), torch.randn(8)
+    run = {'layer_norm': lambda: layer_norm(x, w, b, 1e-5),
+           'modulated_layer_norm': lambda: modulated_layer_norm(y, x, scale, w, b, 1e-5),
+           'selective_scan': lambda: selective_scan(u, delta, -vec.exp(), bc[..., :4], bc[..., 4:], vec, vec,
+                                                    (4, 4))}[op]
+    out = run()
+    with Fills() as mode:
+        out.backward(torch.ones_like(out))
+    assert not {'zeros', 'zeros_like', 'new_zeros', 'zero_', 'fill_'} & set(mode.names), mode.names
+
+
 def test_block_stochastic_depth_drops_whole_branches_per_image():
     from mmgroupmamba.models.groupmamba import GroupMambaBlock
     torch.manual_seed(0)

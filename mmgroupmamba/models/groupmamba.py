@@ -189,14 +189,27 @@ def packed_to_official(state_dict, prefix=None):
 
 
 def block_diagonal(blocks):
-    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices, in one broadcast multiply.
+    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices.
 
-    One dense matmul with the block-diagonal weight beats G small ones (and G launches); the weights are
-    small, and under torch.compile this fuses into the weight's cast.
+    One dense matmul with the block-diagonal weight beats G small ones (and G launches). ``diag_embed`` lays
+    the blocks on the diagonal of a zero-filled result (a fill and a copy on CUDA, into a contiguous result
+    whatever the blocks' layout); its backward takes the diagonal back out as a view, where a multiply with an
+    identity would cost a multiply and a reduction.
     """
     *lead, groups, rows, cols = blocks.shape
-    eye = torch.eye(groups, dtype=blocks.dtype, device=blocks.device)
-    return (blocks.unsqueeze(-2) * eye[:, None, :, None]).reshape(*lead, groups * rows, groups * cols)
+    diagonal = torch.diag_embed(blocks.movedim(-3, -1), dim1=len(lead), dim2=len(lead) + 2)  # (..., G, m, G, n)
+    return diagonal.view(*lead, groups * rows, groups * cols)
+
+
+def cast_together(params, dtype):
+    """``params`` in ``dtype``: themselves where they are already in it, else cast together under autocast, in
+    one concatenation and one cast forward (and one concatenation and one cast backward), where autocast and
+    the fused linear layers would cast each on its own, both ways (a training step is bound by its host's
+    launches)."""
+    if all(p.dtype == dtype for p in params):
+        return params
+    flat = torch.cat([p.flatten() for p in params]).to(dtype)
+    return [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
 def apply_layer_norm(norm, x):
@@ -280,20 +293,44 @@ class GroupMambaLayer(nn.Module):
         self.A_logs.zero_()  # log(1): d_state = 1
         self.Ds.fill_(1.0)
 
-    def forward(self, x):
-        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's)."""
+    def matmul_params(self):
+        """The parameters the layer's matmuls read in the compute dtype, in the order ``forward``'s ``weights``
+        lists them: ``fc1`` and ``fc2``'s weights and biases, the packed ``in_proj``, ``x_proj``, ``dt_projs``
+        and ``out_proj`` weights, ``proj``'s weight (not its bias: the fused layer reduces its gradient in
+        fp32)."""
+        return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.in_proj_weight,
+                self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight, self.proj.weight]
+
+    def projections(self, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
+        """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
+        ``in_proj`` ``(2C, C)`` (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into
+        x_proj's dt rows: one projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its
+        C rows) and ``out_proj`` ``(C, C)``.
+
+        Rebuilt at every call, in four ops: the square blocks of three of them are stacked and laid on their
+        diagonals together.
+        """
+        dt_rows, bc_rows = x_proj_weight.split([self.dt_rank, 2], dim=1)
+        square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
+                            torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
+        # Split and flattened, not indexed: the backward of a split is one concatenation, that of an index a fill
+        # and a copy.
+        in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
+        bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, 1, d) -> (2, G, C)
+        return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
+
+    def forward(self, x, weights=None):
+        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's). ``weights``:
+        :meth:`matmul_params` already in that dtype (a block casts its layer's and its FFN's together)."""
         batch, height, width, dims = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
-        affinity = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((1, 2))))))
+        if weights is None:
+            weights = cast_together(self.matmul_params(), x.dtype)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, *scan_weights, proj_weight = weights
+        hidden = F.relu(F.linear(x.mean((1, 2)), fc1_weight, fc1_bias))
+        affinity = torch.sigmoid(F.linear(hidden, fc2_weight, fc2_bias))
 
-        rank = self.dt_rank
-        # (G, 2d, d) -> (2, G, d, d) -> block-diagonal (2, C, C) -> rows (u of all groups, z of all groups).
-        in_proj = block_diagonal(self.in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1)).flatten(0, 1)
-        # dt_proj folded into x_proj's dt rows: one (C, C) projection for the step sizes.
-        delta_proj = block_diagonal(torch.bmm(self.dt_projs_weight, self.x_proj_weight[:, :rank]))
-        # x_proj's B and C rows: (G, 2, d) -> (2, G, 1, d) -> (2G, C), group g's rows on its channels only.
-        bc_proj = block_diagonal(self.x_proj_weight[:, rank:].transpose(0, 1).unsqueeze(-2)).flatten(0, 1)
-
+        in_proj, delta_proj, bc_proj, out_proj = self.projections(*scan_weights)
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(dims, dim=-1)
         u = depthwise_conv_act(u, self.conv2d.weight, self.conv2d.bias, 'silu').reshape(batch, height * width, dims)
@@ -303,12 +340,11 @@ class GroupMambaLayer(nn.Module):
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
         # norms run with the linear layer after them, so that their outputs need not be kept for backward.
         y = gated_group_norm_linear(y.view(batch, height, width, dims), z, self.out_norm.weight,
-                                    self.out_norm.bias, NUM_GROUPS, self.out_norm.eps,
-                                    block_diagonal(self.out_proj_weight))
+                                    self.out_norm.bias, NUM_GROUPS, self.out_norm.eps, out_proj)
         # skip_scale and the channel affinity are one scale per (image, channel), applied with x inside the
         # output LayerNorm's pass (the same LayerNorm as at the input, as in the official model).
         return modulated_layer_norm_linear(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias,
-                                           self.norm.eps, self.proj.weight, self.proj.bias)
+                                           self.norm.eps, proj_weight, self.proj.bias)
 
 
 def _state_dict_to_official(module, state_dict, prefix, local_metadata):
@@ -345,11 +381,18 @@ class ConvFFN(nn.Module):
         self.dwconv = DepthwiseConv(hidden_dims)
         self.fc2 = nn.Linear(hidden_dims, dims)
 
-    def forward(self, x, norm):
-        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``."""
-        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, _compute_dtype(x), self.fc1.weight, self.fc1.bias)
+    def matmul_params(self):
+        """The weights the fused linear layers cast to the compute dtype (not the biases: their gradients are
+        reduced in fp32)."""
+        return [self.fc1.weight, self.fc2.weight]
+
+    def forward(self, x, norm, weights=None):
+        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``; ``weights``: :meth:`matmul_params`, maybe
+        already in the compute dtype."""
+        fc1_weight, fc2_weight = weights or self.matmul_params()
+        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, _compute_dtype(x), fc1_weight, self.fc1.bias)
         conv = self.dwconv.dwconv
-        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', self.fc2.weight, self.fc2.bias)
+        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, self.fc2.bias)
 
 
 class GroupMambaBlock(nn.Module):
@@ -372,8 +415,10 @@ class GroupMambaBlock(nn.Module):
         return torch.addcmul(x, branch, mask, value=1 / keep)
 
     def _forward(self, x):
-        x = self._add_branch(x, self.attn(x))
-        return self._add_branch(x, self.mlp(x, self.norm2))
+        attn_params = self.attn.matmul_params()
+        weights = cast_together(attn_params + self.mlp.matmul_params(), _compute_dtype(x))
+        x = self._add_branch(x, self.attn(x, weights[:len(attn_params)]))
+        return self._add_branch(x, self.mlp(x, self.norm2, weights[len(attn_params):]))
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:

@@ -1,0 +1,160 @@
+"""Kernel launches of a GroupMamba training step, counted on the CPU (issue #14: the eager step is host-bound).
+
+    python benchmarks/launch_count.py [--dims 96] [--size 16] [--sms 132] [--arch mini]
+
+Counts, for one GroupMambaBlock (train mode, drop_path > 0, input requiring grad) forward and backward, fp32
+and under autocast (CPU bf16 standing in for CUDA fp16), the operations that would launch a GPU kernel, by op
+name; then the same totals for the whole backbone of ``--arch``. The Triton path runs through Triton's
+interpreter (``TRITON_INTERPRET=1``, ``MMGM_KERNELS=triton``, set here before Triton is imported), so that the
+glue inside the fused custom ops (allocations aside: reductions, casts, copies) is counted too:
+
+* a ``TorchDispatchMode`` sees every ATen op that reaches the dispatcher; view and metadata ops (any op whose
+  output aliases its input) and allocations without a kernel (``empty*``) are not counted;
+* an ``mmgroupmamba::`` custom op is not counted itself: its Python implementation runs with the mode
+  re-entered, so the ops inside it are (the dispatcher switches modes off inside an op);
+* every Triton launch counts once, as ``triton:<kernel>``; the interpreter's own host copies are not seen.
+
+An ATen op counts as one launch, and as two where CUDA runs it as a zero fill and a copy (``eye``,
+``diag_embed``, ``select_backward``, ``slice_backward``); a matmul may launch more (cuBLAS split-K). CPU and
+CUDA autocast cast the same ops. ``--sms`` is the multiprocessor count the launchers size their tilings by
+(132: an H200), which decides whether a scan splits its sequence (two launches more each way); ``--size`` must
+be long enough for that to happen (16: 256 positions).
+"""
+import argparse
+import collections
+import contextlib
+import os
+
+os.environ.setdefault('TRITON_INTERPRET', '1')  # must precede Triton's first import
+os.environ['MMGM_KERNELS'] = 'triton'
+
+import torch  # noqa: E402
+from torch._library.custom_ops import OPDEFS  # noqa: E402
+from torch.library import wrap_triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+from mmgroupmamba import GroupMamba  # noqa: E402
+from mmgroupmamba.kernels import dispatch  # noqa: E402
+from mmgroupmamba.models.groupmamba import GroupMambaBlock  # noqa: E402
+
+# Ops that launch nothing although their output is no view: allocations, and a reshape's copy-free result.
+NO_KERNEL = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided', '_unsafe_view'}
+# ATen ops that run as a zero fill and a copy on CUDA: two kernels.
+TWO_KERNELS = {'eye', 'diag_embed', 'select_backward', 'slice_backward'}
+LAUNCHERS = ('triton_scan', 'triton_gated_norm', 'triton_dwconv')
+NAMESPACE = 'mmgroupmamba'
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts launch-like ops and Triton launches into ``counts[(phase, name)]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.phase = 'forward'
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == NAMESPACE:
+            with self:  # the implementation's own ops and launches are what runs on the device
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        makes_tensor = any(isinstance(r.type, torch.TensorType) for r in func._schema.returns)
+        if makes_tensor and not (func.is_view or name in NO_KERNEL):
+            self.counts[self.phase, name] += 2 if name in TWO_KERNELS else 1
+        return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def triton_launches(self, modules):
+        """Counts the launches of ``modules``' ``wrap_triton(kernel)[grid](...)`` calls while active."""
+        counter = self
+
+        class Counted:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    name = getattr(self.kernel, 'fn', self.kernel).__name__
+                    counter.counts[counter.phase, f'triton:{name}'] += 1
+                    with _disable_current_modes():  # the interpreter's host copies are no device work
+                        return wrap_triton(self.kernel)[grid](*args, **kwargs)
+
+                return launch
+
+        for module in modules:
+            module.wrap_triton = Counted
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.wrap_triton = wrap_triton
+
+
+def count_step(module, x, autocast):
+    """Launch counts of ``module(x)`` and of its backward, keyed by ``(phase, op name)``."""
+    module.zero_grad(set_to_none=True)  # as a training step's optimizer leaves them: no accumulation
+    x.grad = None
+    counter = LaunchCounter()
+    launchers = [dispatch.triton_module(name, x.device) for name in LAUNCHERS]
+    with counter.triton_launches(launchers), counter:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+        outs = (out, ) if isinstance(out, torch.Tensor) else out
+        counter.phase = 'backward'
+        with _disable_current_modes():  # the loss's gradients are no part of the step counted
+            grads = [torch.ones_like(o) for o in outs]
+        torch.autograd.backward(outs, grads)
+    return counter.counts
+
+
+def print_table(columns):
+    """``columns``: {header: counts}; one row per op, forward ops first, then backward ones."""
+    keys = sorted({k for counts in columns.values() for k in counts})
+    print('| phase | op | ' + ' | '.join(columns) + ' |')
+    print('| --- | --- |' + ' --- |' * len(columns))
+    for phase in ('forward', 'backward'):
+        for _, name in (k for k in keys if k[0] == phase):
+            print(f'| {phase} | {name} | ' + ' | '.join(str(c.get((phase, name), 0)) for c in columns.values()) + ' |')
+        totals = [sum(n for (p, _), n in c.items() if p == phase) for c in columns.values()]
+        print(f'| **{phase}** | **total** | ' + ' | '.join(f'**{t}**' for t in totals) + ' |')
+    print('| **both** | **total** | ' + ' | '.join(f'**{sum(c.values())}**' for c in columns.values()) + ' |')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--dims', type=int, default=96, help="the block's channels")
+    parser.add_argument('--size', type=int, default=16, help='height and width of the map (batch 1)')
+    parser.add_argument('--sms', type=int, default=132, help='multiprocessors the tilings are sized for')
+    parser.add_argument('--arch', default='mini', help="backbone counted in total ('' for none)")
+    args = parser.parse_args()
+    sms = args.sms
+    dispatch.multiprocessors = lambda device, interpreted=1: sms
+    for name in LAUNCHERS:  # the launchers imported it by name
+        module = dispatch.triton_module(name, torch.device('cpu'))
+        if hasattr(module, 'multiprocessors'):
+            module.multiprocessors = dispatch.multiprocessors
+
+    torch.manual_seed(0)
+    block = GroupMambaBlock(args.dims, 4, drop_path=0.1).train()
+    x = torch.randn(1, args.size, args.size, args.dims, requires_grad=True)
+    columns = {f'{"bf16 autocast" if amp else "fp32"}': count_step(block, x, amp) for amp in (False, True)}
+    print(f'launch-like ops of one GroupMambaBlock ({args.dims} channels, 1x{args.size}x{args.size}, train, '
+          f'drop_path 0.1, Triton path, tilings for {sms} SMs)\n')
+    print_table(columns)
+    if args.arch:
+        model = GroupMamba(arch=args.arch, drop_path_rate=0.1).train()
+        image = torch.randn(1, 3, 4 * args.size, 4 * args.size)
+        blocks = sum(model.arch['depths'])
+        print(f'\nbackbone {args.arch!r} ({blocks} blocks), 1x3x{4 * args.size}x{4 * args.size}, all four outputs\n')
+        print('| | forward | backward | both | both / blocks |')
+        print('| --- | --- | --- | --- | --- |')
+        for amp in (False, True):
+            counts = count_step(model, image, amp)
+            fwd = sum(n for (p, _), n in counts.items() if p == 'forward')
+            both = sum(counts.values())
+            print(f'| {"bf16 autocast" if amp else "fp32"} | {fwd} | {both - fwd} | {both} | {both / blocks:.1f} |')
+
+
+if __name__ == '__main__':
+    main()
