@@ -51,9 +51,11 @@ def selective_scan_flop_jit(inputs, outputs):
 SCAN_OP_NAME = f'prim::PythonOp.{CountedSelectiveScan.__name__}'
 
 
-def groupwise_forward(layer, x):
+def groupwise_forward(layer, x, weights=None):
     """:class:`GroupMambaLayer` forward computed group by group with the official per-group ops (each group's
-    weights a slice of the packed parameters), so that FLOPs are counted as the official model spends them."""
+    weights a slice of the packed parameters), so that FLOPs are counted as the official model spends them.
+    ``weights`` (what the block passes: its weights in the compute dtype) goes unused: FLOPs are counted in fp32
+    on the parameters themselves."""
     batch, height, width, dims = x.shape
     d = dims // NUM_GROUPS
     x = layer.norm(x)
@@ -81,8 +83,9 @@ def groupwise_forward(layer, x):
     return layer.proj(layer.norm(y))
 
 
-def plain_ffn_forward(ffn, x, norm):
-    """:class:`ConvFFN` forward with plain ops (the fused op + linear pairs are single opaque nodes to a trace)."""
+def plain_ffn_forward(ffn, x, norm, weights=None):
+    """:class:`ConvFFN` forward with plain ops (the fused op + linear pairs are single opaque nodes to a trace);
+    ``weights`` unused, as in :func:`groupwise_forward`."""
     conv = ffn.dwconv.dwconv
     h = ffn.fc1(norm(x)).permute(0, 3, 1, 2)
     return ffn.fc2(F.gelu(conv(h)).permute(0, 2, 3, 1))
