@@ -61,9 +61,6 @@ class PreflightRunner(Runner):
                 _collect_missing_evaluator_paths(evaluator, loader.replace('_dataloader', '_evaluator'),
                                                  missing_data)
         problems = []
-        if not missing_data:
-            for loader in loaders:
-                problems += _coco_class_problems(self.cfg, loader, self._guide())
         if missing_data:
             lines = [f'{path} does not exist ({", ".join(keys)})' for path, keys in missing_data.items()]
             help_text = (self.cfg.get('missing_data_help') or f'See {self._guide()} for the data this config reads')
@@ -71,6 +68,9 @@ class PreflightRunner(Runner):
             problems.append('Data: ' + '; '.join(lines) + f'. {help_text}. Paths are relative to {os.getcwd()}; '
                             'point the config at data elsewhere with --cfg-options '
                             f'{loaders[0]}.dataset.data_root=DIR (and the other dataloaders alike).')
+        else:  # the annotation files are there to read
+            for loader in loaders:
+                problems += _coco_class_problems(self.cfg, loader, self._guide())
         checkpoints = []
         if model_checkpoints:
             checkpoints += _model_checkpoints(self.cfg.get('model'), 'model')
@@ -181,21 +181,21 @@ def _coco_class_problems(cfg, loader, guide):
             categories = {category['name'] for category in json.load(f).get('categories', [])}
         found = [name for name in classes if name in categories]
         missing = [name for name in classes if name not in categories]
-        heads = [(key, n) for key, n in _num_classes(cfg.get('model'), 'model') if n != len(found)]
-        if not missing and not heads:
+        heads = _num_classes(cfg.get('model'), 'model')
+        mismatched = [(key, n) for key, n in heads if n != len(found)]
+        if not missing and not mismatched:
             continue
         problem = (f'Classes: mmdet\'s CocoMetric ({evaluator_key}) can map predictions to {len(found)} categories '
                    f'of {ann_file}, the dataset\'s {len(classes)} classes ({classes_key}) found there')
         if missing:
             shown = ', '.join(repr(name) for name in missing[:5]) + (', ...' if len(missing) > 5 else '')
             problem += f'; {len(missing)} of the classes are not among its categories ({shown})'
-        if heads:
-            problem += '; ' + ', '.join(f'{key}={n}' for key, n in heads) + ' predict more labels than that'
+        if mismatched:
+            problem += '; ' + ', '.join(f'{key}={n}' for key, n in mismatched) + ' predict another number of labels'
         problem += ('. The first evaluation would stop with "IndexError: list index out of range". For a dataset of '
                     'your own categories, name them in every dataloader\'s dataset (--cfg-options '
                     f'{loader}.dataset.metainfo.classes="(a,b,c)" and the other dataloaders alike) and give the heads '
-                    'as many classes (' + ' '.join(f'{key}=N' for key, _ in _num_classes(cfg.get('model'), 'model'))
-                    + f'); see {guide}.')
+                    'as many classes (' + ' '.join(f'{key}=N' for key, _ in heads) + f'); see {guide}.')
         problems.append(problem)
     return problems
 

@@ -89,7 +89,7 @@ def test_detection_on_a_coco_folder_of_other_categories(tmp_path):
             "data/coco/annotations/instances_val2017.json, the dataset's 80 classes (CocoDataset's default classes) "
             "found there; 80 of the classes are not among its categories ('person', 'bicycle', 'car', "
             "'motorcycle', 'airplane', ...)") in message, message
-    assert 'model.roi_head.bbox_head.num_classes=80, model.roi_head.mask_head.num_classes=80 predict more' in message
+    assert 'model.roi_head.bbox_head.num_classes=80, model.roi_head.mask_head.num_classes=80 predict another' in message
     assert 'IndexError' in message and 'docs/detection.md' in message
     assert 'val_dataloader.dataset.metainfo.classes="(a,b,c)"' in message
     assert 'model.roi_head.bbox_head.num_classes=N model.roi_head.mask_head.num_classes=N' in message
@@ -109,7 +109,7 @@ def test_coco_class_check_names_what_differs(tmp_path):
     # The data's classes named, the heads left at COCO's 80: only the heads are the problem.
     (problem, ) = _coco_class_problems(cfg, 'val_dataloader', 'docs/detection.md')
     assert 'can map predictions to 3 categories' in problem and 'not among its categories' not in problem
-    assert 'model.roi_head.bbox_head.num_classes=80, model.roi_head.mask_head.num_classes=80 predict' in problem
+    assert 'model.roi_head.bbox_head.num_classes=80, model.roi_head.mask_head.num_classes=80 predict another' in problem
     # Classes and heads agree with the annotation file: nothing to say.
     cfg.model.roi_head.bbox_head.num_classes = cfg.model.roi_head.mask_head.num_classes = 3
     assert _coco_class_problems(cfg, 'val_dataloader', 'docs/detection.md') == []
