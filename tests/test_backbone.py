@@ -474,3 +474,39 @@ def test_cast_together_keeps_every_weight_aligned(dtype):
     for i, param in enumerate(params):
         assert torch.equal(param.grad, torch.full_like(param, i + 1.0))
     assert cast_together(params, torch.float32) == params  # nothing to cast: the parameters themselves
+
+
+def test_cast_together_launches_one_cat_and_one_cast_each_way():
+    """No fill for the padding between the parts, forward or backward (a launch each on the GPU); only a part
+    that gets no gradient costs a zero fill."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmgroupmamba.models.groupmamba import cast_together
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                self.names.append(func.overloadpacket.__name__)
+            return out
+
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True),
+              torch.randn(2, 9, requires_grad=True)]
+    with Names() as forward:
+        first, _, last = cast_together(params, torch.float16)
+    grads = (torch.ones_like(first), torch.full_like(last, 2.0))
+    with Names() as backward:
+        torch.autograd.backward((first, last), grads)
+
+    def launches(mode):
+        return sorted(name for name in mode.names if not name.startswith('empty') and name != 'new_empty')
+
+    assert launches(forward) == ['_to_copy', 'cat'], forward.names
+    assert launches(backward) == ['_to_copy', 'cat', 'zeros'], backward.names  # zeros: the middle part's
+    assert torch.equal(params[0].grad, torch.ones_like(params[0]))
+    assert torch.equal(params[1].grad, torch.zeros_like(params[1]))
+    assert torch.equal(params[2].grad, torch.full_like(params[2], 2.0))

@@ -208,20 +208,45 @@ def block_diagonal(blocks):
 CAST_ALIGN_BYTES = 128
 
 
+class _CastTogether(torch.autograd.Function):
+    """``params`` as aligned views of one buffer in ``dtype``, with a hand-written backward: autograd's own
+    (through ``split``) would zero-fill a gradient for every padding piece, a fill launch each."""
+
+    @staticmethod
+    def forward(ctx, dtype, pads, *params):
+        # The padding only places the next part; its values are never read, so it is left unfilled.
+        padding = params[0].new_empty(max(pads))
+        flat = torch.cat([piece for p, pad in zip(params, pads) for piece in (p.flatten(), padding[:pad])])
+        ctx.set_materialize_grads(False)  # a part that gets no gradient costs a zero fill only then
+        ctx.dtype, ctx.source_dtype, ctx.device, ctx.pads = dtype, flat.dtype, flat.device, pads
+        ctx.shapes = [p.shape for p in params]
+        sizes = [n for p, pad in zip(params, pads) for n in (p.numel(), pad)]
+        return tuple(part.view_as(p) for part, p in zip(flat.to(dtype).split(sizes)[::2], params))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        padding = torch.empty(max(ctx.pads), dtype=ctx.dtype, device=ctx.device)
+        pieces = []
+        for grad, shape, pad in zip(grads, ctx.shapes, ctx.pads):
+            grad = torch.zeros(shape, dtype=ctx.dtype, device=ctx.device) if grad is None else grad
+            pieces += [grad.flatten(), padding[:pad]]
+        # The same layout as forward's: every gradient starts as aligned as the buffer of its own it replaces.
+        flat = torch.cat(pieces).to(ctx.source_dtype)
+        sizes = [n for shape, pad in zip(ctx.shapes, ctx.pads) for n in (shape.numel(), pad)]
+        return None, None, *(part.view(shape) for part, shape in zip(flat.split(sizes)[::2], ctx.shapes))
+
+
 def cast_together(params, dtype):
     """``params`` in ``dtype``: themselves where they are already in it, else cast together under autocast, in
-    one concatenation and one cast forward (and one concatenation and one cast backward), where autocast and
-    the fused linear layers would cast each on its own, both ways (a training step is bound by its host's
-    launches). Each part starts at a multiple of ``CAST_ALIGN_BYTES`` in the buffer (zero padding between)."""
+    one concatenation and one cast forward (and one concatenation and one cast backward, each parameter's
+    gradient a view of its result), where autocast and the fused linear layers would cast each on its own,
+    both ways (a training step is bound by its host's launches). Each part starts at a multiple of
+    ``CAST_ALIGN_BYTES`` in the buffer (unfilled padding between)."""
     if all(p.dtype == dtype for p in params):
         return params
     align = max(1, CAST_ALIGN_BYTES // dtype.itemsize)
-    pads = [-p.numel() % align for p in params]
-    padding = params[0].new_zeros(max(pads))  # one fill; the pads are views of it
-    pieces = [piece for p, pad in zip(params, pads) for piece in (p.flatten(), padding[:pad])]
-    flat = torch.cat(pieces).to(dtype)
-    parts = flat.split([n for p, pad in zip(params, pads) for n in (p.numel(), pad)])[::2]
-    return [part.view_as(p) for part, p in zip(parts, params)]
+    pads = tuple(-p.numel() % align for p in params)
+    return list(_CastTogether.apply(dtype, pads, *params))
 
 
 def apply_layer_norm(norm, x):
