@@ -1,13 +1,16 @@
 """Where the host time of a GroupMamba step goes, for a step the GPU waits on its host for.
 
-    python benchmarks/host_overhead.py [--rows 30]
+    python benchmarks/host_overhead.py [--rows 30] [--device cuda] [--ops-only]
 
 1. Host cost per call (µs) of each fused op against plain PyTorch ops, forward alone and forward + backward,
-   on tensors small enough that the GPU never holds the host back (fewer calls than the launch queue).
+   on tensors small enough that the GPU never holds the host back (fewer calls than the launch queue). For the
+   fused ops (and a block), both ways of calling them: the eager fast path that runs their implementations
+   directly (what eager code gets), and through the dispatcher, every fused op called as its custom op.
 2. The Python functions (and C functions called from Python) that one detection-size training step
    (bs 2, 800x1344, AMP fp16, forward + backward) spends its host time in: cProfile, by own time.
 """
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from mmgroupmamba import GroupMamba
 from mmgroupmamba.kernels import depthwise_conv_act, gated_group_norm, layer_norm, modulated_layer_norm, selective_scan
+from mmgroupmamba.kernels.ops_util import FusedOp
 from mmgroupmamba.models.groupmamba import GroupMambaBlock
 
 
@@ -38,6 +42,30 @@ def host_us(fn, device, calls=200):
     return host
 
 
+@contextlib.contextmanager
+def through_dispatcher():
+    """Every fused op called as its custom op, through the dispatcher, as every call went before the eager
+    fast path: its backward ops too, which a fused op's own ``.op`` alone would still call the fast way."""
+    fast_call = FusedOp.__call__
+    FusedOp.__call__ = lambda self, *args: self.op(*args)
+    try:
+        yield
+    finally:
+        FusedOp.__call__ = fast_call
+
+
+def op_costs(op, device, calls):
+    """Host µs of ``op()`` without grad, and of ``op()`` and its backward."""
+    with torch.no_grad():
+        forward = host_us(op, device, calls)
+
+    def train_step():
+        out = op()
+        out.backward(torch.ones_like(out))
+
+    return forward, host_us(train_step, device, max(10, calls // 4))
+
+
 def per_op_costs(device, calls):
     torch.manual_seed(0)
     b, h, w, c = 2, 8, 8, 64
@@ -51,10 +79,12 @@ def per_op_costs(device, calls):
     conv_w, conv_b, lin_w = t(c, 1, 3, 3), t(c), t(c, c)
     scale = t(b, c)
     block = GroupMambaBlock(c, 4).to(device).train()
-    ops = {
+    plain_ops = {
         'torch.add': lambda: x + z,
         'F.linear': lambda: F.linear(x, lin_w),
         'F.layer_norm (PyTorch)': lambda: F.layer_norm(x, (c,), weight, bias),
+    }
+    fused_ops = {
         'layer_norm (Triton)': lambda: layer_norm(x, weight, bias, 1e-5),
         'gated_group_norm': lambda: gated_group_norm(y, z, weight, bias, 4, 1e-5),
         'modulated_layer_norm': lambda: modulated_layer_norm(y, x, scale, weight, bias, 1e-5),
@@ -62,18 +92,17 @@ def per_op_costs(device, calls):
         'selective_scan': lambda: selective_scan(u, delta, A, bc[..., :4], bc[..., 4:], D, dbias, (h, w)),
         'GroupMambaBlock (dims 64)': lambda: block(x),
     }
-    print(f'| op ({b}x{h}x{w}x{c}) | forward µs | forward + backward µs |')
-    print('| --- | --- | --- |')
-    for name, op in ops.items():
-        with torch.no_grad():
-            forward = host_us(op, device, calls)
-
-        def train_step():
-            out = op()
-            out.backward(torch.ones_like(out))
-
-        both = host_us(train_step, device, max(10, calls // 4))
-        print(f'| {name} | {forward:.1f} | {both:.1f} |', flush=True)
+    print(f'| op ({b}x{h}x{w}x{c}) | forward µs | forward + backward µs | through the dispatcher: forward µs '
+          '| forward + backward µs |')
+    print('| --- | --- | --- | --- | --- |')
+    for name, op in plain_ops.items():
+        forward, both = op_costs(op, device, calls)
+        print(f'| {name} | {forward:.1f} | {both:.1f} | | |', flush=True)
+    for name, op in fused_ops.items():
+        forward, both = op_costs(op, device, calls)
+        with through_dispatcher():
+            op_forward, op_both = op_costs(op, device, calls)
+        print(f'| {name} | {forward:.1f} | {both:.1f} | {op_forward:.1f} | {op_both:.1f} |', flush=True)
 
 
 def profile_step(device, rows):
@@ -106,12 +135,15 @@ def main():
     parser.add_argument('--rows', type=int, default=30)
     parser.add_argument('--calls', type=int, default=200)
     parser.add_argument('--device', default='cuda')
+    parser.add_argument('--ops-only', action='store_true',
+                        help='section 1 alone (on a CPU, the detection-size step of section 2 takes minutes)')
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == 'cuda':
         print(torch.cuda.get_device_name(), 'torch', torch.__version__)
     per_op_costs(device, args.calls)
-    profile_step(device, args.rows)
+    if not args.ops_only:
+        profile_step(device, args.rows)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,8 @@ inputs only. GroupMamba runs three such pairs per block: the gated group norm ->
 LayerNorm -> ``proj`` and the FFN's LayerNorm -> ``fc1``; and the FFN's depthwise conv + GELU -> ``fc2``, whose
 8x-channel hidden maps are the largest activations of the model.
 
-Each pair is a ``torch.autograd.Function`` over the custom ops, which ``torch.compile`` traces into its graph.
+Each pair is a ``torch.autograd.Function`` over the custom ops, which ``torch.compile`` traces into its graph;
+in plain eager its forward and backward call the ops' implementations directly (``ops_util.FusedOp``).
 """
 import torch
 import torch.nn.functional as F

@@ -12,8 +12,9 @@ _AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchK
 
 def fused_op(name, reference):
     """Decorator: the Triton implementation ``fn`` and its PyTorch ``reference`` (the same signature) as one
-    custom op ``name`` (``torch.library.triton_op``); register its fake implementation on the result
-    (``@op.register_fake``) as for any custom op.
+    custom op ``name`` (``torch.library.triton_op``), returned as a :class:`FusedOp` that callers call like the
+    op; register its fake implementation (``@op.register_fake``) and autograd formula (``op.register_autograd``)
+    on the result as for any custom op.
 
     Which of the two runs is decided here, for every op, from the first argument
     (:func:`~mmgroupmamba.kernels.dispatch.use_triton`: ``MMGM_KERNELS``, CUDA or not). Where the op runs
@@ -22,7 +23,8 @@ def fused_op(name, reference):
     from its own generated code. A custom op that stays opaque is called through the dispatcher and runs its
     Python launcher at every call: that host work kept the compiled backbone host-bound (README,
     torch.compile). On the reference path, and under Triton's interpreter (whose kernels are Python functions
-    that need real data), the op stays one opaque node, its registered fake giving the shapes.
+    that need real data), the op stays one opaque node, its registered fake giving the shapes. Plain eager calls
+    skip the dispatcher altogether (:class:`FusedOp`).
     """
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
@@ -40,9 +42,64 @@ def fused_op(name, reference):
             return mode.__torch_dispatch__(func, types, args, kwargs)
 
         op.register_torch_dispatch(FunctionalTensorMode, functional_rule)
-        return op
+        return FusedOp(op, implementation)
 
     return register
+
+
+# Tensor types whose eager calls may skip the dispatcher: a Parameter dispatches as the tensor it holds.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args):
+    """Whether a call with ``args`` is plain eager work that nothing watches: no torch.compile or export trace,
+    no dispatch or torch-function mode (fake tensors, functionalization, proxies, counters), no torch.func
+    transform (whose wrapped tensors look like plain ones), and only plain tensors among the arguments."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    return all(type(a) in _PLAIN_TENSOR_TYPES or not isinstance(a, torch.Tensor) for a in args)
+
+
+class FusedOp:
+    """A fused custom op as its callers call it, positionally: ``op(*args)``, the op's tuple (or tensor) back.
+
+    Through the dispatcher, a custom op's call costs tens of microseconds of host time before its implementation
+    runs (torch.library's backend and autograd wrappers and redispatch; 147 us against F.layer_norm's 20 us on
+    an H200 host), and an eager training step is bound by its host. Plain eager calls (:func:`_plain_eager`)
+    therefore run the same implementation directly: as it is where no gradient is needed, else through an
+    ``autograd.Function`` made of the ``setup_context`` and ``backward`` given to :meth:`register_autograd`, the
+    formula the op itself registers. The results are those of the op, bit for bit. Every other call
+    (torch.compile, opcheck, fake tensors, dispatch modes such as benchmarks/launch_count.py's counter) goes
+    through the op, ``self.op`` (the ``CustomOpDef``), which they need."""
+
+    def __init__(self, op, implementation):
+        self.op = op
+        self._implementation = implementation
+        self._autograd_function = None
+        functools.update_wrapper(self, implementation)
+
+    def register_fake(self, fake):
+        return self.op.register_fake(fake)
+
+    def register_autograd(self, backward, *, setup_context):
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self._autograd_function = type(f'{self.__name__}_eager', (torch.autograd.Function,), {
+            'forward': staticmethod(self._implementation),
+            'setup_context': staticmethod(setup_context),
+            'backward': staticmethod(backward),
+        })
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.op(*args)
+        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+            return self._implementation(*args)
+        if self._autograd_function is None:
+            # An op without a formula (the backward ops, under double backward): the op's outputs then raise
+            # at backward, where the implementation's would silently carry no gradient.
+            return self.op(*args)
+        return self._autograd_function.apply(*args)
 
 
 def size_hint(n):

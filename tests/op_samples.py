@@ -57,4 +57,4 @@ def opcheck_every_op(gen, device='cpu'):
     for op, args in op_samples(gen, device):
         if op in BACKWARD_OPS:  # not differentiable themselves (no double backward)
             args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op.op, args)

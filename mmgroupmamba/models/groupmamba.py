@@ -37,7 +37,8 @@ weights), one depthwise conv, one scan. ``state_dict()`` gives the official per-
 :func:`official_to_packed` / :func:`packed_to_official`; official checkpoints load unchanged. Tensors inside a
 stage are channels-last ``(B, H, W, C)``.
 
-The fused ops (``mmgroupmamba.kernels``) are PyTorch custom ops, so the backbone runs eagerly, under
+The fused ops (``mmgroupmamba.kernels``) are PyTorch custom ops, so the backbone runs eagerly (plain eager calls run the
+ops' implementations without the dispatcher's host cost per call: ``kernels/ops_util.py``), under
 ``torch.compile`` (``compile=True``: one graph, symbolic sizes) and from CUDA graphs (``cuda_graph=True``,
 :mod:`mmgroupmamba.models.cuda_graph`) with the same results.
 """
