@@ -116,6 +116,19 @@ def profile_step(device, rows):
 
     for _ in range(3):
         step()
+    print('\n| detection-size step (bs 2, 800x1344, AMP, fwd + bwd) | host ms | wall ms |')
+    print('| --- | --- | --- |')
+    for name, calls in (('eager fast path', contextlib.nullcontext), ('through the dispatcher', through_dispatcher)):
+        with calls():
+            step()  # the first step after a switch allocates anew
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(5):
+                step()
+            host = time.perf_counter() - start  # the last launch returned; the GPU may still be busy
+            sync(device)
+            wall = time.perf_counter() - start
+        print(f'| {name} | {host * 200:.1f} | {wall * 200:.1f} |', flush=True)  # ms per step of 5
     sync(device)
     profiler = cProfile.Profile()
     start = time.perf_counter()
