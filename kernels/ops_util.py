@@ -88,11 +88,17 @@ class FusedOp:
 
     def register_autograd(self, backward, *, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
+        implementation = self._implementation
+
+        # forward with ctx, calling setup_context itself: a Function with a separate setup_context binds its
+        # arguments through inspect.signature at every apply (torch 2.11), host time the step cannot spare.
+        def forward(ctx, *args):
+            output = implementation(*args)
+            setup_context(ctx, args, output)
+            return output
+
         self._autograd_function = type(f'{self.__name__}_eager', (torch.autograd.Function,), {
-            'forward': staticmethod(self._implementation),
-            'setup_context': staticmethod(setup_context),
-            'backward': staticmethod(backward),
-        })
+            'forward': staticmethod(forward), 'backward': staticmethod(backward)})
 
     def __call__(self, *args):
         if not _plain_eager(args):
