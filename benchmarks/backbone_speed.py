@@ -23,6 +23,7 @@ Swin-T through the same :class:`CompiledForward`, without ``fullgraph``). Ratios
 mode. The launches column counts kernel launches in one detection step (torch.profiler).
 """
 import argparse
+import json
 import time
 
 import torch
@@ -81,9 +82,10 @@ class CompiledBackbone(torch.nn.Module):
 MODES = ('', ' +graphs', ' +compile')
 
 
-def build_backbones(models, modes, drop_path_rate):
+def build_backbones(models, modes, drop_path_rate, compile_options=None):
     """mmdet's own Swin-T (from its Mask R-CNN config) and GroupMamba of the given sizes, with channel counts,
-    in each of ``modes`` (name suffixes: '' eager, ' +graphs' replayed from CUDA graphs, ' +compile')."""
+    in each of ``modes`` (name suffixes: '' eager, ' +graphs' replayed from CUDA graphs, ' +compile'; the
+    compiled ones with ``compile_options``, torch.compile arguments over the backbones' defaults)."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
     swin = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
@@ -105,8 +107,9 @@ def build_backbones(models, modes, drop_path_rate):
                     model = (GraphedBackbone(DET_MODELS.build(cfg)) if swin
                              else DET_MODELS.build(dict(cfg, cuda_graph=True)))
                 else:
-                    model = (CompiledBackbone(DET_MODELS.build(cfg), fullgraph=False) if swin
-                             else DET_MODELS.build(dict(cfg, compile=True)))
+                    options = dict(compile_options or {})
+                    model = (CompiledBackbone(DET_MODELS.build(cfg), **{'fullgraph': False, **options}) if swin
+                             else DET_MODELS.build(dict(cfg, compile=options or True)))
                 backbones[name + mode] = (model, channels)
     return backbones
 
@@ -204,13 +207,17 @@ def main():
     parser.add_argument('--cuda-graph', action='store_true', help='add rows replayed from CUDA graphs')
     parser.add_argument('--compile', action='store_true', help='add rows run through torch.compile')
     parser.add_argument('--no-eager', action='store_true', help='leave out the eager rows')
+    parser.add_argument('--compile-options', type=json.loads, default={},
+                        help='torch.compile arguments for the compiled rows of both models, as JSON, e.g. '
+                        '\'{"dynamic": false}\' or \'{"options": {"cpp_wrapper": true}}\'')
     parser.add_argument('--adamw', choices=('fused', 'foreach'), default='fused')
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
     modes = [m for m, on in zip(MODES, (not args.no_eager, args.cuda_graph, args.compile)) if on]
     results = {}
-    classifiers = {} if args.skip_classification else build_backbones(args.models, modes, drop_path_rate=0.1)
+    classifiers = ({} if args.skip_classification
+                   else build_backbones(args.models, modes, 0.1, args.compile_options))
     for name, (backbone, channels) in classifiers.items():
         start = time.perf_counter()
         results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps,
@@ -218,7 +225,7 @@ def main():
         torch.cuda.empty_cache()
         print(name, results[name], f'({time.perf_counter() - start:.0f} s with warm-up)', flush=True)
     if not args.skip_detection:
-        for name, (backbone, _) in build_backbones(args.models, modes, drop_path_rate=0.2).items():
+        for name, (backbone, _) in build_backbones(args.models, modes, 0.2, args.compile_options).items():
             row = results.setdefault(name, {})
             row['det_ms'], row['launches'] = detection_step(backbone, max(5, args.steps // 2))
             torch.cuda.empty_cache()
