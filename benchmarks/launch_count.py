@@ -113,8 +113,10 @@ class LaunchWalker(TorchDispatchMode):
         return out
 
     @contextlib.contextmanager
-    def triton_launches(self, modules):
-        """Walks the launches of ``modules``' ``wrap_triton(kernel)[grid](...)`` calls while active."""
+    def triton_launches(self, modules, run=True):
+        """Walks the launches of ``modules``' ``wrap_triton(kernel)[grid](...)`` calls while active; ``run``:
+        whether the kernels then run (through the interpreter). Left out, their outputs hold no data, which no
+        shape and hence no later launch depends on: the walk is the same, in seconds instead of minutes."""
         walker = self
 
         class Walked:
@@ -130,6 +132,8 @@ class LaunchWalker(TorchDispatchMode):
                             keys.add(storage_key(t))
                             (writes if walker.unwritten(t) else reads).append(t)
                     walker._record(f'triton:{name}', reads, writes, 1)
+                    if not run:
+                        return None
                     with _disable_current_modes():  # the interpreter's host copies are no device work
                         return wrap_triton(self.kernel)[grid](*args, **kwargs)
 
@@ -155,13 +159,14 @@ class LaunchCounter(LaunchWalker):
         self.counts[self.phase, name] += kernels
 
 
-def walk_step(walker, module, x, autocast, forward_context=contextlib.nullcontext()):
+def walk_step(walker, module, x, autocast, forward_context=contextlib.nullcontext(), run_kernels=True):
     """Runs ``module(x)`` (inside ``forward_context``) and its backward under ``walker``, as a training step
-    does (no gradient accumulated from an earlier step); returns the outputs."""
+    does (no gradient accumulated from an earlier step), the Triton kernels too unless ``run_kernels`` is
+    false (:meth:`LaunchWalker.triton_launches`); returns the outputs."""
     module.zero_grad(set_to_none=True)  # as a training step's optimizer leaves them: no accumulation
     x.grad = None
     launchers = [dispatch.triton_module(name, x.device) for name in LAUNCHERS]
-    with walker.triton_launches(launchers), walker:
+    with walker.triton_launches(launchers, run_kernels), walker:
         with forward_context, torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             out = module(x)
         outs = (out, ) if isinstance(out, torch.Tensor) else out
