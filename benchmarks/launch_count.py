@@ -37,53 +37,110 @@ from mmgroupmamba import GroupMamba  # noqa: E402
 from mmgroupmamba.kernels import dispatch  # noqa: E402
 from mmgroupmamba.models.groupmamba import GroupMambaBlock  # noqa: E402
 
+# Allocations: no kernel, and what they return holds nothing yet (a kernel it is passed to writes it).
+ALLOCATIONS = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided'}
 # Ops that launch nothing although their output is no view: allocations, and a reshape's copy-free result.
-NO_KERNEL = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided', '_unsafe_view'}
+NO_KERNEL = ALLOCATIONS | {'_unsafe_view'}
 # ATen ops that run as a zero fill and a copy on CUDA: two kernels.
 TWO_KERNELS = {'eye', 'diag_embed', 'select_backward', 'slice_backward'}
+# In-place ops that overwrite their first argument without reading it.
+OVERWRITES_SELF = {'zero_', 'fill_', 'copy_', 'bernoulli_', 'normal_', 'uniform_'}
 LAUNCHERS = ('triton_scan', 'triton_gated_norm', 'triton_dwconv')
 NAMESPACE = 'mmgroupmamba'
 
 
-class LaunchCounter(TorchDispatchMode):
-    """Counts launch-like ops and Triton launches into ``counts[(phase, name)]``."""
+def storage_key(t):
+    """The address of the memory ``t`` views: tensors (and views) that share it share this key."""
+    return t.untyped_storage().data_ptr()
+
+
+def tensors_in(values):
+    """The tensors among ``values`` (nested lists, tuples and dicts included), each once, in order."""
+    seen, found = set(), []
+    for value in torch.utils._pytree.tree_leaves(values):
+        if isinstance(value, torch.Tensor) and id(value) not in seen:
+            seen.add(id(value))
+            found.append(value)
+    return found
+
+
+class LaunchWalker(TorchDispatchMode):
+    """Calls ``launch(name, reads, writes, kernels)`` for every op that would launch a GPU kernel and every
+    Triton launch, with ``phase`` (``'forward'``, then what the caller sets) telling where the step is.
+
+    ``reads`` and ``writes`` are the tensors the launch reads and writes as far as can be told from outside it:
+
+    * an ATen op reads its tensor arguments (none for a ``*_like``/``new_*`` factory, whose argument gives only
+      a shape; not the first for :data:`OVERWRITES_SELF`) and writes the tensors it returns;
+    * a Triton kernel writes those of its tensor arguments that were allocated (:data:`ALLOCATIONS`) and not
+      written since, i.e. the outputs its launcher made for it, and reads the others: a kernel that also writes
+      an argument that held data (accumulates into it) is taken to read it only.
+    """
 
     def __init__(self):
         super().__init__()
-        self.counts = collections.Counter()
         self.phase = 'forward'
+        self._unwritten = set()  # storage keys of allocations that no launch has written yet
+
+    def launch(self, name, reads, writes, kernels):
+        """Called for each launch; ``kernels``: how many GPU kernels it is (2 for :data:`TWO_KERNELS`)."""
+        raise NotImplementedError
+
+    def unwritten(self, t):
+        """Whether ``t``'s memory was allocated and no launch has written it yet: it holds no data."""
+        return storage_key(t) in self._unwritten
+
+    def _record(self, name, reads, writes, kernels):
+        self.launch(name, reads, writes, kernels)
+        self._unwritten.difference_update(storage_key(t) for t in writes)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == NAMESPACE:
             with self:  # the implementation's own ops and launches are what runs on the device
                 return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        if name in ALLOCATIONS:
+            self._unwritten.update(storage_key(t) for t in tensors_in(out))
         makes_tensor = any(isinstance(r.type, torch.TensorType) for r in func._schema.returns)
         if makes_tensor and not (func.is_view or name in NO_KERNEL):
-            self.counts[self.phase, name] += 2 if name in TWO_KERNELS else 1
-        return func(*args, **kwargs)
+            if name.endswith('_like') or name.startswith('new_'):
+                reads = []
+            else:
+                reads = tensors_in((args[1:] if name in OVERWRITES_SELF else args, kwargs))
+            self._record(name, reads, tensors_in(out), 2 if name in TWO_KERNELS else 1)
+        return out
 
     @contextlib.contextmanager
-    def triton_launches(self, modules):
-        """Counts the launches of ``modules``' ``wrap_triton(kernel)[grid](...)`` calls while active."""
-        counter = self
+    def triton_launches(self, modules, run=True):
+        """Walks the launches of ``modules``' ``wrap_triton(kernel)[grid](...)`` calls while active; ``run``:
+        whether the kernels then run (through the interpreter). Left out, their outputs hold no data, which no
+        shape and hence no later launch depends on: the walk is the same, in seconds instead of minutes."""
+        walker = self
 
-        class Counted:
+        class Walked:
             def __init__(self, kernel):
                 self.kernel = kernel
 
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
                     name = getattr(self.kernel, 'fn', self.kernel).__name__
-                    counter.counts[counter.phase, f'triton:{name}'] += 1
+                    reads, writes, keys = [], [], set()
+                    for t in tensors_in((args, kwargs)):
+                        if storage_key(t) not in keys:  # one buffer passed twice (an output that is optional)
+                            keys.add(storage_key(t))
+                            (writes if walker.unwritten(t) else reads).append(t)
+                    walker._record(f'triton:{name}', reads, writes, 1)
+                    if not run:
+                        return None
                     with _disable_current_modes():  # the interpreter's host copies are no device work
                         return wrap_triton(self.kernel)[grid](*args, **kwargs)
 
                 return launch
 
         for module in modules:
-            module.wrap_triton = Counted
+            module.wrap_triton = Walked
         try:
             yield
         finally:
@@ -91,21 +148,49 @@ class LaunchCounter(TorchDispatchMode):
                 module.wrap_triton = wrap_triton
 
 
-def count_step(module, x, autocast):
-    """Launch counts of ``module(x)`` and of its backward, keyed by ``(phase, op name)``."""
+class LaunchCounter(LaunchWalker):
+    """Counts launch-like ops and Triton launches into ``counts[(phase, name)]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def launch(self, name, reads, writes, kernels):
+        self.counts[self.phase, name] += kernels
+
+
+def walk_step(walker, module, x, autocast, forward_context=contextlib.nullcontext(), run_kernels=True):
+    """Runs ``module(x)`` (inside ``forward_context``) and its backward under ``walker``, as a training step
+    does (no gradient accumulated from an earlier step), the Triton kernels too unless ``run_kernels`` is
+    false (:meth:`LaunchWalker.triton_launches`); returns the outputs."""
     module.zero_grad(set_to_none=True)  # as a training step's optimizer leaves them: no accumulation
     x.grad = None
-    counter = LaunchCounter()
     launchers = [dispatch.triton_module(name, x.device) for name in LAUNCHERS]
-    with counter.triton_launches(launchers), counter:
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+    with walker.triton_launches(launchers, run_kernels), walker:
+        with forward_context, torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             out = module(x)
         outs = (out, ) if isinstance(out, torch.Tensor) else out
-        counter.phase = 'backward'
-        with _disable_current_modes():  # the loss's gradients are no part of the step counted
+        walker.phase = 'backward'
+        with _disable_current_modes():  # the loss's gradients are no part of the step walked
             grads = [torch.ones_like(o) for o in outs]
         torch.autograd.backward(outs, grads)
+    return outs
+
+
+def count_step(module, x, autocast):
+    """Launch counts of ``module(x)`` and of its backward, keyed by ``(phase, op name)``."""
+    counter = LaunchCounter()
+    walk_step(counter, module, x, autocast)
     return counter.counts
+
+
+def size_tilings_for(sms):
+    """Makes the launchers size their tilings for ``sms`` multiprocessors, as on a GPU that has them."""
+    dispatch.multiprocessors = lambda device, interpreted=1: sms
+    for name in LAUNCHERS:  # the launchers imported it by name
+        module = dispatch.triton_module(name, torch.device('cpu'))
+        if hasattr(module, 'multiprocessors'):
+            module.multiprocessors = dispatch.multiprocessors
 
 
 def print_table(columns):
@@ -129,11 +214,7 @@ def main():
     parser.add_argument('--arch', default='mini', help="backbone counted in total ('' for none)")
     args = parser.parse_args()
     sms = args.sms
-    dispatch.multiprocessors = lambda device, interpreted=1: sms
-    for name in LAUNCHERS:  # the launchers imported it by name
-        module = dispatch.triton_module(name, torch.device('cpu'))
-        if hasattr(module, 'multiprocessors'):
-            module.multiprocessors = dispatch.multiprocessors
+    size_tilings_for(sms)
 
     torch.manual_seed(0)
     block = GroupMambaBlock(args.dims, 4, drop_path=0.1).train()
