@@ -131,3 +131,26 @@ def depthwise_conv_act_reference(x, weight, bias, activation):
                    groups=x.shape[-1])
     out = F.silu(pre) if activation == 'silu' else F.gelu(pre)
     return out.permute(0, 2, 3, 1).to(x.dtype).contiguous()
+
+
+def channel_affinity_dtype(pooled):
+    """The dtype the channel affinity is computed and returned in: fp32, or fp64 for fp64 input. Not the
+    input's: under autocast the pooled map is fp16/bf16, but the modulated LayerNorm that reads the scale
+    computes in fp32, and the unfused model's scale was fp32 already (``skip_scale``, an fp32 parameter, times
+    the affinity)."""
+    return torch.promote_types(pooled.dtype, torch.float32)
+
+
+def channel_affinity_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+    """``skip_scale * sigmoid(fc2(relu(fc1(pooled))))``: GroupMamba's channel affinity of the pooled map
+    ``(B, C)`` through its ``C -> R -> C`` bottleneck, times the layer's skip scale (one element), as
+    ``(B, C)`` in :func:`channel_affinity_dtype`.
+
+    Reference for :func:`mmgroupmamba.kernels.channel_affinity`. Autocast is switched off inside: it would run
+    the linear layers in half precision (the op's implementation runs under the caller's autocast).
+    """
+    compute = channel_affinity_dtype(pooled)
+    with torch.autocast(pooled.device.type, enabled=False):
+        hidden = F.relu(F.linear(pooled.to(compute), fc1_weight.to(compute), fc1_bias.to(compute)))
+        logits = F.linear(hidden, fc2_weight.to(compute), fc2_bias.to(compute))
+    return skip_scale.to(compute) * torch.sigmoid(logits)

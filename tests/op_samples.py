@@ -2,6 +2,7 @@
 tests/test_compile.py on the CPU (both implementations) and by benchmarks/check_gpu.py on CUDA tensors."""
 import torch
 
+from mmgroupmamba.kernels.affinity import channel_affinity_bwd, channel_affinity_fwd
 from mmgroupmamba.kernels.dwconv import dwconv_act_bwd, dwconv_act_forward
 from mmgroupmamba.kernels.gated_norm import (
     gated_group_norm_bwd,
@@ -37,6 +38,11 @@ def op_samples(gen, device='cpu'):
         _, mean, rstd = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
         _, mmean, mrstd = modulated_layer_norm_fwd(y, x, scale, w, b, 1e-5)
     dout = draw(2, 3, 4, 16)
+    # The channel affinity of 16 channels through 3 hidden units (no power of 2), and a pooled map in bf16 as
+    # under autocast.
+    pooled = draw(2, 16).bfloat16().requires_grad_()
+    affinity_params = (draw(3, 16, grad=True), draw(3, grad=True), draw(16, 3, grad=True), draw(16, grad=True),
+                       draw(1, grad=True, rand=True))
     return [
         (selective_scan_fwd, (*scan_args, 3, 5, list(AUTO_TILING), True)),
         (selective_scan_bwd, (dy, *scan_args, states, 3, 5, list(AUTO_TILING))),
@@ -47,10 +53,13 @@ def op_samples(gen, device='cpu'):
         (gated_group_norm_bwd, (dout, y, z, w, b, mean, rstd, 4, 1e-5, torch.float32, True)),
         (modulated_layer_norm_fwd, (y, x, scale, w, b, 1e-5)),
         (modulated_layer_norm_bwd, (dout, y, x, scale, w, b, mmean, mrstd, 1e-5, False)),
+        (channel_affinity_fwd, (pooled, *affinity_params)),
+        (channel_affinity_bwd, (draw(2, 16), pooled, *affinity_params)),
     ]
 
 
-BACKWARD_OPS = (selective_scan_bwd, dwconv_act_bwd, gated_group_norm_bwd, modulated_layer_norm_bwd)
+BACKWARD_OPS = (selective_scan_bwd, dwconv_act_bwd, gated_group_norm_bwd, modulated_layer_norm_bwd,
+                channel_affinity_bwd)
 
 
 def opcheck_every_op(gen, device='cpu'):

@@ -39,6 +39,8 @@ def test_opcheck_every_custom_op(impl, monkeypatch):
 def test_op_gradients_match_autograd_through_the_references():
     """The ops' registered backward formulas against plain autograd through the references, in float64."""
     from mmgroupmamba.kernels import (
+        channel_affinity,
+        channel_affinity_reference,
         depthwise_conv_act,
         depthwise_conv_act_reference,
         gated_group_norm,
@@ -54,12 +56,16 @@ def test_op_gradients_match_autograd_through_the_references():
     w, b = (torch.randn(16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     scale = torch.rand(2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     conv_w = torch.randn(16, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    pooled, fc1_w, fc2_w = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                            for shape in ((2, 16), (3, 16), (16, 3)))
+    fc1_b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
     cases = [
         (selective_scan, selective_scan_reference, [scan[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')],
          (scan['hw'],)),
         (gated_group_norm, gated_group_norm_reference, [y, z, w, b], (4, 1e-5)),
         (modulated_layer_norm, modulated_layer_norm_reference, [y, x, scale, w, b], (1e-5,)),
         (depthwise_conv_act, depthwise_conv_act_reference, [x, conv_w, b], ('gelu',)),
+        (channel_affinity, channel_affinity_reference, [pooled, fc1_w, fc1_b, fc2_w, b, scale[0, :1]], ()),
     ]
     for op, reference, tensors, constants in cases:
         out = op(*tensors, *constants)

@@ -1,0 +1,101 @@
+"""The channel-affinity op (``kernels/affinity.py``): its Triton kernels, run through the Triton interpreter
+(conftest.py), against the reference, and both against the unfused PyTorch MLP the model ran before.
+
+Its custom-op registrations are checked with the other ops' (tests/op_samples.py: torch.library.opcheck in
+test_compile.py, the eager fast path in test_eager_fastpath.py).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmgroupmamba.kernels import channel_affinity, channel_affinity_reference
+
+# (batch, channels, hidden units): GroupMamba's stages have C = 64..512 and R = C // 16; odd sizes check the
+# masks of the kernels' power-of-2 tiles.
+SHAPES = [(1, 12, 1), (5, 96, 6), (2, 64, 4), (3, 348, 21)]
+
+
+def affinity_inputs(batch, channels, units, gen, pooled_dtype=torch.float32):
+    """The layer's inputs at the scale of its initialised parameters (nn.Linear's uniform bound 1/sqrt(fan_in)),
+    so that both ReLU sides and the sigmoid's slope are exercised, not saturated."""
+    def uniform(*shape, fan_in):
+        return (torch.rand(*shape, generator=gen) * 2 - 1) * 2 / fan_in**0.5
+
+    pooled = torch.randn(batch, channels, generator=gen).to(pooled_dtype)
+    params = (uniform(units, channels, fan_in=channels), uniform(units, fan_in=channels),
+              uniform(channels, units, fan_in=units), uniform(channels, fan_in=units),
+              torch.rand(1, generator=gen) + 0.5)
+    return [t.requires_grad_() for t in (pooled, *params)]
+
+
+def value_and_grads(fn, inputs, gen):
+    out = fn(*inputs)
+    grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    return (out, *torch.autograd.grad(out, inputs, grad))
+
+
+def assert_close_fp32(got, expected, what=''):
+    """Within 1e-5 of the expected values, relative to the tensor's largest: the elements are sums over up to C
+    products, whose rounding depends on the order of summation and scales with the terms, not with the sum
+    (which may cancel to near zero)."""
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=what)
+
+
+def unfused(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+    """What GroupMambaLayer ran before the op (in fp32: the parameters' dtype)."""
+    return skip_scale * torch.sigmoid(F.linear(F.relu(F.linear(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias))
+
+
+@pytest.mark.parametrize('pooled_dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_triton_matches_the_reference(shape, pooled_dtype, monkeypatch):
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+    inputs = affinity_inputs(*shape, torch.Generator().manual_seed(0), pooled_dtype)
+    got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(1))
+    expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(1))
+    assert got[0].dtype == torch.float32 and got[0].shape == shape[:2]
+    for name, g, e in zip(('scale', 'pooled', 'fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias', 'skip_scale'),
+                          got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        if g.dtype == torch.bfloat16:  # dpooled, rounded to bf16 from fp32 values within 1e-5 of each other
+            torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2 * e.abs().max().item(), msg=name)
+        else:
+            assert_close_fp32(g, e, name)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_op_matches_the_unfused_mlp(impl, monkeypatch):
+    """The op against the modules' own layers and autograd, as the model computed the scale before."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    for shape in SHAPES[:2]:
+        inputs = affinity_inputs(*shape, torch.Generator().manual_seed(2))
+        got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(3))
+        expected = value_and_grads(unfused, inputs, torch.Generator().manual_seed(3))
+        for g, e in zip(got, expected):
+            assert_close_fp32(g, e)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_autocast_leaves_the_op_in_fp32(impl, monkeypatch):
+    """Under autocast the pooled map comes in bf16, the fp32 parameters are used as they are and the scale and
+    the parameters' gradients stay fp32: the same values as without autocast for the same input."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    inputs = affinity_inputs(2, 64, 4, torch.Generator().manual_seed(4), torch.bfloat16)
+    plain = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(5))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        autocast = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(5))
+    assert [t.dtype for t in autocast] == [torch.float32, torch.bfloat16] + [torch.float32] * 5
+    for a, p in zip(autocast, plain):
+        assert torch.equal(a, p)
+
+
+def test_dead_hidden_units_pass_no_gradient(monkeypatch):
+    """ReLU's gradient at a unit whose input is negative for every image is zero, in the kernel too."""
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+    pooled, w1, b1, w2, b2, skip = affinity_inputs(3, 12, 2, torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        b1[0] = -100.0
+    out = channel_affinity(pooled, w1, b1, w2, b2, skip)
+    dw1, db1, dw2 = torch.autograd.grad(out.sum(), (w1, b1, w2))
+    assert (dw1[0] == 0).all() and db1[0] == 0 and (dw2[:, 0] == 0).all()
+    assert dw1[1].abs().sum() > 0
