@@ -45,7 +45,7 @@ NO_KERNEL = ALLOCATIONS | {'_unsafe_view'}
 TWO_KERNELS = {'eye', 'diag_embed', 'select_backward', 'slice_backward'}
 # In-place ops that overwrite their first argument without reading it.
 OVERWRITES_SELF = {'zero_', 'fill_', 'copy_', 'bernoulli_', 'normal_', 'uniform_'}
-LAUNCHERS = ('triton_scan', 'triton_gated_norm', 'triton_dwconv')
+LAUNCHERS = ('triton_scan', 'triton_gated_norm', 'triton_dwconv', 'triton_affinity')
 NAMESPACE = 'mmgroupmamba'
 
 

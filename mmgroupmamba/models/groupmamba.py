@@ -26,7 +26,8 @@ Layout::
         per group g: in_proj -> (u, z); u = SiLU(dwconv3x3(u)); project u to (delta, B, C);
                      y = selective scan of u over the map in SCAN_DIRECTIONS[g] order (d_state=1);
                      y = out_norm(y) * SiLU(z); out_proj
-        y = concat(groups) * skip_scale * x * sigmoid(fc2(relu(fc1(mean_hw(x)))))   (channel affinity)
+        y = concat(groups) * skip_scale * x * sigmoid(fc2(relu(fc1(mean_hw(x)))))   (channel affinity;
+            skip_scale * sigmoid(...) is one fused op on the pooled map, in fp32: kernels.channel_affinity)
         return proj(LayerNorm(y))          (the same LayerNorm as at the input, as in the official model)
 
 Parameters are stored the way the kernels use them: the four groups' scan parameters packed together, one
@@ -58,6 +59,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from mmgroupmamba.checkpoint import load_backbone_checkpoint
 from mmgroupmamba.kernels import (
     SCAN_DIRECTIONS,
+    channel_affinity,
     depthwise_conv_act,
     depthwise_conv_act_linear,
     gated_group_norm,
@@ -333,11 +335,11 @@ class GroupMambaLayer(nn.Module):
 
     def matmul_params(self):
         """The parameters the layer's matmuls read in the compute dtype, in the order ``forward``'s ``weights``
-        lists them: ``fc1`` and ``fc2``'s weights and biases, the packed ``in_proj``, ``x_proj``, ``dt_projs``
-        and ``out_proj`` weights, ``proj``'s weight (not its bias: the fused layer reduces its gradient in
-        fp32)."""
-        return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.in_proj_weight,
-                self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight, self.proj.weight]
+        lists them: the packed ``in_proj``, ``x_proj``, ``dt_projs`` and ``out_proj`` weights, ``proj``'s weight
+        (not its bias: the fused layer reduces its gradient in fp32). Not the channel affinity's ``fc1`` and
+        ``fc2``: its op reads them in fp32, as they are."""
+        return [self.in_proj_weight, self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight,
+                self.proj.weight]
 
     def projections(self, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
         """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
@@ -364,9 +366,10 @@ class GroupMambaLayer(nn.Module):
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
             weights = cast_together(self.matmul_params(), x.dtype)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias, *scan_weights, proj_weight = weights
-        hidden = F.relu(F.linear(x.mean((1, 2)), fc1_weight, fc1_bias))
-        affinity = torch.sigmoid(F.linear(hidden, fc2_weight, fc2_bias))
+        *scan_weights, proj_weight = weights
+        # skip_scale times the channel affinity: one scale per (image, channel), in fp32, from one launch each way.
+        scale = channel_affinity(x.mean((1, 2)), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                 self.skip_scale)
 
         in_proj, delta_proj, bc_proj, out_proj = self.projections(*scan_weights)
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
@@ -379,10 +382,10 @@ class GroupMambaLayer(nn.Module):
         # norms run with the linear layer after them, so that their outputs need not be kept for backward.
         y = gated_group_norm_linear(y.view(batch, height, width, dims), z, self.out_norm.weight,
                                     self.out_norm.bias, NUM_GROUPS, self.out_norm.eps, out_proj)
-        # skip_scale and the channel affinity are one scale per (image, channel), applied with x inside the
-        # output LayerNorm's pass (the same LayerNorm as at the input, as in the official model).
-        return modulated_layer_norm_linear(y, x, self.skip_scale * affinity, self.norm.weight, self.norm.bias,
-                                           self.norm.eps, proj_weight, self.proj.bias)
+        # The scale is applied with x inside the output LayerNorm's pass (the same LayerNorm as at the input, as
+        # in the official model).
+        return modulated_layer_norm_linear(y, x, scale, self.norm.weight, self.norm.bias, self.norm.eps,
+                                           proj_weight, self.proj.bias)
 
 
 def _state_dict_to_official(module, state_dict, prefix, local_metadata):
