@@ -22,9 +22,10 @@ def affinity_inputs(batch, channels, units, gen, pooled_dtype=torch.float32):
         return (torch.rand(*shape, generator=gen) * 2 - 1) * 2 / fan_in**0.5
 
     pooled = torch.randn(batch, channels, generator=gen).to(pooled_dtype)
-    params = (uniform(units, channels, fan_in=channels), uniform(units, fan_in=channels),
-              uniform(channels, units, fan_in=units), uniform(channels, fan_in=units),
-              torch.rand(1, generator=gen) + 0.5)
+    fc1_bias = uniform(units, fan_in=channels)
+    fc1_bias[0] = 3.0  # one hidden unit alive for (almost surely) every image: gradients pass even at R = 1
+    params = (uniform(units, channels, fan_in=channels), fc1_bias, uniform(channels, units, fan_in=units),
+              uniform(channels, fan_in=units), torch.rand(1, generator=gen) + 0.5)
     return [t.requires_grad_() for t in (pooled, *params)]
 
 
@@ -54,6 +55,7 @@ def test_triton_matches_the_reference(shape, pooled_dtype, monkeypatch):
     got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(1))
     expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(1))
     assert got[0].dtype == torch.float32 and got[0].shape == shape[:2]
+    assert (expected[3] != 0).any()  # the ReLU passed some gradient: the backward's whole path was checked
     for name, g, e in zip(('scale', 'pooled', 'fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias', 'skip_scale'),
                           got, expected):
         assert g.dtype == e.dtype and g.shape == e.shape, name
