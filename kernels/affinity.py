@@ -1,11 +1,12 @@
 """GroupMamba's channel affinity as a custom op: the layer's ``C -> C/16 -> C`` bottleneck MLP on its pooled
-map (``fc1``, ReLU, ``fc2``, sigmoid) times its skip scale, one Triton launch forward and one backward, where
-PyTorch spent about 22 launches per block on a few microseconds of work. The reference elsewhere.
+map (``fc1``, ReLU, ``fc2``, sigmoid) times its skip scale, one Triton launch forward and two backward (a
+kernel, a sum), where PyTorch spent 15 launches per block on a few microseconds of work. The reference
+elsewhere.
 """
 import torch
 
 from .dispatch import triton_module
-from .ops_util import fused_op, reference_grads
+from .ops_util import fused_op, reduced_dtype, reference_grads
 from .reference import channel_affinity_dtype, channel_affinity_reference
 
 
@@ -32,26 +33,41 @@ def _affinity_bwd_reference(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc
     # Autocast off for the backward's matmuls too: a backward called under autocast would run them in half
     # precision.
     with torch.autocast(pooled.device.type, enabled=False):
-        grads, _ = reference_grads(channel_affinity_reference,
-                                   (pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale), dscale)
-    return grads
+        (dpooled, *param_grads), _ = reference_grads(
+            channel_affinity_reference, (pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale), dscale)
+    return dpooled, torch.cat([g.flatten() for g in param_grads]).to(reduced_dtype(pooled))
 
 
 @fused_op('mmgroupmamba::channel_affinity_bwd', reference=_affinity_bwd_reference)
 def channel_affinity_bwd(dscale: torch.Tensor, pooled: torch.Tensor, fc1_weight: torch.Tensor,
                          fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
-                         skip_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                            torch.Tensor, torch.Tensor]:
-    """The gradients of the op's inputs, ``(dpooled, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias,
-    dskip_scale)``, each in its input's dtype."""
+                         skip_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dpooled, dparams)``: the pooled map's gradient in its dtype, and the parameters' gradients as one
+    flat fp32 (fp64 for fp64 input) tensor in :func:`param_grad_sizes` order, reduced over the batch in one
+    launch (a custom op's outputs may not be views of each other: :func:`param_grads` splits it)."""
     return triton_module('triton_affinity', pooled.device).affinity_backward(
         dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)
 
 
 @channel_affinity_bwd.register_fake
 def _(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                 for t in (pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale))
+    size = sum(param_grad_sizes(pooled.shape[1], fc1_weight.shape[0]))
+    return (torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device),
+            pooled.new_empty((size,), dtype=reduced_dtype(pooled)))
+
+
+def param_grad_sizes(channels, units):
+    """Element counts of the parameters' gradients in :func:`channel_affinity_bwd`'s flat output, in order:
+    ``fc1``'s weight ``(R, C)`` and bias, ``fc2``'s weight ``(C, R)`` and bias, the skip scale."""
+    return [units * channels, units, channels * units, channels, 1]
+
+
+def param_grads(dparams, params):
+    """The flat gradients of :func:`channel_affinity_bwd` as one tensor per parameter (views, then cast to its
+    dtype where it differs)."""
+    fc1_weight = params[0]
+    parts = dparams.split(param_grad_sizes(fc1_weight.shape[1], fc1_weight.shape[0]))
+    return [g.view(p.shape).to(p.dtype) for g, p in zip(parts, params)]
 
 
 def _affinity_setup(ctx, inputs, output):
@@ -59,7 +75,9 @@ def _affinity_setup(ctx, inputs, output):
 
 
 def _affinity_backward(ctx, dscale):
-    return channel_affinity_bwd(dscale, *ctx.saved_tensors)
+    pooled, *params = ctx.saved_tensors
+    dpooled, dparams = channel_affinity_bwd(dscale, pooled, *params)
+    return dpooled, *param_grads(dparams, params)
 
 
 channel_affinity_fwd.register_autograd(_affinity_backward, setup_context=_affinity_setup)

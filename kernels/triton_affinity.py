@@ -1,23 +1,26 @@
 """Triton kernels: GroupMamba's channel affinity, ``skip_scale * sigmoid(fc2(relu(fc1(pooled))))`` for the
-pooled map ``(B, C)``, forward in one launch and backward in one launch.
+pooled map ``(B, C)``, forward in one launch and backward in two.
 
 The bottleneck is tiny (``C`` = 64..512 channels, ``R = C // 16`` = 4..32 hidden units, one row per image), so
-the unfused PyTorch MLP was about 22 launches per block (forward and backward) for microseconds of work, on a
+the unfused PyTorch MLP was 15 launches per block (forward and backward) for microseconds of work, on a
 step bound by its host's launches. Both weight matrices fit in one program's registers as ``(R, C)`` tiles
 (``fc2``'s read transposed), and the products are broadcasts and row/column sums: no ``tl.dot``, whose tiles
 would be mostly padding at these sizes. Everything is computed in fp32.
 
-Forward: one program per image. Backward: one program for the whole batch, looping over the images, so that the
-weight and bias gradients (sums over the batch) are accumulated in registers in a fixed order: deterministic,
-no atomics, no partial sums to reduce in another launch. The backward recomputes the hidden units and the gate
-from the inputs (a few register operations per image) instead of the forward keeping them.
+Forward: one program per image. Backward: the images split over at most one program per multiprocessor, each
+accumulating its images' weight and bias gradients in registers, then one ``sum`` of the programs' partial rows:
+deterministic (fixed chunks and order, no atomics) and parallel at a classification batch, for one launch more
+than a single program looping over all images would take. The backward recomputes the hidden units and the
+gate from the inputs (a few register operations per image) instead of the forward keeping them.
 """
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .ops_util import next_power_of_2
+from .affinity import param_grad_sizes
+from .dispatch import multiprocessors
+from .ops_util import cdiv, next_power_of_2, reduced_dtype, size_hint
 from .reference import channel_affinity_dtype
 
 
@@ -58,8 +61,11 @@ def _affinity_fwd_kernel(Pooled, W1, B1, W2, B2, Skip, Scale, C, R,
 
 
 @triton.jit
-def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, DW1, DB1, DW2, DB2, DSkip, batch, C, R,
+def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials, batch, images_per_program, C, R,
                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per chunk of ``images_per_program`` images: their input gradients, and their sums of the
+    weight, bias and skip gradients as one row of ``Partials``, laid out as ``affinity.param_grad_sizes`` says."""
+    chunk = tl.program_id(0)
     cols, units, col_ok, unit_ok, w1, w2t, b1, b2 = _weight_tiles(W1, B1, W2, B2, C, R, BLOCK_C, BLOCK_R)
     skip = tl.load(Skip).to(tl.float32)
     dw1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -67,7 +73,8 @@ def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, DW1, DB1
     db1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
     db2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     dskip = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for image in range(0, batch):
+    first = chunk * images_per_program
+    for image in range(first, tl.minimum(first + images_per_program, batch)):
         pooled = tl.load(Pooled + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
         pre, hidden, gate = _bottleneck(pooled, w1, b1, w2t, b2)
         dscale = tl.load(DScale + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -81,12 +88,14 @@ def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, DW1, DB1
         dw1 += dpre[:, None] * pooled[None, :]
         dpooled = tl.sum(w1 * dpre[:, None], axis=0)
         tl.store(DPooled + image * C + cols, dpooled.to(DPooled.dtype.element_ty), mask=col_ok)
+    row = Partials + chunk.to(tl.int64) * (2 * R * C + R + C + 1)
     tile_ok = unit_ok[:, None] & col_ok[None, :]
-    tl.store(DW1 + units[:, None] * C + cols[None, :], dw1.to(DW1.dtype.element_ty), mask=tile_ok)
-    tl.store(DW2 + cols[None, :] * R + units[:, None], dw2t.to(DW2.dtype.element_ty), mask=tile_ok)
-    tl.store(DB1 + units, db1.to(DB1.dtype.element_ty), mask=unit_ok)
-    tl.store(DB2 + cols, db2.to(DB2.dtype.element_ty), mask=col_ok)
-    tl.store(DSkip, tl.sum(dskip, axis=0).to(DSkip.dtype.element_ty))
+    out_ty = Partials.dtype.element_ty
+    tl.store(row + units[:, None] * C + cols[None, :], dw1.to(out_ty), mask=tile_ok)
+    tl.store(row + R * C + units, db1.to(out_ty), mask=unit_ok)
+    tl.store(row + R * C + R + cols[None, :] * R + units[:, None], dw2t.to(out_ty), mask=tile_ok)  # fc2's (C, R)
+    tl.store(row + 2 * R * C + R + cols, db2.to(out_ty), mask=col_ok)
+    tl.store(row + 2 * R * C + R + C, tl.sum(dskip, axis=0).to(out_ty))
 
 
 def _blocks(channels, units):
@@ -112,18 +121,29 @@ def affinity_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_sc
 
 
 def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    """``(dpooled, dfc1_weight, dfc1_bias, dfc2_weight, dfc2_bias, dskip_scale)``, each in its input's dtype
-    (accumulated in fp32)."""
+    """``(dpooled, dparams)``: see :func:`~mmgroupmamba.kernels.affinity.channel_affinity_bwd`.
+
+    The images are split over at most one program per multiprocessor, each summing its images'
+    weight gradients in fp32 registers; one ``sum`` over the programs' rows then gives the weights' gradients
+    (deterministic: fixed chunks, fixed order). One program for the whole batch would run 128 images one after
+    another at a classification batch.
+    """
     batch, channels = pooled.shape
     units = fc1_weight.shape[0]
     pooled, fc1_weight, fc2_weight = pooled.contiguous(), fc1_weight.contiguous(), fc2_weight.contiguous()
-    grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device)
-             for t in (pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)]
+    dpooled = torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device)
+    # A tiling choice, from the traced example's batch where it is symbolic (the program count stays symbolic);
+    # 4 "multiprocessors" in the interpreter, so that the CPU tests split batches too.
+    hint = size_hint(batch)
+    images_per_program = cdiv(hint, min(hint, multiprocessors(pooled.device, interpreted=4)))
+    programs = cdiv(batch, images_per_program)
+    partials = torch.empty((programs, sum(param_grad_sizes(channels, units))), dtype=reduced_dtype(pooled),
+                           device=pooled.device)
     block_c, block_r, warps = _blocks(channels, units)
-    wrap_triton(_affinity_bwd_kernel)[(1,)](
-        dscale.contiguous(), pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, *grads, batch,
-        channels, units, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps)
-    return tuple(grads)
+    wrap_triton(_affinity_bwd_kernel)[(programs,)](
+        dscale.contiguous(), pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, dpooled, partials,
+        batch, images_per_program, channels, units, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps)
+    return dpooled, partials.sum(0)
 
 
 KERNEL = _affinity_fwd_kernel  # what dispatch.kernels_interpreted inspects

@@ -367,7 +367,7 @@ class GroupMambaLayer(nn.Module):
         if weights is None:
             weights = cast_together(self.matmul_params(), x.dtype)
         *scan_weights, proj_weight = weights
-        # skip_scale times the channel affinity: one scale per (image, channel), in fp32, from one launch each way.
+        # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
         scale = channel_affinity(x.mean((1, 2)), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                  self.skip_scale)
 
