@@ -135,7 +135,7 @@ def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     # A tiling choice, from the traced example's batch where it is symbolic (the program count stays symbolic);
     # 4 "multiprocessors" in the interpreter, so that the CPU tests split batches too.
     hint = size_hint(batch)
-    images_per_program = cdiv(hint, min(hint, multiprocessors(pooled.device, interpreted=4)))
+    images_per_program = max(1, cdiv(hint, multiprocessors(pooled.device, interpreted=4)))
     programs = cdiv(batch, images_per_program)
     partials = torch.empty((programs, sum(param_grad_sizes(channels, units))), dtype=reduced_dtype(pooled),
                            device=pooled.device)
