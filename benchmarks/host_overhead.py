@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from backbone_speed import backbone_step
 from mmgroupmamba import GroupMamba
 from mmgroupmamba.kernels import depthwise_conv_act, gated_group_norm, layer_norm, modulated_layer_norm, selective_scan
 from mmgroupmamba.kernels.ops_util import FusedOp
@@ -107,12 +108,7 @@ def per_op_costs(device, calls):
 
 def profile_step(device, rows):
     model = GroupMamba(arch='tiny', drop_path_rate=0.2).to(device).train()
-    images = torch.randn(2, 3, 800, 1344, device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.float16):
-            loss = sum(o.float().mean() for o in model(images))
-        loss.backward()
+    step = backbone_step(model, torch.randn(2, 3, 800, 1344, device=device))
 
     for _ in range(3):
         step()

@@ -15,6 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from backbone_speed import backbone_step
 from mmgroupmamba import GroupMamba
 
 
@@ -32,12 +33,7 @@ def main():
     if args.compile:
         compile_options = dict(mode=args.compile, dynamic=args.dynamic)
     model = GroupMamba(arch=args.arch, out_indices=(3,), compile=compile_options).cuda().train()
-    x = torch.randn(args.batch, 3, *args.size, device='cuda')
-
-    def step():
-        with torch.autocast('cuda', dtype=torch.float16):
-            loss = model(x)[0].float().pow(2).mean()
-        loss.backward()
+    step = backbone_step(model, torch.randn(args.batch, 3, *args.size, device='cuda'))
 
     start = time.perf_counter()
     step()
