@@ -59,8 +59,12 @@ def main():
         step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    kernel_ms = sum(e.self_device_time_total for e in events) / 1000
-    launches = sum(e.count for e in events if e.self_device_time_total > 0)
+    # Kernels only: with CPU activity on (--compile), an op's row also carries the device time of the
+    # kernels it launched, and Inductor's launch of a user-defined Triton kernel is such a row, named like
+    # the kernel; summing every row would count those kernels twice.
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 1000
+    launches = sum(e.count for e in kernels)
     print(events.table(sort_by='self_device_time_total', row_limit=args.rows, max_name_column_width=60))
     if args.compile:
         print(events.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=60))
