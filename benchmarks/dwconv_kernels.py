@@ -4,17 +4,19 @@
 
 For GroupMamba-T's shapes at batch 128, 224x224 (the Mamba layer's SiLU conv on C channels and the FFN's
 GELU conv on its hidden channels, each stage) and the detection shape: the forward and the backward
-(launchers only: pre-activation pass, transposed conv, reduction), median ms (triton.testing.do_bench),
-the minimal bytes over time as a fraction of copy bandwidth, and the PyTorch reference (cuDNN's depthwise
-conv, permutes, activation) forward + backward. Every shape is first checked against the reference.
-``--sweep`` also times a grid of tilings for the FFN convs of stages 1-3 (the defaults are chosen in
-triton_dwconv.choose_tiles).
+(launchers only: pre-activation pass, transposed conv, reduction), median ms of back-to-back calls
+(``triton.testing.do_bench``) and of CUDA-graph replays (``do_bench_cudagraph``: the kernels without the
+host's launch cost), the minimal bytes over the replayed time as a fraction of copy bandwidth, and the
+PyTorch reference (cuDNN's depthwise conv, permutes, activation) forward + backward. Every shape is first
+checked against the reference. ``--sweep`` also times a grid of tilings (replayed) for the FFN convs of
+stages 1-3 (the defaults are chosen in triton_dwconv.choose_tiles).
 """
 import argparse
 import itertools
 
 import torch
-from triton.testing import do_bench
+from torch._library.triton import set_wrap_triton_enabled
+from triton.testing import do_bench, do_bench_cudagraph
 
 from mmgroupmamba.kernels import depthwise_conv_act_reference
 from mmgroupmamba.kernels.dwconv import split_param_grads
@@ -49,10 +51,13 @@ def check(x, weight, bias, dout, activation):
     return max(rel_err(a.float(), b) for a, b in zip((out, dx, dweight, dbias), (expected, *grads)))
 
 
-def time_ms(x, weight, bias, dout, activation, **tiling):
-    fwd = do_bench(lambda: dwconv_act_forward(x, weight, bias, activation, **tiling), return_mode='median')
-    bwd = do_bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation, **tiling),
-                   return_mode='median')
+def time_ms(x, weight, bias, dout, activation, replayed=False, **tiling):
+    """Median ms of the forward and the backward launchers: called back to back (what eager code pays: a
+    launcher whose host time exceeds its kernels' is timed by its host), or ``replayed`` from a CUDA graph
+    (the kernels alone)."""
+    bench = do_bench_cudagraph if replayed else do_bench
+    fwd = bench(lambda: dwconv_act_forward(x, weight, bias, activation, **tiling), return_mode='median')
+    bwd = bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation, **tiling), return_mode='median')
     return fwd, bwd
 
 
@@ -71,26 +76,35 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--sweep', action='store_true')
     args = parser.parse_args(argv)
+    # The launchers are called directly, outside the ops: launch as the ops' eager path does, without
+    # torch.library's tracing wrapper around each launch (it multiplies the host's cost per launch, which the
+    # back-to-back timings would then measure).
+    with set_wrap_triton_enabled(False):
+        run(args.sweep)
+
+
+def run(sweep):
     bandwidth = copy_bandwidth()
     log(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16 maps')
-    log('| shape | B x H x W x C | max rel err | fwd ms | fwd %BW | bwd ms | bwd %BW | reference fwd+bwd ms '
-        '| tiles (fwd) |')
-    log('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+    log('| shape | B x H x W x C | max rel err | fwd ms called | fwd ms replayed | fwd %BW replayed | bwd ms called '
+        '| bwd ms replayed | bwd %BW replayed | reference fwd+bwd ms called | tiles (fwd) |')
+    log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for name, batch, height, width, channels, activation in SHAPES:
         tensors = inputs(batch, height, width, channels)
         err = check(*tensors, activation)
         fwd, bwd = time_ms(*tensors, activation)
+        fwd_kernels, bwd_kernels = time_ms(*tensors, activation, replayed=True)
         size = tensors[0].numel() * tensors[0].element_size()
         # Minimal traffic: forward reads x, writes out; backward reads x and dout, writes dx.
-        fwd_bw, bwd_bw = 2 * size / (fwd * 1e-3) / bandwidth, 3 * size / (bwd * 1e-3) / bandwidth
+        fwd_bw, bwd_bw = 2 * size / (fwd_kernels * 1e-3) / bandwidth, 3 * size / (bwd_kernels * 1e-3) / bandwidth
         ref = reference_ms(*tensors, activation)
-        log(f'| {name} | {batch}x{height}x{width}x{channels} | {err:.1e} | {fwd:.3f} | {fwd_bw:.0%} | {bwd:.3f} | '
-            f'{bwd_bw:.0%} | {ref:.3f} | {choose_tiles(tensors[0])} |')
-        if args.sweep and name in SWEEP_SHAPES:
+        log(f'| {name} | {batch}x{height}x{width}x{channels} | {err:.1e} | {fwd:.3f} | {fwd_kernels:.3f} | '
+            f'{fwd_bw:.0%} | {bwd:.3f} | {bwd_kernels:.3f} | {bwd_bw:.0%} | {ref:.3f} | {choose_tiles(tensors[0])} |')
+        if sweep and name in SWEEP_SHAPES:
             timings = []
             for values in itertools.product(*SWEEP.values()):
                 tiling = dict(zip(SWEEP, values))
-                timings.append((time_ms(*tensors, activation, **tiling), tiling))
+                timings.append((time_ms(*tensors, activation, replayed=True, **tiling), tiling))
             for label, index in (('fwd', 0), ('bwd', 1)):
                 (best, tiling) = min(timings, key=lambda t: t[0][index])
                 log(f'    best {label}: {best[index]:.3f} ms with {tiling}')
