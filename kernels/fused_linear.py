@@ -28,12 +28,16 @@ def _compute_dtype(t):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
-def _linear_forward(ctx, out, weight, bias):
-    """``F.linear(out, weight, bias)`` in the compute dtype; keeps the cast weight for backward."""
+def _linear_forward(ctx, out, weight, bias, cast_bias):
+    """``F.linear(out, weight, bias)`` in the compute dtype; keeps the cast weight for backward. ``cast_bias``:
+    the bias already in that dtype (cast with other parameters in one launch), or None to cast it here; the
+    gradient goes to ``bias`` either way, reduced in fp32."""
     dtype = _compute_dtype(out)
     weight_c = weight.to(dtype)
     ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
-    return F.linear(out.to(dtype), weight_c, None if bias is None else bias.to(dtype)), weight_c
+    if bias is not None and cast_bias is None:
+        cast_bias = bias.to(dtype)
+    return F.linear(out.to(dtype), weight_c, cast_bias), weight_c
 
 
 def _linear_backward(ctx, grad_out, weight_c, recompute):
@@ -50,9 +54,9 @@ def _linear_backward(ctx, grad_out, weight_c, recompute):
 
 class GatedNormLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias):
+    def forward(ctx, y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias, cast_bias):
         normed, mean, rstd = gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype)
-        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias)
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias, cast_bias)
         ctx.save_for_backward(y, z, weight, bias, mean, rstd, weight_c)
         ctx.constants = (groups, eps, out_dtype)
         return out
@@ -66,14 +70,14 @@ class GatedNormLinearFn(torch.autograd.Function):
             return grads, normed
 
         grad_lw, grad_lb, (dy, dz, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
-        return dy, dz, dw, db, None, None, None, grad_lw, grad_lb
+        return dy, dz, dw, db, None, None, None, grad_lw, grad_lb, None
 
 
 class ModulatedNormLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, x, scale, weight, bias, eps, linear_weight, linear_bias):
+    def forward(ctx, y, x, scale, weight, bias, eps, linear_weight, linear_bias, cast_bias):
         normed, mean, rstd = modulated_layer_norm_fwd(y, x, scale, weight, bias, eps)
-        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias)
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias, cast_bias)
         ctx.save_for_backward(y, x, scale, weight, bias, mean, rstd, weight_c)
         ctx.eps = eps
         return out
@@ -87,14 +91,14 @@ class ModulatedNormLinearFn(torch.autograd.Function):
             return grads, normed
 
         grad_lw, grad_lb, (dy, dx, dscale, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
-        return dy, dx, dscale, dw, db, None, grad_lw, grad_lb
+        return dy, dx, dscale, dw, db, None, grad_lw, grad_lb, None
 
 
 class ConvActLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, conv_weight, conv_bias, activation, linear_weight, linear_bias):
+    def forward(ctx, h, conv_weight, conv_bias, activation, linear_weight, linear_bias, cast_bias):
         out, weight_c = _linear_forward(ctx, dwconv_act_forward(h, conv_weight, conv_bias, activation),
-                                        linear_weight, linear_bias)
+                                        linear_weight, linear_bias, cast_bias)
         ctx.save_for_backward(h, conv_weight, conv_bias, weight_c)
         ctx.activation = activation
         return out
@@ -109,25 +113,39 @@ class ConvActLinearFn(torch.autograd.Function):
             return (dh, dw, db), hidden
 
         grad_lw, grad_lb, (dh, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
-        return dh, dw, db, None, grad_lw, grad_lb
+        return dh, dw, db, None, grad_lw, grad_lb, None
 
 
-def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, linear_bias=None, out_dtype=None):
-    """``F.linear(gated_group_norm(y, z, weight, bias, groups, eps, out_dtype), linear_weight, linear_bias)``."""
+def _cast_only(cast_bias, linear_bias):
+    """``cast_bias`` unless it is ``linear_bias`` itself (nothing needed a cast): Dynamo cannot trace an
+    ``autograd.Function`` given the same tensor twice, and ``_linear_forward`` uses the bias as it is then."""
+    return None if cast_bias is linear_bias else cast_bias
+
+
+def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, linear_bias=None, out_dtype=None,
+                            cast_bias=None):
+    """``F.linear(gated_group_norm(y, z, weight, bias, groups, eps, out_dtype), linear_weight, linear_bias)``.
+
+    ``cast_bias`` (here and in the other pairs): ``linear_bias`` already in the compute dtype, for the forward
+    only (a block casts its biases with its weights, in one launch); the gradient still reaches
+    ``linear_bias``, reduced in fp32."""
     return GatedNormLinearFn.apply(y, z, weight, bias, groups, eps, out_dtype or promoted_dtype(y, z),
-                                   linear_weight, linear_bias)
+                                   linear_weight, linear_bias, _cast_only(cast_bias, linear_bias))
 
 
-def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None):
+def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None, cast_bias=None):
     """``F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)``."""
-    return gated_group_norm_linear(x, None, weight, bias, 1, eps, linear_weight, linear_bias, out_dtype)
+    return gated_group_norm_linear(x, None, weight, bias, 1, eps, linear_weight, linear_bias, out_dtype, cast_bias)
 
 
-def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None):
+def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None, cast_bias=None):
     """``F.linear(modulated_layer_norm(y, x, scale, weight, bias, eps), linear_weight, linear_bias)``."""
-    return ModulatedNormLinearFn.apply(y, x, scale, weight, bias, eps, linear_weight, linear_bias)
+    return ModulatedNormLinearFn.apply(y, x, scale, weight, bias, eps, linear_weight, linear_bias,
+                                       _cast_only(cast_bias, linear_bias))
 
 
-def depthwise_conv_act_linear(h, conv_weight, conv_bias, activation, linear_weight, linear_bias=None):
+def depthwise_conv_act_linear(h, conv_weight, conv_bias, activation, linear_weight, linear_bias=None,
+                              cast_bias=None):
     """``F.linear(depthwise_conv_act(h, conv_weight, conv_bias, activation), linear_weight, linear_bias)``."""
-    return ConvActLinearFn.apply(h, conv_weight, conv_bias, activation, linear_weight, linear_bias)
+    return ConvActLinearFn.apply(h, conv_weight, conv_bias, activation, linear_weight, linear_bias,
+                                 _cast_only(cast_bias, linear_bias))

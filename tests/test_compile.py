@@ -171,3 +171,25 @@ def test_compile_option_is_checked_and_copies_start_uncompiled(golden):
     copied = copy.deepcopy(model)
     assert copied._compiled._compiled is None and copied._compiled.options == model._compiled.options
     assert model._compiled.options['dynamic'] and model._compiled.options['fullgraph']
+
+
+def test_compiled_stochastic_depth_matches_eager_under_autocast(golden, fresh_dynamo):
+    """Stochastic depth traced in the one graph (its masks drawn, its residual adds with their one-multiply
+    backward written in the branch's dtype): from one generator state, the compiled step drops the same images
+    as eager and gives its outputs and gradients."""
+    compiled = golden_model(golden, drop_path_rate=0.5, compile=dict(backend='aot_eager')).train()
+    eager = golden_model(golden, drop_path_rate=0.5).train()
+    x = golden['input'].repeat(4, 1, 1, 1)  # images enough for both kept and dropped branches
+    outs, grads = [], []
+    for model in (compiled, eager):
+        torch.manual_seed(0)
+        with torch.autocast('cpu', dtype=torch.float16):
+            out = model(x)
+        outs.append(out)
+        grads.append(torch.autograd.grad(sum(o.float().sum() for o in out), list(model.parameters())))
+    # Equal up to fp16 rounding, as in test_compile_under_autocast; a different mask would be off by O(1).
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype == torch.float32 and rel_err(a, b) <= 1e-2
+    for name, a, b in zip([n for n, _ in eager.named_parameters()], *grads):
+        assert a.dtype == b.dtype == torch.float32 and rel_err(a, b) <= 3e-2, name
+    assert compiled_entries() == 1

@@ -228,15 +228,18 @@ class _CastTogether(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        padding = torch.empty(max(ctx.pads), dtype=ctx.dtype, device=ctx.device)
+        # A part without a gradient (a cast bias, which serves the forward only) keeps an unfilled place, like
+        # the padding, and its parameter gets None from here.
+        unfilled = torch.empty(max(s.numel() + pad for s, pad in zip(ctx.shapes, ctx.pads)), dtype=ctx.dtype,
+                               device=ctx.device)
         pieces = []
         for grad, shape, pad in zip(grads, ctx.shapes, ctx.pads):
-            grad = torch.zeros(shape, dtype=ctx.dtype, device=ctx.device) if grad is None else grad
-            pieces += [grad.flatten(), padding[:pad]]
+            pieces += [unfilled[:shape.numel()] if grad is None else grad.flatten(), unfilled[:pad]]
         # The same layout as forward's: every gradient starts as aligned as the buffer of its own it replaces.
         flat = torch.cat(pieces).to(ctx.source_dtype)
         sizes = [n for shape, pad in zip(ctx.shapes, ctx.pads) for n in (shape.numel(), pad)]
-        return None, None, *(part.view(shape) for part, shape in zip(flat.split(sizes)[::2], ctx.shapes))
+        return None, None, *(None if grad is None else part.view(shape)
+                             for grad, part, shape in zip(grads, flat.split(sizes)[::2], ctx.shapes))
 
 
 def cast_together(params, dtype):
@@ -336,10 +339,10 @@ class GroupMambaLayer(nn.Module):
     def matmul_params(self):
         """The parameters the layer's matmuls read in the compute dtype, in the order ``forward``'s ``weights``
         lists them: the packed ``in_proj``, ``x_proj``, ``dt_projs`` and ``out_proj`` weights, ``proj``'s weight
-        (not its bias: the fused layer reduces its gradient in fp32). Not the channel affinity's ``fc1`` and
-        ``fc2``: its op reads them in fp32, as they are."""
+        and bias (the cast bias serves the forward only: the fused layer reduces its gradient in fp32 for the
+        parameter itself). Not the channel affinity's ``fc1`` and ``fc2``: its op reads them in fp32, as they are."""
         return [self.in_proj_weight, self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight,
-                self.proj.weight]
+                self.proj.weight, self.proj.bias]
 
     def projections(self, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
         """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
@@ -366,7 +369,7 @@ class GroupMambaLayer(nn.Module):
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
             weights = cast_together(self.matmul_params(), x.dtype)
-        *scan_weights, proj_weight = weights
+        *scan_weights, proj_weight, proj_bias = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
         scale = channel_affinity(x.mean((1, 2)), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                  self.skip_scale)
@@ -385,7 +388,7 @@ class GroupMambaLayer(nn.Module):
         # The scale is applied with x inside the output LayerNorm's pass (the same LayerNorm as at the input, as
         # in the official model).
         return modulated_layer_norm_linear(y, x, scale, self.norm.weight, self.norm.bias, self.norm.eps,
-                                           proj_weight, self.proj.bias)
+                                           proj_weight, self.proj.bias, cast_bias=proj_bias)
 
 
 def _state_dict_to_official(module, state_dict, prefix, local_metadata):
@@ -423,17 +426,44 @@ class ConvFFN(nn.Module):
         self.fc2 = nn.Linear(hidden_dims, dims)
 
     def matmul_params(self):
-        """The weights the fused linear layers cast to the compute dtype (not the biases: their gradients are
-        reduced in fp32)."""
-        return [self.fc1.weight, self.fc2.weight]
+        """The linear layers' weights and biases, which the fused layers read in the compute dtype (the cast
+        biases serve the forward only: their gradients are reduced in fp32 for the parameters themselves)."""
+        return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
 
     def forward(self, x, norm, weights=None):
-        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``; ``weights``: :meth:`matmul_params`, maybe
-        already in the compute dtype."""
-        fc1_weight, fc2_weight = weights or self.matmul_params()
-        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, _compute_dtype(x), fc1_weight, self.fc1.bias)
+        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``; ``weights``: :meth:`matmul_params` already in
+        the compute dtype (a block casts its layer's and its FFN's together)."""
+        dtype = _compute_dtype(x)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = weights or cast_together(self.matmul_params(), dtype)
+        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, self.fc1.bias,
+                              cast_bias=fc1_bias)
         conv = self.dwconv.dwconv
-        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, self.fc2.bias)
+        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, self.fc2.bias,
+                                         cast_bias=fc2_bias)
+
+
+class _AddDroppedBranch(torch.autograd.Function):
+    """``x + branch * mask`` in x's dtype, with a one-launch backward: the branch's gradient is one multiply
+    written in the branch's dtype, where autograd's for an ``addcmul`` with a scale would scale the mask,
+    multiply and cast (three launches per branch; the eager step is bound by its host's launches)."""
+
+    @staticmethod
+    def forward(ctx, x, branch, mask):
+        ctx.save_for_backward(mask)
+        ctx.branch_dtype = branch.dtype
+        return torch.addcmul(x, branch, mask, out=torch.empty_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, = ctx.saved_tensors
+        grad_branch = torch.mul(grad, mask, out=grad.new_empty(grad.shape, dtype=ctx.branch_dtype))
+        return grad, grad_branch, None
+
+
+def add_dropped_branch(x, branch, mask):
+    """``x + DropPath(branch)``: ``mask`` is the per-image keep mask divided by the keep rate
+    (:meth:`GroupMambaBlock._keep_masks`), or None where nothing drops."""
+    return x + branch if mask is None else _AddDroppedBranch.apply(x, branch, mask)
 
 
 class GroupMambaBlock(nn.Module):
@@ -447,19 +477,21 @@ class GroupMambaBlock(nn.Module):
         self.drop_path = drop_path
         self.with_cp = with_cp
 
-    def _add_branch(self, x, branch):
-        """``x + DropPath(branch)``: stochastic depth as a per-image mask folded into a single addcmul."""
+    def _keep_masks(self, x):
+        """Stochastic depth's per-image masks for both branches in one draw, already divided by the keep rate:
+        ``(2, B, 1, 1, 1)`` in fp32 (the scale exact whatever x's dtype), or ``(None, None)`` when nothing drops."""
         if not (self.training and self.drop_path > 0):
-            return x + branch
+            return None, None
         keep = 1 - self.drop_path
-        mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
-        return torch.addcmul(x, branch, mask, value=1 / keep)
+        masks = torch.empty((2, x.shape[0], 1, 1, 1), dtype=torch.float32, device=x.device)
+        return masks.bernoulli_(keep).mul_(1 / keep)
 
     def _forward(self, x):
         attn_params = self.attn.matmul_params()
         weights = cast_together(attn_params + self.mlp.matmul_params(), _compute_dtype(x))
-        x = self._add_branch(x, self.attn(x, weights[:len(attn_params)]))
-        return self._add_branch(x, self.mlp(x, self.norm2, weights[len(attn_params):]))
+        attn_mask, mlp_mask = self._keep_masks(x)
+        x = add_dropped_branch(x, self.attn(x, weights[:len(attn_params)]), attn_mask)
+        return add_dropped_branch(x, self.mlp(x, self.norm2, weights[len(attn_params):]), mlp_mask)
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:
