@@ -8,7 +8,9 @@
 # warm-up, then the decay; left as is, the learning rate would stay near zero for the whole short run.
 # Steps: det (Mask R-CNN 1x, GroupMamba-T, one GPU), det_graph (its CUDA-graph variant,
 # mask_rcnn_groupmamba_t_cuda_graph.py: training batches padded to 800x1344, 1344x800 or 1344x1344), swin (mmdet's own Swin-T Mask R-CNN config, same data
-# and overrides, AMP), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
+# and overrides, AMP), det_compile and swin_compile (the two with only their backbones compiled, the same way:
+# GroupMamba's model.backbone.compile=True, Swin-T through benchmarks/configs/mask_rcnn_swin_t_compiled_backbone.py's
+# CompileBackboneHook), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
 # compare it with det), ddp_graph (the same with the CUDA-graph config), ddp_compile (the ddp run with the
 # backbone compiled: --cfg-options model.backbone.compile=True). Each run's log and a summary table
 # (benchmarks/summarize_logs.py) go to OUT_DIR.
@@ -83,6 +85,10 @@ for step in "$@"; do
     det) det_run det_groupmamba_t configs/mmdet/mask_rcnn_groupmamba_t.py;;
     det_graph) det_run det_groupmamba_t_graphs configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py;;
     swin) det_run det_swin_t "$mmdet_cfgs/swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py" --amp;;
+    # Both backbones through the same CompiledForward (dynamic sizes): GroupMamba's own option, Swin-T's hook.
+    det_compile) det_run det_groupmamba_t_compiled configs/mmdet/mask_rcnn_groupmamba_t.py \
+      --cfg-options model.backbone.compile=True;;
+    swin_compile) det_run det_swin_t_compiled benchmarks/configs/mask_rcnn_swin_t_compiled_backbone.py --amp;;
     seg)
       [ -d "$seg_data" ] || (mkdir -p "$work" && cd "$work" &&  # not from the repo root: see make_det_data
         python3 -m mmgroupmamba.seg.demo_data --out "$seg_data" --num-train 200 --num-val 20)
