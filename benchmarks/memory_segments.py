@@ -1,7 +1,7 @@
 """Where a training step's reserved-but-unused GPU memory comes from: the allocations that made the caching
 allocator reserve new segments in a steady-state step (GPU only).
 
-    python benchmarks/memory_segments.py [--models T] [--batch 128] [--cuda-graph]
+    python benchmarks/memory_segments.py [--models T] [--batch 128] [--cuda-graph] [--compile]
 
 ``backbone_speed.py`` measured (H100, 2026-11-27) GroupMamba-T eager at 9.0 GiB allocated but 11.1 GiB
 reserved, where Swin-T reserves 0.4 GiB above what it allocates; a graphed backbone's pool reserves about
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backbone_speed import Classifier, build_backbones
+from backbone_speed import MODES, Classifier, build_backbones
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 
 OWN_CODE = ('mmgroupmamba', 'kernels', 'mmdet', 'mmcv', 'benchmarks')
@@ -95,10 +95,14 @@ def main():
     parser.add_argument('--models', nargs='+', default=['T'], choices=['T', 'S', 'B'])
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--cuda-graph', action='store_true', help='also the graphed backbones')
+    parser.add_argument('--compile', action='store_true',
+                        help='also the compiled backbones (static sizes, as backbone_speed.py --compile-options '
+                        '\'{"dynamic": false}\' compiles them)')
     parser.add_argument('--top', type=int, default=25)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    for name, (backbone, channels) in build_backbones(args.models, args.cuda_graph, drop_path_rate=0.1).items():
+    modes = [mode for mode, on in zip(MODES, (True, args.cuda_graph, args.compile)) if on]
+    for name, (backbone, channels) in build_backbones(args.models, modes, 0.1, {'dynamic': False}).items():
         allocated, reserved, segments = recorded_segments(Classifier(backbone, channels), args.batch)
         fragmented = [s for s in segments if s[2] >= s[1]]
         print(f'\n{name}: peak allocated {allocated / 2**30:.2f} GiB, reserved {reserved / 2**30:.2f} GiB; '
@@ -108,12 +112,11 @@ def main():
         print('| --- | --- | --- | --- |')
         for size, request, free, place in sorted(segments, reverse=True)[:args.top]:
             print(f'| {size / 2**20:.1f} | {request / 2**20:.1f} | {free / 2**20:.1f} | {place} |')
-        by_place = Counter()
-        for size, _, _, place in fragmented:
-            by_place[place] += size
-        print('fragmentation segments by place (MiB): ' +
-              '; '.join(f'{p}: {s / 2**20:.0f}' for p, s in by_place.most_common(8)))
-        print('segments by place (MiB): ' + '; '.join(f'{p}: {s / 2**20:.0f}' for p, s in by_place.most_common(8)))
+        for label, chosen in (('fragmentation segments', fragmented), ('segments', segments)):
+            by_place = Counter()
+            for size, _, _, place in chosen:
+                by_place[place] += size
+            print(f'{label} by place (MiB): ' + '; '.join(f'{p}: {s / 2**20:.0f}' for p, s in by_place.most_common(8)))
         torch.cuda.empty_cache()
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16')
 
