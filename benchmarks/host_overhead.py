@@ -76,7 +76,7 @@ def per_op_costs(device, calls):
 
     x, z, y = t(b, h, w, c), t(b, h, w, c), t(b, h, w, c)
     u, delta, bc = t(b, h * w, c), t(b, h * w, c), t(b, h * w, 8)
-    weight, bias, A, D, dbias = t(c), t(c), -torch.rand(c, device=device), t(c), t(c)
+    weight, bias, A_logs, D, dbias = t(c), t(c), t(c), t(c), t(c)
     conv_w, conv_b, lin_w = t(c, 1, 3, 3), t(c), t(c, c)
     scale = t(b, c)
     block = GroupMambaBlock(c, 4).to(device).train()
@@ -90,7 +90,7 @@ def per_op_costs(device, calls):
         'gated_group_norm': lambda: gated_group_norm(y, z, weight, bias, 4, 1e-5),
         'modulated_layer_norm': lambda: modulated_layer_norm(y, x, scale, weight, bias, 1e-5),
         'depthwise_conv_act': lambda: depthwise_conv_act(x, conv_w, conv_b, 'silu'),
-        'selective_scan': lambda: selective_scan(u, delta, A, bc[..., :4], bc[..., 4:], D, dbias, (h, w)),
+        'selective_scan': lambda: selective_scan(u, delta, A_logs, bc[..., :4], bc[..., 4:], D, dbias, (h, w)),
         'GroupMambaBlock (dims 64)': lambda: block(x),
     }
     print(f'| op ({b}x{h}x{w}x{c}) | forward µs | forward + backward µs | through the dispatcher: forward µs '

@@ -22,9 +22,9 @@ from triton.testing import do_bench
 from mmgroupmamba.kernels import selective_scan, selective_scan_reference, triton_scan
 
 
-def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, **tiling):
+def selective_scan_triton(u, delta, A_logs, B, C, D, delta_bias, hw, **tiling):
     """The scan op with forced tilings (Triton: the benchmark's tensors are on the GPU)."""
-    return selective_scan(u, delta, A, B, C, D, delta_bias, hw, tiling=tiling)
+    return selective_scan(u, delta, A_logs, B, C, D, delta_bias, hw, tiling=tiling)
 
 
 SHAPES = [  # name, batch, (H, W), channels
@@ -35,7 +35,7 @@ SHAPES = [  # name, batch, (H, W), channels
     ('det', 2, (200, 336), 64),
 ]
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias']
+NAMES = ['u', 'delta', 'A_logs', 'B', 'C', 'D', 'delta_bias']
 DEVICE = 'cuda'
 
 
@@ -52,9 +52,10 @@ def make_inputs(batch, hw, channels, dtype, device, seed, requires_grad=False):
         return t.to(dt).requires_grad_(requires_grad)
 
     # Parameters stay fp32 as under autocast; activations take the benchmark dtype.
-    A = (-torch.rand(channels, generator=gen, device=device) * 2 - 0.05).requires_grad_(requires_grad)
+    # Decay rates A = -exp(A_logs) in (-2.05, -0.05].
+    A_logs = (torch.rand(channels, generator=gen, device=device) * 2 + 0.05).log().requires_grad_(requires_grad)
     return dict(u=rand(batch, length, channels), delta=rand(batch, length, channels, scale=1.5, shift=-1.0),
-                A=A, B=rand(batch, length, 4), C=rand(batch, length, 4),
+                A_logs=A_logs, B=rand(batch, length, 4), C=rand(batch, length, 4),
                 D=rand(channels, dt=torch.float32), delta_bias=rand(channels, scale=0.5, dt=torch.float32),
                 hw=hw)
 

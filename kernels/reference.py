@@ -3,7 +3,7 @@
 For every channel ``c`` of a layer and every position ``t`` of its group's scan order::
 
     delta_t = softplus(delta_raw_t + delta_bias[c])
-    h_t     = exp(delta_t * A[c]) * h_{t-1} + delta_t * B_t * u_t        (h_{-1} = 0)
+    h_t     = exp(delta_t * A[c]) * h_{t-1} + delta_t * B_t * u_t        (h_{-1} = 0, A = -exp(A_logs))
     y_t     = C_t * h_t + D[c] * u_t
 
 The recurrence ``h_t = a_t * h_{t-1} + x_t`` is solved without a Python loop over positions: inside a chunk
@@ -44,8 +44,9 @@ def linear_recurrence(log_a, x, chunk=16):
     return h.flatten(-2)[..., :length]
 
 
-def selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw):
-    """Reference for :func:`mmgroupmamba.kernels.selective_scan` (same arguments, same result)."""
+def selective_scan_reference(u, delta, A_logs, B, C, D, delta_bias, hw):
+    """Reference for :func:`mmgroupmamba.kernels.selective_scan` (same arguments, same result; the decay rates
+    ``A = -exp(A_logs)``)."""
     batch, length, channels = u.shape
     groups = B.shape[-1]
     order = scan_order_index(hw, groups, u.device)  # (groups, L): scan step -> row-major position
@@ -59,7 +60,7 @@ def selective_scan_reference(u, delta, A, B, C, D, delta_bias, hw):
     dt_s = to_scan_order(delta.unflatten(-1, (groups, -1)))
     b_s = to_scan_order(B.unsqueeze(-1))
     c_s = to_scan_order(C.unsqueeze(-1))
-    A_g = A.to(compute).view(groups, -1, 1)
+    A_g = -A_logs.to(compute).exp().view(groups, -1, 1)
     D_g = D.to(compute).view(groups, -1, 1)
     dt_s = F.softplus(dt_s + delta_bias.to(compute).view(groups, -1, 1))
 

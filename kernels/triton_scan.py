@@ -87,13 +87,13 @@ def _row(tile, rows, r):
 # Forward
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _chunk_start(A_ptr, bias_ptr, in_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C: tl.constexpr,
+def _chunk_start(A_logs_ptr, bias_ptr, in_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C: tl.constexpr,
                  HAS_IN: tl.constexpr):
     """What both passes set up for this program's channel block and chunk: indices, A, the delta bias, row
     offsets, and the carried value entering the chunk (state forward, dL/dh backward; 0 without a split)."""
     b, g, cb, ch, cmask = _program_block(n_cblocks, K, BLOCK_C)
     chunk = tl.program_id(1) + chunk0
-    A = tl.load(A_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
+    A = -tl.exp(tl.load(A_logs_ptr + ch, mask=cmask, other=0.0).to(tl.float32))  # the layer stores A_logs
     bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     batch_off = b.to(tl.int64) * L * CH
     bc_off = b.to(tl.int64) * L * bc_stride + g  # B and C rows may be slices of one wider projection
@@ -112,7 +112,7 @@ _RUNTIME_SIZES = ['batch', 'L', 'H', 'W', 'n_cblocks', 'chunk_len', 'n_chunks', 
 
 @triton.jit(do_not_specialize=_RUNTIME_SIZES[1:])
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
+    u_ptr, dt_ptr, A_logs_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
     hin_ptr,  # (batch, n_chunks, CH) fp32: state entering each chunk (pass 3 of a split)
     st_ptr,  # (batch, n_states, CH) fp32: state entering every STATE_T-th step, kept for the backward pass
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32: chunk summaries written by pass 1 of a split
@@ -121,7 +121,7 @@ def _scan_fwd_kernel(
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, h = _chunk_start(
-        A_ptr, bias_ptr, hin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_HIN)
+        A_logs_ptr, bias_ptr, hin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_HIN)
     if not SUMMARY:
         D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if SUMMARY:
@@ -213,12 +213,12 @@ def _propagate_kernel(
 # --------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
+    u_ptr, dt_ptr, A_logs_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
     st_ptr,  # (batch, n_states, CH) fp32 forward state entering every STATE_T-th step
     gin_ptr,  # (batch, n_chunks, CH) fp32: dL/dh at the first step after each chunk (split only)
     du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype
     dB_ptr, dC_ptr,  # (n_cblocks, batch, L, 4) fp32 partial sums over this program's channels
-    dA_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
+    dA_logs_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
     batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, HAS_GIN: tl.constexpr,
@@ -232,7 +232,7 @@ def _scan_bwd_kernel(
     #     ddelta_t = dh_t (B_t u_t + A a_t h_{t-1})      dA = sum dh_t delta_t a_t h_{t-1}
     # and a_t h_{t-1} = h_t - x_t needs no shifted copy of the states.
     b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, carry = _chunk_start(
-        A_ptr, bias_ptr, gin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_GIN)
+        A_logs_ptr, bias_ptr, gin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_GIN)
     D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if SUMMARY:
         decay = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
@@ -300,7 +300,7 @@ def _scan_bwd_kernel(
         tl.store(P_ptr + summary_off, decay, mask=cmask)
         tl.store(E_ptr + summary_off, carry, mask=cmask)
     else:
-        tl.store(dA_ptr + summary_off, dA_acc, mask=cmask)
+        tl.store(dA_logs_ptr + summary_off, dA_acc * A, mask=cmask)  # dL/dA_logs = dL/dA * A
         tl.store(dD_ptr + summary_off, dD_acc, mask=cmask)
         tl.store(dbias_ptr + summary_off, dbias_acc, mask=cmask)
 
@@ -439,7 +439,7 @@ def _propagate(P, E, n_chunks, reverse):
     return out
 
 
-def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
+def scan_forward(u, delta, A_logs, B, C, D, delta_bias, hw, cfg, save_states):
     """Launch the forward scan. Returns ``y`` (u's dtype) and, if asked, the fp32 state checkpoints."""
     height, width = hw
     batch, length, channels = u.shape
@@ -457,19 +457,19 @@ def scan_forward(u, delta, A, B, C, D, delta_bias, hw, cfg, save_states):
     # Passes 1 and 2 of a split scan: the state entering every chunk (the last chunk's summary is unused).
     hin = _chunk_carries(
         lambda P, E: wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks - 1)](
-            u, delta, A, B, C, D, delta_bias, y, dummy, dummy, P, E, *common, 0,
+            u, delta, A_logs, B, C, D, delta_bias, y, dummy, dummy, P, E, *common, 0,
             HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta),
         batch, n_chunks, channels, u.device, reverse=False) if split else dummy
     # Pass 3 (the only pass without a split): the scan from each chunk's true starting state.
     wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks)](
-        u, delta, A, B, C, D, delta_bias, y, hin, states, dummy, dummy, *common, 0,
+        u, delta, A_logs, B, C, D, delta_bias, y, hin, states, dummy, dummy, *common, 0,
         HAS_HIN=split, SAVE_STATES=save_states, SUMMARY=False, **meta)
     return y, (states if save_states else None)
 
 
-def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
+def scan_backward(dy, u, delta, A_logs, B, C, D, delta_bias, hw, states, cfg):
     """Gradients ``(du, ddelta, dADb, dBC)``: du and ddelta in their inputs' dtypes; ``dADb`` the fp32 ``(3, C)``
-    gradients of A, D and delta_bias and ``dBC`` the fp32 ``(2, batch, L, 4)`` gradients of B and C, each
+    gradients of A_logs, D and delta_bias and ``dBC`` the fp32 ``(2, batch, L, 4)`` gradients of B and C, each
     stack reduced in one launch."""
     height, width = hw
     batch, length, channels = u.shape
@@ -484,7 +484,7 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
     dB_part, dC_part = dBC_part
     n_chunks = bc.n_chunks(length)
     dADb_part = torch.empty(3, batch, n_chunks, channels, **f32)
-    dA_part, dD_part, dbias_part = dADb_part
+    dA_logs_part, dD_part, dbias_part = dADb_part
     grid_x = bc.programs(batch)
     common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), bc.n_cblocks, bc.chunk_len,
               n_chunks, cfg.n_states(length))
@@ -493,12 +493,12 @@ def scan_backward(dy, u, delta, A, B, C, D, delta_bias, hw, states, cfg):
     # A split scan in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
     gin = _chunk_carries(
         lambda P, E: wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
-            u, delta, A, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
+            u, delta, A_logs, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
             dummy, dummy, dummy, P, E, *common, 1, HAS_GIN=False, SUMMARY=True, **meta),
         batch, n_chunks, channels, u.device, reverse=True) if split else dummy
     wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks)](
-        u, delta, A, B, C, D, delta_bias, dy, states, gin, du, ddelta, dB_part, dC_part,
-        dA_part, dD_part, dbias_part, dummy, dummy, *common, 0,
+        u, delta, A_logs, B, C, D, delta_bias, dy, states, gin, du, ddelta, dB_part, dC_part,
+        dA_logs_part, dD_part, dbias_part, dummy, dummy, *common, 0,
         HAS_GIN=split, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
     dADb = dADb_part.sum((1, 2))

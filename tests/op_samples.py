@@ -25,7 +25,7 @@ def op_samples(gen, device='cpu'):
     scan = random_scan_inputs(2, (3, 5), 8, generator=gen)
     scan = {k: v.detach().to(device).requires_grad_() for k, v in scan.items() if torch.is_tensor(v)}
     bc = torch.cat([scan['B'], scan['C']], -1).detach().requires_grad_()
-    scan_args = (scan['u'], scan['delta'], scan['A'], bc[..., :4], bc[..., 4:], scan['D'], scan['delta_bias'])
+    scan_args = (scan['u'], scan['delta'], scan['A_logs'], bc[..., :4], bc[..., 4:], scan['D'], scan['delta_bias'])
     with torch.no_grad():
         _, states = selective_scan_fwd(*scan_args, 3, 5, list(AUTO_TILING), True)
     dy = draw(2, 15, 8)

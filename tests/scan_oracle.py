@@ -3,12 +3,13 @@ import torch
 import torch.nn.functional as F
 
 
-def scan_loop_float64(u, delta, A, B, C, D, delta_bias, hw):
+def scan_loop_float64(u, delta, A_logs, B, C, D, delta_bias, hw):
     height, width = hw
     batch, length, channels = u.shape
     groups = B.shape[-1]
     per_group = channels // groups
-    u, delta, A, B, C, D, delta_bias = (t.double() for t in (u, delta, A, B, C, D, delta_bias))
+    u, delta, A_logs, B, C, D, delta_bias = (t.double() for t in (u, delta, A_logs, B, C, D, delta_bias))
+    A = -A_logs.exp()
     rows = [(i, j) for i in range(height) for j in range(width)]
     cols = [(i, j) for j in range(width) for i in range(height)]
     orders = [rows, cols, rows[::-1], cols[::-1]]
@@ -34,7 +35,8 @@ def random_scan_inputs(batch, hw, channels, groups=4, dtype=torch.float32, gener
     return dict(
         u=rand(batch, length, channels),
         delta=rand(batch, length, channels, scale=1.5, shift=-1.0),
-        A=(-torch.rand(channels, generator=generator) * 2 - 0.05).to(dtype).requires_grad_(requires_grad),
+        # Decay rates A = -exp(A_logs) in (-2.05, -0.05].
+        A_logs=(torch.rand(channels, generator=generator) * 2 + 0.05).log().to(dtype).requires_grad_(requires_grad),
         B=rand(batch, length, groups),
         C=rand(batch, length, groups),
         D=rand(channels),

@@ -295,7 +295,7 @@ def per_group_layer(layer, x):
         dt, b, c = (u @ layer.x_proj_weight[g].t()).split([rank, 1, 1], dim=-1)
         us.append(u), zs.append(z), deltas.append(dt @ layer.dt_projs_weight[g].t()), bs.append(b), cs.append(c)
     y = selective_scan_reference(
-        torch.cat(us, -1), torch.cat(deltas, -1), -layer.A_logs.exp().flatten(), torch.cat(bs, -1),
+        torch.cat(us, -1), torch.cat(deltas, -1), layer.A_logs.flatten(), torch.cat(bs, -1),
         torch.cat(cs, -1), layer.Ds, layer.dt_projs_bias.flatten(), (height, width))
     y = y.view(batch, height, width, channels)
     norm = layer.out_norm
@@ -374,7 +374,7 @@ def test_backward_fills_no_zero_gradient_for_unused_outputs(op):
     bc, vec = torch.randn(1, 16, 8), torch.randn(8)
     run = {'layer_norm': lambda: layer_norm(x, w, b, 1e-5),
            'modulated_layer_norm': lambda: modulated_layer_norm(y, x, scale, w, b, 1e-5),
-           'selective_scan': lambda: selective_scan(u, delta, -vec.exp(), bc[..., :4], bc[..., 4:], vec, vec,
+           'selective_scan': lambda: selective_scan(u, delta, vec, bc[..., :4], bc[..., 4:], vec, vec,
                                                     (4, 4))}[op]
     out = run()
     with Fills() as mode:

@@ -60,8 +60,8 @@ def test_op_gradients_match_autograd_through_the_references():
                             for shape in ((2, 16), (3, 16), (16, 3)))
     fc1_b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
     cases = [
-        (selective_scan, selective_scan_reference, [scan[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias')],
-         (scan['hw'],)),
+        (selective_scan, selective_scan_reference,
+         [scan[k] for k in ('u', 'delta', 'A_logs', 'B', 'C', 'D', 'delta_bias')], (scan['hw'],)),
         (gated_group_norm, gated_group_norm_reference, [y, z, w, b], (4, 1e-5)),
         (modulated_layer_norm, modulated_layer_norm_reference, [y, x, scale, w, b], (1e-5,)),
         (depthwise_conv_act, depthwise_conv_act_reference, [x, conv_w, b], ('gelu',)),

@@ -22,7 +22,7 @@ def test_reference_matches_float64_loop(hw, channels):
 def test_reference_gradients_match_float64_loop():
     gen = torch.Generator().manual_seed(0)
     inputs = random_scan_inputs(2, (5, 7), 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    names = ['u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias']
+    names = ['u', 'delta', 'A_logs', 'B', 'C', 'D', 'delta_bias']
     grad_out = torch.randn(2, 35, 8, generator=gen, dtype=torch.float64)
     fast = torch.autograd.grad((selective_scan(**inputs) * grad_out).sum(), [inputs[n] for n in names])
     slow = torch.autograd.grad((scan_loop_float64(**inputs) * grad_out).sum(), [inputs[n] for n in names])

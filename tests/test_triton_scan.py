@@ -17,12 +17,12 @@ def triton_kernels(monkeypatch):
     monkeypatch.setenv('MMGM_KERNELS', 'triton')
 
 
-def selective_scan_triton(u, delta, A, B, C, D, delta_bias, hw, **tiling):
+def selective_scan_triton(u, delta, A_logs, B, C, D, delta_bias, hw, **tiling):
     """The scan op (Triton under the fixture's MMGM_KERNELS=triton) with forced tilings."""
-    return selective_scan(u, delta, A, B, C, D, delta_bias, hw, tiling=tiling)
+    return selective_scan(u, delta, A_logs, B, C, D, delta_bias, hw, tiling=tiling)
 
 
-NAMES = ['u', 'delta', 'A', 'B', 'C', 'D', 'delta_bias']
+NAMES = ['u', 'delta', 'A_logs', 'B', 'C', 'D', 'delta_bias']
 
 
 def rel_err(a, b):

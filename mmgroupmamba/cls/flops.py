@@ -31,13 +31,13 @@ class CountedSelectiveScan(torch.autograd.Function):
     """:func:`mmgroupmamba.kernels.selective_scan` as one traced node (forward only: used for counting)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, height, width):
+    def forward(ctx, u, delta, A_logs, B, C, D, delta_bias, height, width):
         # The trace records this Function as one node; the scan's own ops must not be traced into it (the
         # tracer fails on them inside a Function with "unordered_map::at"), so tracing pauses here.
         tracing_state = torch._C._get_tracing_state()
         torch._C._set_tracing_state(None)
         try:
-            return selective_scan(u, delta, A, B, C, D, delta_bias, (height, width))
+            return selective_scan(u, delta, A_logs, B, C, D, delta_bias, (height, width))
         finally:
             torch._C._set_tracing_state(tracing_state)
 
@@ -69,11 +69,11 @@ def groupwise_forward(layer, x, weights=None):
         u = u.flatten(2).transpose(1, 2)  # (B, L, d)
         dt_low, b, c = F.linear(u, layer.x_proj_weight[g]).split([layer.dt_rank, D_STATE, D_STATE], dim=-1)
         delta = F.linear(dt_low, layer.dt_projs_weight[g])
-        scan_inputs.append((u, delta, b, c, -layer.A_logs[channels, 0].float().exp(), layer.Ds[channels],
+        scan_inputs.append((u, delta, b, c, layer.A_logs[channels, 0].float(), layer.Ds[channels],
                             layer.dt_projs_bias[g]))
         gates.append(F.silu(z))
-    u, delta, b, c, A, D, delta_bias = (torch.cat(parts, dim=-1) for parts in zip(*scan_inputs))
-    y = CountedSelectiveScan.apply(u, delta, A, b, c, D, delta_bias, height, width)
+    u, delta, b, c, A_logs, D, delta_bias = (torch.cat(parts, dim=-1) for parts in zip(*scan_inputs))
+    y = CountedSelectiveScan.apply(u, delta, A_logs, b, c, D, delta_bias, height, width)
     outs = []
     for g, (y_group, gate) in enumerate(zip(y.chunk(NUM_GROUPS, dim=-1), gates)):
         channels = slice(g * d, (g + 1) * d)

@@ -379,7 +379,7 @@ class GroupMambaLayer(nn.Module):
         u, z = F.linear(x, in_proj).split(dims, dim=-1)
         u = depthwise_conv_act(u, self.conv2d.weight, self.conv2d.bias, 'silu').reshape(batch, height * width, dims)
         b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
-        y = selective_scan(u, F.linear(u, delta_proj), -torch.exp(self.A_logs.flatten()), b, c, self.Ds,
+        y = selective_scan(u, F.linear(u, delta_proj), self.A_logs.flatten(), b, c, self.Ds,
                            self.dt_projs_bias.flatten(), (height, width))
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
         # norms run with the linear layer after them, so that their outputs need not be kept for backward.
