@@ -8,8 +8,9 @@ GELU conv on its hidden channels, each stage) and the detection shape: the forwa
 (``triton.testing.do_bench``) and of CUDA-graph replays (``do_bench_cudagraph``: the kernels without the
 host's launch cost), the minimal bytes over the replayed time as a fraction of copy bandwidth, and the
 PyTorch reference (cuDNN's depthwise conv, permutes, activation) forward + backward. Every shape is first
-checked against the reference. ``--sweep`` also times a grid of tilings (replayed) for the FFN convs of
-stages 1-3 (the defaults are chosen in triton_dwconv.choose_tiles).
+checked against the reference. ``--sweep`` also times a grid of launch settings (warps, register prefetch,
+pipeline stages; replayed) for the FFN convs of stages 1-3 and the detection shape, each printed, then the
+best (the defaults are chosen in triton_dwconv.choose_tiles).
 """
 import argparse
 import itertools
@@ -29,8 +30,8 @@ SHAPES = [  # name, batch, H, W, channels, activation
     ('s3 layer', 128, 14, 14, 348, 'silu'), ('s3 ffn', 128, 14, 14, 1392, 'gelu'),
     ('s4 ffn', 128, 7, 7, 1792, 'gelu'), ('det ffn', 2, 200, 336, 512, 'gelu'),
 ]
-SWEEP = dict(block_w=(8, 16, 32), block_c=(32, 64), rows=(8, 16), num_warps=(4, 8), prefetch=(False, True))
-SWEEP_SHAPES = ('s1 ffn', 's2 ffn', 's3 ffn')  # most of the conv time of a training step
+SWEEP = dict(num_warps=(4, 8), prefetch=(False, True), stages=(1, 2, 3, 4))  # tile sizes: choose_tiles'
+SWEEP_SHAPES = ('s1 ffn', 's2 ffn', 's3 ffn', 'det ffn')  # most of the conv time of a training step
 
 
 def inputs(batch, height, width, channels, dtype=torch.float16):
@@ -105,6 +106,9 @@ def run(sweep):
             for values in itertools.product(*SWEEP.values()):
                 tiling = dict(zip(SWEEP, values))
                 timings.append((time_ms(*tensors, activation, replayed=True, **tiling), tiling))
+                (fwd_ms, bwd_ms), _ = timings[-1]
+                log(f'    {tiling}: fwd {fwd_ms:.3f} ms ({2 * size / (fwd_ms * 1e-3) / bandwidth:.0%}), '
+                    f'bwd {bwd_ms:.3f} ms ({3 * size / (bwd_ms * 1e-3) / bandwidth:.0%})')
             for label, index in (('fwd', 0), ('bwd', 1)):
                 (best, tiling) = min(timings, key=lambda t: t[0][index])
                 log(f'    best {label}: {best[index]:.3f} ms with {tiling}')

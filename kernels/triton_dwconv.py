@@ -115,7 +115,7 @@ def _load_weight_taps(Wt, c, C, FLIP: tl.constexpr):
 def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
                        stride_xb, stride_xh, stride_xw, stride_ob, stride_oh, stride_ow,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, PREFETCH: tl.constexpr,
-                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                       STAGES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     _, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
         H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
     w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, FLIP)
@@ -139,7 +139,7 @@ def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_pro
     last = tl.minimum(H, h_end + 1)  # the walk's last input row + 1
     if PREFETCH:
         pl, pm, pr = _load_taps(x_base, h0 + 1, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    for h in range(h0, h_end):
+    for h in tl.range(h0, h_end, num_stages=STAGES):
         if PREFETCH:
             xl, xm, xr = pl, pm, pr
             pl, pm, pr = _load_taps(x_base, h + 2, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
@@ -156,7 +156,7 @@ def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_pro
 def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
                            stride_xb, stride_xh, stride_xw, stride_db, stride_dh, stride_dw,
                            ACT: tl.constexpr, NEED_OUT: tl.constexpr, PREFETCH: tl.constexpr,
-                           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                           STAGES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     tile, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
         H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
     w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, False)
@@ -190,7 +190,7 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     if PREFETCH:
         pl, pm, pr = _load_taps(x_base, h0 + 1, last, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
         p_dout = tl.load(d_base + tl.cast(h0, tl.int64) * stride_dh + d_offs, mask=mid_ok, other=0.0)
-    for h in range(h0, h_end):
+    for h in tl.range(h0, h_end, num_stages=STAGES):
         if PREFETCH:
             bl, bm, br = pl, pm, pr
             dout = p_dout.to(tl.float32)
@@ -237,30 +237,34 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     tl.store(part + 9 * C + c, tl.sum(gb, axis=0), mask=c_ok)
 
 
-def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None, prefetch=None):
-    """Tiling for a ``(B, H, W, C)`` map: ``(block_w, block_c, rows, num_warps, prefetch)``; any of them can
-    be forced.
+def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None, prefetch=None,
+                 stages=None):
+    """Tiling for a ``(B, H, W, C)`` map: ``(block_w, block_c, rows, num_warps, prefetch, stages)``; any of
+    them can be forced.
 
-    About 4 elements a thread (ptxas for sm_90: the forward then needs ~75 registers, the backward's
-    pre-activation pass, which carries 9 input taps and 10 gradient sums through its walk, ~170, no spills;
-    8 elements a thread spill there). So tiles hold 1024 elements forward (8 warps) and 512 backward
-    (4 warps). Channels first, up to 64 (one or two cache lines a tile row), columns fill the rest, and
-    channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 16, 8, 4, 2,
-    1 that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk).
+    Tiles hold 1024 elements forward and 512 backward (the backward's pre-activation pass carries 9 input
+    taps and 10 gradient sums through its walk: ~170 registers at 4 elements a thread, ptxas for sm_90), both
+    in 4 warps. Channels first, up to 64 (one or two cache lines a tile row), columns fill the rest, and
+    channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 16, 8, 4, 2, 1
+    that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk).
 
-    ``prefetch`` loads each input row (and, backward, dout row) one step ahead of its use, so that its loads
-    are in flight while the previous row is computed: at 4 elements a thread the loads' latency is otherwise
-    exposed (the bs128 profile had these kernels at about a third of copy bandwidth). On by default forward,
-    where it costs 2 registers (ptxas, sm_90: 77); off backward, where it costs 32 (168 -> 200) and one of
-    three resident blocks per SM. Neither default is timed yet: ``benchmarks/dwconv_kernels.py --sweep`` times both.
+    ``stages`` is the walk's ``tl.range(num_stages=...)``: Triton's software pipeliner copies the input rows
+    (and dout rows) ``stages - 1`` steps ahead into shared memory, so more bytes are in flight per SM without
+    holding them in registers. ``prefetch`` loads each row one step ahead into registers instead.
+
+    Measured (``benchmarks/dwconv_kernels.py --sweep``, CUDA-graph replays, H200, 2026-12-02; the FFN convs of
+    stages 1-3 at bs 128 and the detection one): 4 warps and 4 stages are the fastest forward at every shape
+    (stage 1 FFN 0.614 -> 0.512 ms, 31 -> 38 % of copy bandwidth, against 8 warps, 1 stage and prefetch);
+    backward, 4 warps, 4 stages and prefetch (1.887 -> 1.363 ms, 15 -> 21 %). More stages (6, 8) or 2 warps
+    were no faster; 8 warps were slower in every setting.
     """
     # Under the interpreter, any small multiprocessor count makes the tests exercise several row blocks.
     return _tiles_for(tuple(size_hint(n) for n in x.shape), multiprocessors(x.device, interpreted=4), backward,
-                      block_w, block_c, rows, num_warps, prefetch)
+                      block_w, block_c, rows, num_warps, prefetch, stages)
 
 
 @functools.lru_cache(maxsize=1024)  # asked four times per block per step; the answer is pure
-def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch):
+def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch, stages):
     batch, height, width, channels = shape
     budget = 512 if backward else 1024
     if block_c is None:
@@ -270,7 +274,7 @@ def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch
     if block_w is None:
         block_w = min(next_power_of_2(width), max(1, budget // block_c))
     if num_warps is None:
-        num_warps = max(1, min(8, block_w * block_c // 128))
+        num_warps = max(1, min(4, block_w * block_c // 128))
     if rows is None:
         programs = batch * cdiv(width, block_w) * cdiv(channels, block_c)
         target = 4 * sms
@@ -278,8 +282,10 @@ def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch
         while rows > 1 and programs * cdiv(height, rows) < target:
             rows //= 2
     if prefetch is None:
-        prefetch = not backward
-    return block_w, block_c, rows, num_warps, prefetch
+        prefetch = backward
+    if stages is None:
+        stages = 4
+    return block_w, block_c, rows, num_warps, prefetch, stages
 
 
 def _grid(shape, block_w, block_c, rows):
@@ -309,20 +315,21 @@ def _check(x, weight, bias, activation):
 
 
 def _conv_launch(x, taps, bias, out, act, has_bias, flip, tiles):
-    block_w, block_c, rows, num_warps, prefetch = tiles
+    block_w, block_c, rows, num_warps, prefetch, stages = tiles
     batch, height, width, channels = x.shape
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
     wrap_triton(_dwconv_fwd_kernel)[(programs,)](
         x, taps, bias, out, height, width, channels, n_cb, n_wb, n_rb, rows,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        ACT=act, HAS_BIAS=has_bias, FLIP=flip, PREFETCH=prefetch, BLOCK_W=block_w, BLOCK_C=block_c,
-        num_warps=num_warps)
+        ACT=act, HAS_BIAS=has_bias, FLIP=flip, PREFETCH=prefetch, STAGES=stages, BLOCK_W=block_w,
+        BLOCK_C=block_c, num_warps=num_warps)
 
 
 def dwconv_act_forward(x, weight, bias, activation, **tiling):
     """``act(dwconv3x3(x) + bias)``: one launch; contiguous ``(B, H, W, C)`` in x's dtype.
 
-    ``tiling``: ``block_w``, ``block_c``, ``rows``, ``num_warps``, ``prefetch`` to force (see :func:`choose_tiles`).
+    ``tiling``: ``block_w``, ``block_c``, ``rows``, ``num_warps``, ``prefetch``, ``stages`` to force (see
+    :func:`choose_tiles`).
     """
     _check(x, weight, bias, activation)
     x = _unit_channel_stride(x)
@@ -348,15 +355,15 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     taps = _taps(weight)
     d_pre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else None
-    block_w, block_c, rows, num_warps, prefetch = choose_tiles(x, backward=True, **tiling)
+    block_w, block_c, rows, num_warps, prefetch, stages = choose_tiles(x, backward=True, **tiling)
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
     part = torch.empty((programs // n_cb, 10 * channels), dtype=torch.float32, device=x.device)
     if d_pre.numel():
         wrap_triton(_dwconv_bwd_pre_kernel)[(programs,)](
             x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
-            dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, BLOCK_W=block_w,
-            BLOCK_C=block_c, num_warps=num_warps)
+            dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, STAGES=stages,
+            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
     dparams = part.sum(0)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():

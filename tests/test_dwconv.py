@@ -24,7 +24,7 @@ def triton_kernels(monkeypatch):
 
 
 def force_tiles(monkeypatch, tiles, prefetch=False):
-    chosen = (tiles['block_w'], tiles['block_c'], tiles['rows'], 1, prefetch)
+    chosen = (tiles['block_w'], tiles['block_c'], tiles['rows'], 1, prefetch, 3)
     monkeypatch.setattr(triton_dwconv, 'choose_tiles', lambda t, backward=False, **kw: chosen)
 
 
@@ -62,7 +62,7 @@ def triton_value_and_grads(x, weight, bias, dout, activation):
     ((1, 7, 9, 20), SMALL_TILES),   # 3 channel blocks, 3 column strips, 4 row walks (last one short)
     ((1, 7, 9, 20), dict(SMALL_TILES, rows=3)),  # walks of 3 rows, the last one of 1
 ])
-@pytest.mark.parametrize('prefetch', [False, True])  # forced for both kernels (defaults: forward on, backward off)
+@pytest.mark.parametrize('prefetch', [False, True])  # forced for both kernels (defaults: forward off, backward on)
 def test_fp32_matches_float64_reference(activation, shape, tiles, prefetch, monkeypatch):
     gen = torch.Generator().manual_seed(sum(shape))
     x, weight, bias, dout = make_inputs(shape, gen)
