@@ -7,9 +7,12 @@
 static sizes unless ``--dynamic``) and adds the host side: the top CPU ops of the profiled step.
 
 A step whose wall time is well above its summed kernel time is bound by the host (Python, dispatch and
-launches), not by the GPU.
+launches), not by the GPU. The kernels are also summed by family (hand-written Triton, Inductor's, GEMMs,
+cuDNN, PyTorch's own elementwise, reduction and copy kernels, fills): launches and GPU time of each.
 """
 import argparse
+import collections
+import re
 import time
 
 import torch
@@ -17,6 +20,34 @@ from torch.profiler import ProfilerActivity, profile
 
 from backbone_speed import backbone_step
 from mmgroupmamba import GroupMamba
+
+# Kernel families, first match wins: where a step's launches come from (eager and compiled steps differ).
+FAMILIES = (
+    ('ours (Triton, hand-written)', r'^_\w+_kernel'),
+    ('Inductor (generated Triton)', r'^triton_(poi|red|per|for|tem)_'),
+    ('cuDNN (convolutions, norms)', r'cudnn|conv|implicit_gemm|batchnorm|bn_'),
+    ('GEMM (cuBLAS, CUTLASS)', r'gemm|nvjet|cutlass|cublas|splitKreduce'),
+    ('PyTorch elementwise', r'elementwise_kernel'),
+    ('PyTorch reductions', r'reduce_kernel'),
+    ('PyTorch copies, concatenations', r'CatArray|copy|Memcpy'),
+    ('fills', r'Memset|fill'),
+)
+
+
+def kernel_family(name):
+    return next((family for family, pattern in FAMILIES if re.search(pattern, name)), 'other')
+
+
+def family_table(kernels):
+    """Launches and GPU ms per kernel family, largest first."""
+    launches, ms = collections.Counter(), collections.Counter()
+    for e in kernels:
+        family = kernel_family(e.key)
+        launches[family] += e.count
+        ms[family] += e.self_device_time_total / 1000
+    lines = ['| kernel family | launches | GPU ms |', '| --- | ---: | ---: |']
+    lines += [f'| {family} | {launches[family]} | {ms[family]:.2f} |' for family, _ in launches.most_common()]
+    return '\n'.join(lines)
 
 
 def main():
@@ -66,6 +97,7 @@ def main():
     kernel_ms = sum(e.self_device_time_total for e in kernels) / 1000
     launches = sum(e.count for e in kernels)
     print(events.table(sort_by='self_device_time_total', row_limit=args.rows, max_name_column_width=60))
+    print(family_table(kernels))
     if args.compile:
         print(events.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=60))
         print('dynamo counters:', {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v})
