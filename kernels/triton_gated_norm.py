@@ -6,8 +6,9 @@ Without the gate (and with one group) the same kernels are the LayerNorm of the 
 runs the per-group LayerNorm as a LayerNorm over rows of ``D`` channels (16..128 here): one thread block per
 tiny row, which profiled as the largest GPU cost of a GroupMamba training step (kernels/README.md). Here a
 program normalises a tile of ``BLOCK_N`` rows for every group at once, applies the affine and the gate, and
-keeps per-row statistics for a backward that recomputes everything else. Weight and bias
-gradients are per-program partial sums reduced afterwards in a fixed order: deterministic, no atomics.
+keeps per-row statistics for a backward that recomputes everything else (a program may also take
+``GROUPS_PER_PROGRAM`` groups only, the grid's second axis enumerating the rest: more, smaller programs). Weight
+and bias gradients are per-program partial sums reduced afterwards in a fixed order: deterministic, no atomics.
 
 The modulated variant normalises ``y * x * scale`` (scale per image and channel) over all channels: the
 layer's channel-affinity modulation and its output LayerNorm, in one pass and without keeping the product.
@@ -43,10 +44,11 @@ def _normalize(v, mask, W, Bias, cols, col_ok, n, eps):
 
 @triton.jit
 def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z, stride_o, eps,
-                           GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           GATED: tl.constexpr):
+                           GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr):
     rows, offs, row_ok, col_ok, mask, rows64 = _row_tile(N, D, BLOCK_N, BLOCK_D)
-    for g in tl.static_range(GROUPS):
+    for i in tl.static_range(GROUPS_PER_PROGRAM):
+        g = tl.program_id(1) * GROUPS_PER_PROGRAM + i
         cols = g * D + offs
         y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         out, mean, rstd = _normalize(y, mask, W, Bias, cols, col_ok, D, eps)
@@ -61,11 +63,13 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z
 @triton.jit
 def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPart, Out, N, stride_do, stride_y,
                            stride_z, stride_dy, stride_dz, stride_o, C,
-                           GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           GATED: tl.constexpr, STORE_OUT: tl.constexpr):
-    pid = tl.program_id(0)
+                           GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
+                           STORE_OUT: tl.constexpr):
+    pid = tl.program_id(0)  # the row tile: the group's columns of its partial sums are this program's own
     rows, offs, row_ok, col_ok, mask, rows64 = _row_tile(N, D, BLOCK_N, BLOCK_D)
-    for g in tl.static_range(GROUPS):
+    for i in tl.static_range(GROUPS_PER_PROGRAM):
+        g = tl.program_id(1) * GROUPS_PER_PROGRAM + i
         cols = g * D + offs
         y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(DOut + rows64 * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -98,10 +102,20 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPa
         tl.store(DBPart + pid * C + cols, tl.sum(d_normed, axis=0), mask=col_ok)
 
 
-def _tiles(group_dims):
+def _tiles(group_dims, block_n=None, num_warps=None):
+    """``(block_n, block_d, num_warps)``: rows of a tile, its padded group width, warps; either can be forced."""
     block_d = next_power_of_2(group_dims)
-    block_n = max(1, min(128, 4096 // block_d))
-    return block_n, block_d
+    if block_n is None:
+        block_n = max(1, min(128, 4096 // block_d))
+    return block_n, block_d, num_warps or 4
+
+
+def _group_tiles(groups, groups_per_program):
+    """``(groups_per_program, programs along the grid's second axis)``; all groups in one program by default."""
+    per_program = groups if groups_per_program is None else groups_per_program
+    if groups % per_program:
+        raise ValueError(f'groups_per_program={per_program} must divide groups={groups}')
+    return per_program, groups // per_program
 
 
 def _rows(t, channels):
@@ -110,9 +124,11 @@ def _rows(t, channels):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype):
+def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype, block_n=None, num_warps=None,
+                       groups_per_program=None):
     """``(out, mean, rstd)``: the gated per-group LayerNorm of ``y`` (``z=None``: no gate) in ``out_dtype``,
-    and the per-row, per-group statistics its backward reads."""
+    and the per-row, per-group statistics its backward reads. ``block_n``, ``num_warps`` and
+    ``groups_per_program`` force the tiling (``benchmarks/norm_kernels.py --sweep``)."""
     shape, channels = y.shape, y.shape[-1]
     gated = z is not None
     y2 = _rows(y, channels)
@@ -121,16 +137,19 @@ def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype):
     out = torch.empty((n, channels), dtype=out_dtype, device=y.device)
     mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
-    block_n, block_d = _tiles(channels // groups)
-    wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n),)](
+    block_n, block_d, num_warps = _tiles(channels // groups, block_n, num_warps)
+    per_program, group_programs = _group_tiles(groups, groups_per_program)
+    wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n), group_programs)](
         y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
-        GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
+        GROUPS=groups, GROUPS_PER_PROGRAM=per_program, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
+        GATED=gated, num_warps=num_warps)
     return out.view(shape), mean, rstd
 
 
-def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output):
+def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output, block_n=None,
+                        num_warps=None, groups_per_program=None):
     """``(dy, dz or None, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
-    the recomputed forward output."""
+    the recomputed forward output; tiling as in :func:`gated_norm_forward`."""
     shape, channels = y.shape, y.shape[-1]
     gated = z is not None
     y2 = _rows(y, channels)
@@ -140,16 +159,17 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     dy = torch.empty((n, channels), dtype=y.dtype, device=y.device)
     dz = torch.empty((n, channels), dtype=z.dtype, device=y.device) if gated else dy
     out = torch.empty((n, channels), dtype=out_dtype, device=y.device) if need_output else dy
-    block_n, block_d = _tiles(channels // groups)
+    block_n, block_d, num_warps = _tiles(channels // groups, block_n, num_warps)
+    per_program, group_programs = _group_tiles(groups, groups_per_program)
     programs = cdiv(n, block_n)
     # Weight and bias partial sums in one buffer: one reduction for both.
     dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
     dw_part, db_part = dwb_part
-    wrap_triton(_gated_norm_bwd_kernel)[(programs,)](
+    wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
         dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, out, n,
         dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
-        out.stride(0), channels, GROUPS=groups, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
-        GATED=gated, STORE_OUT=need_output)
+        out.stride(0), channels, GROUPS=groups, GROUPS_PER_PROGRAM=per_program, D=channels // groups,
+        BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output, num_warps=num_warps)
     return (dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(1),
             (out.view(shape) if need_output else None))
 
@@ -207,28 +227,29 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, DSPar
         tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
 
 
-def modulated_norm_forward(y, x, scale, weight, bias, eps):
+def modulated_norm_forward(y, x, scale, weight, bias, eps, block_n=None, num_warps=None):
     """``(out, mean, rstd)`` of ``LayerNorm(y * x * scale[:, None, None, :])`` for ``(B, H, W, C)`` maps and
-    ``scale`` ``(B, C)``, in y's dtype."""
+    ``scale`` ``(B, C)``, in y's dtype; ``block_n`` and ``num_warps`` force the tiling."""
     batch, height, width, channels = y.shape
     hw = height * width
     y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
     out = torch.empty_like(y)
     mean = torch.empty((batch * hw,), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
-    block_n, block_c = _tiles(channels)
+    block_n, block_c, num_warps = _tiles(channels, block_n, num_warps)
     wrap_triton(_modulated_norm_fwd_kernel)[(cdiv(hw, block_n), batch)](
-        y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c)
+        y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c,
+        num_warps=num_warps)
     return out, mean, rstd
 
 
-def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_output):
+def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_output, block_n=None, num_warps=None):
     """``(dy, dx, dscale, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
-    the recomputed forward output."""
+    the recomputed forward output; tiling as in :func:`modulated_norm_forward`."""
     batch, height, width, channels = y.shape
     hw = height * width
     y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
-    block_n, block_c = _tiles(channels)
+    block_n, block_c, num_warps = _tiles(channels, block_n, num_warps)
     n_tiles = cdiv(hw, block_n)
     dy, dx = torch.empty_like(y), torch.empty_like(x)
     out = torch.empty_like(y) if need_output else dy
@@ -236,7 +257,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
     wrap_triton(_modulated_norm_bwd_kernel)[(n_tiles, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts[0], parts[1], parts[2], out,
-        hw, channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output)
+        hw, channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, num_warps=num_warps)
     dscale = parts[0].sum(1)
     return dy, dx, dscale.to(scale.dtype), parts[1:].sum((1, 2)), (out if need_output else None)
 

@@ -78,6 +78,38 @@ def test_backward_is_deterministic_and_nd_shapes_work():
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize('tiling', [dict(groups_per_program=1), dict(groups_per_program=2, block_n=4),
+                                    dict(block_n=8, num_warps=8)])
+@pytest.mark.parametrize('rows, group_dims, gated', [(45, 87, True), (130, 16, True), (19, 24, False)])
+def test_forced_tilings_give_the_defaults_results(rows, group_dims, gated, tiling):
+    """The launchers with a tiling forced (as benchmarks/norm_kernels.py sweeps them): a group per program,
+    other row tiles, other warps. Only the weight and bias sums change order (other partial sums)."""
+    from mmgroupmamba.kernels.triton_gated_norm import gated_norm_backward, gated_norm_forward
+    gen = torch.Generator().manual_seed(rows + group_dims)
+    y, z, w, b = (t.detach() for t in inputs(rows, 4 * group_dims, torch.float32, gen, strided_z=True))
+    z = z if gated else None
+    dout = torch.randn(rows, 4 * group_dims, generator=gen)
+    default = gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32)
+    forced = gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32, **tiling)
+    for a, c in zip(default, forced):
+        assert torch.equal(a, c)
+    args = (dout, y, z, w, b, *default[1:], 4, torch.float32, True)
+    for name, a, c in zip(['dy', 'dz', 'dwb', 'out'], gated_norm_backward(*args), gated_norm_backward(*args, **tiling)):
+        if a is None:
+            assert c is None and not gated, name
+        elif name == 'dwb':
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(a, c), name
+
+
+def test_groups_per_program_must_divide_the_groups():
+    from mmgroupmamba.kernels.triton_gated_norm import gated_norm_forward
+    y, z, w, b = (t.detach() for t in inputs(5, 12, torch.float32, torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match='groups_per_program=3 must divide groups=4'):
+        gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32, groups_per_program=3)
+
+
 @pytest.mark.parametrize('variable', ['MMGM_KERNELS', 'MMGM_SCAN_IMPL'])
 def test_dispatch_follows_the_kernels_variable(monkeypatch, variable):
     """Triton's statistics come out of the op; the reference path has none. The old name still works."""

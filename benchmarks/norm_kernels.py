@@ -1,0 +1,129 @@
+"""Check and time the norm kernels on a GPU against copy bandwidth, at GroupMamba-T's shapes.
+
+    python benchmarks/norm_kernels.py [--sweep] [--sweep-shapes 'det s3' 'det s4' ...]
+
+Each block runs three norms, each forward and backward (the backward also recomputing the output for the
+linear layer after it, as the fused layers ask):
+
+* ``layer``: the LayerNorm of the layer's input and of the FFN's (one group, no gate): fp32 residual stream
+  in, fp16 out;
+* ``gated``: the scan groups' ``out_norm`` (4 groups, each over C/4 channels) times SiLU of the gate ``z``, a
+  column slice of the input projection's output; fp16;
+* ``modulated``: LayerNorm of ``y * x * scale`` (the channel-affinity modulation), fp16.
+
+For stages 1-4 at bs 128, 224x224 (``cls``) and at the detection step's bs 2, 800x1344 (``det``): the
+largest error against the PyTorch reference (fp32, two images' rows), then the forward and the backward
+launchers replayed from CUDA graphs (``do_bench_cudagraph``: the kernels alone), and their minimal bytes
+(each map read or written once; statistics and partial sums not counted) over that time as a fraction of copy
+bandwidth. ``--sweep`` also times tilings (rows per program, warps, groups per program) at the shapes named.
+The profile of the compiled detection step (tenth session) had one gated-norm kernel of stage 3 at 84 us
+forward and 123 us backward, eight times the stage's LayerNorm of the same size: this finds which shape and
+tiling.
+"""
+import argparse
+import itertools
+
+import torch
+from torch._library.triton import set_wrap_triton_enabled
+from triton.testing import do_bench_cudagraph
+
+from mmgroupmamba.kernels.reference import group_layer_norm_reference, modulated_layer_norm_reference
+from mmgroupmamba.kernels.triton_gated_norm import (
+    gated_norm_backward,
+    gated_norm_forward,
+    modulated_norm_backward,
+    modulated_norm_forward,
+)
+from scan_kernels import copy_bandwidth, log, rel_err
+
+DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
+MAPS = {'cls': [(128, s, s) for s in (56, 28, 14, 7)], 'det': [(2, h, w) for h, w in
+                                                              ((200, 336), (100, 168), (50, 84), (25, 42))]}
+KINDS = ('layer', 'gated', 'modulated')
+# Bytes per element, minimal: forward (reads + writes), backward (reads dout and the inputs, writes the
+# input gradients and the recomputed output).
+BYTES = {'layer': (4 + 2, 2 + 4 + 4 + 2), 'gated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2),
+         'modulated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2)}
+SWEEP = dict(block_n=(4, 8, 16, 32), num_warps=(4, 8), groups_per_program=(1, 4))
+
+
+def make(kind, batch, height, width, channels):
+    """The launchers' inputs and two closures: ``forward()``, ``backward()``, each taking tiling keywords."""
+    shape = (batch, height, width, channels)
+    weight, bias = torch.randn(channels, device='cuda'), torch.randn(channels, device='cuda')
+    dout = torch.randn(shape, device='cuda', dtype=torch.float16)
+    if kind == 'modulated':
+        y, x = (torch.randn(shape, device='cuda', dtype=torch.float16) for _ in range(2))
+        scale = torch.rand(batch, channels, device='cuda')
+        stats = modulated_norm_forward(y, x, scale, weight, bias, 1e-5)[1:]
+        return ((y, x, scale, weight, bias),
+                lambda **t: modulated_norm_forward(y, x, scale, weight, bias, 1e-5, **t),
+                lambda **t: modulated_norm_backward(dout, y, x, scale, weight, bias, *stats, True, **t))
+    if kind == 'layer':
+        y, z, groups = torch.randn(shape, device='cuda'), None, 1
+    else:
+        y = torch.randn(shape, device='cuda', dtype=torch.float16)
+        z = torch.randn(*shape[:-1], 2 * channels, device='cuda', dtype=torch.float16)[..., channels:]
+        groups = 4
+    stats = gated_norm_forward(y, z, weight, bias, groups, 1e-5, torch.float16)[1:]
+    return ((y, z, weight, bias, groups),
+            lambda **t: gated_norm_forward(y, z, weight, bias, groups, 1e-5, torch.float16, **t),
+            lambda **t: gated_norm_backward(dout, y, z, weight, bias, *stats, groups, torch.float16, True, **t))
+
+
+def forward_error(kind, inputs, out):
+    """The forward's largest relative error against the reference, on the first two images."""
+    if kind == 'modulated':
+        y, x, scale, weight, bias = inputs
+        ref = modulated_layer_norm_reference(y[:2].float(), x[:2].float(), scale[:2], weight, bias, 1e-5)
+    else:
+        y, z, weight, bias, groups = inputs
+        ref = group_layer_norm_reference(y[:2].float(), None if z is None else z[:2].float(), weight, bias, groups,
+                                         1e-5, torch.float32)
+    return rel_err(out[:2].float().reshape(ref.shape), ref)
+
+
+def replayed_ms(fn, **tiling):
+    return do_bench_cudagraph(lambda: fn(**tiling), return_mode='median')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--sweep', action='store_true')
+    parser.add_argument('--sweep-shapes', nargs='+', default=['det s3', 'det s4', 'cls s3'])
+    args = parser.parse_args(argv)
+    # The launchers are called directly, outside the ops: launch as the ops' eager path does, without
+    # torch.library's tracing wrapper around each launch.
+    with set_wrap_triton_enabled(False):
+        run(args.sweep, args.sweep_shapes)
+
+
+def run(sweep, sweep_shapes):
+    bandwidth = copy_bandwidth()
+    log(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s')
+    log('| norm | shape | B x H x W x C | max rel err (fwd) | fwd ms | fwd %BW | bwd ms | bwd %BW |')
+    log('| --- | --- | --- | --- | --- | --- | --- | --- |')
+    for task, maps in MAPS.items():
+        for stage, ((batch, height, width), channels) in enumerate(zip(maps, DIMS), 1):
+            name = f'{task} s{stage}'
+            for kind in KINDS:
+                inputs, forward, backward = make(kind, batch, height, width, channels)
+                err = forward_error(kind, inputs, forward()[0])
+                elements = batch * height * width * channels
+                fwd, bwd = replayed_ms(forward), replayed_ms(backward)
+                fwd_bw, bwd_bw = (n * elements / (ms * 1e-3) / bandwidth for n, ms in zip(BYTES[kind], (fwd, bwd)))
+                log(f'| {kind} | {name} | {batch}x{height}x{width}x{channels} | {err:.1e} | {fwd:.3f} | {fwd_bw:.0%} '
+                    f'| {bwd:.3f} | {bwd_bw:.0%} |')
+                if sweep and name in sweep_shapes:
+                    # Groups per program only where there are groups.
+                    grid = {k: v for k, v in SWEEP.items() if kind == 'gated' or k != 'groups_per_program'}
+                    for values in itertools.product(*grid.values()):
+                        tiling = dict(zip(grid, values))
+                        log(f'    {kind} {name} {tiling}: fwd {replayed_ms(forward, **tiling):.3f} ms, '
+                            f'bwd {replayed_ms(backward, **tiling):.3f} ms')
+                del inputs, forward, backward
+                torch.cuda.empty_cache()
+
+
+if __name__ == '__main__':
+    main()
