@@ -8,7 +8,8 @@ a small batch, with and without the sequence split; (3) determinism (two backwar
 (4) for GroupMamba-T's stage shapes (batch 128) and the detection shape (batch 2, 200x336, 64 channels):
 median time (triton.testing.do_bench), minimal bytes moved, fraction of copy bandwidth, forward and
 backward, and the speedup over the PyTorch reference where the reference fits. ``--sweep`` also times a
-grid of tilings per shape (used to pick the defaults in triton_scan.choose_config).
+grid of tilings per shape (used to pick the defaults in triton_scan.choose_config), and the default tiling
+with its tile loop software-pipelined 1-4 stages deep.
 """
 import argparse
 import math
@@ -185,6 +186,15 @@ def sweep(dtypes):
             block_cs = sorted({min(16, triton_next(per_group)), min(32, triton_next(per_group))})
             chunks = [None] if batch > 8 else [512, 1024, 2048]
             best = {}
+            # The default tiling with the tile loop software-pipelined (Triton's num_stages) 1 to 4 deep.
+            for stages in (1, 2, 3, 4):
+                cfg = triton_scan.choose_config(inp['u'], stages=stages)
+                f = do_bench(lambda: triton_scan.scan_forward(*args, cfg, save_states=True), warmup=10, rep=40,
+                             return_mode='median')
+                _, states = triton_scan.scan_forward(*args, cfg, save_states=True)
+                b = do_bench(lambda: triton_scan.scan_backward(dy, *args, states, cfg), warmup=10, rep=40,
+                             return_mode='median')
+                log(f'  {name} {dtype_name} default tiling, stages={stages}: fwd {f:.4f} bwd {b:.4f}')
             for bc in block_cs:
                 for bt in (32, 64, 128, 256):
                     for per_thread in (8, 16):  # elements of a tile per thread

@@ -11,8 +11,9 @@ from .dispatch import triton_module, use_triton
 from .ops_util import empty, fused_op, reduced_dtype, reference_grads
 from .reference import selective_scan_reference
 
-# Tiling knobs, forward then backward: (block_t, block_c, num_warps, chunk_len); 0 = the heuristics' choice.
-TILING_KEYS = ('block_t', 'block_c', 'num_warps', 'chunk_len')
+# Tiling knobs, forward then backward: (block_t, block_c, num_warps, chunk_len, stages); 0 = the heuristics'
+# choice. The order is choose_config's.
+TILING_KEYS = ('block_t', 'block_c', 'num_warps', 'chunk_len', 'stages')
 AUTO_TILING = (0,) * (2 * len(TILING_KEYS))
 
 
@@ -155,7 +156,8 @@ def selective_scan(u, delta, A_logs, B, C, D, delta_bias, hw, *, tiling=None):
         hw (tuple[int, int]): the map's height and width; group ``g`` scans in
             ``SCAN_DIRECTIONS[g]`` order over it.
         tiling (dict, optional): Triton tilings to force (``block_t``, ``block_c``, ``num_warps``,
-            ``chunk_len``; each one value or a ``(forward, backward)`` pair), for tests and benchmarks.
+            ``chunk_len``, ``stages``; each one value or a ``(forward, backward)`` pair), for tests and
+            benchmarks.
 
     Returns:
         Tensor: ``(batch, H*W, channels)`` in ``u``'s dtype, computed in fp32.

@@ -117,7 +117,7 @@ def _scan_fwd_kernel(
     st_ptr,  # (batch, n_states, CH) fp32: state entering every STATE_T-th step, kept for the backward pass
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32: chunk summaries written by pass 1 of a split
     L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, h = _chunk_start(
@@ -134,7 +134,9 @@ def _scan_fwd_kernel(
         st_base = b.to(tl.int64) * n_states * CH
         # The checkpoint at the chunk's first step, if one falls there; the others come from the tiles.
         tl.store(st_ptr + st_base + (t0 // STATE_T) * CH + ch, h, mask=cmask & (t0 % STATE_T == 0))
-    for ts in range(t0, t_end, BLOCK_T):
+    # STAGES > 1: Triton's pipeliner loads tiles ahead into shared memory (the loads depend on the step
+    # index only, the carried state on the scan).
+    for ts in tl.range(t0, t_end, BLOCK_T, num_stages=STAGES):
         t = ts + rows
         tmask = t < t_end
         mask = tmask[:, None] & cmask[None, :]
@@ -221,8 +223,8 @@ def _scan_bwd_kernel(
     dA_logs_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
     batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, HAS_GIN: tl.constexpr,
-    SUMMARY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
+    HAS_GIN: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     # With dh_t = dL/dh_t, the adjoint recurrence runs backward in time:
     #     dh_t = C_t dy_t + a_{t+1} dh_{t+1}
@@ -246,7 +248,7 @@ def _scan_bwd_kernel(
     t0 = chunk * chunk_len
     t_end = tl.minimum(t0 + chunk_len, L)
     n_local = tl.cdiv(t_end - t0, BLOCK_T)
-    for i in range(0, n_local):
+    for i in tl.range(0, n_local, num_stages=STAGES):
         ts = t0 + (n_local - 1 - i) * BLOCK_T  # tiles in reverse time order
         t = ts + rows
         tmask = t < t_end
@@ -316,8 +318,8 @@ class PassConfig:
     ``torch.compile`` traces, so one traced graph serves other sizes.
     """
 
-    def __init__(self, channels, block_t, block_c, num_warps, chunk_len):
-        self.block_t, self.block_c, self.num_warps = block_t, block_c, num_warps
+    def __init__(self, channels, block_t, block_c, num_warps, chunk_len, stages):
+        self.block_t, self.block_c, self.num_warps, self.stages = block_t, block_c, num_warps, stages
         self.n_cblocks = cdiv(channels // GROUPS, block_c)
         # A chunk is a whole number of tiles, so tiles never straddle two programs.
         self.chunk_len = max(block_t, cdiv(max(chunk_len, 1), block_t) * block_t)
@@ -326,14 +328,15 @@ class PassConfig:
         return batch * GROUPS * self.n_cblocks
 
     def launch_meta(self, state_t):
-        return dict(BLOCK_T=self.block_t, BLOCK_C=self.block_c, STATE_T=state_t, num_warps=self.num_warps)
+        return dict(BLOCK_T=self.block_t, BLOCK_C=self.block_c, STATE_T=state_t, STAGES=self.stages,
+                    num_warps=self.num_warps)
 
     def n_chunks(self, length):
         return cdiv(length, self.chunk_len)
 
     def __repr__(self):
         return (f'(block_t={self.block_t}, block_c={self.block_c}, num_warps={self.num_warps}, '
-                f'chunk_len={self.chunk_len})')
+                f'chunk_len={self.chunk_len}, stages={self.stages})')
 
 
 # The forward saves the state entering every STATE_STRIDE-th step (fewer where a backward tile is shorter).
@@ -370,7 +373,7 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chunk_len, backward):
+def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chunk_len, stages, backward):
     # Defaults from the tiling sweep of benchmarks/scan_kernels.py on an H100 (README.md). The kernels are bound by the
     # per-tile scan work (shuffles, barriers), not by DRAM, so short tiles with 8-16 elements per thread
     # and many resident programs won; see README.md for the numbers.
@@ -396,17 +399,19 @@ def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chun
             # pass and the propagation stay small next to the scan itself.
             wanted = cdiv(8 * sms, programs)
             chunk_len = max(4 * block_t, cdiv(length, wanted))
-    return PassConfig(channels, block_t, block_c, num_warps, chunk_len)
+    # Software pipelining of the tile loop (Triton's num_stages): not yet timed, so off (1) by default;
+    # benchmarks/scan_kernels.py --sweep times 1 to 4.
+    return PassConfig(channels, block_t, block_c, num_warps, chunk_len, stages or 1)
 
 
-def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None):
+def choose_config(u, chunk_len=None, block_t=None, block_c=None, num_warps=None, stages=None):
     """Pick the tilings for ``u`` of shape ``(batch, L, channels)``.
 
     Each argument is one value for both passes or a ``(forward, backward)`` pair; ``None`` picks by
     heuristics. ``chunk_len`` (rounded up to whole tiles) forces the sequence split; by default the
     sequence is split only when there are too few ``batch x groups x channel blocks`` programs for the GPU.
     """
-    args = tuple(_pair(v) for v in (block_t, block_c, num_warps, chunk_len))
+    args = tuple(_pair(v) for v in (block_t, block_c, num_warps, chunk_len, stages))
     return _config_for(*(size_hint(n) for n in u.shape), multiprocessors(u.device), args)
 
 

@@ -55,7 +55,7 @@ def compare_with_oracle(hw, channels, dtype=torch.float32, batch=2, seed=0, **ti
 
 # (hw, channels, tiling): odd maps, L=1, one-row/one-column maps, 3/5/9 channels a group (not powers of
 # two), several channel blocks a group, tiles longer than the sequence, and the sequence split with
-# different tiles and chunks in the forward and backward passes.
+# different tiles and chunks in the forward and backward passes; the tile loops software-pipelined.
 CASES = [
     ((1, 1), 8, {}),
     ((1, 6), 4, {}),
@@ -65,6 +65,7 @@ CASES = [
     ((5, 3), 20, dict(block_t=(4, 8), block_c=4, chunk_len=(4, 8))),
     ((4, 6), 36, dict(block_c=(16, 4), chunk_len=(32, 8))),
     ((5, 7), 8, dict(block_t=8, chunk_len=16)),
+    ((5, 7), 8, dict(block_t=4, chunk_len=(8, 16), stages=(3, 2))),  # pipelined tile loops (a GPU setting)
 ]
 
 
