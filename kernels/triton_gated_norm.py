@@ -5,10 +5,10 @@ Without the gate (and with one group) the same kernels are the LayerNorm of the 
 ``out = (LayerNorm_over_group(y) * weight + bias) * silu(z)`` for rows of ``C = groups * D`` channels. PyTorch
 runs the per-group LayerNorm as a LayerNorm over rows of ``D`` channels (16..128 here): one thread block per
 tiny row, which profiled as the largest GPU cost of a GroupMamba training step (kernels/README.md). Here a
-program normalises a tile of ``BLOCK_N`` rows for every group at once, applies the affine and the gate, and
-keeps per-row statistics for a backward that recomputes everything else (a program may also take
-``GROUPS_PER_PROGRAM`` groups only, the grid's second axis enumerating the rest: more, smaller programs). Weight
-and bias gradients are per-program partial sums reduced afterwards in a fixed order: deterministic, no atomics.
+program normalises a tile of ``BLOCK_N`` rows of one group (or of ``GROUPS_PER_PROGRAM`` groups; the grid's
+second axis enumerates the rest), applies the affine and the gate, and keeps per-row statistics for a backward
+that recomputes everything else. Weight and bias gradients are per-program partial sums reduced afterwards in
+a fixed order: deterministic, no atomics.
 
 The modulated variant normalises ``y * x * scale`` (scale per image and channel) over all channels: the
 layer's channel-affinity modulation and its output LayerNorm, in one pass and without keeping the product.
@@ -102,17 +102,28 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPa
         tl.store(DBPart + pid * C + cols, tl.sum(d_normed, axis=0), mask=col_ok)
 
 
+# Elements of a tile: 2048, 16 a thread in 4 warps, one group a program. ptxas for sm_90 (Triton 3.8,
+# benchmarks/kernel_registers.py) put the earlier tiles (4096 elements, all groups in one program) at 255
+# registers with spills in most backward kernels: the gated norm's at stages 2 and 3 (groups of 32 and 87
+# channels) 1.7-1.9 KB of spill stores a thread, the modulated norm's at 64 and 128 channels ~0.5 KB; the
+# compiled detection step's stage-3 gated norm took 8x the time of the stage's LayerNorm of the same size.
+# These tiles need 40-208 registers and spill nothing. Not yet timed on a GPU: benchmarks/norm_kernels.py
+# --sweep (which includes the earlier tiles).
+TILE_ELEMENTS = 2048
+
+
 def _tiles(group_dims, block_n=None, num_warps=None):
     """``(block_n, block_d, num_warps)``: rows of a tile, its padded group width, warps; either can be forced."""
     block_d = next_power_of_2(group_dims)
     if block_n is None:
-        block_n = max(1, min(128, 4096 // block_d))
+        block_n = max(1, min(128, TILE_ELEMENTS // block_d))
     return block_n, block_d, num_warps or 4
 
 
 def _group_tiles(groups, groups_per_program):
-    """``(groups_per_program, programs along the grid's second axis)``; all groups in one program by default."""
-    per_program = groups if groups_per_program is None else groups_per_program
+    """``(groups_per_program, programs along the grid's second axis)``; one group a program by default (the
+    groups unrolled in one program added up their registers)."""
+    per_program = 1 if groups_per_program is None else groups_per_program
     if groups % per_program:
         raise ValueError(f'groups_per_program={per_program} must divide groups={groups}')
     return per_program, groups // per_program

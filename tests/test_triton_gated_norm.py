@@ -78,12 +78,12 @@ def test_backward_is_deterministic_and_nd_shapes_work():
         assert torch.equal(a, c)
 
 
-@pytest.mark.parametrize('tiling', [dict(groups_per_program=1), dict(groups_per_program=2, block_n=4),
+@pytest.mark.parametrize('tiling', [dict(groups_per_program=4), dict(groups_per_program=2, block_n=4),
                                     dict(block_n=8, num_warps=8)])
 @pytest.mark.parametrize('rows, group_dims, gated', [(45, 87, True), (130, 16, True), (19, 24, False)])
 def test_forced_tilings_give_the_defaults_results(rows, group_dims, gated, tiling):
-    """The launchers with a tiling forced (as benchmarks/norm_kernels.py sweeps them): a group per program,
-    other row tiles, other warps. Only the weight and bias sums change order (other partial sums)."""
+    """The launchers with a tiling forced (as benchmarks/norm_kernels.py sweeps them): all groups in one
+    program, other row tiles, other warps. Only the weight and bias sums change order (other partial sums)."""
     from mmgroupmamba.kernels.triton_gated_norm import gated_norm_backward, gated_norm_forward
     gen = torch.Generator().manual_seed(rows + group_dims)
     y, z, w, b = (t.detach() for t in inputs(rows, 4 * group_dims, torch.float32, gen, strided_z=True))

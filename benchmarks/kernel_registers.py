@@ -1,0 +1,141 @@
+"""Registers and spills of the Triton kernels' default tilings, compiled for sm_90 on the CPU (no GPU needed).
+
+    python benchmarks/kernel_registers.py [--arch 90] [--kernels norm dwconv]
+
+Each kernel is compiled by Triton for the target (``triton.compile`` with a ``GPUTarget``) at the tilings its
+launcher picks for GroupMamba-T's shapes, and its PTX assembled by the ptxas that ships with Triton
+(``ptxas -v``): registers per thread, spill stores and loads (bytes a thread), and Triton's shared memory.
+A kernel at 255 registers with spills runs few warps per multiprocessor and reloads from local memory: the
+first thing to rule out before timing a memory-bound kernel. Pointer dtypes are those of an fp16 AMP step.
+The GPU runs its own Triton version, whose counts may differ somewhat. Run it without ``TRITON_INTERPRET``
+(the interpreter's kernels do not compile).
+"""
+import argparse
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mmgroupmamba.kernels import triton_dwconv, triton_gated_norm
+
+DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
+GROUPS = 4
+PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+
+
+def ptxas_report(fn, signature, constexprs, arch, num_warps, num_stages=3):
+    """(registers, spill store bytes, spill load bytes, shared bytes) of ``fn`` compiled for ``sm_<arch>``."""
+    signature = dict(signature, **{name: 'constexpr' for name in constexprs})
+    names = list(signature)
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    kernel = triton.compile(source, target=GPUTarget('cuda', arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, 'kernel.ptx')
+        with open(ptx, 'w') as f:
+            f.write(kernel.asm['ptx'])
+        suffix = 'a' if arch == 90 else ''
+        result = subprocess.run([PTXAS, '--gpu-name', f'sm_{arch}{suffix}', '-v', ptx, '-o', os.devnull],
+                                capture_output=True, text=True, check=True)
+    return (*parse_ptxas(result.stderr), kernel.metadata.shared)
+
+
+def parse_ptxas(report):
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v``'s report of one kernel."""
+    registers = stores = loads = 0
+    for line in report.splitlines():
+        words = line.replace(',', '').split()
+        if 'registers' in words:
+            registers = int(words[words.index('registers') - 1])
+        if 'spill' in words:
+            stores = int(words[words.index('stores') - 3])
+            loads = int(words[words.index('loads') - 3])
+    return registers, stores, loads
+
+
+NORM_FWD = dict(Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32', N='i32',
+                stride_y='i32', stride_z='i32', stride_o='i32', eps='fp32')
+NORM_BWD = dict(DOut='*fp16', Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32', DY='*fp16',
+                DZ='*fp16', DWPart='*fp32', DBPart='*fp32', Out='*fp16', N='i32', stride_do='i32', stride_y='i32',
+                stride_z='i32', stride_dy='i32', stride_dz='i32', stride_o='i32', C='i32')
+MOD_FWD = dict(Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32',
+               HW='i32', C='i32', eps='fp32')
+MOD_BWD = dict(DOut='*fp16', Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32',
+               DY='*fp16', DX='*fp16', DSPart='*fp32', DWPart='*fp32', DBPart='*fp32', Out='*fp16', HW='i32',
+               C='i32', n_tiles='i32')
+DWCONV_FWD = dict(X='*fp16', Wt='*fp32', Bias='*fp32', Out='*fp16', H='i32', W='i32', C='i32', n_cb='i32',
+                  n_wb='i32', n_rb='i32', rows_per_prog='i32', stride_xb='i32', stride_xh='i32', stride_xw='i32',
+                  stride_ob='i32', stride_oh='i32', stride_ow='i32')
+DWCONV_BWD = dict(X='*fp16', Wt='*fp32', Bias='*fp32', DOut='*fp16', DPre='*fp16', Out='*fp16', Part='*fp32',
+                  H='i32', W='i32', C='i32', n_cb='i32', n_wb='i32', n_rb='i32', rows_per_prog='i32',
+                  stride_xb='i32', stride_xh='i32', stride_xw='i32', stride_db='i32', stride_dh='i32',
+                  stride_dw='i32')
+
+
+def norm_rows():
+    """(kernel, channels, tiling, fn, signature, constexprs, warps) of every norm kernel at its default tiling."""
+    norm = triton_gated_norm
+    for channels in DIMS:
+        for name, groups, gated in (('layer norm', 1, False), ('gated group norm', GROUPS, True)):
+            per_program, _ = norm._group_tiles(groups, None)
+            for backward, fn, signature in ((False, norm._gated_norm_fwd_kernel, NORM_FWD),
+                                            (True, norm._gated_norm_bwd_kernel, NORM_BWD)):
+                block_n, block_d, warps = norm._tiles(channels // groups)
+                constexprs = dict(GROUPS=groups, GROUPS_PER_PROGRAM=per_program, D=channels // groups,
+                                  BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
+                if backward:
+                    constexprs['STORE_OUT'] = True
+                yield (f'{name} {"bwd" if backward else "fwd"}', channels,
+                       f'block_n={block_n} groups/program={per_program}', fn, signature, constexprs, warps)
+        for backward, fn, signature in ((False, norm._modulated_norm_fwd_kernel, MOD_FWD),
+                                        (True, norm._modulated_norm_bwd_kernel, MOD_BWD)):
+            block_n, block_c, warps = norm._tiles(channels)
+            constexprs = dict(BLOCK_N=block_n, BLOCK_C=block_c, **({'STORE_OUT': True} if backward else {}))
+            yield (f'modulated norm {"bwd" if backward else "fwd"}', channels, f'block_n={block_n}', fn, signature,
+                   constexprs, warps)
+
+
+def dwconv_rows(sms=132):
+    """The same for the depthwise conv at the FFN's hidden widths (bs 128, 224x224) and the layer's."""
+    conv = triton_dwconv
+    for channels, ratio, side in zip(DIMS, (8, 8, 4, 4), (56, 28, 14, 7)):
+        for width, act in ((channels, 1), (channels * ratio, 2)):
+            for backward in (False, True):
+                block_w, block_c, rows, warps, prefetch, stages = conv._tiles_for(
+                    (128, side, side, width), sms, backward, None, None, None, None, None, None)
+                tiling = f'w={block_w} c={block_c} rows={rows} prefetch={prefetch} stages={stages}'
+                if backward:
+                    fn, signature = conv._dwconv_bwd_pre_kernel, DWCONV_BWD
+                    constexprs = dict(ACT=act, NEED_OUT=act == 2, PREFETCH=prefetch, STAGES=stages,
+                                      BLOCK_W=block_w, BLOCK_C=block_c)
+                else:
+                    fn, signature = conv._dwconv_fwd_kernel, DWCONV_FWD
+                    constexprs = dict(ACT=act, HAS_BIAS=True, FLIP=False, PREFETCH=prefetch, STAGES=stages,
+                                      BLOCK_W=block_w, BLOCK_C=block_c)
+                yield (f'dwconv {"bwd pre" if backward else "fwd"} ({"FFN" if act == 2 else "layer"})', width,
+                       tiling, fn, signature, constexprs, warps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--arch', type=int, default=90)
+    parser.add_argument('--kernels', nargs='+', choices=('norm', 'dwconv'), default=['norm', 'dwconv'])
+    args = parser.parse_args(argv)
+    print(f'Triton {triton.__version__}, sm_{args.arch}')
+    print('| kernel | channels | tiling | warps | registers | spill stores B | spill loads B | shared B |')
+    print('| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |')
+    rows = {'norm': norm_rows, 'dwconv': dwconv_rows}
+    for family in args.kernels:
+        for name, channels, tiling, fn, signature, constexprs, warps in rows[family]():
+            stages = constexprs.get('STAGES', 3)
+            registers, stores, loads, shared = ptxas_report(fn, signature, constexprs, args.arch, warps, stages)
+            print(f'| {name} | {channels} | {tiling} | {warps} | {registers} | {stores} | {loads} | {shared} |',
+                  flush=True)
+
+
+if __name__ == '__main__':
+    main()
