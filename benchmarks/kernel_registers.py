@@ -1,6 +1,6 @@
 """Registers and spills of the Triton kernels' default tilings, compiled for sm_90 on the CPU (no GPU needed).
 
-    python benchmarks/kernel_registers.py [--arch 90] [--kernels norm dwconv]
+    python benchmarks/kernel_registers.py [--arch 90] [--kernels norm dwconv scan]
 
 Each kernel is compiled by Triton for the target (``triton.compile`` with a ``GPUTarget``) at the tilings its
 launcher picks for GroupMamba-T's shapes, and its PTX assembled by the ptxas that ships with Triton
@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmgroupmamba.kernels import triton_dwconv, triton_gated_norm
+from mmgroupmamba.kernels import triton_dwconv, triton_gated_norm, triton_scan
 
 DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
 GROUPS = 4
@@ -120,15 +120,42 @@ def dwconv_rows(sms=132):
                        tiling, fn, signature, constexprs, warps)
 
 
+_SCAN_POINTERS = dict(u_ptr='*fp16', dt_ptr='*fp16', A_logs_ptr='*fp32', B_ptr='*fp16', C_ptr='*fp16',
+                      D_ptr='*fp32', bias_ptr='*fp32')
+SCAN_FWD = dict(_SCAN_POINTERS, y_ptr='*fp16', hin_ptr='*fp32', st_ptr='*fp32', P_ptr='*fp32', E_ptr='*fp32',
+                **{n: 'i32' for n in ('L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len', 'n_chunks',
+                                      'n_states', 'chunk0')})
+SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', gin_ptr='*fp32', du_ptr='*fp16', ddt_ptr='*fp16',
+                dB_ptr='*fp32', dC_ptr='*fp32', dA_logs_ptr='*fp32', dD_ptr='*fp32', dbias_ptr='*fp32',
+                P_ptr='*fp32', E_ptr='*fp32',
+                **{n: 'i32' for n in ('batch', 'L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len',
+                                      'n_chunks', 'n_states', 'chunk0')})
+
+
+def scan_rows(sms=132):
+    """The same for the scan's forward and backward (their main pass) at bs 128, 224x224."""
+    for channels, side in zip(DIMS, (56, 28, 14, 7)):
+        config = triton_scan._config_for(128, side * side, channels, sms, ((None, None),) * 5)
+        for backward, passed in ((False, config.fwd), (True, config.bwd)):
+            constexprs = dict(BLOCK_T=passed.block_t, BLOCK_C=passed.block_c, STATE_T=config.state_t,
+                              STAGES=passed.stages, SUMMARY=False,
+                              **({'HAS_GIN': False} if backward else {'HAS_HIN': False, 'SAVE_STATES': True}))
+            yield (f'scan {"bwd" if backward else "fwd"}', channels, f'block_t={passed.block_t} '
+                   f'block_c={passed.block_c} stages={passed.stages}',
+                   triton_scan._scan_bwd_kernel if backward else triton_scan._scan_fwd_kernel,
+                   SCAN_BWD if backward else SCAN_FWD, constexprs, passed.num_warps)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--arch', type=int, default=90)
-    parser.add_argument('--kernels', nargs='+', choices=('norm', 'dwconv'), default=['norm', 'dwconv'])
+    parser.add_argument('--kernels', nargs='+', choices=('norm', 'dwconv', 'scan'),
+                        default=['norm', 'dwconv', 'scan'])
     args = parser.parse_args(argv)
     print(f'Triton {triton.__version__}, sm_{args.arch}')
     print('| kernel | channels | tiling | warps | registers | spill stores B | spill loads B | shared B |')
     print('| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |')
-    rows = {'norm': norm_rows, 'dwconv': dwconv_rows}
+    rows = {'norm': norm_rows, 'dwconv': dwconv_rows, 'scan': scan_rows}
     for family in args.kernels:
         for name, channels, tiling, fn, signature, constexprs, warps in rows[family]():
             stages = constexprs.get('STAGES', 3)
