@@ -25,19 +25,24 @@ from .reference import channel_affinity_dtype
 
 
 @triton.jit
-def _weight_tiles(W1, B1, W2, B2, C, R, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Channel and hidden-unit offsets with their masks, ``fc1``'s weight ``(R, C)``, ``fc2``'s transposed to
-    ``(R, C)``, and both biases, in fp32 (zeros outside ``R x C``, so padded units and channels add nothing)."""
+def _tile_offsets(C, R, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Channel and hidden-unit offsets with their masks. No pointers come in (see ``triton_scan._chunk_indices``:
+    a helper that gives store addresses and takes a pointer makes torch.compile copy that tensor every launch)."""
     cols = tl.arange(0, BLOCK_C)
     units = tl.arange(0, BLOCK_R)
-    col_ok = cols < C
-    unit_ok = units < R
+    return cols, units, cols < C, units < R
+
+
+@triton.jit
+def _load_weights(W1, B1, W2, B2, cols, units, col_ok, unit_ok, C, R):
+    """``fc1``'s weight ``(R, C)``, ``fc2``'s transposed to ``(R, C)``, and both biases, in fp32 (zeros outside
+    ``R x C``, so padded units and channels add nothing)."""
     tile_ok = unit_ok[:, None] & col_ok[None, :]
     w1 = tl.load(W1 + units[:, None] * C + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     w2t = tl.load(W2 + cols[None, :] * R + units[:, None], mask=tile_ok, other=0.0).to(tl.float32)
     b1 = tl.load(B1 + units, mask=unit_ok, other=0.0).to(tl.float32)
     b2 = tl.load(B2 + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return cols, units, col_ok, unit_ok, w1, w2t, b1, b2
+    return w1, w2t, b1, b2
 
 
 @triton.jit
@@ -53,7 +58,8 @@ def _bottleneck(pooled, w1, b1, w2t, b2):
 def _affinity_fwd_kernel(Pooled, W1, B1, W2, B2, Skip, Scale, C, R,
                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     image = tl.program_id(0)
-    cols, units, col_ok, unit_ok, w1, w2t, b1, b2 = _weight_tiles(W1, B1, W2, B2, C, R, BLOCK_C, BLOCK_R)
+    cols, units, col_ok, unit_ok = _tile_offsets(C, R, BLOCK_C, BLOCK_R)
+    w1, w2t, b1, b2 = _load_weights(W1, B1, W2, B2, cols, units, col_ok, unit_ok, C, R)
     pooled = tl.load(Pooled + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
     _, _, gate = _bottleneck(pooled, w1, b1, w2t, b2)
     skip = tl.load(Skip).to(tl.float32)
@@ -66,7 +72,8 @@ def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials
     """One program per chunk of ``images_per_program`` images: their input gradients, and their sums of the
     weight, bias and skip gradients as one row of ``Partials``, laid out as ``affinity.param_grad_sizes`` says."""
     chunk = tl.program_id(0)
-    cols, units, col_ok, unit_ok, w1, w2t, b1, b2 = _weight_tiles(W1, B1, W2, B2, C, R, BLOCK_C, BLOCK_R)
+    cols, units, col_ok, unit_ok = _tile_offsets(C, R, BLOCK_C, BLOCK_R)
+    w1, w2t, b1, b2 = _load_weights(W1, B1, W2, B2, cols, units, col_ok, unit_ok, C, R)
     skip = tl.load(Skip).to(tl.float32)
     dw1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     dw2t = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)

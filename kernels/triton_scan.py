@@ -87,22 +87,32 @@ def _row(tile, rows, r):
 # Forward
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _chunk_start(A_logs_ptr, bias_ptr, in_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C: tl.constexpr,
-                 HAS_IN: tl.constexpr):
-    """What both passes set up for this program's channel block and chunk: indices, A, the delta bias, row
-    offsets, and the carried value entering the chunk (state forward, dL/dh backward; 0 without a split)."""
+def _chunk_indices(L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C: tl.constexpr):
+    """This program's batch item, group, channel block, channels, chunk and row offsets.
+
+    No pointers come in: torch.compile decides which tensors a kernel writes by following its store
+    addresses back through every value they derive from, and through a helper's call into all of its
+    arguments; a pointer among them would count as written, and the compiled graph would copy that tensor
+    before every launch (the scan's A_logs and delta bias were, until this split)."""
     b, g, cb, ch, cmask = _program_block(n_cblocks, K, BLOCK_C)
     chunk = tl.program_id(1) + chunk0
-    A = -tl.exp(tl.load(A_logs_ptr + ch, mask=cmask, other=0.0).to(tl.float32))  # the layer stores A_logs
-    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     batch_off = b.to(tl.int64) * L * CH
     bc_off = b.to(tl.int64) * L * bc_stride + g  # B and C rows may be slices of one wider projection
     summary_off = (b.to(tl.int64) * n_chunks + chunk) * CH + ch
+    return b, g, cb, ch, cmask, chunk, batch_off, bc_off, summary_off
+
+
+@triton.jit
+def _chunk_params(A_logs_ptr, bias_ptr, in_ptr, ch, cmask, summary_off, BLOCK_C: tl.constexpr, HAS_IN: tl.constexpr):
+    """A, the delta bias, and the carried value entering the chunk (state forward, dL/dh backward; 0 without a
+    split)."""
+    A = -tl.exp(tl.load(A_logs_ptr + ch, mask=cmask, other=0.0).to(tl.float32))  # the layer stores A_logs
+    bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if HAS_IN:
         carried = tl.load(in_ptr + summary_off, mask=cmask, other=0.0)
     else:
         carried = tl.zeros([BLOCK_C], dtype=tl.float32)
-    return b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, carried
+    return A, bias, carried
 
 
 # Sizes that only index rows or count steps are not specialised, so one compiled kernel serves every map
@@ -120,8 +130,9 @@ def _scan_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
-    b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, h = _chunk_start(
-        A_logs_ptr, bias_ptr, hin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_HIN)
+    b, g, cb, ch, cmask, chunk, batch_off, bc_off, summary_off = _chunk_indices(
+        L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C)
+    A, bias, h = _chunk_params(A_logs_ptr, bias_ptr, hin_ptr, ch, cmask, summary_off, BLOCK_C, HAS_HIN)
     if not SUMMARY:
         D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if SUMMARY:
@@ -233,8 +244,9 @@ def _scan_bwd_kernel(
     #     dC_t = sum_c dy_t h_t                          dD = sum dy_t u_t
     #     ddelta_t = dh_t (B_t u_t + A a_t h_{t-1})      dA = sum dh_t delta_t a_t h_{t-1}
     # and a_t h_{t-1} = h_t - x_t needs no shifted copy of the states.
-    b, g, cb, ch, cmask, chunk, A, bias, batch_off, bc_off, summary_off, carry = _chunk_start(
-        A_logs_ptr, bias_ptr, gin_ptr, L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C, HAS_GIN)
+    b, g, cb, ch, cmask, chunk, batch_off, bc_off, summary_off = _chunk_indices(
+        L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C)
+    A, bias, carry = _chunk_params(A_logs_ptr, bias_ptr, gin_ptr, ch, cmask, summary_off, BLOCK_C, HAS_GIN)
     D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if SUMMARY:
         decay = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
