@@ -60,13 +60,13 @@ def parse_ptxas(report):
 NORM_FWD = dict(Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32', N='i32',
                 stride_y='i32', stride_z='i32', stride_o='i32', eps='fp32')
 NORM_BWD = dict(DOut='*fp16', Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32', DY='*fp16',
-                DZ='*fp16', DWPart='*fp32', DBPart='*fp32', Out='*fp16', N='i32', stride_do='i32', stride_y='i32',
-                stride_z='i32', stride_dy='i32', stride_dz='i32', stride_o='i32', C='i32')
+                DZ='*fp16', DWBPart='*fp32', Out='*fp16', N='i32', stride_do='i32', stride_y='i32',
+                stride_z='i32', stride_dy='i32', stride_dz='i32', stride_o='i32', C='i32', part_stride='i32')
 MOD_FWD = dict(Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32',
                HW='i32', C='i32', eps='fp32')
 MOD_BWD = dict(DOut='*fp16', Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32',
-               DY='*fp16', DX='*fp16', DSPart='*fp32', DWPart='*fp32', DBPart='*fp32', Out='*fp16', HW='i32',
-               C='i32', n_tiles='i32')
+               DY='*fp16', DX='*fp16', Parts='*fp32', Out='*fp16', HW='i32', C='i32', n_tiles='i32',
+               part_stride='i32')
 DWCONV_FWD = dict(X='*fp16', Wt='*fp32', Bias='*fp32', Out='*fp16', H='i32', W='i32', C='i32', n_cb='i32',
                   n_wb='i32', n_rb='i32', rows_per_prog='i32', stride_xb='i32', stride_xh='i32', stride_xw='i32',
                   stride_ob='i32', stride_oh='i32', stride_ow='i32')
@@ -126,10 +126,9 @@ SCAN_FWD = dict(_SCAN_POINTERS, y_ptr='*fp16', hin_ptr='*fp32', st_ptr='*fp32', 
                 **{n: 'i32' for n in ('L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len', 'n_chunks',
                                       'n_states', 'chunk0')})
 SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', gin_ptr='*fp32', du_ptr='*fp16', ddt_ptr='*fp16',
-                dB_ptr='*fp32', dC_ptr='*fp32', dA_logs_ptr='*fp32', dD_ptr='*fp32', dbias_ptr='*fp32',
-                P_ptr='*fp32', E_ptr='*fp32',
+                dBC_ptr='*fp32', dADb_ptr='*fp32', P_ptr='*fp32', E_ptr='*fp32',
                 **{n: 'i32' for n in ('batch', 'L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len',
-                                      'n_chunks', 'n_states', 'chunk0')})
+                                      'n_chunks', 'n_states', 'chunk0', 'bc_part_stride', 'adb_part_stride')})
 
 
 def scan_rows(sms=132):

@@ -1,4 +1,4 @@
-"""Which inputs of the Triton launchers ``torch.compile`` would copy before every launch (CPU, no GPU needed).
+"""What ``torch.compile`` would copy around each Triton launch (CPU, no GPU needed).
 
     python benchmarks/kernel_writes.py
 
@@ -10,10 +10,16 @@ through every value it derives from, into all arguments of a helper call that pr
 that returns offsets and also takes a pointer thereby marks that pointer as written (the scan's ``A_logs`` and
 delta bias and the channel affinity's four weights were, until their helpers were split).
 
+A kernel that writes into views of one buffer (say, partial sums of two gradients in one tensor for one
+reduction) is functionalized the same way: each view is cloned, written, and scattered back into the buffer;
+the compiled graph runs those as copy kernels (the profile's ``triton_poi_fused_unbind`` kernels, from
+``dw_part, db_part = dwb_part``). Such kernels now take the buffer itself and its parts' offset.
+
 Each launcher is traced here with fake CUDA tensors under functionalization (``make_fx``), Triton's active
-target set to sm_90 (no driver needed), and the copies of the launcher's own inputs are listed. The outputs a
-launcher allocates are cloned too, but those clones are of fresh buffers, which Inductor removes.
+target set to sm_90 (no driver needed), and both kinds are listed. The outputs a launcher allocates whole are
+cloned too, but those clones are of fresh buffers, which Inductor removes.
 """
+import operator
 import os
 
 os.environ.pop('TRITON_INTERPRET', None)  # the interpreter's kernels have no TTIR to analyse
@@ -42,25 +48,32 @@ class _Sm90Target:
 
 
 def _is_view(node):
+    """A view op, or its functionalized ``*_copy`` form (which stands for the view in such graphs)."""
     name = str(node.target).split('.')
-    return node.op == 'call_function' and len(name) >= 2 and name[-2] in VIEW_OPS
+    return node.op == 'call_function' and len(name) >= 2 and name[-2].removesuffix('_copy') in VIEW_OPS
 
 
-def copied_inputs(launcher, *inputs):
-    """``[(kernel, argument), ...]``: the launcher's inputs that functionalization clones for a kernel."""
+def copies(launcher, *inputs):
+    """``(inputs, views)``: ``[(kernel, argument), ...]`` of the launcher's inputs that functionalization clones
+    for a kernel, and of the arguments it writes that are views of a buffer the launcher allocated (each is
+    cloned and scattered back into that buffer: copies again)."""
     graph = make_fx(torch.func.functionalize(launcher), tracing_mode='fake')(*inputs).graph
-    copies = []
+    input_copies, view_writes = [], []
     for node in graph.nodes:
         if node.op != 'call_function' or 'triton_kernel_wrapper_functional' not in str(node.target):
             continue
         kernel = kernel_side_table.get_kernel(node.kwargs['kernel_idx'])
         for name in node.kwargs['tensors_to_clone']:
             source = node.kwargs['kwargs'][name]
-            while _is_view(source) or str(source.target) == 'getitem':
+            through_view = False
+            while _is_view(source) or source.target is operator.getitem:
+                through_view = through_view or _is_view(source)
                 source = source.args[0]
             if source.op == 'placeholder':
-                copies.append((kernel.fn.__name__, name))
-    return copies
+                input_copies.append((kernel.fn.__name__, name))
+            elif through_view:
+                view_writes.append((kernel.fn.__name__, name))
+    return input_copies, view_writes
 
 
 @triton.jit
@@ -131,11 +144,11 @@ def launchers(mode):
 def main():
     triton.runtime.driver.set_active(_Sm90Target())
     dispatch._cuda_multiprocessors = lambda index: 132  # an H200's count: no device to ask
-    print('| launcher | inputs torch.compile would copy before each launch (kernel: argument) |')
-    print('| --- | --- |')
+    print('| launcher | inputs copied before each launch (kernel: argument) | outputs written through views |')
+    print('| --- | --- | --- |')
     for name, launcher, inputs in launchers(FakeTensorMode()):
-        copies = copied_inputs(launcher, *inputs)
-        print(f'| {name} | {", ".join(f"{k}: {a}" for k, a in copies) or "none"} |', flush=True)
+        listed = [', '.join(f'{k}: {a}' for k, a in found) or 'none' for found in copies(launcher, *inputs)]
+        print(f'| {name} | {" | ".join(listed)} |', flush=True)
 
 
 if __name__ == '__main__':

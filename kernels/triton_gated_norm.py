@@ -61,8 +61,8 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z
 
 
 @triton.jit
-def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPart, Out, N, stride_do, stride_y,
-                           stride_z, stride_dy, stride_dz, stride_o, C,
+def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out, N, stride_do, stride_y,
+                           stride_z, stride_dy, stride_dz, stride_o, C, part_stride,
                            GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
                            STORE_OUT: tl.constexpr):
@@ -98,8 +98,9 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPa
         mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / D
         dy = (dy_hat - mean_dy_hat[:, None] - y_hat * mean_dy_hat_y_hat[:, None]) * rstd[:, None]
         tl.store(DY + rows64 * stride_dy + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
-        tl.store(DWPart + pid * C + cols, tl.sum(d_normed * y_hat, axis=0), mask=col_ok)
-        tl.store(DBPart + pid * C + cols, tl.sum(d_normed, axis=0), mask=col_ok)
+        # DWBPart is (2, programs, C): the weight's partial sums, then the bias's, part_stride apart.
+        tl.store(DWBPart + pid * C + cols, tl.sum(d_normed * y_hat, axis=0), mask=col_ok)
+        tl.store(DWBPart + part_stride + pid * C + cols, tl.sum(d_normed, axis=0), mask=col_ok)
 
 
 # Elements of a tile: 2048, 16 a thread in 4 warps, one group a program. ptxas for sm_90 (Triton 3.8,
@@ -110,6 +111,11 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWPart, DBPa
 # These tiles need 40-208 registers and spill nothing. Not yet timed on a GPU: benchmarks/norm_kernels.py
 # --sweep (which includes the earlier tiles).
 TILE_ELEMENTS = 2048
+
+
+# _PARTIALS_NOTE: a kernel that writes several partial-sum buffers gets the one buffer that holds them and their
+# offset, not views of it. Under torch.compile, a kernel writing into views of a tensor is functionalized into
+# a clone of each view and a scatter of it back into the tensor: copy kernels the compiled graph then runs.
 
 
 def _tiles(group_dims, block_n=None, num_warps=None):
@@ -173,14 +179,15 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     block_n, block_d, num_warps = _tiles(channels // groups, block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, groups_per_program)
     programs = cdiv(n, block_n)
-    # Weight and bias partial sums in one buffer: one reduction for both.
+    # Weight and bias partial sums in one buffer, one reduction for both; the kernel gets the buffer itself
+    # (see _PARTIALS_NOTE).
     dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
-    dw_part, db_part = dwb_part
     wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
-        dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dw_part, db_part, out, n,
+        dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, n,
         dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
-        out.stride(0), channels, GROUPS=groups, GROUPS_PER_PROGRAM=per_program, D=channels // groups,
-        BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output, num_warps=num_warps)
+        out.stride(0), channels, dwb_part.stride(0), GROUPS=groups, GROUPS_PER_PROGRAM=per_program,
+        D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output,
+        num_warps=num_warps)
     return (dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(1),
             (out.view(shape) if need_output else None))
 
@@ -212,8 +219,8 @@ def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, eps,
 
 
 @triton.jit
-def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, DSPart, DWPart, DBPart, Out, HW, C,
-                               n_tiles, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr):
+def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts, Out, HW, C, n_tiles,
+                               part_stride, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr):
     tile, image, grow, cols, row_ok, col_ok, mask = _image_row_tile(HW, C, BLOCK_N, BLOCK_C)
     offs = grow[:, None] * C + cols[None, :]
     scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -229,10 +236,11 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, DSPar
           - m_hat * (tl.sum(dm_hat * m_hat, axis=1) / C)[:, None]) * rstd[:, None]
     tl.store(DY + offs, (dm * x * scale[None, :]).to(DY.dtype.element_ty), mask=mask)
     tl.store(DX + offs, (dm * y * scale[None, :]).to(DX.dtype.element_ty), mask=mask)
+    # Parts is (3, batch, n_tiles, C): the scale's, the weight's and the bias's partial sums, part_stride apart.
     part = (image * n_tiles + tile) * C + cols
-    tl.store(DSPart + part, tl.sum(dm * y * x, axis=0), mask=col_ok)
-    tl.store(DWPart + part, tl.sum(dout * m_hat, axis=0), mask=col_ok)
-    tl.store(DBPart + part, tl.sum(dout, axis=0), mask=col_ok)
+    tl.store(Parts + part, tl.sum(dm * y * x, axis=0), mask=col_ok)
+    tl.store(Parts + part_stride + part, tl.sum(dout * m_hat, axis=0), mask=col_ok)
+    tl.store(Parts + 2 * part_stride + part, tl.sum(dout, axis=0), mask=col_ok)
     if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
         b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
@@ -264,11 +272,13 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     n_tiles = cdiv(hw, block_n)
     dy, dx = torch.empty_like(y), torch.empty_like(x)
     out = torch.empty_like(y) if need_output else dy
-    # Scale, weight and bias partial sums (per image and tile) in one buffer: one reduction for all.
+    # Scale, weight and bias partial sums (per image and tile) in one buffer, given to the kernel whole (see
+    # _PARTIALS_NOTE); the weight's and bias's in one reduction.
     parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
     wrap_triton(_modulated_norm_bwd_kernel)[(n_tiles, batch)](
-        dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts[0], parts[1], parts[2], out,
-        hw, channels, n_tiles, BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, num_warps=num_warps)
+        dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
+        hw, channels, n_tiles, parts.stride(0), BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output,
+        num_warps=num_warps)
     dscale = parts[0].sum(1)
     return dy, dx, dscale.to(scale.dtype), parts[1:].sum((1, 2)), (out if need_output else None)
 

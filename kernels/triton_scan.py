@@ -224,16 +224,19 @@ def _propagate_kernel(
 # --------------------------------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=_RUNTIME_SIZES)
+@triton.jit(do_not_specialize=_RUNTIME_SIZES + ['bc_part_stride', 'adb_part_stride'])
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_logs_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
     st_ptr,  # (batch, n_states, CH) fp32 forward state entering every STATE_T-th step
     gin_ptr,  # (batch, n_chunks, CH) fp32: dL/dh at the first step after each chunk (split only)
     du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype
-    dB_ptr, dC_ptr,  # (n_cblocks, batch, L, 4) fp32 partial sums over this program's channels
-    dA_logs_ptr, dD_ptr, dbias_ptr,  # (batch, n_chunks, CH) fp32 partial sums over this program's steps
+    # Partial sums, each set in one buffer given whole (views of it written by the kernel would be cloned and
+    # scattered back under torch.compile: copy kernels), its parts `*_part_stride` apart:
+    dBC_ptr,  # (2, n_cblocks, batch, L, 4) fp32, dB then dC: sums over this program's channels
+    dADb_ptr,  # (3, batch, n_chunks, CH) fp32, dA_logs, dD, dbias: sums over this program's steps
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
-    batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
+    batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0, bc_part_stride,
+    adb_part_stride,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
     HAS_GIN: tl.constexpr, SUMMARY: tl.constexpr,
 ):
@@ -308,15 +311,15 @@ def _scan_bwd_kernel(
             dbias_acc += tl.sum(ddt_raw, axis=0)
             dB_t = tl.sum(tl.where(mask, dh * dt * u, 0.0), axis=1)
             dC_t = tl.sum(tl.where(mask, dy * h, 0.0), axis=1)
-            tl.store(dB_ptr + dbc_off + pos * 4, dB_t, mask=tmask)
-            tl.store(dC_ptr + dbc_off + pos * 4, dC_t, mask=tmask)
+            tl.store(dBC_ptr + dbc_off + pos * 4, dB_t, mask=tmask)
+            tl.store(dBC_ptr + bc_part_stride + dbc_off + pos * 4, dC_t, mask=tmask)
     if SUMMARY:
         tl.store(P_ptr + summary_off, decay, mask=cmask)
         tl.store(E_ptr + summary_off, carry, mask=cmask)
     else:
-        tl.store(dA_logs_ptr + summary_off, dA_acc * A, mask=cmask)  # dL/dA_logs = dL/dA * A
-        tl.store(dD_ptr + summary_off, dD_acc, mask=cmask)
-        tl.store(dbias_ptr + summary_off, dbias_acc, mask=cmask)
+        tl.store(dADb_ptr + summary_off, dA_acc * A, mask=cmask)  # dL/dA_logs = dL/dA * A
+        tl.store(dADb_ptr + adb_part_stride + summary_off, dD_acc, mask=cmask)
+        tl.store(dADb_ptr + 2 * adb_part_stride + summary_off, dbias_acc, mask=cmask)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -498,10 +501,8 @@ def scan_backward(dy, u, delta, A_logs, B, C, D, delta_bias, hw, states, cfg):
     ddelta = torch.empty_like(delta)
     # Partial sums of (dB, dC) and of (dA, dD, dbias), each pair/triple in one buffer: one reduction each.
     dBC_part = torch.empty(2, bc.n_cblocks, batch, length, GROUPS, **f32)
-    dB_part, dC_part = dBC_part
     n_chunks = bc.n_chunks(length)
     dADb_part = torch.empty(3, batch, n_chunks, channels, **f32)
-    dA_logs_part, dD_part, dbias_part = dADb_part
     grid_x = bc.programs(batch)
     common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), bc.n_cblocks, bc.chunk_len,
               n_chunks, cfg.n_states(length))
@@ -511,12 +512,11 @@ def scan_backward(dy, u, delta, A_logs, B, C, D, delta_bias, hw, states, cfg):
     gin = _chunk_carries(
         lambda P, E: wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
             u, delta, A_logs, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
-            dummy, dummy, dummy, P, E, *common, 1, HAS_GIN=False, SUMMARY=True, **meta),
+            P, E, *common, 1, 0, 0, HAS_GIN=False, SUMMARY=True, **meta),
         batch, n_chunks, channels, u.device, reverse=True) if split else dummy
     wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks)](
-        u, delta, A_logs, B, C, D, delta_bias, dy, states, gin, du, ddelta, dB_part, dC_part,
-        dA_logs_part, dD_part, dbias_part, dummy, dummy, *common, 0,
-        HAS_GIN=split, SUMMARY=False, **meta)
+        u, delta, A_logs, B, C, D, delta_bias, dy, states, gin, du, ddelta, dBC_part, dADb_part, dummy, dummy,
+        *common, 0, dBC_part.stride(0), dADb_part.stride(0), HAS_GIN=split, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
     dADb = dADb_part.sum((1, 2))
     dBC = dBC_part[:, 0] if bc.n_cblocks == 1 else dBC_part.sum(1)
