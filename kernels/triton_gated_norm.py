@@ -113,11 +113,6 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out
 TILE_ELEMENTS = 2048
 
 
-# _PARTIALS_NOTE: a kernel that writes several partial-sum buffers gets the one buffer that holds them and their
-# offset, not views of it. Under torch.compile, a kernel writing into views of a tensor is functionalized into
-# a clone of each view and a scatter of it back into the tensor: copy kernels the compiled graph then runs.
-
-
 def _tiles(group_dims, block_n=None, num_warps=None):
     """``(block_n, block_d, num_warps)``: rows of a tile, its padded group width, warps; either can be forced."""
     block_d = next_power_of_2(group_dims)
@@ -179,8 +174,9 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     block_n, block_d, num_warps = _tiles(channels // groups, block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, groups_per_program)
     programs = cdiv(n, block_n)
-    # Weight and bias partial sums in one buffer, one reduction for both; the kernel gets the buffer itself
-    # (see _PARTIALS_NOTE).
+    # Weight and bias partial sums in one buffer, one reduction for both. The kernel gets the buffer itself, not
+    # views of it: torch.compile would clone each view and scatter it back (kernels/README.md, "What a compiled
+    # graph copies").
     dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
     wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
         dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, n,
@@ -272,8 +268,8 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     n_tiles = cdiv(hw, block_n)
     dy, dx = torch.empty_like(y), torch.empty_like(x)
     out = torch.empty_like(y) if need_output else dy
-    # Scale, weight and bias partial sums (per image and tile) in one buffer, given to the kernel whole (see
-    # _PARTIALS_NOTE); the weight's and bias's in one reduction.
+    # Scale, weight and bias partial sums (per image and tile) in one buffer, given to the kernel whole (as in
+    # gated_norm_backward); the weight's and bias's in one reduction.
     parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
     wrap_triton(_modulated_norm_bwd_kernel)[(n_tiles, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
