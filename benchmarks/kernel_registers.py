@@ -60,12 +60,13 @@ def parse_ptxas(report):
 NORM_FWD = dict(Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32', N='i32',
                 stride_y='i32', stride_z='i32', stride_o='i32', eps='fp32')
 NORM_BWD = dict(DOut='*fp16', Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32', DY='*fp16',
-                DZ='*fp16', DWBPart='*fp32', Out='*fp16', N='i32', stride_do='i32', stride_y='i32',
-                stride_z='i32', stride_dy='i32', stride_dz='i32', stride_o='i32', C='i32', part_stride='i32')
+                DZ='*fp16', DWBPart='*fp32', Out='*fp16', N='i32', tiles_per_program='i32', stride_do='i32',
+                stride_y='i32', stride_z='i32', stride_dy='i32', stride_dz='i32', stride_o='i32', C='i32',
+                part_stride='i32')
 MOD_FWD = dict(Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32',
                HW='i32', C='i32', eps='fp32')
 MOD_BWD = dict(DOut='*fp16', Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32',
-               DY='*fp16', DX='*fp16', Parts='*fp32', Out='*fp16', HW='i32', C='i32', n_tiles='i32',
+               DY='*fp16', DX='*fp16', Parts='*fp32', Out='*fp16', HW='i32', C='i32', tiles_per_program='i32',
                part_stride='i32')
 DWCONV_FWD = dict(X='*fp16', Wt='*fp32', Bias='*fp32', Out='*fp16', H='i32', W='i32', C='i32', n_cb='i32',
                   n_wb='i32', n_rb='i32', rows_per_prog='i32', stride_xb='i32', stride_xh='i32', stride_xw='i32',

@@ -15,7 +15,8 @@ For stages 1-4 at bs 128, 224x224 (``cls``) and at the detection step's bs 2, 80
 largest error against the PyTorch reference (fp32, two images' rows), then the forward and the backward
 launchers replayed from CUDA graphs (``do_bench_cudagraph``: the kernels alone), and their minimal bytes
 (each map read or written once; statistics and partial sums not counted) over that time as a fraction of copy
-bandwidth. ``--sweep`` also times tilings (rows per program, warps, groups per program) at the shapes named.
+bandwidth. ``--sweep`` also times tilings (rows per tile, warps, groups per program and, backward, row tiles
+per program) at the shapes named.
 The profile of the compiled detection step (tenth session) had one gated-norm kernel of stage 3 at 84 us
 forward and 123 us backward, eight times the stage's LayerNorm of the same size: this finds which shape and
 tiling.
@@ -44,7 +45,7 @@ KINDS = ('layer', 'gated', 'modulated')
 # input gradients and the recomputed output).
 BYTES = {'layer': (4 + 2, 2 + 4 + 4 + 2), 'gated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2),
          'modulated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2)}
-SWEEP = dict(block_n=(4, 8, 16, 32), num_warps=(4, 8), groups_per_program=(1, 4))
+SWEEP = dict(block_n=(4, 8, 16, 32), num_warps=(4, 8), groups_per_program=(1, 4), tiles_per_program=(1, 4, 16))
 
 
 def make(kind, batch, height, width, channels):
@@ -115,12 +116,16 @@ def run(sweep, sweep_shapes):
                 log(f'| {kind} | {name} | {batch}x{height}x{width}x{channels} | {err:.1e} | {fwd:.3f} | {fwd_bw:.0%} '
                     f'| {bwd:.3f} | {bwd_bw:.0%} |')
                 if sweep and name in sweep_shapes:
-                    # Groups per program only where there are groups.
-                    grid = {k: v for k, v in SWEEP.items() if kind == 'gated' or k != 'groups_per_program'}
+                    # Groups per program only where there are groups. Row tiles per program are the backward's
+                    # alone: each forward tiling is timed once, its backward at each of them.
+                    grid = {k: v for k, v in SWEEP.items()
+                            if (kind == 'gated' or k != 'groups_per_program') and k != 'tiles_per_program'}
+                    walks = SWEEP['tiles_per_program']
                     for values in itertools.product(*grid.values()):
                         tiling = dict(zip(grid, values))
+                        bwd = ' / '.join(f'{replayed_ms(backward, **tiling, tiles_per_program=t):.3f}' for t in walks)
                         log(f'    {kind} {name} {tiling}: fwd {replayed_ms(forward, **tiling):.3f} ms, '
-                            f'bwd {replayed_ms(backward, **tiling):.3f} ms')
+                            f'bwd {bwd} ms at {" / ".join(map(str, walks))} tiles per program')
                 del inputs, forward, backward
                 torch.cuda.empty_cache()
 

@@ -8,7 +8,9 @@ tiny row, which profiled as the largest GPU cost of a GroupMamba training step (
 program normalises a tile of ``BLOCK_N`` rows of one group (or of ``GROUPS_PER_PROGRAM`` groups; the grid's
 second axis enumerates the rest), applies the affine and the gate, and keeps per-row statistics for a backward
 that recomputes everything else. Weight and bias gradients are per-program partial sums reduced afterwards in
-a fixed order: deterministic, no atomics.
+a fixed order: deterministic, no atomics. A backward program walks several consecutive row tiles (about four
+programs per multiprocessor in all), summing in registers and storing once: one partial sum per tile was, at
+the widest stages, as many bytes as the gradient maps themselves.
 
 The modulated variant normalises ``y * x * scale`` (scale per image and channel) over all channels: the
 layer's channel-affinity modulation and its output LayerNorm, in one pass and without keeping the product.
@@ -18,17 +20,17 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .ops_util import cdiv, next_power_of_2
+from .dispatch import multiprocessors
+from .ops_util import cdiv, next_power_of_2, size_hint
 
 
 @triton.jit
-def _row_tile(N, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's BLOCK_N rows and the BLOCK_D column offsets within a group, with their masks."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs = tl.arange(0, BLOCK_D)
+def _row_tile(tile, N, col_ok, BLOCK_N: tl.constexpr):
+    """The BLOCK_N rows of row tile ``tile`` and their mask, the tile's mask with the columns' ``col_ok``, and
+    the rows as int64 for addresses."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    col_ok = offs < D
-    return rows, offs, row_ok, col_ok, row_ok[:, None] & col_ok[None, :], rows.to(tl.int64)[:, None]
+    return rows, row_ok, row_ok[:, None] & col_ok[None, :], rows.to(tl.int64)[:, None]
 
 
 @triton.jit
@@ -46,7 +48,9 @@ def _normalize(v, mask, W, Bias, cols, col_ok, n, eps):
 def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z, stride_o, eps,
                            GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr):
-    rows, offs, row_ok, col_ok, mask, rows64 = _row_tile(N, D, BLOCK_N, BLOCK_D)
+    offs = tl.arange(0, BLOCK_D)
+    col_ok = offs < D
+    rows, row_ok, mask, rows64 = _row_tile(tl.program_id(0), N, col_ok, BLOCK_N)
     for i in tl.static_range(GROUPS_PER_PROGRAM):
         g = tl.program_id(1) * GROUPS_PER_PROGRAM + i
         cols = g * D + offs
@@ -60,47 +64,60 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z
         tl.store(Rstd + rows * GROUPS + g, rstd, mask=row_ok)
 
 
-@triton.jit
-def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out, N, stride_do, stride_y,
-                           stride_z, stride_dy, stride_dz, stride_o, C, part_stride,
+# A loop count, not a size: one compiled kernel for every value.
+@triton.jit(do_not_specialize=['tiles_per_program'])
+def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out, N, tiles_per_program, stride_do,
+                           stride_y, stride_z, stride_dy, stride_dz, stride_o, C, part_stride,
                            GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
                            STORE_OUT: tl.constexpr):
-    pid = tl.program_id(0)  # the row tile: the group's columns of its partial sums are this program's own
-    rows, offs, row_ok, col_ok, mask, rows64 = _row_tile(N, D, BLOCK_N, BLOCK_D)
+    """Row tiles ``[pid * tiles_per_program, (pid + 1) * tiles_per_program)`` (fewer in the last program), in
+    order; the group's columns of the weight and bias partial sums are this program's own."""
+    pid = tl.program_id(0)
+    first = pid * tiles_per_program
+    end = tl.minimum(first + tiles_per_program, tl.cdiv(N, BLOCK_N))
+    offs = tl.arange(0, BLOCK_D)
+    col_ok = offs < D
     for i in tl.static_range(GROUPS_PER_PROGRAM):
         g = tl.program_id(1) * GROUPS_PER_PROGRAM + i
         cols = g * D + offs
-        y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dout = tl.load(DOut + rows64 * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows * GROUPS + g, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows * GROUPS + g, mask=row_ok, other=0.0)
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y_hat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
         if GATED or STORE_OUT:
             b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-            normed = y_hat * w[None, :] + b[None, :]
-        if GATED:
-            z = tl.load(Z + rows64 * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            d_normed = tl.where(mask, dout * z * sig, 0.0)
-            # d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-            dz = dout * normed * sig * (1.0 + z * (1.0 - sig))
-            tl.store(DZ + rows64 * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
-            if STORE_OUT:
-                normed = normed * z * sig
-        else:
-            d_normed = tl.where(mask, dout, 0.0)
-        if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
-            tl.store(Out + rows64 * stride_o + cols[None, :], normed.to(Out.dtype.element_ty), mask=mask)
-        dy_hat = d_normed * w[None, :]
-        mean_dy_hat = tl.sum(dy_hat, axis=1) / D
-        mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / D
-        dy = (dy_hat - mean_dy_hat[:, None] - y_hat * mean_dy_hat_y_hat[:, None]) * rstd[:, None]
-        tl.store(DY + rows64 * stride_dy + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+        dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+        db = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for tile in tl.range(first, end):
+            rows, row_ok, mask, rows64 = _row_tile(tile, N, col_ok, BLOCK_N)
+            y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dout = tl.load(DOut + rows64 * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + rows * GROUPS + g, mask=row_ok, other=0.0)
+            rstd = tl.load(Rstd + rows * GROUPS + g, mask=row_ok, other=0.0)
+            y_hat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
+            if GATED or STORE_OUT:
+                normed = y_hat * w[None, :] + b[None, :]
+            if GATED:
+                z = tl.load(Z + rows64 * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(z)
+                d_normed = tl.where(mask, dout * z * sig, 0.0)
+                # d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+                dz = dout * normed * sig * (1.0 + z * (1.0 - sig))
+                tl.store(DZ + rows64 * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+                if STORE_OUT:
+                    normed = normed * z * sig
+            else:
+                d_normed = tl.where(mask, dout, 0.0)
+            if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
+                tl.store(Out + rows64 * stride_o + cols[None, :], normed.to(Out.dtype.element_ty), mask=mask)
+            dy_hat = d_normed * w[None, :]
+            mean_dy_hat = tl.sum(dy_hat, axis=1) / D
+            mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / D
+            dy = (dy_hat - mean_dy_hat[:, None] - y_hat * mean_dy_hat_y_hat[:, None]) * rstd[:, None]
+            tl.store(DY + rows64 * stride_dy + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+            dw += tl.sum(d_normed * y_hat, axis=0)
+            db += tl.sum(d_normed, axis=0)
         # DWBPart is (2, programs, C): the weight's partial sums, then the bias's, part_stride apart.
-        tl.store(DWBPart + pid * C + cols, tl.sum(d_normed * y_hat, axis=0), mask=col_ok)
-        tl.store(DWBPart + part_stride + pid * C + cols, tl.sum(d_normed, axis=0), mask=col_ok)
+        tl.store(DWBPart + pid * C + cols, dw, mask=col_ok)
+        tl.store(DWBPart + part_stride + pid * C + cols, db, mask=col_ok)
 
 
 # Elements of a tile: 2048, 16 a thread in 4 warps, one group a program. ptxas for sm_90 (Triton 3.8,
@@ -108,8 +125,8 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out
 # registers with spills in most backward kernels: the gated norm's at stages 2 and 3 (groups of 32 and 87
 # channels) 1.7-1.9 KB of spill stores a thread, the modulated norm's at 64 and 128 channels ~0.5 KB; the
 # compiled detection step's stage-3 gated norm took 8x the time of the stage's LayerNorm of the same size.
-# These tiles need 40-208 registers and spill nothing. Not yet timed on a GPU: benchmarks/norm_kernels.py
-# --sweep (which includes the earlier tiles).
+# These tiles need 40-255 registers (the backward's walk over several row tiles up to 255, at 128 channels) and
+# spill nothing. Not yet timed on a GPU: benchmarks/norm_kernels.py --sweep (which includes the earlier tiles).
 TILE_ELEMENTS = 2048
 
 
@@ -128,6 +145,18 @@ def _group_tiles(groups, groups_per_program):
     if groups % per_program:
         raise ValueError(f'groups_per_program={per_program} must divide groups={groups}')
     return per_program, groups // per_program
+
+
+def _backward_walk(n_tiles, other_programs, device, tiles_per_program):
+    """``(tiles_per_program, programs)`` of a backward walking ``n_tiles`` row tiles beside ``other_programs``
+    on the grid's other axis: ``tiles_per_program`` forced, or the most that still leave about 4 programs per
+    multiprocessor in all (4 "multiprocessors" in the interpreter, so that the CPU tests walk several tiles a
+    program and sum several programs' partials). A tiling choice, from the traced example's sizes where they are
+    symbolic; the program count stays symbolic."""
+    if tiles_per_program is None:
+        wanted = max(1, 4 * multiprocessors(device, interpreted=4) // size_hint(other_programs))
+        tiles_per_program = max(1, size_hint(n_tiles) // wanted)
+    return tiles_per_program, cdiv(n_tiles, tiles_per_program)
 
 
 def _rows(t, channels):
@@ -159,9 +188,10 @@ def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype, block_n=None,
 
 
 def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output, block_n=None,
-                        num_warps=None, groups_per_program=None):
+                        num_warps=None, groups_per_program=None, tiles_per_program=None):
     """``(dy, dz or None, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
-    the recomputed forward output; tiling as in :func:`gated_norm_forward`."""
+    the recomputed forward output; tiling as in :func:`gated_norm_forward`, and ``tiles_per_program`` forces
+    the row tiles each program walks."""
     shape, channels = y.shape, y.shape[-1]
     gated = z is not None
     y2 = _rows(y, channels)
@@ -173,13 +203,13 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     out = torch.empty((n, channels), dtype=out_dtype, device=y.device) if need_output else dy
     block_n, block_d, num_warps = _tiles(channels // groups, block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, groups_per_program)
-    programs = cdiv(n, block_n)
+    tiles_per_program, programs = _backward_walk(cdiv(n, block_n), group_programs, y.device, tiles_per_program)
     # Weight and bias partial sums in one buffer, one reduction for both. The kernel gets the buffer itself, not
     # views of it: torch.compile would clone each view and scatter it back (kernels/README.md, "What a compiled
     # graph copies").
     dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
     wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
-        dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, n,
+        dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, n, tiles_per_program,
         dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
         out.stride(0), channels, dwb_part.stride(0), GROUPS=groups, GROUPS_PER_PROGRAM=per_program,
         D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output,
@@ -189,21 +219,21 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
 
 
 @triton.jit
-def _image_row_tile(HW, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Rows of one image only (grid: tiles x images), so per-image sums never straddle two images."""
-    tile, image = tl.program_id(0), tl.program_id(1)
+def _image_row_tile(tile, image, HW, col_ok, BLOCK_N: tl.constexpr):
+    """Row tile ``tile`` of image ``image`` only, so per-image sums never straddle two images: its rows' global
+    indices (int64), their mask, and the tile's mask with the columns' ``col_ok``."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_C)
     row_ok = rows < HW
-    col_ok = cols < C
-    global_rows = image.to(tl.int64) * HW + rows
-    return tile, image, global_rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+    return image.to(tl.int64) * HW + rows, row_ok, row_ok[:, None] & col_ok[None, :]
 
 
 @triton.jit
 def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, eps,
                                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    tile, image, grow, cols, row_ok, col_ok, mask = _image_row_tile(HW, C, BLOCK_N, BLOCK_C)
+    image = tl.program_id(1)  # grid: tiles x images
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    grow, row_ok, mask = _image_row_tile(tl.program_id(0), image, HW, col_ok, BLOCK_N)
     offs = grow[:, None] * C + cols[None, :]
     scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
     m = (tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(X + offs, mask=mask, other=0.0)
@@ -214,32 +244,48 @@ def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, eps,
     tl.store(Rstd + grow, rstd, mask=row_ok)
 
 
-@triton.jit
-def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts, Out, HW, C, n_tiles,
+@triton.jit(do_not_specialize=['tiles_per_program'])  # as _gated_norm_bwd_kernel
+def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts, Out, HW, C, tiles_per_program,
                                part_stride, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr):
-    tile, image, grow, cols, row_ok, col_ok, mask = _image_row_tile(HW, C, BLOCK_N, BLOCK_C)
-    offs = grow[:, None] * C + cols[None, :]
+    """Image ``image``'s row tiles ``[pid * tiles_per_program, (pid + 1) * tiles_per_program)`` (fewer in the
+    image's last program), in order (grid: programs per image x images)."""
+    pid, image = tl.program_id(0), tl.program_id(1)
+    first = pid * tiles_per_program
+    end = tl.minimum(first + tiles_per_program, tl.cdiv(HW, BLOCK_N))
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
     scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.load(Mean + grow, mask=row_ok, other=0.0)
-    rstd = tl.load(Rstd + grow, mask=row_ok, other=0.0)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    m_hat = tl.where(mask, (y * x * scale[None, :] - mean[:, None]) * rstd[:, None], 0.0)
-    dm_hat = dout * w[None, :]
-    dm = (dm_hat - (tl.sum(dm_hat, axis=1) / C)[:, None]
-          - m_hat * (tl.sum(dm_hat * m_hat, axis=1) / C)[:, None]) * rstd[:, None]
-    tl.store(DY + offs, (dm * x * scale[None, :]).to(DY.dtype.element_ty), mask=mask)
-    tl.store(DX + offs, (dm * y * scale[None, :]).to(DX.dtype.element_ty), mask=mask)
-    # Parts is (3, batch, n_tiles, C): the scale's, the weight's and the bias's partial sums, part_stride apart.
-    part = (image * n_tiles + tile) * C + cols
-    tl.store(Parts + part, tl.sum(dm * y * x, axis=0), mask=col_ok)
-    tl.store(Parts + part_stride + part, tl.sum(dout * m_hat, axis=0), mask=col_ok)
-    tl.store(Parts + 2 * part_stride + part, tl.sum(dout, axis=0), mask=col_ok)
-    if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
+    if STORE_OUT:
         b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
+    dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for tile in tl.range(first, end):
+        grow, row_ok, mask = _image_row_tile(tile, image, HW, col_ok, BLOCK_N)
+        offs = grow[:, None] * C + cols[None, :]
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + grow, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + grow, mask=row_ok, other=0.0)
+        m_hat = tl.where(mask, (y * x * scale[None, :] - mean[:, None]) * rstd[:, None], 0.0)
+        dm_hat = dout * w[None, :]
+        dm = (dm_hat - (tl.sum(dm_hat, axis=1) / C)[:, None]
+              - m_hat * (tl.sum(dm_hat * m_hat, axis=1) / C)[:, None]) * rstd[:, None]
+        tl.store(DY + offs, (dm * x * scale[None, :]).to(DY.dtype.element_ty), mask=mask)
+        tl.store(DX + offs, (dm * y * scale[None, :]).to(DX.dtype.element_ty), mask=mask)
+        dscale += tl.sum(dm * y * x, axis=0)
+        dw += tl.sum(dout * m_hat, axis=0)
+        db += tl.sum(dout, axis=0)
+        if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
+            tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
+    # Parts is (3, batch, programs per image, C): the scale's, the weight's and the bias's partial sums,
+    # part_stride apart.
+    part = (image * tl.num_programs(0) + pid) * C + cols
+    tl.store(Parts + part, dscale, mask=col_ok)
+    tl.store(Parts + part_stride + part, dw, mask=col_ok)
+    tl.store(Parts + 2 * part_stride + part, db, mask=col_ok)
 
 
 def modulated_norm_forward(y, x, scale, weight, bias, eps, block_n=None, num_warps=None):
@@ -258,22 +304,24 @@ def modulated_norm_forward(y, x, scale, weight, bias, eps, block_n=None, num_war
     return out, mean, rstd
 
 
-def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_output, block_n=None, num_warps=None):
+def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_output, block_n=None, num_warps=None,
+                            tiles_per_program=None):
     """``(dy, dx, dscale, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
-    the recomputed forward output; tiling as in :func:`modulated_norm_forward`."""
+    the recomputed forward output; tiling as in :func:`modulated_norm_forward`, and ``tiles_per_program``
+    forces the row tiles each program walks (within one image: the scale gradient is per image)."""
     batch, height, width, channels = y.shape
     hw = height * width
     y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
     block_n, block_c, num_warps = _tiles(channels, block_n, num_warps)
-    n_tiles = cdiv(hw, block_n)
+    tiles_per_program, programs_per_image = _backward_walk(cdiv(hw, block_n), batch, y.device, tiles_per_program)
     dy, dx = torch.empty_like(y), torch.empty_like(x)
     out = torch.empty_like(y) if need_output else dy
-    # Scale, weight and bias partial sums (per image and tile) in one buffer, given to the kernel whole (as in
+    # Scale, weight and bias partial sums (per image and program) in one buffer, given to the kernel whole (as in
     # gated_norm_backward); the weight's and bias's in one reduction.
-    parts = torch.empty((3, batch, n_tiles, channels), dtype=torch.float32, device=y.device)
-    wrap_triton(_modulated_norm_bwd_kernel)[(n_tiles, batch)](
+    parts = torch.empty((3, batch, programs_per_image, channels), dtype=torch.float32, device=y.device)
+    wrap_triton(_modulated_norm_bwd_kernel)[(programs_per_image, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
-        hw, channels, n_tiles, parts.stride(0), BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output,
+        hw, channels, tiles_per_program, parts.stride(0), BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output,
         num_warps=num_warps)
     dscale = parts[0].sum(1)
     return dy, dx, dscale.to(scale.dtype), parts[1:].sum((1, 2)), (out if need_output else None)

@@ -79,18 +79,20 @@ def test_backward_is_deterministic_and_nd_shapes_work():
 
 
 @pytest.mark.parametrize('tiling', [dict(groups_per_program=4), dict(groups_per_program=2, block_n=4),
-                                    dict(block_n=8, num_warps=8)])
+                                    dict(block_n=8, num_warps=8), dict(block_n=4, tiles_per_program=5)])
 @pytest.mark.parametrize('rows, group_dims, gated', [(45, 87, True), (130, 16, True), (19, 24, False)])
 def test_forced_tilings_give_the_defaults_results(rows, group_dims, gated, tiling):
     """The launchers with a tiling forced (as benchmarks/norm_kernels.py sweeps them): all groups in one
-    program, other row tiles, other warps. Only the weight and bias sums change order (other partial sums)."""
+    program, other row tiles, other warps, several row tiles a backward program. Only the weight and bias sums
+    change order (other partial sums)."""
     from mmgroupmamba.kernels.triton_gated_norm import gated_norm_backward, gated_norm_forward
     gen = torch.Generator().manual_seed(rows + group_dims)
     y, z, w, b = (t.detach() for t in inputs(rows, 4 * group_dims, torch.float32, gen, strided_z=True))
     z = z if gated else None
     dout = torch.randn(rows, 4 * group_dims, generator=gen)
+    forward_tiling = {k: v for k, v in tiling.items() if k != 'tiles_per_program'}  # the backward's alone
     default = gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32)
-    forced = gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32, **tiling)
+    forced = gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32, **forward_tiling)
     for a, c in zip(default, forced):
         assert torch.equal(a, c)
     args = (dout, y, z, w, b, *default[1:], 4, torch.float32, True)
@@ -108,6 +110,74 @@ def test_groups_per_program_must_divide_the_groups():
     y, z, w, b = (t.detach() for t in inputs(5, 12, torch.float32, torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match='groups_per_program=3 must divide groups=4'):
         gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32, groups_per_program=3)
+
+
+def gated_backward_matches_float64(rows, group_dims, gated, **tiling):
+    """The gated norm's backward launcher (4 groups, ``tiling`` forced) against autograd through the float64
+    reference: the recomputed output, dy, dz and the weight and bias gradients."""
+    from mmgroupmamba.kernels.reference import group_layer_norm_reference
+    from mmgroupmamba.kernels.triton_gated_norm import gated_norm_backward, gated_norm_forward
+    gen = torch.Generator().manual_seed(rows * 10 + group_dims)
+    y, z, w, b = (t.detach() for t in inputs(rows, 4 * group_dims, torch.float32, gen, strided_z=True))
+    z = z if gated else None
+    dout = torch.randn(rows, 4 * group_dims, generator=gen)
+    _, mean, rstd = gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32)
+    dy, dz, dwb, out = gated_norm_backward(dout, y, z, w, b, mean, rstd, 4, torch.float32, True, **tiling)
+    exact = {name: t.double().requires_grad_() for name, t in zip('yzwb', (y, z, w, b)) if t is not None}
+    ref = group_layer_norm_reference(exact['y'], exact.get('z'), exact['w'], exact['b'], 4, 1e-5, torch.float64)
+    ref_grads = dict(zip(exact, torch.autograd.grad(ref, list(exact.values()), dout.double())))
+    fast = dict(y=dy, z=dz, w=dwb[0], b=dwb[1])
+    assert rel_err(out, ref) <= 1e-5
+    for name, r in ref_grads.items():
+        assert rel_err(fast[name], r) <= 1e-5, name
+
+
+def modulated_backward_matches_float64(batch, hw, channels, **tiling):
+    """The modulated norm's backward launcher (``tiling`` forced) against autograd through the float64
+    reference: the recomputed output and every gradient."""
+    from mmgroupmamba.kernels import modulated_layer_norm_reference
+    from mmgroupmamba.kernels.triton_gated_norm import modulated_norm_backward, modulated_norm_forward
+    gen = torch.Generator().manual_seed(batch * 100 + channels)
+    shape = (batch, *hw, channels)
+    y, x, dout = (torch.randn(shape, generator=gen) for _ in range(3))
+    scale = torch.rand(batch, channels, generator=gen) + 0.5
+    w, b = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    _, mean, rstd = modulated_norm_forward(y, x, scale, w, b, 1e-5)
+    dy, dx, dscale, dwb, out = modulated_norm_backward(dout, y, x, scale, w, b, mean, rstd, True, **tiling)
+    exact = [t.double().requires_grad_() for t in (y, x, scale, w, b)]
+    ref = modulated_layer_norm_reference(*exact, 1e-5)
+    ref_grads = torch.autograd.grad(ref, exact, dout.double())
+    for name, a, r in zip(['out', 'dy', 'dx', 'dscale', 'dweight', 'dbias'], (out, dy, dx, dscale, *dwb),
+                          (ref, *ref_grads)):
+        assert rel_err(a, r) <= 1e-5, (name, rel_err(a, r))
+
+
+# Gated: 45 rows in 12 tiles of 4 (5, 5 and 2 a program) or 6 of 8 (4 and 2); the last tile 1 or 5 rows.
+# Modulated: 35 rows an image in 9 tiles of 4 (5 and 4 a program) or 5 of 8 (4 and 1); the last tile 3 rows.
+@pytest.mark.parametrize('block_n, tiles_per_program', [(4, 5), (8, 4)])
+@pytest.mark.parametrize('norm', ['gated', 'ungated', 'modulated'])
+def test_backward_programs_walking_several_tiles_match_float64(norm, block_n, tiles_per_program):
+    """Backward programs that walk several row tiles, the last program fewer, summing their partials in
+    registers."""
+    tiling = dict(block_n=block_n, tiles_per_program=tiles_per_program)
+    if norm == 'modulated':
+        modulated_backward_matches_float64(2, (5, 7), 24, **tiling)
+    else:
+        gated_backward_matches_float64(45, 12, norm == 'gated', **tiling)
+
+
+def test_default_backward_walks_several_tiles_a_program(monkeypatch):
+    """The launchers' own choice at the interpreter's 4 "multiprocessors" (16 programs wanted): several tiles a
+    program, several programs, the last with fewer tiles."""
+    from mmgroupmamba.kernels import triton_gated_norm
+    walks = []
+    choose = triton_gated_norm._backward_walk
+    monkeypatch.setattr(triton_gated_norm, '_backward_walk', lambda *args: walks.append(choose(*args)) or walks[-1])
+    # 130 rows in 9 tiles of 16 beside 4 group programs: 2 tiles a program, 5 programs.
+    gated_backward_matches_float64(130, 87, True)
+    # 63 rows an image in 16 tiles of 4, 3 images: 3 tiles a program, 6 programs an image.
+    modulated_backward_matches_float64(3, (7, 9), 348)
+    assert walks == [(2, 5), (3, 6)]
 
 
 @pytest.mark.parametrize('variable', ['MMGM_KERNELS', 'MMGM_SCAN_IMPL'])
