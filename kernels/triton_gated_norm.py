@@ -147,15 +147,21 @@ def _group_tiles(groups, groups_per_program):
     return per_program, groups // per_program
 
 
+# The longest backward walk. H200 sweep (benchmarks/norm_kernels.py --sweep, eleventh session): 4 row tiles a
+# program were faster than 1 at the wide stages and no slower than 16 at any swept shape, often faster; the
+# fill-the-card rule alone gave 23 at stage 1.
+MAX_TILES_PER_PROGRAM = 4
+
+
 def _backward_walk(n_tiles, other_programs, device, tiles_per_program):
     """``(tiles_per_program, programs)`` of a backward walking ``n_tiles`` row tiles beside ``other_programs``
-    on the grid's other axis: ``tiles_per_program`` forced, or the most that still leave about 4 programs per
-    multiprocessor in all (4 "multiprocessors" in the interpreter, so that the CPU tests walk several tiles a
-    program and sum several programs' partials). A tiling choice, from the traced example's sizes where they are
-    symbolic; the program count stays symbolic."""
+    on the grid's other axis: ``tiles_per_program`` forced, or the most (up to ``MAX_TILES_PER_PROGRAM``) that
+    still leave about 4 programs per multiprocessor in all (4 "multiprocessors" in the interpreter, so that the
+    CPU tests walk several tiles a program and sum several programs' partials). A tiling choice, from the
+    traced example's sizes where they are symbolic; the program count stays symbolic."""
     if tiles_per_program is None:
         wanted = max(1, 4 * multiprocessors(device, interpreted=4) // size_hint(other_programs))
-        tiles_per_program = max(1, size_hint(n_tiles) // wanted)
+        tiles_per_program = max(1, min(MAX_TILES_PER_PROGRAM, size_hint(n_tiles) // wanted))
     return tiles_per_program, cdiv(n_tiles, tiles_per_program)
 
 
