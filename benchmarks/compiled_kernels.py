@@ -1,0 +1,262 @@
+"""The kernels torch.compile launches for a backbone's detection step, listed on a machine without a GPU.
+
+    python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
+                                          [--inductor-options '{"combo_kernels": true}'] [--top 25]
+
+The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
+Python wrapper issues every launch, so their number sets the step time (README, #14). Counting them needs the
+code Inductor generates, and GPU time is scarce; this script gets that code on the CPU:
+
+1. the joint forward + backward graph is traced with fake tensors on the CPU device, the fused ops on their
+   Triton path (``MMGM_KERNELS=triton``, tilings sized for 132 multiprocessors), through AOTAutograd with
+   Inductor's decompositions and its min-cut partitioner, as ``torch.compile`` would;
+2. both graphs are moved to a CUDA device that is not there: the device properties Inductor asks for are an
+   H200's, Triton's target is sm_90 (the same pretence as ``kernel_registers.py``), and random ops fall back
+   to ATen (``fallback_random``: Inductor decomposes them for real GPUs only);
+3. Inductor compiles each graph. Writing its wrapper module succeeds; loading the kernels then fails (no
+   driver), which is expected and reported, not raised.
+
+The wrappers' ``call()`` functions are then read: every ``.run(`` is one Triton launch (Inductor's generated
+kernels by kind: pointwise, reduction, persistent reduction, foreach/combo; ours by kernel name), every
+``extern_kernels.*`` call one library launch (cuBLAS may launch two for a split-K matmul). Printed: launches by
+kind for the forward and backward graphs, and the generated kernels grouped by the ATen ops they were fused
+from (Inductor's "Original ATen" comments), most frequent first.
+
+Checked against the H200 (eleventh session, commit 2deeca8): Inductor's own wrapper for GroupMamba-T's det
+step launched 2236 kernels there; this script lists 2145 (the GPU decomposes stochastic depth's bernoulli into
+more kernels). An analysis tool: it patches torch's device queries in its own process only.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop('TRITON_INTERPRET', None)  # Inductor needs the kernels' TTIR, which interpreted kernels lack
+os.environ['MMGM_KERNELS'] = 'triton'
+
+import torch  # noqa: E402
+
+H200 = dict(name='NVIDIA H200', major=9, minor=0, multi_processor_count=132, total_memory=143771336704,
+            warp_size=32, max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
+            max_threads_per_block=1024, shared_memory_per_block=49152, shared_memory_per_block_optin=232448,
+            shared_memory_per_multiprocessor=233472, L2_cache_size=52428800, clock_rate=1980000,
+            memory_clock_rate=3201000, memory_bus_width=5120, gcnArchName='', is_integrated=False, uuid='none',
+            pci_bus_id=0, pci_device_id=0, pci_domain_id=0)
+
+
+def pretend_h200():
+    """Answer Inductor's and Triton's device queries as an H200 would, in this process (no driver needed)."""
+    import types
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    props = types.SimpleNamespace(**H200)
+    # Before Inductor's modules are imported: some take these functions by name.
+    torch.cuda.get_device_properties = lambda device=None: props
+    torch.cuda.get_device_capability = lambda device=None: (props.major, props.minor)
+    torch.cuda.get_device_name = lambda device=None: props.name
+    torch.cuda.current_device = lambda: 0
+    torch.cuda._lazy_init = lambda: None
+    torch.cuda._is_compiled = lambda: True
+    torch.cuda.get_rng_state = lambda device='cuda': torch.zeros(16, dtype=torch.uint8)
+    torch.cuda.set_rng_state = lambda state, device='cuda': None
+    import torch._inductor.scheduler as scheduler
+    import torch.utils._triton as torch_triton
+    from torch._dynamo import device_interface
+    torch_triton.has_triton = scheduler.has_triton = lambda: True
+    interface = device_interface.CudaInterface
+    interface.Worker.get_device_properties = staticmethod(lambda device=None: props)
+    interface.raise_if_triton_unavailable = staticmethod(lambda device=None: None)
+    interface.is_triton_capable = staticmethod(lambda device=None: True)
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget('cuda', 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device('cuda', 0)
+
+    triton.runtime.driver.set_active(Sm90())
+
+    from mmgroupmamba.kernels import dispatch
+    dispatch.require_triton_runnable = lambda device: None  # the fake tensors are on the CPU device
+    dispatch._cuda_multiprocessors = lambda index: props.multi_processor_count
+    sms = lambda device, interpreted=1: props.multi_processor_count  # noqa: E731
+    for name in ('dispatch', 'triton_scan', 'triton_dwconv', 'triton_affinity', 'triton_gated_norm'):
+        module = sys.modules.get(f'mmgroupmamba.kernels.{name}') or __import__(
+            f'mmgroupmamba.kernels.{name}', fromlist=['_'])
+        if hasattr(module, 'multiprocessors'):
+            module.multiprocessors = sms
+    for name in ('scan', 'gated_norm', 'dwconv', 'affinity'):
+        module = __import__(f'mmgroupmamba.kernels.{name}', fromlist=['_'])
+        module.triton_module = lambda launcher, device: dispatch._import_launcher(launcher)
+
+
+def build(model, arch):
+    if model == 'groupmamba':
+        from mmgroupmamba import GroupMamba
+        return GroupMamba(arch=arch, drop_path_rate=0.2, out_indices=(0, 1, 2, 3))
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope, init_default_scope
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(Path(__import__('mmdet').__file__).parent / '.mim' / 'configs' / 'swin'
+                          / 'mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
+    cfg.pop('init_cfg', None)
+    cfg.drop_path_rate = 0.2
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(cfg)
+
+
+def trace_graphs(backbone, size):
+    """The forward and backward graphs AOTAutograd hands Inductor for one AMP fp16 step, with their example
+    inputs (fake, CPU)."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm
+
+    backbone.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        images = torch.randn(2, 3, *size)
+        params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_() for n, p in backbone.named_parameters()}
+        buffers = {n: torch.zeros(b.shape, dtype=b.dtype) for n, b in backbone.named_buffers()}
+        names = [*params, *buffers]
+
+        def step(images, *tensors):
+            return tuple(torch.func.functional_call(backbone, dict(zip(names, tensors)), (images,)))
+
+        compiled = aot_function(step, fw_compiler=capture, bw_compiler=capture,
+                                partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+        with torch.autocast('cpu', dtype=torch.float16):
+            outs = compiled(images, *params.values(), *buffers.values())
+        torch.autograd.backward(outs, [torch.ones(o.shape, dtype=o.dtype) for o in outs])
+    return graphs
+
+
+def to_cuda(gm):
+    """The graph with every CPU device argument (factory calls) made ``cuda:0``."""
+    cuda = torch.device('cuda', 0)
+
+    def move(value):
+        return cuda if isinstance(value, torch.device) and value.type == 'cpu' else value
+
+    for node in gm.graph.nodes:
+        node.args = tuple(move(a) for a in node.args)
+        node.kwargs = {k: move(v) for k, v in node.kwargs.items()}
+    gm.recompile()
+    return gm
+
+
+def compile_for_h200(graphs, cache_dir, inductor_options):
+    """Inductor's wrapper source for each graph (forward, backward), from its cache directory."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inductor_config.fallback_random = True
+    for key, value in inductor_options.items():
+        if not hasattr(inductor_config, key):
+            raise KeyError(f'unknown Inductor option {key!r}')
+        setattr(inductor_config, key, value)
+    sources = []
+    for index, (gm, inputs) in enumerate(graphs):
+        before = set(Path(cache_dir).rglob('*.py'))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            cuda_inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='cuda')
+                           if isinstance(t, torch.Tensor) else t for t in inputs]
+        try:
+            compile_fx_inner(to_cuda(gm), cuda_inputs, is_backward=index == 1)
+        except Exception as exc:  # loading the compiled kernels needs a driver; the code is written by then
+            print(f'graph {index}: compiled, then stopped without a GPU: {exc!r:.300}', file=sys.stderr)
+        wrappers = [p for p in set(Path(cache_dir).rglob('*.py')) - before if 'def call(' in p.read_text()]
+        if len(wrappers) != 1:
+            raise RuntimeError(f'graph {index}: expected one wrapper module, found {len(wrappers)}')
+        sources.append(wrappers[0].read_text())
+    return sources
+
+
+LAUNCH = re.compile(r'(\w+)\.run\(')
+LIBRARY = re.compile(r'(extern_kernels\.\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(')
+ORIGIN = re.compile(r'Original ATen: \[(.*)\]')
+
+
+def launches(source):
+    """``(by_kind, by_origin)`` Counters of the launches in a wrapper's ``call()``: kind (``inductor pointwise``,
+    ``ours _scan_fwd_kernel``, ``extern_kernels.mm`` ...) and, for Inductor's kernels, the ATen ops fused."""
+    body = source[source.index('def call('):]
+    by_kind, by_origin, origin = collections.Counter(), collections.Counter(), ''
+    for line in (raw.strip() for raw in body.splitlines()):
+        if line.startswith('#'):
+            found = ORIGIN.search(line)
+            origin = found.group(1) if found else origin
+            continue
+        match = LAUNCH.match(line)
+        if match:
+            name = match.group(1)
+            kind = re.match(r'triton_(poi|red|per|for|tem)_', name)
+            if kind:
+                by_kind[f'inductor {kind.group(1)}'] += 1
+                by_origin[f'{kind.group(1)}: {origin}'] += 1
+            else:
+                by_kind[f'ours {re.sub(r"_[0-9]+$", "", name)}'] += 1
+            origin = ''
+            continue
+        match = LIBRARY.search(line)
+        if match:
+            by_kind[match.group(1)] += 1
+    return by_kind, by_origin
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', choices=('groupmamba', 'swin'), default='groupmamba')
+    parser.add_argument('--arch', default='tiny', help='GroupMamba arch')
+    parser.add_argument('--size', type=int, nargs=2, default=(800, 1344))
+    parser.add_argument('--inductor-options', type=json.loads, default={})
+    parser.add_argument('--top', type=int, default=25)
+    args = parser.parse_args(argv)
+    cache_dir = tempfile.mkdtemp(prefix='compiled_kernels_')
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache_dir  # a fresh cache: every graph is compiled, none reloaded
+    try:
+        pretend_h200()
+        graphs = trace_graphs(build(args.model, args.arch), args.size)
+        if len(graphs) != 2:
+            raise RuntimeError(f'expected a forward and a backward graph, got {len(graphs)}')
+        counts = [launches(source) for source in compile_for_h200(graphs, cache_dir, args.inductor_options)]
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    name = f'GroupMamba-{args.arch}' if args.model == 'groupmamba' else 'Swin-T (mmdet)'
+    print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}; '
+          f'kernel launches in the compiled wrappers (fake H200)')
+    kinds = sorted(set(counts[0][0]) | set(counts[1][0]), key=lambda k: -(counts[0][0][k] + counts[1][0][k]))
+    print('| launches | forward | backward | both |')
+    print('| --- | ---: | ---: | ---: |')
+    for kind in kinds:
+        fwd, bwd = counts[0][0][kind], counts[1][0][kind]
+        print(f'| {kind} | {fwd} | {bwd} | {fwd + bwd} |')
+    fwd, bwd = (sum(c[0].values()) for c in counts)
+    print(f'| **total** | **{fwd}** | **{bwd}** | **{fwd + bwd}** |')
+    for phase, (_, by_origin) in zip(('forward', 'backward'), counts):
+        print(f'\n{phase}: Inductor kernels by the ATen ops they fuse (top {args.top})')
+        for origin, n in by_origin.most_common(args.top):
+            print(f'  {n:4d}  {origin}')
+
+
+if __name__ == '__main__':
+    main()

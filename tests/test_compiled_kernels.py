@@ -1,0 +1,37 @@
+"""``benchmarks/compiled_kernels.py`` lists the kernels Inductor launches for the compiled backbone on a machine
+without a GPU. Run in its own process (it answers torch's device queries as an H200 would, and conftest.py
+turns on Triton's interpreter, whose kernels Inductor cannot compile): for the mini arch, the compiled step
+launches each of our Triton kernels as often as the layers call them, no more (no forward kernel recomputed in
+the backward, none copied around), and Inductor fuses the glue into its own kernels."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'compiled_kernels.py'
+
+
+def test_compiled_step_kernels_listed_without_a_gpu():
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    result = subprocess.run([sys.executable, str(SCRIPT), '--arch', 'mini', '--size', '64', '64'],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip('* ') for cell in line.strip().strip('|').split('|')]
+        if line.startswith('| ') and cells[1].isdigit():
+            rows[cells[0]] = tuple(int(c) for c in cells[1:])
+    blocks = 5  # mini: depths 1, 1, 2, 1
+    # Per block, forward / backward: three gated-norm launches (the layer's norm, out_norm, the FFN's norm)
+    # and their backward; the modulated norm, the channel affinity and the two depthwise convs once each way;
+    # the backward reuses the conv's forward kernel for each dx.
+    assert rows['ours _gated_norm_fwd_kernel'][:2] == (3 * blocks + 4 + 4, 0)  # + the stem's and 4 stage norms
+    assert rows['ours _gated_norm_bwd_kernel'][:2] == (0, 3 * blocks + 4 + 4)
+    for kernel in ('_modulated_norm', '_affinity'):
+        assert rows[f'ours {kernel}_fwd_kernel'][:2] == (blocks, 0)
+        assert rows[f'ours {kernel}_bwd_kernel'][:2] == (0, blocks)
+    assert rows['ours _dwconv_fwd_kernel'][:2] == (2 * blocks, 2 * blocks)
+    assert rows['ours _dwconv_bwd_pre_kernel'][:2] == (0, 2 * blocks)
+    assert rows['inductor poi'][2] > 0
+    total = rows['total']
+    assert total[2] == total[0] + total[1] == sum(row[2] for name, row in rows.items() if name != 'total')
