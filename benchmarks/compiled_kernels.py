@@ -2,6 +2,7 @@
 
     python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
                                           [--inductor-options '{"combo_kernels": true}'] [--top 25]
+                                          [--save-code DIR]
 
 The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
 Python wrapper issues every launch, so their number sets the step time (README, #14). Counting them needs the
@@ -230,6 +231,7 @@ def main(argv=None):
     parser.add_argument('--size', type=int, nargs=2, default=(800, 1344))
     parser.add_argument('--inductor-options', type=json.loads, default={})
     parser.add_argument('--top', type=int, default=25)
+    parser.add_argument('--save-code', metavar='DIR', help='also write the two wrapper modules there')
     args = parser.parse_args(argv)
     cache_dir = tempfile.mkdtemp(prefix='compiled_kernels_')
     os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache_dir  # a fresh cache: every graph is compiled, none reloaded
@@ -238,7 +240,12 @@ def main(argv=None):
         graphs = trace_graphs(build(args.model, args.arch), args.size)
         if len(graphs) != 2:
             raise RuntimeError(f'expected a forward and a backward graph, got {len(graphs)}')
-        counts = [launches(source) for source in compile_for_h200(graphs, cache_dir, args.inductor_options)]
+        sources = compile_for_h200(graphs, cache_dir, args.inductor_options)
+        counts = [launches(source) for source in sources]
+        if args.save_code:
+            Path(args.save_code).mkdir(parents=True, exist_ok=True)
+            for phase, source in zip(('forward', 'backward'), sources):
+                (Path(args.save_code) / f'{phase}.py').write_text(source)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     name = f'GroupMamba-{args.arch}' if args.model == 'groupmamba' else 'Swin-T (mmdet)'

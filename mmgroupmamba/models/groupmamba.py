@@ -276,6 +276,42 @@ def _to_nhwc(x):
     return x.permute(0, 2, 3, 1)
 
 
+class _BlockDiagonalProjections(torch.autograd.Function):
+    """:meth:`GroupMambaLayer.projections` with a hand-written backward.
+
+    Forward, four ops: the square blocks of three projections are stacked and laid on their diagonals together.
+    Backward, each packed weight's gradient is read straight off the diagonal blocks of its projection's
+    gradient. Autograd's own backward, through the concatenation, ``diag_embed``, the splits and transposes, made
+    17 small kernels a layer in the compiled step (``benchmarks/compiled_kernels.py``)."""
+
+    @staticmethod
+    def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
+        dt_rank = dt_projs_weight.shape[-1]
+        dt_rows, bc_rows = x_proj_weight.split([dt_rank, 2], dim=1)
+        ctx.save_for_backward(dt_projs_weight, dt_rows)
+        square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
+                            torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
+        in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
+        bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, 1, d) -> (2, G, C)
+        return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
+
+    @staticmethod
+    def backward(ctx, grad_in_proj, grad_delta_proj, grad_bc_proj, grad_out_proj):
+        dt_projs_weight, dt_rows = ctx.saved_tensors
+        groups, group_dims, _ = dt_projs_weight.shape
+
+        def diagonal_blocks(grad, parts):
+            """``(parts * G * m, G * d)`` -> its diagonal blocks ``(G, parts, m, d)``."""
+            blocks = grad.view(parts, groups, -1, groups, group_dims).diagonal(dim1=1, dim2=3)  # (parts, m, d, G)
+            return blocks.permute(3, 0, 1, 2)
+
+        grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, 0]  # (G, d, d), of dt_projs @ dt_rows
+        grad_x_proj = torch.cat([dt_projs_weight.transpose(1, 2) @ grad_delta,  # dt rows
+                                 diagonal_blocks(grad_bc_proj, 2)[:, :, 0]], dim=1)  # B and C rows
+        return (diagonal_blocks(grad_in_proj, 2).flatten(1, 2), grad_x_proj, grad_delta @ dt_rows.transpose(1, 2),
+                diagonal_blocks(grad_out_proj, 1)[:, 0])
+
+
 class GroupLayerNorm(nn.LayerNorm):
     """LayerNorm over each of ``groups`` equal channel groups on its own (the scan groups' ``out_norm``s, packed:
     weight and bias ``(C,)``). A LayerNorm to optimizers' norm rules."""
@@ -348,19 +384,8 @@ class GroupMambaLayer(nn.Module):
         """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
         ``in_proj`` ``(2C, C)`` (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into
         x_proj's dt rows: one projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its
-        C rows) and ``out_proj`` ``(C, C)``.
-
-        Rebuilt at every call, in four ops: the square blocks of three of them are stacked and laid on their
-        diagonals together.
-        """
-        dt_rows, bc_rows = x_proj_weight.split([self.dt_rank, 2], dim=1)
-        square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
-                            torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
-        # Split and flattened, not indexed: the backward of a split is one concatenation, that of an index a fill
-        # and a copy.
-        in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
-        bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, 1, d) -> (2, G, C)
-        return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
+        C rows) and ``out_proj`` ``(C, C)``. Rebuilt at every call (:class:`_BlockDiagonalProjections`)."""
+        return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight)
 
     def forward(self, x, weights=None):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's). ``weights``:
