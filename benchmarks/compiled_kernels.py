@@ -24,8 +24,9 @@ kind for the forward and backward graphs, and the generated kernels grouped by t
 from (Inductor's "Original ATen" comments), most frequent first.
 
 Checked against the H200 (eleventh session, commit 2deeca8): Inductor's own wrapper for GroupMamba-T's det
-step launched 2236 kernels there; this script lists 2145 (the GPU decomposes stochastic depth's bernoulli into
-more kernels). An analysis tool: it patches torch's device queries in its own process only.
+step, read the same way, launched 2241 kernels there; this script lists 2170 (the GPU decomposes stochastic
+depth's bernoulli into more kernels). Swin-T: 890 here, 931 by the profiler on the H200. An analysis tool: it
+patches torch's device queries in its own process only.
 """
 import argparse
 import collections
