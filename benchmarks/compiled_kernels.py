@@ -91,13 +91,10 @@ def pretend_h200():
 
     from mmgroupmamba.kernels import dispatch
     dispatch.require_triton_runnable = lambda device: None  # the fake tensors are on the CPU device
-    dispatch._cuda_multiprocessors = lambda index: props.multi_processor_count
-    sms = lambda device, interpreted=1: props.multi_processor_count  # noqa: E731
-    for name in ('dispatch', 'triton_scan', 'triton_dwconv', 'triton_affinity', 'triton_gated_norm'):
-        module = sys.modules.get(f'mmgroupmamba.kernels.{name}') or __import__(
-            f'mmgroupmamba.kernels.{name}', fromlist=['_'])
-        if hasattr(module, 'multiprocessors'):
-            module.multiprocessors = sms
+    # The launchers size their tilings for the device of their (CPU) tensors: an H200's count instead.
+    for name in ('triton_scan', 'triton_dwconv', 'triton_affinity', 'triton_gated_norm'):
+        module = __import__(f'mmgroupmamba.kernels.{name}', fromlist=['_'])
+        module.multiprocessors = lambda device, interpreted=1: props.multi_processor_count
     for name in ('scan', 'gated_norm', 'dwconv', 'affinity'):
         module = __import__(f'mmgroupmamba.kernels.{name}', fromlist=['_'])
         module.triton_module = lambda launcher, device: dispatch._import_launcher(launcher)
@@ -108,11 +105,9 @@ def build(model, arch):
         from mmgroupmamba import GroupMamba
         return GroupMamba(arch=arch, drop_path_rate=0.2, out_indices=(0, 1, 2, 3))
     from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope, init_default_scope
-    init_default_scope('mmdet')
-    cfg = Config.fromfile(Path(__import__('mmdet').__file__).parent / '.mim' / 'configs' / 'swin'
-                          / 'mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
+    from mmengine.hub import get_config
+    from mmengine.registry import DefaultScope
+    cfg = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone  # as backbone_speed.py
     cfg.pop('init_cfg', None)
     cfg.drop_path_rate = 0.2
     with DefaultScope.overwrite_default_scope('mmdet'):

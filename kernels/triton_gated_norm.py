@@ -8,9 +8,9 @@ tiny row, which profiled as the largest GPU cost of a GroupMamba training step (
 program normalises a tile of ``BLOCK_N`` rows of one group (or of ``GROUPS_PER_PROGRAM`` groups; the grid's
 second axis enumerates the rest), applies the affine and the gate, and keeps per-row statistics for a backward
 that recomputes everything else. Weight and bias gradients are per-program partial sums reduced afterwards in
-a fixed order: deterministic, no atomics. A backward program walks several consecutive row tiles (about four
-programs per multiprocessor in all), summing in registers and storing once: one partial sum per tile was, at
-the widest stages, as many bytes as the gradient maps themselves.
+a fixed order: deterministic, no atomics. A backward program walks up to 4 consecutive row tiles (fewer where
+that would leave under about 4 programs per multiprocessor), summing in registers and storing once: one partial
+sum per tile was, at the widest stages, as many bytes as the gradient maps themselves.
 
 The modulated variant normalises ``y * x * scale`` (scale per image and channel) over all channels: the
 layer's channel-affinity modulation and its output LayerNorm, in one pass and without keeping the product.
@@ -126,7 +126,7 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out
 # channels) 1.7-1.9 KB of spill stores a thread, the modulated norm's at 64 and 128 channels ~0.5 KB; the
 # compiled detection step's stage-3 gated norm took 8x the time of the stage's LayerNorm of the same size.
 # These tiles need 40-255 registers (the backward's walk over several row tiles up to 255, at 128 channels) and
-# spill nothing. Not yet timed on a GPU: benchmarks/norm_kernels.py --sweep (which includes the earlier tiles).
+# spill nothing. Timed on the H200 (benchmarks/norm_kernels.py --sweep; kernels/README.md).
 TILE_ELEMENTS = 2048
 
 

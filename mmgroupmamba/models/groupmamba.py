@@ -196,8 +196,7 @@ def block_diagonal(blocks):
 
     One dense matmul with the block-diagonal weight beats G small ones (and G launches). ``diag_embed`` lays
     the blocks on the diagonal of a zero-filled result (a fill and a copy on CUDA, into a contiguous result
-    whatever the blocks' layout); its backward takes the diagonal back out as a view, where a multiply with an
-    identity would cost a multiply and a reduction.
+    whatever the blocks' layout). Run without autograd: :class:`_BlockDiagonalProjections` takes the gradients.
     """
     *lead, groups, rows, cols = blocks.shape
     diagonal = torch.diag_embed(blocks.movedim(-3, -1), dim1=len(lead), dim2=len(lead) + 2)  # (..., G, m, G, n)
@@ -281,8 +280,8 @@ class _BlockDiagonalProjections(torch.autograd.Function):
 
     Forward, four ops: the square blocks of three projections are stacked and laid on their diagonals together.
     Backward, each packed weight's gradient is read straight off the diagonal blocks of its projection's
-    gradient. Autograd's own backward, through the concatenation, ``diag_embed``, the splits and transposes, made
-    17 small kernels a layer in the compiled step (``benchmarks/compiled_kernels.py``)."""
+    gradient, where autograd's own went back through the splits, ``diag_embed``, the concatenation and the
+    transposes: two launches fewer a layer in the compiled step (``benchmarks/compiled_kernels.py``)."""
 
     @staticmethod
     def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
