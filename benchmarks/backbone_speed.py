@@ -18,9 +18,10 @@ pooling + a 1000-way linear head, the same for both. The last lines print a tabl
 
 ``--cuda-graph`` adds a row per model whose backbone forward and backward are replayed from CUDA graphs
 (GroupMamba's ``cuda_graph=True``; Swin-T wrapped in the same :class:`CudaGraphs`); ``--compile`` a row per
-model whose backbone runs through ``torch.compile`` (GroupMamba's ``compile=True``: dynamic sizes, one graph;
-Swin-T through the same :class:`CompiledForward`, without ``fullgraph``). Ratios are to Swin-T in the same
-mode. The launches column counts kernel launches in one detection step (torch.profiler).
+model whose backbone runs through ``torch.compile`` (GroupMamba's ``compile=True``: dynamic sizes, one graph,
+its Inductor defaults; Swin-T through the same :class:`CompiledForward`, without ``fullgraph``, with Inductor's
+own defaults, as users compile it). ``--compile-options`` go to both, over those defaults. Ratios are to Swin-T
+in the same mode. The launches column counts kernel launches in one detection step (torch.profiler).
 """
 import argparse
 import json

@@ -27,6 +27,7 @@ import torch
 
 from mmgroupmamba import GroupMamba
 from mmgroupmamba.models.compiled import CompiledForward
+from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
 
 
 def rel_err(a, b):
@@ -82,12 +83,12 @@ def check_opcheck():
 
 
 def check_compile(dynamic, sizes=((2, 160, 224), (2, 192, 160), (1, 224, 288))):
-    """compile=True (Inductor; ``dynamic``: symbolic sizes, one graph) against eager: outputs and gradients in
-    fp32 and under AMP fp16, and (dynamic) new sizes reuse the compiled graph."""
+    """compile=True (Inductor, GroupMamba's Inductor defaults; ``dynamic``: symbolic sizes, one graph) against
+    eager: outputs and gradients in fp32 and under AMP fp16, and (dynamic) new sizes reuse the compiled graph."""
     torch.manual_seed(0)
     eager = GroupMamba(arch='tiny').cuda().train()
     compiled = copy.deepcopy(eager)
-    compiled._compiled = CompiledForward('GroupMamba', dict(dynamic=dynamic))
+    compiled._compiled = CompiledForward('GroupMamba', dict(dynamic=dynamic), COMPILE_INDUCTOR_DEFAULTS)
     if not dynamic:
         sizes = sizes[:1]
     for autocast in (False, True):

@@ -1,7 +1,7 @@
 """The kernels torch.compile launches for a backbone's detection step, listed on a machine without a GPU.
 
     python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
-                                          [--inductor-options '{"combo_kernels": true}'] [--top 25]
+                                          [--inductor-options '{"combo_kernels": false}'] [--top 25]
                                           [--save-code DIR]
 
 The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
@@ -225,14 +225,19 @@ def main(argv=None):
     parser.add_argument('--model', choices=('groupmamba', 'swin'), default='groupmamba')
     parser.add_argument('--arch', default='tiny', help='GroupMamba arch')
     parser.add_argument('--size', type=int, nargs=2, default=(800, 1344))
-    parser.add_argument('--inductor-options', type=json.loads, default={})
+    parser.add_argument('--inductor-options', type=json.loads, default=None,
+                        help='Inductor options as JSON; default: those the model is compiled with (GroupMamba: '
+                        'COMPILE_INDUCTOR_DEFAULTS, Swin-T: none)')
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--save-code', metavar='DIR', help='also write the two wrapper modules there')
     args = parser.parse_args(argv)
     cache_dir = tempfile.mkdtemp(prefix='compiled_kernels_')
     os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache_dir  # a fresh cache: every graph is compiled, none reloaded
     try:
-        pretend_h200()
+        pretend_h200()  # before mmgroupmamba's import: device queries answered from then on are an H200's
+        if args.inductor_options is None:
+            from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
+            args.inductor_options = dict(COMPILE_INDUCTOR_DEFAULTS) if args.model == 'groupmamba' else {}
         graphs = trace_graphs(build(args.model, args.arch), args.size)
         if len(graphs) != 2:
             raise RuntimeError(f'expected a forward and a backward graph, got {len(graphs)}')

@@ -173,6 +173,23 @@ def test_compile_option_is_checked_and_copies_start_uncompiled(golden):
     assert model._compiled.options['dynamic'] and model._compiled.options['fullgraph']
 
 
+def test_inductor_defaults_reach_torch_compile_and_yield_to_the_callers_options(golden):
+    """GroupMamba's compile gets its Inductor defaults (with strict output strides), an option the caller names
+    wins over its default, other backends get no Inductor options, and mmdet's Swin-T compiled by the hook gets
+    only Inductor's own defaults."""
+    from mmgroupmamba.models.compiled import CompiledForward
+    from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
+
+    options = GroupMamba(arch=golden['arch_cfg'], compile=True)._compiled.options['options']
+    assert options == {**COMPILE_INDUCTOR_DEFAULTS, 'strict_output_strides': True}
+    options = GroupMamba(arch=golden['arch_cfg'],
+                         compile=dict(options={'combo_kernels': False, 'max_autotune': True}))._compiled.options
+    assert options['options'] == {'force_pointwise_cat': True, 'combo_kernels': False, 'max_autotune': True,
+                                  'strict_output_strides': True}
+    assert 'options' not in GroupMamba(arch=golden['arch_cfg'], compile=dict(backend='aot_eager'))._compiled.options
+    assert CompiledForward('SwinTransformer', {}).options['options'] == {'strict_output_strides': True}
+
+
 def test_compiled_stochastic_depth_matches_eager_under_autocast(golden, fresh_dynamo):
     """Stochastic depth traced in the one graph (its masks drawn, its residual adds with their one-multiply
     backward written in the branch's dtype): from one generator state, the compiled step drops the same images
