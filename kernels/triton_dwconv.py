@@ -221,20 +221,23 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
         al, am, ar = hl, hm, hr
         hl, hm, hr = bl, bm, br
 
-    # Part is (tiles, 10 * C): the weight gradient's (C, 9) layout, then the bias gradient, so one sum over
-    # tiles yields both as contiguous views.
+    # Part is (10 * C, tiles): the weight gradient's (C, 9) layout, then the bias gradient, so one sum over
+    # tiles yields both as contiguous views; tiles innermost, so that the sum is an inner reduction (one launch
+    # under torch.compile: see "Partial sums' layout" in triton_gated_norm.py).
     c_ok = c < C
-    part = Part + tile.to(tl.int64) * 10 * C
-    tl.store(part + c * 9 + 0, tl.sum(g00, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 1, tl.sum(g01, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 2, tl.sum(g02, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 3, tl.sum(g10, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 4, tl.sum(g11, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 5, tl.sum(g12, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 6, tl.sum(g20, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 7, tl.sum(g21, axis=0), mask=c_ok)
-    tl.store(part + c * 9 + 8, tl.sum(g22, axis=0), mask=c_ok)
-    tl.store(part + 9 * C + c, tl.sum(gb, axis=0), mask=c_ok)
+    tiles = tl.num_programs(0) // n_cb
+    part = Part + tile
+    tap = c.to(tl.int64) * 9 * tiles
+    tl.store(part + tap, tl.sum(g00, axis=0), mask=c_ok)
+    tl.store(part + tap + tiles, tl.sum(g01, axis=0), mask=c_ok)
+    tl.store(part + tap + 2 * tiles, tl.sum(g02, axis=0), mask=c_ok)
+    tl.store(part + tap + 3 * tiles, tl.sum(g10, axis=0), mask=c_ok)
+    tl.store(part + tap + 4 * tiles, tl.sum(g11, axis=0), mask=c_ok)
+    tl.store(part + tap + 5 * tiles, tl.sum(g12, axis=0), mask=c_ok)
+    tl.store(part + tap + 6 * tiles, tl.sum(g20, axis=0), mask=c_ok)
+    tl.store(part + tap + 7 * tiles, tl.sum(g21, axis=0), mask=c_ok)
+    tl.store(part + tap + 8 * tiles, tl.sum(g22, axis=0), mask=c_ok)
+    tl.store(part + (9 * C + c).to(tl.int64) * tiles, tl.sum(gb, axis=0), mask=c_ok)
 
 
 def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None, prefetch=None,
@@ -357,14 +360,14 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else None
     block_w, block_c, rows, num_warps, prefetch, stages = choose_tiles(x, backward=True, **tiling)
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
-    part = torch.empty((programs // n_cb, 10 * channels), dtype=torch.float32, device=x.device)
+    part = torch.empty((10 * channels, programs // n_cb), dtype=torch.float32, device=x.device)
     if d_pre.numel():
         wrap_triton(_dwconv_bwd_pre_kernel)[(programs,)](
             x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, STAGES=stages,
             BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
-    dparams = part.sum(0)
+    dparams = part.sum(1)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():
         # The transposed conv has the same access pattern as the forward, so it reuses the forward's tiles.

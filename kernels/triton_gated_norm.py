@@ -115,9 +115,12 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out
             tl.store(DY + rows64 * stride_dy + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
             dw += tl.sum(d_normed * y_hat, axis=0)
             db += tl.sum(d_normed, axis=0)
-        # DWBPart is (2, programs, C): the weight's partial sums, then the bias's, part_stride apart.
-        tl.store(DWBPart + pid * C + cols, dw, mask=col_ok)
-        tl.store(DWBPart + part_stride + pid * C + cols, db, mask=col_ok)
+        # DWBPart is (2, C, programs): the weight's partial sums, then the bias's, part_stride apart; each
+        # channel's programs side by side ("Partial sums' layout" below).
+        # (As pointers: the same offsets as integers first made ptxas spill 8 bytes at 64 channels.)
+        part = DWBPart + pid + cols * tl.num_programs(0)
+        tl.store(part, dw, mask=col_ok)
+        tl.store(part + part_stride, db, mask=col_ok)
 
 
 # Elements of a tile: 2048, 16 a thread in 4 warps, one group a program. ptxas for sm_90 (Triton 3.8,
@@ -145,6 +148,14 @@ def _group_tiles(groups, groups_per_program):
     if groups % per_program:
         raise ValueError(f'groups_per_program={per_program} must divide groups={groups}')
     return per_program, groups // per_program
+
+
+# Partial sums' layout. The backward kernels store their per-program partial sums of the weight (bias, scale)
+# gradients programs innermost, (..., C, programs), so that the sum over the programs is an inner reduction:
+# torch.compile makes one kernel of it. Over the outer dimension of (programs, C), with more than 128 programs
+# and fewer than 8448 channels, Inductor splits the sum into two launches
+# (torch._inductor.choices.reduction_split_factor), and the compiled step is bound by its launches. The price:
+# a program's C partials are stored `programs` elements apart (a few KB of scattered stores a launch).
 
 
 # The longest backward walk. H200 sweep (benchmarks/norm_kernels.py --sweep, eleventh session): 4 row tiles a
@@ -212,15 +223,15 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     tiles_per_program, programs = _backward_walk(cdiv(n, block_n), group_programs, y.device, tiles_per_program)
     # Weight and bias partial sums in one buffer, one reduction for both. The kernel gets the buffer itself, not
     # views of it: torch.compile would clone each view and scatter it back (kernels/README.md, "What a compiled
-    # graph copies").
-    dwb_part = torch.empty((2, programs, channels), dtype=torch.float32, device=y.device)
+    # graph copies"). Programs innermost ("Partial sums' layout" above).
+    dwb_part = torch.empty((2, channels, programs), dtype=torch.float32, device=y.device)
     wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
         dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, n, tiles_per_program,
         dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
         out.stride(0), channels, dwb_part.stride(0), GROUPS=groups, GROUPS_PER_PROGRAM=per_program,
         D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output,
         num_warps=num_warps)
-    return (dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(1),
+    return (dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(2),
             (out.view(shape) if need_output else None))
 
 
@@ -286,9 +297,9 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts
         db += tl.sum(dout, axis=0)
         if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
             tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
-    # Parts is (3, batch, programs per image, C): the scale's, the weight's and the bias's partial sums,
+    # Parts is (3, batch, C, programs per image): the scale's, the weight's and the bias's partial sums,
     # part_stride apart.
-    part = (image * tl.num_programs(0) + pid) * C + cols
+    part = (image * C + cols) * tl.num_programs(0) + pid
     tl.store(Parts + part, dscale, mask=col_ok)
     tl.store(Parts + part_stride + part, dw, mask=col_ok)
     tl.store(Parts + 2 * part_stride + part, db, mask=col_ok)
@@ -323,14 +334,15 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     dy, dx = torch.empty_like(y), torch.empty_like(x)
     out = torch.empty_like(y) if need_output else dy
     # Scale, weight and bias partial sums (per image and program) in one buffer, given to the kernel whole (as in
-    # gated_norm_backward); the weight's and bias's in one reduction.
-    parts = torch.empty((3, batch, programs_per_image, channels), dtype=torch.float32, device=y.device)
+    # gated_norm_backward), programs innermost ("Partial sums' layout"): one reduction over the programs, then the
+    # weight's and bias's over the images.
+    parts = torch.empty((3, batch, channels, programs_per_image), dtype=torch.float32, device=y.device)
     wrap_triton(_modulated_norm_bwd_kernel)[(programs_per_image, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
         hw, channels, tiles_per_program, parts.stride(0), BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output,
         num_warps=num_warps)
-    dscale = parts[0].sum(1)
-    return dy, dx, dscale.to(scale.dtype), parts[1:].sum((1, 2)), (out if need_output else None)
+    per_image = parts.sum(3)
+    return dy, dx, per_image[0].to(scale.dtype), per_image[1:].sum(1), (out if need_output else None)
 
 
 KERNEL = _gated_norm_fwd_kernel  # what dispatch.kernels_interpreted inspects
