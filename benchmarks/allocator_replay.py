@@ -200,7 +200,7 @@ def main():
     print('| model | peak allocated GiB | peak reserved GiB | reserved / allocated |')
     print('| --- | --- | --- | --- |')
     late = {}
-    for name, (backbone, channels) in build_backbones(['T'], False, drop_path_rate=0.1).items():
+    for name, (backbone, channels) in build_backbones(['T'], [''], drop_path_rate=0.1).items():
         allocated, reserved, segments = replay(allocation_trace(Classifier(backbone, channels).train(),
                                                                 args.batch), args.steps)
         print(f'| {name} | {allocated / 2**30:.3f} | {reserved / 2**30:.3f} | {reserved / allocated:.2f} |')

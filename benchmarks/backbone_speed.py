@@ -1,7 +1,9 @@
-"""GPU speed and memory of GroupMamba T/S/B against Swin-T, measured in one run on one card.
+"""GPU speed and memory of GroupMamba T/S/B against the Swin Transformer of each size, measured in one run on one
+card.
 
     python benchmarks/backbone_speed.py [--models T S B] [--batch 128] [--steps 20] [--cuda-graph] [--compile]
-                                        [--eager] [--adamw {fused,foreach}]
+                                        [--no-eager] [--compile-options JSON] [--skip-detection]
+                                        [--skip-classification] [--adamw {fused,foreach}]
 
 For every model:
 
@@ -13,15 +15,17 @@ For every model:
   graph replays use; allocated memory, which misses it, is printed beside, and so is the graph pools' part);
 * the detection-size backbone step: bs 2, 800x1344, forward + backward under AMP.
 
-Swin-T is mmdet's own, built from its Mask R-CNN config; the classifiers are each backbone + global average
-pooling + a 1000-way linear head, the same for both. The last lines print a table with ratios to Swin-T.
+Swin-T and Swin-S are mmdet's own, built from its Mask R-CNN configs, Swin-B from Swin's published settings
+(``SWIN_CONFIGS``); the classifiers are each backbone + global average pooling + a 1000-way linear head, the same
+for all. The last lines print a table with each GroupMamba's ratios to the Swin of its size.
 
 ``--cuda-graph`` adds a row per model whose backbone forward and backward are replayed from CUDA graphs
-(GroupMamba's ``cuda_graph=True``; Swin-T wrapped in the same :class:`CudaGraphs`); ``--compile`` a row per
+(GroupMamba's ``cuda_graph=True``; Swin wrapped in the same :class:`CudaGraphs`); ``--compile`` a row per
 model whose backbone runs through ``torch.compile`` (GroupMamba's ``compile=True``: dynamic sizes, one graph,
-its Inductor defaults; Swin-T through the same :class:`CompiledForward`, without ``fullgraph``, with Inductor's
-own defaults, as users compile it). ``--compile-options`` go to both, over those defaults. Ratios are to Swin-T
-in the same mode. The launches column counts kernel launches in one detection step (torch.profiler).
+its Inductor defaults; Swin through the same :class:`CompiledForward`, without ``fullgraph``, with Inductor's
+own defaults, as users compile it). ``--compile-options`` go to both, over those defaults. Ratios are to the Swin
+of the same size in the same mode. The launches column counts kernel launches in one detection step
+(torch.profiler).
 """
 import argparse
 import json
@@ -37,6 +41,12 @@ from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
 NAMES = {'T': 'tiny', 'S': 'small', 'B': 'base'}
+# Each GroupMamba size is compared with the Swin Transformer of its size, built as mmdet builds it: T and S from
+# mmdet's Mask R-CNN configs; B, for which mmdet has no config, from Swin's published B settings (Liu et al.,
+# 2021: C = 128, depths 2-2-18-2, heads 4-8-16-32) on S's config, which has B's depths.
+SWIN_CONFIGS = {'T': 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
+                'S': 'mmdet::swin/mask-rcnn_swin-s-p4-w7_fpn_amp-ms-crop-3x_coco.py'}
+SWIN_B = dict(embed_dims=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32])
 
 
 class Classifier(torch.nn.Module):
@@ -98,25 +108,41 @@ def backbone_step(backbone, images):
     return step
 
 
+def swin_config(size, drop_path_rate):
+    """``(config, last stage's channels)`` of mmdet's SwinTransformer of ``size`` (T, S or B), untrained."""
+    cfg = get_config(SWIN_CONFIGS['S' if size == 'B' else size]).model.backbone
+    cfg.pop('init_cfg', None)
+    cfg.drop_path_rate = drop_path_rate
+    if size == 'B':
+        cfg.update(SWIN_B)
+    return cfg, cfg.embed_dims * 8
+
+
+def baseline(name):
+    """The row a row's ratios are to: the Swin Transformer of its size in its mode ('GroupMamba-S +graphs' ->
+    'Swin-S +graphs')."""
+    model, _, mode = name.partition(' ')
+    return f'Swin-{model.rsplit("-", 1)[1]}' + (f' {mode}' if mode else '')
+
+
 def build_backbones(models, modes, drop_path_rate, compile_options=None):
-    """mmdet's own Swin-T (from its Mask R-CNN config) and GroupMamba of the given sizes, with channel counts,
-    in each of ``modes`` (name suffixes: '' eager, ' +graphs' replayed from CUDA graphs, ' +compile'; the
-    compiled ones with ``compile_options``, torch.compile arguments over the backbones' defaults)."""
+    """For each size in ``models``, mmdet's SwinTransformer of that size (:func:`swin_config`) and GroupMamba,
+    with their last stage's channels, in each of ``modes`` (name suffixes: '' eager, ' +graphs' replayed from
+    CUDA graphs, ' +compile'; the compiled ones with ``compile_options``, torch.compile arguments over the
+    backbones' defaults)."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
-    swin = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone
-    swin.pop('init_cfg', None)
-    swin.drop_path_rate = drop_path_rate
-    cfgs = {'Swin-T': (swin, 768)}
+    cfgs = {}
     for size in models:
         arch = NAMES[size]
+        cfgs[f'Swin-{size}'] = swin_config(size, drop_path_rate)
         cfgs[f'GroupMamba-{size}'] = (dict(type='GroupMamba', arch=arch, drop_path_rate=drop_path_rate),
                                       ARCH_SETTINGS[arch]['embed_dims'][-1])
     backbones = {}
     with DefaultScope.overwrite_default_scope('mmdet'):
         for mode in modes:
             for name, (cfg, channels) in cfgs.items():
-                swin = name == 'Swin-T'
+                swin = name.startswith('Swin-')
                 if mode == '':
                     model = DET_MODELS.build(cfg)
                 elif mode == ' +graphs':
@@ -242,13 +268,13 @@ def main():
             print(name, 'detection step ms, launches', results[name]['det_ms'], results[name]['launches'], flush=True)
 
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
-          f'AdamW {args.adamw}, steps {args.steps}; ratios to Swin-T in the same mode')
-    print('| model | train img/s | x Swin-T | infer img/s | x Swin-T | train peak reserved GiB | x Swin-T '
-          '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin-T | launches per det step '
-          '| x Swin-T |')
+          f'AdamW {args.adamw}, steps {args.steps}; ratios to the Swin of the same size in the same mode')
+    print('| model | train img/s | x Swin | infer img/s | x Swin | train peak reserved GiB | x Swin '
+          '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin | launches per det step '
+          '| x Swin |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for name, r in results.items():
-        base = results['Swin-T' + next(m for m in MODES[1:] + ('',) if name.endswith(m))]
+        base = results[baseline(name)]
         det = (f'{r["det_ms"]:.1f} | {r["det_ms"] / base["det_ms"]:.2f} | {r["launches"]} | '
                f'{r["launches"] / max(base["launches"], 1):.2f}' if 'det_ms' in r else '- | - | - | -')
         cls = (f'{r["train"]:.0f} | {r["train"] / base["train"]:.2f} | {r["infer"]:.0f} | '

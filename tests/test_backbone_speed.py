@@ -1,0 +1,39 @@
+"""``benchmarks/backbone_speed.py`` builds, for each GroupMamba size, the Swin Transformer of that size, and takes
+each row's ratios to it (the timing itself runs on a GPU only)."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from backbone_speed import baseline, build_backbones, swin_config  # noqa: E402
+
+
+def test_each_row_is_compared_with_the_swin_of_its_size_in_its_mode():
+    assert baseline('GroupMamba-T') == 'Swin-T'
+    assert baseline('GroupMamba-S +graphs') == 'Swin-S +graphs'
+    assert baseline('GroupMamba-B +compile') == 'Swin-B +compile'
+    assert baseline('Swin-B +compile') == 'Swin-B +compile'
+
+
+def test_swin_b_takes_the_published_b_settings_and_s_is_mmdets():
+    cfg, channels = swin_config('B', 0.3)
+    assert (cfg.embed_dims, list(cfg.depths), list(cfg.num_heads), cfg.window_size) == (128, [2, 2, 18, 2],
+                                                                                        [4, 8, 16, 32], 7)
+    assert channels == 1024 and cfg.drop_path_rate == 0.3 and 'init_cfg' not in cfg
+    cfg, channels = swin_config('S', 0.2)
+    assert (cfg.embed_dims, list(cfg.depths), list(cfg.num_heads), channels) == (96, [2, 2, 18, 2], [3, 6, 12, 24],
+                                                                                 768)
+
+
+def test_backbones_of_each_size_with_their_last_channels():
+    backbones = build_backbones(['T', 'B'], [''], 0.1)
+    assert list(backbones) == ['Swin-T', 'GroupMamba-T', 'Swin-B', 'GroupMamba-B']
+    images = torch.randn(1, 3, 64, 64)
+    for name, (backbone, channels) in backbones.items():
+        backbone.eval()  # not chained: mmdet's SwinTransformer.train() returns None
+        with torch.no_grad():
+            assert backbone(images)[-1].shape[1] == channels, name
+    params = {name: sum(p.numel() for p in backbone.parameters()) / 1e6 for name, (backbone, _) in backbones.items()}
+    # Swin-B is about 87M parameters without a head (Swin's paper: 88M with its classifier).
+    assert 86 < params['Swin-B'] < 88, params
