@@ -1,10 +1,16 @@
-"""Where a GroupMamba training step spends its time: wall time against GPU kernel time, and the top CUDA ops.
+"""Where a backbone's training step spends its time: wall time against GPU kernel time, and the top CUDA ops.
 
-    python benchmarks/profile_step.py [--arch tiny] [--batch 128] [--size 224 224] [--rows 30]
-                                      [--compile [MODE]] [--dynamic]
+    python benchmarks/profile_step.py [--model T] [--swin] [--batch 128] [--size 224 224] [--rows 30]
+                                      [--cuda-graph | --compile [MODE]] [--dynamic] [--compile-options JSON]
+                                      [--drop-path-rate 0.2]
 
-``--compile`` runs the backbone through its ``compile`` option (default mode, or ``reduce-overhead`` ...;
-static sizes unless ``--dynamic``) and adds the host side: the top CPU ops of the profiled step.
+GroupMamba of size ``--model`` (``--swin``: the Swin Transformer of that size), built as ``backbone_speed.py``
+builds its rows (``build_backbones``), so that a compiled row finds the compile caches that run (or its warm-ups)
+left: the same options and the same stochastic-depth rate (``backbone_speed.py`` builds its detection rows with
+0.2, its classifiers with 0.1). ``--cuda-graph`` replays the step from CUDA graphs. ``--compile`` runs the
+backbone through ``torch.compile`` (GroupMamba's ``compile`` option; default mode, or ``reduce-overhead`` ...;
+static sizes unless ``--dynamic``; ``--compile-options`` as in ``backbone_speed.py``) and adds the host side: the
+top CPU ops of the profiled step.
 
 A step whose wall time is well above its summed kernel time is bound by the host (Python, dispatch and
 launches), not by the GPU. The kernels are also summed by family (hand-written Triton, Inductor's, GEMMs,
@@ -12,14 +18,14 @@ cuDNN, PyTorch's own elementwise, reduction and copy kernels, fills): launches a
 """
 import argparse
 import collections
+import json
 import re
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from backbone_speed import backbone_step
-from mmgroupmamba import GroupMamba
+from backbone_speed import NAMES, backbone_step, build_backbones
 
 # Kernel families, first match wins: where a step's launches come from (eager and compiled steps differ).
 FAMILIES = (
@@ -52,18 +58,29 @@ def family_table(kernels):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--arch', default='tiny')
+    parser.add_argument('--model', choices=sorted(NAMES), default='T', help='size: T, S or B')
+    parser.add_argument('--swin', action='store_true', help='the Swin Transformer of that size instead')
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--size', type=int, nargs=2, default=(224, 224))
     parser.add_argument('--rows', type=int, default=30)
-    parser.add_argument('--compile', nargs='?', const='default', default=None, metavar='MODE')
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--cuda-graph', action='store_true')
+    mode.add_argument('--compile', nargs='?', const='default', default=None, metavar='MODE')
     parser.add_argument('--dynamic', action='store_true')
+    parser.add_argument('--compile-options', type=json.loads, default={})
+    parser.add_argument('--drop-path-rate', type=float, default=0.2)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
-    compile_options = False
+    suffix = ' +graphs' if args.cuda_graph else ' +compile' if args.compile else ''
+    options = dict(args.compile_options)
     if args.compile:
-        compile_options = dict(mode=args.compile, dynamic=args.dynamic)
-    model = GroupMamba(arch=args.arch, out_indices=(3,), compile=compile_options).cuda().train()
+        options.setdefault('dynamic', args.dynamic)
+        if args.compile != 'default':
+            options.setdefault('mode', args.compile)
+    name = f'{"Swin" if args.swin else "GroupMamba"}-{args.model}'
+    model, _ = build_backbones([args.model], [suffix], args.drop_path_rate, options)[name + suffix]
+    model.cuda()
+    model.train()  # not chained: mmdet's SwinTransformer.train() returns None
     step = backbone_step(model, torch.randn(args.batch, 3, *args.size, device='cuda'))
 
     start = time.perf_counter()
@@ -101,7 +118,7 @@ def main():
     if args.compile:
         print(events.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=60))
         print('dynamo counters:', {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v})
-    print(f'{args.arch} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
+    print(f'{name}{suffix} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches')
 
 
