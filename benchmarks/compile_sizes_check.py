@@ -18,6 +18,8 @@ import time
 import torch
 
 from mmgroupmamba import GroupMamba
+from mmgroupmamba.models.compiled import CompiledForward
+from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
 
 
 def main():
@@ -30,7 +32,8 @@ def main():
     torch.manual_seed(0)
     eager = GroupMamba(arch=args.arch).train()
     compiled = copy.deepcopy(eager)
-    compiled._compiled = GroupMamba(arch=args.arch, compile=args.compile_options or True)._compiled
+    # GroupMamba's own compile option, wired as check_gpu.py wires it.
+    compiled._compiled = CompiledForward('GroupMamba', args.compile_options, COMPILE_INDUCTOR_DEFAULTS)
     print(f'{args.arch}, fp32, compile options {compiled._compiled.options}')
     for size in args.sizes:
         batch, height, width = (int(n) for n in size.split('x'))
