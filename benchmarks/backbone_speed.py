@@ -25,9 +25,10 @@ model whose backbone runs through ``torch.compile`` (GroupMamba's ``compile=True
 its Inductor defaults; Swin through the same :class:`CompiledForward`, without ``fullgraph``, with Inductor's
 own defaults, as users compile it). ``--compile-options`` go to both, over those defaults. Ratios are to the Swin
 of the same size in the same mode. The launches column counts kernel launches in one detection step
-(torch.profiler).
+(torch.profiler), after all rows are timed.
 """
 import argparse
+import contextlib
 import json
 import time
 
@@ -222,14 +223,44 @@ def kernel_launches(step):
 
 
 def detection_step(backbone, steps):
-    """(ms, launches) of the backbone's detection-size step: bs 2, 800x1344, forward + backward under AMP."""
+    """Milliseconds of the backbone's detection-size step: bs 2, 800x1344, forward + backward under AMP."""
+    with on_gpu(backbone) as step:
+        return timed(step, steps) * 1000
+
+
+def detection_launches(backbone):
+    """Kernel launches of one detection-size step (profiled: call it after every timing, see
+    :func:`detection_rows`)."""
+    with on_gpu(backbone) as step:
+        step()
+        return kernel_launches(step)
+
+
+@contextlib.contextmanager
+def on_gpu(backbone):
+    """The detection-size step of ``backbone``, moved to the GPU for the block and back to the CPU after it."""
     backbone.cuda()
     backbone.train()  # not chained: mmdet's SwinTransformer.train() returns None
-    step = backbone_step(backbone, torch.randn(2, 3, 800, 1344, device='cuda'))
-    ms = timed(step, steps) * 1000
-    launches = kernel_launches(step)
-    backbone.cpu()
-    return ms, launches
+    try:
+        yield backbone_step(backbone, torch.randn(2, 3, 800, 1344, device='cuda'))
+    finally:
+        backbone.cpu()
+        torch.cuda.empty_cache()
+
+
+def detection_rows(backbones, steps, report=print):
+    """``{name: (ms, launches)}`` of each backbone's detection step. Every row is timed before any row's
+    launches are counted: once torch.profiler has traced CUDA in a process, CUPTI can stay attached to it
+    (pytorch/pytorch#144455) and tax each later launch, and host-bound rows timed after a count were 1.4-2x
+    slower than in a process of their own (twelfth and thirteenth sessions)."""
+    rows = {}
+    for name, (backbone, _) in backbones.items():
+        rows[name] = [detection_step(backbone, steps)]
+        report(name, 'detection step ms', rows[name][0], flush=True)
+    for name, (backbone, _) in backbones.items():
+        rows[name].append(detection_launches(backbone))
+        report(name, 'launches per detection step', rows[name][1], flush=True)
+    return {name: tuple(row) for name, row in rows.items()}
 
 
 def main():
@@ -261,11 +292,9 @@ def main():
         torch.cuda.empty_cache()
         print(name, results[name], f'({time.perf_counter() - start:.0f} s with warm-up)', flush=True)
     if not args.skip_detection:
-        for name, (backbone, _) in build_backbones(args.models, modes, 0.2, args.compile_options).items():
-            row = results.setdefault(name, {})
-            row['det_ms'], row['launches'] = detection_step(backbone, max(5, args.steps // 2))
-            torch.cuda.empty_cache()
-            print(name, 'detection step ms, launches', results[name]['det_ms'], results[name]['launches'], flush=True)
+        backbones = build_backbones(args.models, modes, 0.2, args.compile_options)
+        for name, (ms, launches) in detection_rows(backbones, max(5, args.steps // 2)).items():
+            results.setdefault(name, {}).update(det_ms=ms, launches=launches)
 
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
           f'AdamW {args.adamw}, steps {args.steps}; ratios to the Swin of the same size in the same mode')

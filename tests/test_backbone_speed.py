@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import backbone_speed  # noqa: E402
 from backbone_speed import baseline, build_backbones, swin_config  # noqa: E402
 
 
@@ -37,3 +38,16 @@ def test_backbones_of_each_size_with_their_last_channels():
     params = {name: sum(p.numel() for p in backbone.parameters()) / 1e6 for name, (backbone, _) in backbones.items()}
     # Swin-B is about 87M parameters without a head (Swin's paper: 88M with its classifier).
     assert 86 < params['Swin-B'] < 88, params
+
+
+def test_every_detection_row_is_timed_before_any_is_profiled(monkeypatch):
+    # A profiler run can leave CUPTI attached and slow every later launch: no timing may follow a count.
+    calls = []
+    monkeypatch.setattr(backbone_speed, 'detection_step', lambda backbone, steps: calls.append(('time', backbone))
+                        or 10.0 * len(calls))
+    monkeypatch.setattr(backbone_speed, 'detection_launches', lambda backbone: calls.append(('count', backbone))
+                        or len(calls))
+    rows = backbone_speed.detection_rows({'Swin-T': ('swin', 768), 'GroupMamba-T': ('gm', 768)}, 5,
+                                         report=lambda *args, **kwargs: None)
+    assert calls == [('time', 'swin'), ('time', 'gm'), ('count', 'swin'), ('count', 'gm')]
+    assert rows == {'Swin-T': (10.0, 3), 'GroupMamba-T': (20.0, 4)}
