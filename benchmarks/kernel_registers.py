@@ -123,25 +123,31 @@ def dwconv_rows(sms=132):
 
 _SCAN_POINTERS = dict(u_ptr='*fp16', dt_ptr='*fp16', A_logs_ptr='*fp32', B_ptr='*fp16', C_ptr='*fp16',
                       D_ptr='*fp32', bias_ptr='*fp32')
-SCAN_FWD = dict(_SCAN_POINTERS, y_ptr='*fp16', hin_ptr='*fp32', st_ptr='*fp32', P_ptr='*fp32', E_ptr='*fp32',
+SCAN_FWD = dict(_SCAN_POINTERS, y_ptr='*fp16', st_ptr='*fp32', P_ptr='*fp32', E_ptr='*fp32',
                 **{n: 'i32' for n in ('L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len', 'n_chunks',
                                       'n_states', 'chunk0')})
-SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', gin_ptr='*fp32', du_ptr='*fp16', ddt_ptr='*fp16',
+SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', du_ptr='*fp16', ddt_ptr='*fp16',
                 dBC_ptr='*fp32', dADb_ptr='*fp32', P_ptr='*fp32', E_ptr='*fp32',
                 **{n: 'i32' for n in ('batch', 'L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len',
                                       'n_chunks', 'n_states', 'chunk0', 'bc_part_stride', 'adb_part_stride')})
 
 
 def scan_rows(sms=132):
-    """The same for the scan's forward and backward (their main pass) at bs 128, 224x224."""
-    for channels, side in zip(DIMS, (56, 28, 14, 7)):
-        config = triton_scan._config_for(128, side * side, channels, sms, ((None, None),) * 5)
+    """The same for the scan's forward and backward (their main pass) at bs 128, 224x224, and the main passes of
+    the split scan of the detection step's first stage (bs 2, 800x1344), whose programs first compose the
+    summaries of the chunks before theirs."""
+    side_det = (200, 336)
+    cases = [(128, side * side, channels, False) for channels, side in zip(DIMS, (56, 28, 14, 7))]
+    cases.append((2, side_det[0] * side_det[1], DIMS[0], True))
+    for batch, length, channels, split in cases:
+        config = triton_scan._config_for(batch, length, channels, sms, ((None, None),) * 5)
         for backward, passed in ((False, config.fwd), (True, config.bwd)):
+            assert split == (passed.n_chunks(length) > 1), (batch, length, passed)
             constexprs = dict(BLOCK_T=passed.block_t, BLOCK_C=passed.block_c, STATE_T=config.state_t,
                               STAGES=passed.stages, SUMMARY=False,
-                              **({'HAS_GIN': False} if backward else {'HAS_HIN': False, 'SAVE_STATES': True}))
-            yield (f'scan {"bwd" if backward else "fwd"}', channels, f'block_t={passed.block_t} '
-                   f'block_c={passed.block_c} stages={passed.stages}',
+                              **({'HAS_GIN': split} if backward else {'HAS_HIN': split, 'SAVE_STATES': True}))
+            name = f'scan {"bwd" if backward else "fwd"}' + (f' (bs {batch}, split)' if split else '')
+            yield (name, channels, f'block_t={passed.block_t} block_c={passed.block_c} stages={passed.stages}',
                    triton_scan._scan_bwd_kernel if backward else triton_scan._scan_fwd_kernel,
                    SCAN_BWD if backward else SCAN_FWD, constexprs, passed.num_warps)
 

@@ -13,8 +13,8 @@ and wraps these launchers in an autograd Function. README.md in this folder desc
   transposed in memory.
 * Inside a tile the recurrence ``h_t = a_t h_{t-1} + x_t`` is an associative scan over pairs ``(a, x)``;
   tiles are chained through the carried state. Long sequences are split into chunks over programs: pass 1
-  summarises every chunk (product of decays, end state from a zero start), pass 2 propagates the states
-  across chunks, pass 3 re-runs each chunk from its true starting state.
+  summarises every chunk (product of decays, end state from a zero start); pass 2 re-runs each chunk from
+  its true starting state, which its program composes from the summaries of the chunks before it.
 * Backward runs the same way in reverse time. It recomputes the hidden states of a tile from the state the
   forward pass saved at the tile's start (one state every ``BLOCK_T`` steps), never from a stored copy of
   every state. Nothing uses atomics: per-program partial sums go to buffers that PyTorch reduces in a fixed
@@ -103,16 +103,40 @@ def _chunk_indices(L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C: tl
 
 
 @triton.jit
-def _chunk_params(A_logs_ptr, bias_ptr, in_ptr, ch, cmask, summary_off, BLOCK_C: tl.constexpr, HAS_IN: tl.constexpr):
-    """A, the delta bias, and the carried value entering the chunk (state forward, dL/dh backward; 0 without a
-    split)."""
+def _chunk_params(A_logs_ptr, bias_ptr, ch, cmask):
+    """A and the delta bias of the program's channels."""
     A = -tl.exp(tl.load(A_logs_ptr + ch, mask=cmask, other=0.0).to(tl.float32))  # the layer stores A_logs
     bias = tl.load(bias_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_IN:
-        carried = tl.load(in_ptr + summary_off, mask=cmask, other=0.0)
-    else:
-        carried = tl.zeros([BLOCK_C], dtype=tl.float32)
-    return A, bias, carried
+    return A, bias
+
+
+@triton.jit
+def _carry_into(P_ptr, E_ptr, b, chunk, n_chunks, CH, ch, cmask, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """What enters ``chunk`` of a split scan (the state forward, dL/dh backward, ``REVERSE``): chunk k maps what
+    enters it to ``P[k] * value + E[k]``, so compose the summaries of the chunks before it in time (after it
+    in step order, backward) from a zero start, ``BLOCK_T`` chunks at a time. Each program composes its own
+    instead of reading the result of a separate propagation launch: one launch fewer per call and direction
+    for a host that issues every launch (#14), at up to a few light tiles more per program (README.md)."""
+    carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_T)
+    base = b.to(tl.int64) * n_chunks * CH
+    n_feeding = (n_chunks - 1 - chunk) if REVERSE else chunk
+    for i in range(0, tl.cdiv(n_feeding, BLOCK_T)):
+        if REVERSE:
+            k = n_chunks - (i + 1) * BLOCK_T + rows  # from the last chunk down; may run below 0, masked
+            kmask = k > chunk
+        else:
+            k = i * BLOCK_T + rows
+            kmask = k < chunk
+        mask = kmask[:, None] & cmask[None, :]
+        off = base + k[:, None] * CH + ch[None, :]
+        p = tl.load(P_ptr + off, mask=mask, other=1.0)  # masked chunks are the identity map
+        e = tl.load(E_ptr + off, mask=mask, other=0.0)
+        p_cum, e_cum = tl.associative_scan((p, e), 0, _compose, reverse=REVERSE)
+        edge = 0 if REVERSE else BLOCK_T - 1  # the row holding the whole tile's composition
+        carry = _row(p_cum, rows, edge) * carry + _row(e_cum, rows, edge)
+    return carry
 
 
 # Sizes that only index rows or count steps are not specialised, so one compiled kernel serves every map
@@ -123,16 +147,19 @@ _RUNTIME_SIZES = ['batch', 'L', 'H', 'W', 'n_cblocks', 'chunk_len', 'n_chunks', 
 @triton.jit(do_not_specialize=_RUNTIME_SIZES[1:])
 def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_logs_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
-    hin_ptr,  # (batch, n_chunks, CH) fp32: state entering each chunk (pass 3 of a split)
     st_ptr,  # (batch, n_states, CH) fp32: state entering every STATE_T-th step, kept for the backward pass
-    P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32: chunk summaries written by pass 1 of a split
+    P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries: written by pass 1 of a split, read by pass 2
     L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     b, g, cb, ch, cmask, chunk, batch_off, bc_off, summary_off = _chunk_indices(
         L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C)
-    A, bias, h = _chunk_params(A_logs_ptr, bias_ptr, hin_ptr, ch, cmask, summary_off, BLOCK_C, HAS_HIN)
+    A, bias = _chunk_params(A_logs_ptr, bias_ptr, ch, cmask)
+    if HAS_HIN:
+        h = _carry_into(P_ptr, E_ptr, b, chunk, n_chunks, CH, ch, cmask, BLOCK_T, BLOCK_C, False)
+    else:
+        h = tl.zeros([BLOCK_C], dtype=tl.float32)
     if not SUMMARY:
         D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if SUMMARY:
@@ -181,46 +208,6 @@ def _scan_fwd_kernel(
         tl.store(E_ptr + summary_off, h, mask=cmask)
 
 
-@triton.jit
-def _propagate_kernel(
-    P_ptr, E_ptr, out_ptr, n_chunks, CH, unused,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr,
-):
-    # Pass 2 of a split: chunk k maps the state entering it to P[k] * state + E[k]. Solve that recurrence
-    # over chunks (forward in time for the forward pass, backward in time for the backward pass) and
-    # write what enters each chunk: out[k] = state after chunk k-1 (forward) or after chunk k+1 (reverse).
-    b = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < CH
-    base = b.to(tl.int64) * n_chunks * CH
-    first = n_chunks - 1 if REVERSE else 0  # the chunk nothing flows into
-    tl.store(out_ptr + base + first * CH + c, tl.zeros([BLOCK_C], dtype=tl.float32), mask=cmask)
-    carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-    rows = tl.arange(0, BLOCK_N)
-    n_blocks = tl.cdiv(n_chunks, BLOCK_N)
-    for i in range(0, n_blocks):
-        if REVERSE:
-            k = (n_blocks - 1 - i) * BLOCK_N + rows
-        else:
-            k = i * BLOCK_N + rows
-        kmask = k < n_chunks
-        # The summary pass skips the chunk whose result flows nowhere (`unused`); treat it as identity.
-        mask = (kmask & (k != unused))[:, None] & cmask[None, :]
-        off = base + k[:, None] * CH + c[None, :]
-        p = tl.load(P_ptr + off, mask=mask, other=1.0)
-        e = tl.load(E_ptr + off, mask=mask, other=0.0)
-        p_cum, e_cum = tl.associative_scan((p, e), 0, _compose, reverse=REVERSE)
-        s = p_cum * carry[None, :] + e_cum
-        if REVERSE:
-            dst = k - 1
-            carry = _row(s, rows, 0)
-        else:
-            dst = k + 1
-            carry = _row(s, rows, BLOCK_N - 1)
-        dmask = kmask & (dst >= 0) & (dst < n_chunks)
-        tl.store(out_ptr + base + dst[:, None] * CH + c[None, :], s, mask=dmask[:, None] & cmask[None, :])
-
-
 # --------------------------------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------------------------------
@@ -228,13 +215,12 @@ def _propagate_kernel(
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_logs_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
     st_ptr,  # (batch, n_states, CH) fp32 forward state entering every STATE_T-th step
-    gin_ptr,  # (batch, n_chunks, CH) fp32: dL/dh at the first step after each chunk (split only)
     du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype
     # Partial sums, each set in one buffer given whole (views of it written by the kernel would be cloned and
     # scattered back under torch.compile: copy kernels), its parts `*_part_stride` apart:
     dBC_ptr,  # (2, n_cblocks, batch, L, 4) fp32, dB then dC: sums over this program's channels
     dADb_ptr,  # (3, batch, n_chunks, CH) fp32, dA_logs, dD, dbias: sums over this program's steps
-    P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries (pass 1 of a split)
+    P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries: written by pass 1 of a split, read by pass 2
     batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0, bc_part_stride,
     adb_part_stride,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
@@ -249,7 +235,11 @@ def _scan_bwd_kernel(
     # and a_t h_{t-1} = h_t - x_t needs no shifted copy of the states.
     b, g, cb, ch, cmask, chunk, batch_off, bc_off, summary_off = _chunk_indices(
         L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C)
-    A, bias, carry = _chunk_params(A_logs_ptr, bias_ptr, gin_ptr, ch, cmask, summary_off, BLOCK_C, HAS_GIN)
+    A, bias = _chunk_params(A_logs_ptr, bias_ptr, ch, cmask)
+    if HAS_GIN:  # dL/dh at the first step after this chunk
+        carry = _carry_into(P_ptr, E_ptr, b, chunk, n_chunks, CH, ch, cmask, BLOCK_T, BLOCK_C, True)
+    else:
+        carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     D = tl.load(D_ptr + ch, mask=cmask, other=0.0).to(tl.float32)
     if SUMMARY:
         decay = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
@@ -411,7 +401,7 @@ def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chun
         if programs < 2 * sms:
             # Split only when batch x groups x channel blocks cannot fill the GPU, since a split reads the
             # inputs twice. Aim for ~8 programs a multiprocessor with chunks of >= 4 tiles, so the summary
-            # pass and the propagation stay small next to the scan itself.
+            # pass and the programs' composition of the summaries stay small next to the scan itself.
             wanted = cdiv(8 * sms, programs)
             chunk_len = max(4 * block_t, cdiv(length, wanted))
     # Software pipelining of the tile loop (Triton's num_stages): not yet timed, so off (1) by default;
@@ -437,26 +427,14 @@ def _config_for(batch, length, channels, sms, args):
     return ScanConfig(channels, fwd, bwd)
 
 
-def _chunk_carries(summarize, batch, n_chunks, channels, device, reverse):
-    """The passes before a split scan: ``summarize(P, E)`` launches the scan kernel in its summary mode, which
-    writes each chunk's decay product ``P`` and end value ``E`` from a zero start; the propagation then gives
-    what enters every chunk (states forward, state gradients backward, ``reverse``)."""
+def _summaries(summarize, batch, n_chunks, channels, device):
+    """Pass 1 of a split scan: ``summarize(P, E)`` launches the scan kernel in its summary mode, which writes
+    each chunk's decay product ``P`` and end value ``E`` from a zero start (forward: every chunk but the last;
+    backward: every chunk but the first, none of which anything flows from)."""
     P = torch.empty(batch, n_chunks, channels, device=device, dtype=torch.float32)
     E = torch.empty_like(P)
     summarize(P, E)
-    return _propagate(P, E, n_chunks, reverse)
-
-
-def _propagate(P, E, n_chunks, reverse):
-    batch, _, channels = P.shape
-    out = torch.empty_like(P)
-    block_c = 32
-    block_n = min(64, next_power_of_2(size_hint(n_chunks)))  # a tile width: any is correct
-    unused = 0 if reverse else n_chunks - 1
-    wrap_triton(_propagate_kernel)[(batch, cdiv(channels, block_c))](
-        P, E, out, n_chunks, channels, unused,
-        BLOCK_N=block_n, BLOCK_C=block_c, REVERSE=reverse, num_warps=2)
-    return out
+    return P, E
 
 
 def scan_forward(u, delta, A_logs, B, C, D, delta_bias, hw, cfg, save_states):
@@ -474,15 +452,16 @@ def scan_forward(u, delta, A_logs, B, C, D, delta_bias, hw, cfg, save_states):
               n_chunks, n_states)
     meta = fc.launch_meta(cfg.state_t)
     split = bool(n_chunks > 1)
-    # Passes 1 and 2 of a split scan: the state entering every chunk (the last chunk's summary is unused).
-    hin = _chunk_carries(
+    # Pass 1 of a split scan: each chunk's summary (the last chunk's would flow nowhere).
+    P, E = _summaries(
         lambda P, E: wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks - 1)](
-            u, delta, A_logs, B, C, D, delta_bias, y, dummy, dummy, P, E, *common, 0,
+            u, delta, A_logs, B, C, D, delta_bias, y, dummy, P, E, *common, 0,
             HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta),
-        batch, n_chunks, channels, u.device, reverse=False) if split else dummy
-    # Pass 3 (the only pass without a split): the scan from each chunk's true starting state.
+        batch, n_chunks, channels, u.device) if split else (dummy, dummy)
+    # Pass 2 (the only pass without a split): the scan from each chunk's true starting state, which each
+    # program composes from the summaries of the chunks before its own.
     wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks)](
-        u, delta, A_logs, B, C, D, delta_bias, y, hin, states, dummy, dummy, *common, 0,
+        u, delta, A_logs, B, C, D, delta_bias, y, states, P, E, *common, 0,
         HAS_HIN=split, SAVE_STATES=save_states, SUMMARY=False, **meta)
     return y, (states if save_states else None)
 
@@ -509,13 +488,13 @@ def scan_backward(dy, u, delta, A_logs, B, C, D, delta_bias, hw, states, cfg):
     meta = bc.launch_meta(cfg.state_t)
     split = bool(n_chunks > 1)
     # A split scan in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
-    gin = _chunk_carries(
+    P, E = _summaries(
         lambda P, E: wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
-            u, delta, A_logs, B, C, D, delta_bias, dy, states, dummy, du, ddelta, dummy, dummy,
+            u, delta, A_logs, B, C, D, delta_bias, dy, states, du, ddelta, dummy, dummy,
             P, E, *common, 1, 0, 0, HAS_GIN=False, SUMMARY=True, **meta),
-        batch, n_chunks, channels, u.device, reverse=True) if split else dummy
+        batch, n_chunks, channels, u.device) if split else (dummy, dummy)
     wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks)](
-        u, delta, A_logs, B, C, D, delta_bias, dy, states, gin, du, ddelta, dBC_part, dADb_part, dummy, dummy,
+        u, delta, A_logs, B, C, D, delta_bias, dy, states, du, ddelta, dBC_part, dADb_part, P, E,
         *common, 0, dBC_part.stride(0), dADb_part.stride(0), HAS_GIN=split, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).
     dADb = dADb_part.sum((1, 2))

@@ -66,6 +66,9 @@ CASES = [
     ((4, 6), 36, dict(block_c=(16, 4), chunk_len=(32, 8))),
     ((5, 7), 8, dict(block_t=8, chunk_len=16)),
     ((5, 7), 8, dict(block_t=4, chunk_len=(8, 16), stages=(3, 2))),  # pipelined tile loops (a GPU setting)
+    # more chunks than a tile has rows: each program composes the summaries before its chunk over several
+    # tiles, the last one partly masked
+    ((5, 7), 8, dict(block_t=(2, 4), chunk_len=(2, 4))),
 ]
 
 
