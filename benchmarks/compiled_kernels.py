@@ -30,12 +30,14 @@ patches torch's device queries in its own process only.
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.pop('TRITON_INTERPRET', None)  # Inductor needs the kernels' TTIR, which interpreted kernels lack
@@ -188,6 +190,41 @@ def compile_for_h200(graphs, cache_dir, inductor_options):
     return sources
 
 
+@contextlib.contextmanager
+def mutation_analysis_timed(record):
+    """Time, in this process, PyTorch's analysis of which arguments each user-defined Triton kernel launch
+    writes (``identify_accessed_tensors``: the kernel compiled to TTIR and walked). It runs once per launch site
+    and consumer (functionalization, Inductor's lowering), with no cache (pytorch/pytorch#193227 proposes
+    one). ``record`` gets ``calls``, ``seconds`` and ``distinct``: the kernels and constant arguments analysed,
+    what a cache keyed by them would analyse."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    original = triton_kernel_wrap.identify_accessed_tensors
+
+    def dtype_of(value):  # a tensor's (or Inductor TensorBox's) dtype: TTIR depends on it
+        return getattr(value, 'dtype', None) or (value.get_dtype() if hasattr(value, 'get_dtype') else None)
+    keys = set()
+    record.update(calls=0, seconds=0.0)
+
+    def timed(kernel, kwargs, *args, **kw):
+        name = getattr(getattr(kernel, 'fn', kernel), '__name__', repr(kernel))
+        keys.add((name, tuple(sorted((k, v if isinstance(v, (bool, int, float, str)) else str(dtype_of(v)))
+                                     for k, v in kwargs.items()))))
+        start = time.perf_counter()
+        try:
+            return original(kernel, kwargs, *args, **kw)
+        finally:
+            record['calls'] += 1
+            record['seconds'] += time.perf_counter() - start
+
+    triton_kernel_wrap.identify_accessed_tensors = timed
+    try:
+        yield
+    finally:
+        triton_kernel_wrap.identify_accessed_tensors = original
+        record['distinct'] = len(keys)
+
+
 LAUNCH = re.compile(r'(\w+)\.run\(')
 LIBRARY = re.compile(r'(extern_kernels\.\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(')
 ORIGIN = re.compile(r'Original ATen: \[(.*)\]')
@@ -238,10 +275,15 @@ def main(argv=None):
         if args.inductor_options is None:
             from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
             args.inductor_options = dict(COMPILE_INDUCTOR_DEFAULTS) if args.model == 'groupmamba' else {}
-        graphs = trace_graphs(build(args.model, args.arch), args.size)
-        if len(graphs) != 2:
-            raise RuntimeError(f'expected a forward and a backward graph, got {len(graphs)}')
-        sources = compile_for_h200(graphs, cache_dir, args.inductor_options)
+        analysis = {}
+        with mutation_analysis_timed(analysis):
+            start = time.perf_counter()
+            graphs = trace_graphs(build(args.model, args.arch), args.size)
+            if len(graphs) != 2:
+                raise RuntimeError(f'expected a forward and a backward graph, got {len(graphs)}')
+            traced = time.perf_counter()
+            sources = compile_for_h200(graphs, cache_dir, args.inductor_options)
+            seconds = dict(trace=traced - start, inductor=time.perf_counter() - traced)
         counts = [launches(source) for source in sources]
         if args.save_code:
             Path(args.save_code).mkdir(parents=True, exist_ok=True)
@@ -260,6 +302,10 @@ def main(argv=None):
         print(f'| {kind} | {fwd} | {bwd} | {fwd + bwd} |')
     fwd, bwd = (sum(c[0].values()) for c in counts)
     print(f'| **total** | **{fwd}** | **{bwd}** | **{fwd + bwd}** |')
+    print(f'\nCompile time on this CPU: tracing (Dynamo aside) {seconds["trace"]:.0f} s, Inductor '
+          f'{seconds["inductor"]:.0f} s (its kernels are not compiled here); in both, the write analysis of '
+          f'user-defined Triton launches {analysis["seconds"]:.0f} s in {analysis["calls"]} calls, for '
+          f'{analysis["distinct"]} distinct kernels and constant arguments')
     for phase, (_, by_origin) in zip(('forward', 'backward'), counts):
         print(f'\n{phase}: Inductor kernels by the ATen ops they fuse (top {args.top})')
         for origin, n in by_origin.most_common(args.top):
