@@ -107,11 +107,13 @@ def build(model, arch):
         from mmgroupmamba import GroupMamba
         return GroupMamba(arch=arch, drop_path_rate=0.2, out_indices=(0, 1, 2, 3))
     from mmdet.registry import MODELS
-    from mmengine.hub import get_config
     from mmengine.registry import DefaultScope
-    cfg = get_config('mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py').model.backbone  # as backbone_speed.py
-    cfg.pop('init_cfg', None)
-    cfg.drop_path_rate = 0.2
+
+    from backbone_speed import NAMES, swin_config  # imported here: after pretend_h200, as mmgroupmamba must be
+    sizes = {name: size for size, name in NAMES.items()}
+    if arch not in sizes:
+        raise KeyError(f'--arch {arch!r}: the Swin sizes are {sorted(sizes)}')
+    cfg, _ = swin_config(sizes[arch], 0.2)  # mmdet's Swin of that size, as backbone_speed.py builds it
     with DefaultScope.overwrite_default_scope('mmdet'):
         return MODELS.build(cfg)
 
@@ -260,7 +262,7 @@ def launches(source):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', choices=('groupmamba', 'swin'), default='groupmamba')
-    parser.add_argument('--arch', default='tiny', help='GroupMamba arch')
+    parser.add_argument('--arch', default='tiny', help='GroupMamba arch; for Swin: tiny, small or base')
     parser.add_argument('--size', type=int, nargs=2, default=(800, 1344))
     parser.add_argument('--inductor-options', type=json.loads, default=None,
                         help='Inductor options as JSON; default: those the model is compiled with (GroupMamba: '
@@ -291,7 +293,7 @@ def main(argv=None):
                 (Path(args.save_code) / f'{phase}.py').write_text(source)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    name = f'GroupMamba-{args.arch}' if args.model == 'groupmamba' else 'Swin-T (mmdet)'
+    name = f'GroupMamba-{args.arch}' if args.model == 'groupmamba' else f'Swin-{args.arch} (mmdet)'
     print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}; '
           f'kernel launches in the compiled wrappers (fake H200)')
     kinds = sorted(set(counts[0][0]) | set(counts[1][0]), key=lambda k: -(counts[0][0][k] + counts[1][0][k]))

@@ -4,6 +4,7 @@ turns on Triton's interpreter, whose kernels Inductor cannot compile): for the m
 launches each of our Triton kernels as often as the layers call them, no more (no forward kernel recomputed in
 the backward, none copied around), and Inductor fuses the glue into its own kernels."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,11 @@ def test_compiled_step_kernels_listed_without_a_gpu():
     assert rows['inductor poi'][2] > 0
     total = rows['total']
     assert total[2] == total[0] + total[1] == sum(row[2] for name, row in rows.items() if name != 'total')
+    # The compile-time line: PyTorch analyses every launch site of our kernels (once per consumer), so at
+    # least once per launch in the listing, over fewer distinct kernel and constant-argument sets.
+    ours = sum(row[2] for name, row in rows.items() if name.startswith('ours '))
+    timing = re.search(r'write analysis of user-defined Triton launches (\d+) s in (\d+) calls, for (\d+) distinct',
+                       result.stdout)
+    assert timing, result.stdout[-2000:]
+    calls, distinct = int(timing.group(2)), int(timing.group(3))
+    assert calls >= ours and 0 < distinct < calls
