@@ -143,13 +143,18 @@ def scan_rows(sms=132):
         config = triton_scan._config_for(batch, length, channels, sms, ((None, None),) * 5)
         for backward, passed in ((False, config.fwd), (True, config.bwd)):
             assert split == (passed.n_chunks(length) > 1), (batch, length, passed)
-            constexprs = dict(BLOCK_T=passed.block_t, BLOCK_C=passed.block_c, STATE_T=config.state_t,
-                              STAGES=passed.stages, SUMMARY=False,
-                              **({'HAS_GIN': split} if backward else {'HAS_HIN': split, 'SAVE_STATES': True}))
-            name = f'scan {"bwd" if backward else "fwd"}' + (f' (bs {batch}, split)' if split else '')
-            yield (name, channels, f'block_t={passed.block_t} block_c={passed.block_c} stages={passed.stages}',
-                   triton_scan._scan_bwd_kernel if backward else triton_scan._scan_fwd_kernel,
-                   SCAN_BWD if backward else SCAN_FWD, constexprs, passed.num_warps)
+            # The unsplit backward also in its split form (carry composed from summaries, none here): at the
+            # same tiles the two forms compile to different layouts and registers (kernels/README.md).
+            forms = (split, True) if backward and not split else (split,)
+            for form in forms:
+                constexprs = dict(BLOCK_T=passed.block_t, BLOCK_C=passed.block_c, STATE_T=config.state_t,
+                                  STAGES=passed.stages, SUMMARY=False,
+                                  **({'HAS_GIN': form} if backward else {'HAS_HIN': form, 'SAVE_STATES': True}))
+                name = (f'scan {"bwd" if backward else "fwd"}' + (f' (bs {batch}, split)' if split else '')
+                        + (' in the split form' if form != split else ''))
+                yield (name, channels, f'block_t={passed.block_t} block_c={passed.block_c} stages={passed.stages}',
+                       triton_scan._scan_bwd_kernel if backward else triton_scan._scan_fwd_kernel,
+                       SCAN_BWD if backward else SCAN_FWD, constexprs, passed.num_warps)
 
 
 def main(argv=None):
