@@ -29,6 +29,7 @@ of the same size in the same mode. The launches column counts kernel launches in
 """
 import argparse
 import contextlib
+import gc
 import json
 import time
 
@@ -158,14 +159,44 @@ def build_backbones(models, modes, drop_path_rate, compile_options=None):
 
 
 def timed(fn, steps, warmup=5):
+    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` untimed ones. Prints the cyclic garbage
+    collector's work inside the timed calls where it ran a full collection: such a collection walks every object
+    the process holds, compiled graphs' included, so a timing can depend on what ran before it in the process."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    with garbage_collections() as collected:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
+    if collected['runs'][2]:
+        print(f'  (in the {steps} timed calls: {collected["runs"][2]} full garbage collections, '
+              f'{collected["seconds"] * 1000:.0f} ms in all collections, {len(gc.get_objects())} objects tracked)',
+              flush=True)
+    return seconds
+
+
+@contextlib.contextmanager
+def garbage_collections():
+    """``{'runs': [per generation], 'seconds': s}``: the cyclic garbage collector's runs inside the block, and
+    the time they took."""
+    collected = {'runs': [0, 0, 0], 'seconds': 0.0}
+    started = []
+
+    def callback(phase, info):
+        if phase == 'start':
+            started.append(time.perf_counter())
+        else:
+            collected['seconds'] += time.perf_counter() - started.pop()
+            collected['runs'][info['generation']] += 1
+
+    gc.callbacks.append(callback)
+    try:
+        yield collected
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def classification_numbers(model, batch, steps, adamw):

@@ -1,6 +1,7 @@
 """Check and time the Triton selective scan on a GPU against the card's copy bandwidth and the reference.
 
     python benchmarks/scan_kernels.py [--dtypes fp32,bf16] [--skip-checks] [--sweep] [--sweep-dtypes fp32]
+                                      [--carry-forms] [--chunk-sweep] [--skip-table]
 
 Steps: (1) copy bandwidth of the card (large device-to-device copy, bytes read + written); (2) correctness of
 forward and all gradients against the float64 reference on small odd shapes and on each benchmark shape at
@@ -9,7 +10,14 @@ a small batch, with and without the sequence split; (3) determinism (two backwar
 median time (triton.testing.do_bench), minimal bytes moved, fraction of copy bandwidth, forward and
 backward, and the speedup over the PyTorch reference where the reference fits. ``--sweep`` also times a
 grid of tilings per shape (used to pick the defaults in triton_scan.choose_config), and the default tiling
-with its tile loop software-pipelined 1-4 stages deep.
+with its tile loop software-pipelined 1-4 stages deep. ``--carry-forms`` times each shape's main pass in its
+two compiled forms, the carry entering each program composed from chunk summaries (``HAS_HIN``/``HAS_GIN``, the
+form a split scan launches) or started at zero (the form an unsplit scan launches), with identical results
+checked: without a split the composing loop runs no iteration, yet the backward kernel compiles to 255
+registers with spills in one form and 109-168 without in the other (benchmarks/kernel_registers.py).
+``--chunk-sweep`` times the default tiling with the sequence split into 1, 2, 4, 8 and 16 chunks (the
+launchers split only where batch x groups x channel blocks cannot fill the GPU; a split adds a summary pass that
+reads the inputs again, and more programs to hide each tile's latency).
 """
 import argparse
 import math
@@ -172,55 +180,133 @@ def bench_shapes(dtypes, bandwidth):
         log(row)
 
 
+def launcher_cases(dtypes, seed):
+    """For each dtype and shape: ``(name, dtype_name, hw, inp, args, dy)``, ``args`` the launchers' inputs."""
+    for dtype_name in dtypes:
+        for name, batch, hw, ch in SHAPES:
+            torch.cuda.empty_cache()
+            inp = make_inputs(batch, hw, ch, DTYPES[dtype_name], DEVICE, seed)
+            yield name, dtype_name, hw, inp, [inp[n] for n in NAMES] + [hw], torch.randn_like(inp['u'])
+
+
+def time_launchers(args, dy, cfg, rep=40):
+    """Median ms of the forward launcher (states kept, as in training) and of the backward launcher."""
+    f = do_bench(lambda: triton_scan.scan_forward(*args, cfg, save_states=True), warmup=10, rep=rep,
+                 return_mode='median')
+    _, states = triton_scan.scan_forward(*args, cfg, save_states=True)
+    b = do_bench(lambda: triton_scan.scan_backward(dy, *args, states, cfg), warmup=10, rep=rep,
+                 return_mode='median')
+    return f, b
+
+
 def sweep(dtypes):
     """Time the forward and backward kernels alone over a grid of tilings (launchers, no autograd)."""
     log('== sweep: median ms of the kernels for each tiling')
-    for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        for name, batch, hw, ch in SHAPES:
-            torch.cuda.empty_cache()
-            inp = make_inputs(batch, hw, ch, dtype, DEVICE, 2)
-            args = [inp[n] for n in NAMES] + [hw]
-            dy = torch.randn_like(inp['u'])
-            per_group = ch // 4
-            block_cs = sorted({min(16, triton_next(per_group)), min(32, triton_next(per_group))})
-            chunks = [None] if batch > 8 else [512, 1024, 2048]
-            best = {}
-            # The default tiling with the tile loop software-pipelined (Triton's num_stages) 1 to 4 deep.
-            for stages in (1, 2, 3, 4):
-                cfg = triton_scan.choose_config(inp['u'], stages=stages)
-                f = do_bench(lambda: triton_scan.scan_forward(*args, cfg, save_states=True), warmup=10, rep=40,
-                             return_mode='median')
-                _, states = triton_scan.scan_forward(*args, cfg, save_states=True)
-                b = do_bench(lambda: triton_scan.scan_backward(dy, *args, states, cfg), warmup=10, rep=40,
-                             return_mode='median')
-                log(f'  {name} {dtype_name} default tiling, stages={stages}: fwd {f:.4f} bwd {b:.4f}')
-            for bc in block_cs:
-                for bt in (32, 64, 128, 256):
-                    for per_thread in (8, 16):  # elements of a tile per thread
-                        nw = bt * bc // (32 * per_thread)
-                        if nw not in (1, 2, 4, 8) or bt > 2 * triton_next(hw[0] * hw[1]):
+    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 2):
+        batch, _, ch = inp['u'].shape
+        per_group = ch // 4
+        block_cs = sorted({min(16, triton_next(per_group)), min(32, triton_next(per_group))})
+        chunks = [None] if batch > 8 else [512, 1024, 2048]
+        best = {}
+        # The default tiling with the tile loop software-pipelined (Triton's num_stages) 1 to 4 deep.
+        for stages in (1, 2, 3, 4):
+            f, b = time_launchers(args, dy, triton_scan.choose_config(inp['u'], stages=stages))
+            log(f'  {name} {dtype_name} default tiling, stages={stages}: fwd {f:.4f} bwd {b:.4f}')
+        for bc in block_cs:
+            for bt in (32, 64, 128, 256):
+                for per_thread in (8, 16):  # elements of a tile per thread
+                    nw = bt * bc // (32 * per_thread)
+                    if nw not in (1, 2, 4, 8) or bt > 2 * triton_next(hw[0] * hw[1]):
+                        continue
+                    for chunk in chunks:
+                        cfg = triton_scan.choose_config(inp['u'], chunk_len=chunk, block_t=bt, block_c=bc,
+                                                        num_warps=nw)
+                        try:
+                            f, b = time_launchers(args, dy, cfg)
+                        except Exception as exc:  # a tiling that does not compile is skipped, not fatal
+                            log(f'  {name} {dtype_name} bt={bt} bc={bc} nw={nw} chunk={chunk}: {exc!r:.200}')
                             continue
-                        for chunk in chunks:
-                            cfg = triton_scan.choose_config(inp['u'], chunk_len=chunk, block_t=bt, block_c=bc,
-                                                            num_warps=nw)
-                            try:
-                                f = do_bench(lambda: triton_scan.scan_forward(*args, cfg, save_states=True),
-                                             warmup=10, rep=40, return_mode='median')
-                                _, states = triton_scan.scan_forward(*args, cfg, save_states=True)
-                                b = do_bench(lambda: triton_scan.scan_backward(dy, *args, states, cfg),
-                                             warmup=10, rep=40, return_mode='median')
-                            except Exception as exc:  # a tiling that does not compile is skipped, not fatal
-                                log(f'  {name} {dtype_name} bt={bt} bc={bc} nw={nw} chunk={chunk}: {exc!r:.200}')
-                                continue
-                            key = (bt, bc, nw, chunk)
-                            best.setdefault('fwd', []).append((f, key))
-                            best.setdefault('bwd', []).append((b, key))
-                            log(f'  {name} {dtype_name} bt={bt:3d} bc={bc:2d} nw={nw} chunk={chunk}: '
-                                f'fwd {f:.4f} bwd {b:.4f}')
-            for k in best:
-                top = sorted(best[k])[:3]
-                log(f'  BEST {name} {dtype_name} {k}: ' + ', '.join(f'{t:.4f} {key}' for t, key in top))
+                        key = (bt, bc, nw, chunk)
+                        best.setdefault('fwd', []).append((f, key))
+                        best.setdefault('bwd', []).append((b, key))
+                        log(f'  {name} {dtype_name} bt={bt:3d} bc={bc:2d} nw={nw} chunk={chunk}: '
+                            f'fwd {f:.4f} bwd {b:.4f}')
+        for k in best:
+            top = sorted(best[k])[:3]
+            log(f'  BEST {name} {dtype_name} {k}: ' + ', '.join(f'{t:.4f} {key}' for t, key in top))
+
+
+class _CarryFormForced:
+    """A scan kernel whose main-pass launches (``SUMMARY=False``) get ``flag=value``: the launchers' own argument
+    lists, with the one constexpr that selects how the entering carry is formed set by the benchmark."""
+
+    def __init__(self, kernel, flag, value):
+        self.kernel, self.flag, self.value = kernel, flag, value
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def forced(*args, **meta):
+            if not meta['SUMMARY']:
+                meta[self.flag] = self.value
+            return launch(*args, **meta)
+
+        return forced
+
+
+def _with_carry_form(composed, fn):
+    """``fn()`` with the scan's main passes forced into the composed-carry form (``composed``) or the zero-start
+    form: the launchers' ``wrap_triton`` (a no-op in eager launches) swapped for one that sets the flag."""
+    flags = {triton_scan._scan_fwd_kernel: 'HAS_HIN', triton_scan._scan_bwd_kernel: 'HAS_GIN'}
+    saved = triton_scan.wrap_triton
+    triton_scan.wrap_triton = lambda kernel: _CarryFormForced(kernel, flags[kernel], composed)
+    try:
+        return fn()
+    finally:
+        triton_scan.wrap_triton = saved
+
+
+def carry_forms(dtypes):
+    """Median ms of the forward and backward launchers at the default tiling, main pass in each carry form."""
+    log('== carry forms: main pass with the carry composed from summaries (HAS_HIN/HAS_GIN=True) or started '
+        'at zero (False); median ms, results compared bitwise')
+    ok = True
+    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 3):
+        cfg = triton_scan.choose_config(inp['u'])
+        length = hw[0] * hw[1]
+        if max(cfg.fwd.n_chunks(length), cfg.bwd.n_chunks(length)) > 1:
+            log(f'  {name:7} {dtype_name:5} split into chunks by default: only the composed form is exact')
+            continue
+        times, results = {}, {}
+        for composed in (False, True):
+            def run():
+                y, states = triton_scan.scan_forward(*args, cfg, save_states=True)
+                return time_launchers(args, dy, cfg, rep=60), (y, *triton_scan.scan_backward(dy, *args, states, cfg))
+            times[composed], results[composed] = _with_carry_form(composed, run)
+        same = all(torch.equal(a, b) for a, b in zip(results[False], results[True]))
+        ok &= same
+        (f0, b0), (f1, b1) = times[False], times[True]
+        log(f'  {name:7} {dtype_name:5} fwd zero {f0:.4f} composed {f1:.4f} ({f1 / f0:.2f}x) | '
+            f'bwd zero {b0:.4f} composed {b1:.4f} ({b1 / b0:.2f}x) | '
+            f'{"bitwise equal" if same else "DIFFERENT"} | {cfg}')
+    return ok
+
+
+def chunk_sweep(dtypes):
+    """Median ms of the forward and backward launchers at the default tiles, the sequence in 1-16 chunks."""
+    log('== chunk sweep: median ms of the launchers, default tiles, sequence split into n chunks')
+    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 4):
+        length = hw[0] * hw[1]
+        default = triton_scan.choose_config(inp['u'])
+        cells = []
+        for n in (None, 1, 2, 4, 8, 16):
+            cfg = default if n is None else triton_scan.choose_config(inp['u'], chunk_len=math.ceil(length / n))
+            if n is not None and cfg.fwd.n_chunks(length) != n:
+                continue  # fewer chunks than asked: a chunk is at least a tile
+            f, b = time_launchers(args, dy, cfg, rep=60)
+            label = f'default ({default.fwd.n_chunks(length)}/{default.bwd.n_chunks(length)})' if n is None else n
+            cells.append(f'{label}: {f:.4f} + {b:.4f}')
+        log(f'  {name:7} {dtype_name:5} fwd + bwd ms by chunks | ' + ' | '.join(cells))
 
 
 def triton_next(n):
@@ -233,6 +319,10 @@ def main(argv=None):
     parser.add_argument('--sweep', action='store_true')
     parser.add_argument('--sweep-dtypes', default='fp32')
     parser.add_argument('--skip-checks', action='store_true')
+    parser.add_argument('--carry-forms', action='store_true')
+    parser.add_argument('--chunk-sweep', action='store_true')
+    parser.add_argument('--skip-table', action='store_true', help='leave out step (4), the timings against the '
+                        'reference')
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(',')
     if not torch.cuda.is_available():
@@ -246,7 +336,14 @@ def main(argv=None):
     if not args.skip_checks:
         ok &= correctness(dtypes)
         ok &= determinism()
-    bench_shapes(dtypes, bandwidth)
+    if not args.skip_table:
+        bench_shapes(dtypes, bandwidth)
+    if args.carry_forms:
+        with set_wrap_triton_enabled(False):  # the launchers called directly, as the op's eager path calls them
+            ok &= carry_forms(dtypes)
+    if args.chunk_sweep:
+        with set_wrap_triton_enabled(False):
+            chunk_sweep(dtypes)
     if args.sweep:
         # The sweep calls the launchers directly, outside the op: launch as the op's eager path does, without
         # torch.library's tracing wrapper around each launch (it multiplies the host's cost per launch).

@@ -51,3 +51,13 @@ def test_every_detection_row_is_timed_before_any_is_profiled(monkeypatch):
                                          report=lambda *args, **kwargs: None)
     assert calls == [('time', 'swin'), ('time', 'gm'), ('count', 'swin'), ('count', 'gm')]
     assert rows == {'Swin-T': (10.0, 3), 'GroupMamba-T': (20.0, 4)}
+
+
+def test_garbage_collections_are_counted_and_timed():
+    import gc
+    with backbone_speed.garbage_collections() as collected:
+        gc.collect()
+        gc.collect(0)
+    assert collected['runs'][2] == 1 and collected['runs'][0] == 1 and collected['seconds'] > 0
+    gc.collect()
+    assert collected['runs'] == [1, 0, 1]  # the callback is gone after the block
