@@ -20,8 +20,10 @@ code Inductor generates, and GPU time is scarce; this script gets that code on t
 The wrappers' ``call()`` functions are then read: every ``.run(`` is one Triton launch (Inductor's generated
 kernels by kind: pointwise, reduction, persistent reduction, foreach/combo; ours by kernel name), every
 ``extern_kernels.*`` call one library launch (cuBLAS may launch two for a split-K matmul). Printed: launches by
-kind for the forward and backward graphs, and the generated kernels grouped by the ATen ops they were fused
-from (Inductor's "Original ATen" comments), most frequent first.
+kind for the forward and backward graphs; the wrappers' statements, each run in Python at every step (buffer
+allocations, tensor reinterpretations, input checks, the arguments the launches pass), a CPU proxy for the host
+work besides the launch count; and the generated kernels grouped by the ATen ops they were fused from
+(Inductor's "Original ATen" comments), most frequent first.
 
 Checked against the H200 (eleventh session, commit 2deeca8): Inductor's own wrapper for GroupMamba-T's det
 step, read the same way, launched 2241 kernels there; this script lists 2170 (the GPU decomposes stochastic
@@ -29,6 +31,7 @@ depth's bernoulli into more kernels). Swin-T: 890 here, 931 by the profiler on t
 patches torch's device queries in its own process only.
 """
 import argparse
+import ast
 import collections
 import contextlib
 import json
@@ -259,6 +262,35 @@ def launches(source):
     return by_kind, by_origin
 
 
+# The wrapper's other statements, by what they cost the host: each one runs in Python at every step.
+STATEMENTS = (('buffer allocations', re.compile(r'\bempty_strided\w*\(')),
+              ('tensor reinterpretations', re.compile(r'\breinterpret_tensor\(')),
+              ('input checks', re.compile(r'\b(assert_size_stride\w*|copy_if_misaligned|assert_tensor_metadata)\(')))
+
+
+def wrapper_statements(source):
+    """Counter of a wrapper's ``call()`` statements: all of them (comments aside), those of each
+    ``STATEMENTS`` kind, the launches, and the arguments the launches pass (our kernels take 13-33 each:
+    Triton's launcher handles every one at every call)."""
+    body = source[source.index('def call('):]
+    counts = collections.Counter()
+    for line in (raw.strip() for raw in body.splitlines()):
+        if not line or line.startswith('#'):
+            continue
+        counts['statements'] += 1
+        for kind, pattern in STATEMENTS:
+            counts[kind] += len(pattern.findall(line))
+        if LAUNCH.match(line) or LIBRARY.search(line):
+            counts['launches'] += 1
+            try:
+                call = ast.parse(line).body[0].value
+            except (SyntaxError, AttributeError, IndexError):
+                continue
+            if isinstance(call, ast.Call):
+                counts['launch arguments'] += len(call.args) + len(call.keywords)
+    return counts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', choices=('groupmamba', 'swin'), default='groupmamba')
@@ -287,6 +319,7 @@ def main(argv=None):
             sources = compile_for_h200(graphs, cache_dir, args.inductor_options)
             seconds = dict(trace=traced - start, inductor=time.perf_counter() - traced)
         counts = [launches(source) for source in sources]
+        statements = [wrapper_statements(source) for source in sources]
         if args.save_code:
             Path(args.save_code).mkdir(parents=True, exist_ok=True)
             for phase, source in zip(('forward', 'backward'), sources):
@@ -304,6 +337,11 @@ def main(argv=None):
         print(f'| {kind} | {fwd} | {bwd} | {fwd + bwd} |')
     fwd, bwd = (sum(c[0].values()) for c in counts)
     print(f'| **total** | **{fwd}** | **{bwd}** | **{fwd + bwd}** |')
+    print('\n| wrapper statements (host work per step) | forward | backward | both |')
+    print('| --- | ---: | ---: | ---: |')
+    for kind in ('statements', 'launches', 'launch arguments', *(k for k, _ in STATEMENTS)):
+        fwd, bwd = statements[0][kind], statements[1][kind]
+        print(f'| {kind} | {fwd} | {bwd} | {fwd + bwd} |')
     print(f'\nCompile time on this CPU: tracing (Dynamo aside) {seconds["trace"]:.0f} s, Inductor '
           f'{seconds["inductor"]:.0f} s (its kernels are not compiled here); in both, the write analysis of '
           f'user-defined Triton launches {analysis["seconds"]:.0f} s in {analysis["calls"]} calls, for '

@@ -17,11 +17,16 @@ def test_compiled_step_kernels_listed_without_a_gpu():
     result = subprocess.run([sys.executable, str(SCRIPT), '--arch', 'mini', '--size', '64', '64'],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {}
+    tables, rows = [], None
     for line in result.stdout.splitlines():
         cells = [cell.strip('* ') for cell in line.strip().strip('|').split('|')]
-        if line.startswith('| ') and cells[1].isdigit():
+        if line.startswith('| ') and cells[1] == 'forward':
+            rows = {}
+            tables.append(rows)
+        elif line.startswith('| ') and cells[1].isdigit():
             rows[cells[0]] = tuple(int(c) for c in cells[1:])
+    assert len(tables) == 2, result.stdout[-3000:]
+    rows, statements = tables
     blocks = 5  # mini: depths 1, 1, 2, 1
     # Per block, forward / backward: three gated-norm launches (the layer's norm, out_norm, the FFN's norm)
     # and their backward; the modulated norm, the channel affinity and the two depthwise convs once each way;
@@ -44,3 +49,7 @@ def test_compiled_step_kernels_listed_without_a_gpu():
     assert timing, result.stdout[-2000:]
     calls, distinct = int(timing.group(2)), int(timing.group(3))
     assert calls >= ours and 0 < distinct < calls
+    # The wrappers' host work besides the launches: every launch is a statement, passing its arguments.
+    assert statements['launches'] == total
+    assert statements['launch arguments'][2] > statements['launches'][2]
+    assert statements['statements'][2] >= total[2] + statements['buffer allocations'][2]
