@@ -2,6 +2,7 @@
 CPU (issue #15: the H200 step is bound by bytes moved; this budget says which passes to cut).
 
     python benchmarks/bytes_budget.py [--stages 1 2 3 4] [--size-scale 1] [--sms 132] [--fp32] [--run-kernels]
+                                      [--measured KERNEL=MS ...] [--batch 128] [--copy-tbps 4.272]
 
 For one block of each stage of GroupMamba-T (64/128/348/448 channels, MLP ratios 8/8/4/4, on the 56/28/14/7 maps
 of a 224x224 image; batch 1, train mode, drop_path 0.1, bf16 autocast on the CPU standing in for CUDA fp16), the
@@ -22,6 +23,14 @@ their gradients written once (backward), the output's gradient read and the inpu
 (backward). The kept activations are the storages autograd saves (``saved_tensors_hooks``, each storage once,
 whole), less the weights and the tensors computed from weights alone (their casts), which are listed apart; the
 block's input, when saved, is read again in the backward but not written.
+
+``--measured`` takes the GPU time of our kernels in one training step of the whole backbone at ``--batch``
+(profile_step.py's table, e.g. ``_dwconv_bwd_pre_kernel=9.931``) and prints each kernel's achieved bandwidth:
+its bytes per image per block, times the batch and each stage's depth, summed over the stages, over the measured
+time, against the card's copy bandwidth (``--copy-tbps``, read + write, as ``scan_kernels.py`` measures it).
+The norms' times include the stem's, downsampling and stage norms, which the blocks' budget does not. With
+``--measured``, the batch-1 walk sizes its tilings for ``sms / batch`` multiprocessors, so that each image is
+tiled as in the measured batch (no sequence split at batch 128, full-length walks, their partial sums).
 
 What is approximate:
 
@@ -179,12 +188,21 @@ def main():
     parser.add_argument('--sms', type=int, default=132, help='multiprocessors the tilings are sized for')
     parser.add_argument('--fp32', action='store_true', help='no autocast')
     parser.add_argument('--run-kernels', action='store_true', help='run the Triton kernels (interpreted: slow)')
+    parser.add_argument('--measured', nargs='+', default=[], metavar='KERNEL=MS',
+                        help="GPU ms of our kernels in one backbone training step at --batch (profile_step.py)")
+    parser.add_argument('--batch', type=int, default=128, help='the batch of the --measured step')
+    parser.add_argument('--copy-tbps', type=float, default=4.272, help="the card's copy bandwidth, TB/s")
     args = parser.parse_args()
-    size_tilings_for(args.sms)
+    measured = parse_measured(args.measured)
+    # The launchers choose tilings (sequence splits, walk lengths, partial sums per image) from their program
+    # count, which grows with the batch, against the multiprocessors: a batch-1 walk sized for sms / batch of
+    # them tiles each image as the measured batch does.
+    sms = max(1, round(args.sms / args.batch)) if measured else args.sms
+    size_tilings_for(sms)
     arch = ARCH_SETTINGS['tiny']
     precision = 'fp32' if args.fp32 else 'bf16 autocast'
     print(f'bytes per image of one GroupMambaBlock per stage of GroupMamba-T, forward + backward ({precision}, '
-          f'train, drop_path 0.1, Triton path, tilings for {args.sms} SMs), {datetime.date.today()}; '
+          f'train, drop_path 0.1, Triton path, tilings for {sms} SMs), {datetime.date.today()}; '
           'MB = 1e6 bytes\n')
     summary = []
     for stage in args.stages:
@@ -203,6 +221,48 @@ def main():
         forward = sum(budget.totals('forward')[1:])
         print(f'| {stage} | {dims}x{size}x{size} | {forward / MB:.2f} | {(achieved - forward) / MB:.2f} | '
               f'{achieved / MB:.2f} | {least / MB:.2f} | {achieved / least:.2f}x |')
+    if measured:
+        print_bandwidth(summary, measured, args.batch, args.copy_tbps)
+
+
+def parse_measured(items):
+    """``['_scan_bwd_kernel=6.157', ...]`` -> ``{'_scan_bwd_kernel': 6.157}``, loud on a malformed item."""
+    measured = {}
+    for item in items:
+        name, sep, ms = item.partition('=')
+        try:
+            measured[name] = float(ms)
+        except ValueError:
+            sep = ''
+        if not sep or not name:
+            raise SystemExit(f'--measured takes KERNEL=MS items (e.g. _scan_bwd_kernel=6.157), got {item!r}')
+    return measured
+
+
+def step_bytes(summary, batch):
+    """Bytes each of our kernels moves in one training step of GroupMamba-T's blocks at ``batch``: per image per
+    block, times the batch and the stage's depth, both phases, summed over the stages in ``summary``."""
+    depths = ARCH_SETTINGS['tiny']['depths']
+    moved = collections.Counter()
+    for stage, _, _, budget, _, _ in summary:
+        for key in budget.launches:
+            if key[1].startswith('triton:'):
+                moved[key[1][len('triton:'):]] += (budget.read[key] + budget.written[key]) * batch * depths[stage - 1]
+    return moved
+
+
+def print_bandwidth(summary, measured, batch, copy_tbps):
+    moved = step_bytes(summary, batch)
+    unknown = sorted(set(measured) - set(moved))
+    if unknown:
+        raise SystemExit(f'--measured names kernels the blocks do not launch: {unknown}; known: {sorted(moved)}')
+    stages = ', '.join(str(entry[0]) for entry in summary)
+    print(f'\n## achieved bandwidth at batch {batch} (blocks of stages {stages}; copy {copy_tbps} TB/s)\n')
+    print('| kernel | GB moved per step | measured ms | GB/s | of copy bandwidth |')
+    print('| --- | ---: | ---: | ---: | ---: |')
+    for name, ms in sorted(measured.items(), key=lambda item: -item[1]):
+        rate = moved[name] / (ms * 1e-3)
+        print(f'| {name} | {moved[name] / 1e9:.2f} | {ms:.3f} | {rate / 1e9:.0f} | {rate / (copy_tbps * 1e12):.0%} |')
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 with pytest.MonkeyPatch.context() as patch:
     patch.setenv('MMGM_KERNELS', 'triton')  # launch_count sets it at import: put back for the other tests
-    from bytes_budget import ByteBudget, budget_block, bytes_of
+    from bytes_budget import ByteBudget, budget_block, bytes_of, parse_measured, step_bytes
     from launch_count import count_step
 
 from mmgroupmamba.models.groupmamba import GroupMambaBlock  # noqa: E402
@@ -64,3 +64,25 @@ def test_the_walk_without_the_kernels_gives_the_same_budget(monkeypatch):
     (ran, ran_minimum), (skipped, skipped_minimum) = walks
     assert (ran.launches, ran.read, ran.written) == (skipped.launches, skipped.read, skipped.written)
     assert ran_minimum == skipped_minimum
+
+
+def test_measured_kernel_times_parse_loudly():
+    assert parse_measured(['_scan_bwd_kernel=6.157', '_dwconv_fwd_kernel=1']) == {'_scan_bwd_kernel': 6.157,
+                                                                                 '_dwconv_fwd_kernel': 1.0}
+    for bad in ('_scan_bwd_kernel', '_scan_bwd_kernel=fast', '=1.0'):
+        with pytest.raises(SystemExit, match='KERNEL=MS'):
+            parse_measured([bad])
+
+
+def test_step_bytes_scale_a_blocks_bytes_by_batch_and_depth(monkeypatch):
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+    budget, _ = budget_block(32, 4, 8)
+    ours = {}
+    for phase, name in budget.launches:  # the conv's forward kernel runs in both phases: summed
+        if name.startswith('triton:'):
+            key = name[len('triton:'):]
+            ours[key] = ours.get(key, 0) + budget.read[phase, name] + budget.written[phase, name]
+    assert '_scan_fwd_kernel' in ours and '_dwconv_bwd_pre_kernel' in ours
+    # Stage 2 of the tiny arch has 4 blocks; only our Triton kernels are counted.
+    moved = step_bytes([(2, 32, 8, budget, 0, 0)], batch=16)
+    assert moved == {name: n * 16 * 4 for name, n in ours.items()}
