@@ -1,0 +1,130 @@
+"""Compile time and step time of GroupMamba compiled whole (its ``compile`` option) or block by block (regional).
+
+    python benchmarks/regional_compile.py --mode {whole,regional} [--arch tiny] [--batch 2] [--size 800 1344]
+                                          [--steps 10] [--dynamic]
+
+The backbone's ``compile`` option traces the whole backbone into one graph: on an H200 its det step took 233-276
+s to compile (fifteenth session), 40% of that in PyTorch's analysis of every launch site of our Triton kernels
+(``compiled_kernels.py``). Its 19 blocks come in four shapes, one per stage. Compiled block by block (PyTorch's
+regional compilation: ``block.compile()`` on each ``GroupMambaBlock``, the stem, downsampling and stage norms
+eager), Dynamo traces one block per shape and reuses that graph for the stage's other blocks (their parameters
+are inputs, not constants), so Inductor compiles four block graphs and the analysis runs over four blocks'
+launch sites. The cost: each block call goes through a compiled region's guards and wrappers, and nothing fuses
+across blocks. This script measures both sides for one mode per process (compiled code is cached per process):
+the first step's time (the compile), the steady step time, the graphs compiled, and the outputs and parameter
+gradients against the eager model's on the same input.
+
+On CUDA the step is the det step of ``backbone_speed.py`` (AMP fp16, a loss over all outputs, backward); on the
+CPU, fp32 (the fused ops then run their PyTorch reference, which compiles quite differently from the Triton
+path: run it on a GPU for the numbers that matter).
+"""
+import argparse
+import copy
+import time
+
+import torch
+
+from mmgroupmamba.models.compiled import CompiledForward
+from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS, GroupMamba, GroupMambaBlock
+
+
+def compile_blocks(backbone, **options):
+    """``backbone`` with each of its ``GroupMambaBlock`` modules compiled on its own (``nn.Module.compile``)."""
+    blocks = [m for m in backbone.modules() if isinstance(m, GroupMambaBlock)]
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def build(arch, mode, dynamic):
+    torch.manual_seed(0)
+    options = dict(dynamic=dynamic, fullgraph=True)
+    eager = GroupMamba(arch=arch, drop_path_rate=0.0)
+    if mode == 'whole':
+        model = GroupMamba(arch=arch, drop_path_rate=0.0, compile=options)
+        model.load_state_dict(eager.state_dict())
+    else:
+        model = copy.deepcopy(eager)
+        # The torch.compile arguments the backbone's own option would pass (its Inductor defaults included).
+        compile_blocks(model, **CompiledForward('GroupMambaBlock', options, COMPILE_INDUCTOR_DEFAULTS).options)
+    return eager, model
+
+
+def step_fn(model, images):
+    amp = images.is_cuda
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
+            outs = model(images)
+            loss = sum(o.float().mean() for o in outs)
+        loss.backward()
+        return outs
+
+    return step
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def compare(eager, model, images):
+    """Largest relative difference of the outputs and of the parameter gradients, compiled against eager, for a
+    loss that weighs every output element by a fixed random number (the mean of a LayerNorm's output, the timed
+    step's loss, leaves most gradients at rounding noise)."""
+    outs = []
+    for m in (eager, model):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(images.device.type, dtype=torch.float16, enabled=images.is_cuda):
+            out = m(images)
+        generator = torch.Generator(images.device).manual_seed(0)
+        weights = [torch.randn(o.shape, generator=generator, device=o.device) for o in out]
+        sum((o.float() * w).mean() for o, w in zip(out, weights)).backward()
+        outs.append(out)
+    out_err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+                  for a, b in zip(outs[1], outs[0]))
+    grads = zip((p.grad for p in model.parameters()), (p.grad for p in eager.parameters()))
+    grad_err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+                   for a, b in grads if a is not None and b is not None)
+    return out_err, grad_err
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--mode', choices=('whole', 'regional'), required=True)
+    parser.add_argument('--arch', default='tiny')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--size', type=int, nargs=2, default=(800, 1344))
+    parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--dynamic', action='store_true', help='symbolic sizes (default: static)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch._dynamo.utils.counters.clear()
+    eager, model = build(args.arch, args.mode, args.dynamic)
+    eager, model = eager.to(device).train(), model.to(device).train()
+    images = torch.randn(args.batch, 3, *args.size, device=device)
+    step = step_fn(model, images)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    first = time.perf_counter() - start
+    for _ in range(3):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(device)
+    steady = (time.perf_counter() - start) / args.steps
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+    out_err, grad_err = compare(eager, model, images)
+    print(f'{args.mode}: GroupMamba-{args.arch}, batch {args.batch} at {args.size[0]}x{args.size[1]} on {device}, '
+          f'{"dynamic" if args.dynamic else "static"} sizes: first step (compiling) {first:.1f} s, then '
+          f'{steady * 1000:.1f} ms a step; {graphs} graphs compiled; against eager: outputs {out_err:.1e}, '
+          f'worst parameter gradient {grad_err:.1e}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
