@@ -2,7 +2,7 @@
 
     python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
                                           [--inductor-options '{"combo_kernels": false}'] [--top 25]
-                                          [--save-code DIR]
+                                          [--save-code DIR] [--regional]
 
 The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
 Python wrapper issues every launch, so their number sets the step time (README, #14). Counting them needs the
@@ -24,6 +24,10 @@ kind for the forward and backward graphs; the wrappers' statements, each run in 
 allocations, tensor reinterpretations, input checks, the arguments the launches pass), a CPU proxy for the host
 work besides the launch count; and the generated kernels grouped by the ATen ops they were fused from
 (Inductor's "Original ATen" comments), most frequent first.
+
+``--regional`` compiles GroupMamba block by block instead (PyTorch's regional compilation, as
+``regional_compile.py`` runs it): one block per stage is traced and compiled at its det-size map, and its
+launches and statements count once per block of its stage; the compile time is the four block graphs'.
 
 Checked against the H200 (eleventh session, commit 2deeca8): Inductor's own wrapper for GroupMamba-T's det
 step, read the same way, launched 2241 kernels there; this script lists 2170 (the GPU decomposes stochastic
@@ -121,8 +125,9 @@ def build(model, arch):
         return MODELS.build(cfg)
 
 
-def trace_graphs(backbone, size):
-    """The forward and backward graphs AOTAutograd hands Inductor for one AMP fp16 step, with their example
+def trace_graphs(backbone, input_shape):
+    """The forward and backward graphs AOTAutograd hands Inductor for one AMP fp16 step of ``backbone`` (a
+    backbone on an image batch, or one block on its map) on an input of ``input_shape``, with their example
     inputs (fake, CPU)."""
     from torch._functorch.aot_autograd import aot_function
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -137,13 +142,14 @@ def trace_graphs(backbone, size):
 
     backbone.train()
     with FakeTensorMode(allow_non_fake_inputs=True):
-        images = torch.randn(2, 3, *size)
+        images = torch.randn(*input_shape)
         params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_() for n, p in backbone.named_parameters()}
         buffers = {n: torch.zeros(b.shape, dtype=b.dtype) for n, b in backbone.named_buffers()}
         names = [*params, *buffers]
 
         def step(images, *tensors):
-            return tuple(torch.func.functional_call(backbone, dict(zip(names, tensors)), (images,)))
+            out = torch.func.functional_call(backbone, dict(zip(names, tensors)), (images,))
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
         compiled = aot_function(step, fw_compiler=capture, bw_compiler=capture,
                                 partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
@@ -291,6 +297,19 @@ def wrapper_statements(source):
     return counts
 
 
+def stage_blocks(backbone, size):
+    """``[(block, its input shape, blocks of that shape)]``, one per stage of a GroupMamba at bs 2 and image
+    ``size``: the stem divides the map by 4, each downsampling conv (3x3, stride 2, padding 1) halves it, rounding
+    up."""
+    height, width = -(-size[0] // 4), -(-size[1] // 4)
+    rows = []
+    for stage in range(backbone.num_stages):
+        blocks = getattr(backbone, f'block{stage + 1}')
+        rows.append((blocks[0], (2, height, width, backbone.embed_dims[stage]), len(blocks)))
+        height, width = -(-height // 2), -(-width // 2)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', choices=('groupmamba', 'swin'), default='groupmamba')
@@ -301,7 +320,12 @@ def main(argv=None):
                         'COMPILE_INDUCTOR_DEFAULTS, Swin-T: none)')
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--save-code', metavar='DIR', help='also write the two wrapper modules there')
+    parser.add_argument('--regional', action='store_true',
+                        help='GroupMamba compiled block by block: one block per stage traced and compiled, its '
+                        'launches counted once per block of the stage (stem, downsampling and norms left out)')
     args = parser.parse_args(argv)
+    if args.regional and (args.model != 'groupmamba' or args.save_code):
+        parser.error('--regional compiles GroupMamba blocks, and writes no wrapper modules')
     cache_dir = tempfile.mkdtemp(prefix='compiled_kernels_')
     os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache_dir  # a fresh cache: every graph is compiled, none reloaded
     try:
@@ -310,16 +334,27 @@ def main(argv=None):
             from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
             args.inductor_options = dict(COMPILE_INDUCTOR_DEFAULTS) if args.model == 'groupmamba' else {}
         analysis = {}
+        backbone = build(args.model, args.arch)
+        # What is compiled, and how often each compiled graph runs in a step.
+        parts = (stage_blocks(backbone, args.size) if args.regional
+                 else [(backbone, (2, 3, *args.size), 1)])
+        counts = [(collections.Counter(), collections.Counter()) for _ in range(2)]
+        statements = [collections.Counter() for _ in range(2)]
+        seconds = collections.Counter()
         with mutation_analysis_timed(analysis):
-            start = time.perf_counter()
-            graphs = trace_graphs(build(args.model, args.arch), args.size)
-            if len(graphs) != 2:
-                raise RuntimeError(f'expected a forward and a backward graph, got {len(graphs)}')
-            traced = time.perf_counter()
-            sources = compile_for_h200(graphs, cache_dir, args.inductor_options)
-            seconds = dict(trace=traced - start, inductor=time.perf_counter() - traced)
-        counts = [launches(source) for source in sources]
-        statements = [wrapper_statements(source) for source in sources]
+            for module, input_shape, repeats in parts:
+                start = time.perf_counter()
+                graphs = trace_graphs(module, input_shape)
+                if len(graphs) != 2:
+                    raise RuntimeError(f'expected a forward and a backward graph, got {len(graphs)}')
+                traced = time.perf_counter()
+                sources = compile_for_h200(graphs, cache_dir, args.inductor_options)
+                seconds.update(trace=traced - start, inductor=time.perf_counter() - traced)
+                for phase, source in enumerate(sources):
+                    by_kind, by_origin = launches(source)
+                    for counter, found in zip(counts[phase], (by_kind, by_origin)):
+                        counter.update({key: n * repeats for key, n in found.items()})
+                    statements[phase].update({key: n * repeats for key, n in wrapper_statements(source).items()})
         if args.save_code:
             Path(args.save_code).mkdir(parents=True, exist_ok=True)
             for phase, source in zip(('forward', 'backward'), sources):
@@ -327,6 +362,9 @@ def main(argv=None):
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     name = f'GroupMamba-{args.arch}' if args.model == 'groupmamba' else f'Swin-{args.arch} (mmdet)'
+    if args.regional:
+        name += (f' compiled block by block ({len(parts)} block graphs for {sum(r for _, _, r in parts)} blocks; '
+                 'stem, downsampling and stage norms eager, not counted)')
     print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}; '
           f'kernel launches in the compiled wrappers (fake H200)')
     kinds = sorted(set(counts[0][0]) | set(counts[1][0]), key=lambda k: -(counts[0][0][k] + counts[1][0][k]))

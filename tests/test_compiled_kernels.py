@@ -53,3 +53,22 @@ def test_compiled_step_kernels_listed_without_a_gpu():
     assert statements['launches'] == total
     assert statements['launch arguments'][2] > statements['launches'][2]
     assert statements['statements'][2] >= total[2] + statements['buffer allocations'][2]
+
+
+def test_regional_listing_counts_each_stage_block_graph_per_block():
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    result = subprocess.run([sys.executable, str(SCRIPT), '--regional', '--arch', 'mini', '--size', '64', '64',
+                             '--top', '1'], capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '4 block graphs for 5 blocks' in result.stdout, result.stdout[-2000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip('* ') for cell in line.strip().strip('|').split('|')]
+        if line.startswith('| ours ') or line.startswith('| **total**'):
+            rows.setdefault(cells[0], tuple(int(c) for c in cells[1:]))
+    # Blocks only (the stem's and the stage norms run eagerly): three gated norms and two convs per block, each
+    # of the four block graphs counted once per block of its stage.
+    assert rows['ours _gated_norm_fwd_kernel'][:2] == (3 * 5, 0)
+    assert rows['ours _dwconv_bwd_pre_kernel'][:2] == (0, 2 * 5)
+    timing = re.search(r'write analysis of user-defined Triton launches (\d+) s in (\d+) calls', result.stdout)
+    assert timing and int(timing.group(2)) > 0
