@@ -392,19 +392,24 @@ class GroupMambaLayer(nn.Module):
         C rows) and ``out_proj`` ``(C, C)``. Rebuilt at every call (:class:`_BlockDiagonalProjections`)."""
         return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight)
 
+    def matmul_weights(self, cast_params):
+        """The matmuls' weights from :meth:`matmul_params` cast to the compute dtype: the groups' projections as
+        block-diagonal matrices (:meth:`projections`), then ``proj``'s weight and bias."""
+        *scan_weights, proj_weight, proj_bias = cast_params
+        return (*self.projections(*scan_weights), proj_weight, proj_bias)
+
     def forward(self, x, weights=None):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's). ``weights``:
-        :meth:`matmul_params` already in that dtype (a block casts its layer's and its FFN's together)."""
+        :meth:`matmul_weights` in that dtype (a block casts its layer's and its FFN's parameters together)."""
         batch, height, width, dims = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
-            weights = cast_together(self.matmul_params(), x.dtype)
-        *scan_weights, proj_weight, proj_bias = weights
+            weights = self.matmul_weights(cast_together(self.matmul_params(), x.dtype))
+        in_proj, delta_proj, bc_proj, out_proj, proj_weight, proj_bias = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
         scale = channel_affinity(x.mean((1, 2)), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                  self.skip_scale)
 
-        in_proj, delta_proj, bc_proj, out_proj = self.projections(*scan_weights)
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(dims, dim=-1)
         u = depthwise_conv_act(u, self.conv2d.weight, self.conv2d.bias, 'silu').reshape(batch, height * width, dims)
@@ -506,6 +511,40 @@ class GroupMambaBlock(nn.Module):
         self.mlp = ConvFFN(dims, int(dims * mlp_ratio))
         self.drop_path = drop_path
         self.with_cp = with_cp
+        self._constant_weights = None  # (key, weights) of _matmul_weights, where no gradient reaches them
+
+    def train(self, mode=True):
+        # Switching modes drops the kept weights: a write through `param.data` is the one change their key cannot
+        # see, and evaluation loops switch modes after such writes (mmengine's EMA hook swaps weights that way,
+        # then the loop calls eval()).
+        self._constant_weights = None
+        return super().train(mode)
+
+    def _matmul_weights(self, dtype):
+        """The layer's :meth:`GroupMambaLayer.matmul_weights` and the FFN's matmul weights, in ``dtype``.
+
+        Built at every call where a gradient reaches them (training): the casts and block-diagonal projections
+        are then part of the step. Where none does (inference, frozen stages) they are constants of the
+        parameters, kept between calls: in eager inference a block's forward then skips eight launches (the
+        cast's concatenation and cast, the projections' concatenation, matmul and diagonal fills). Kept in plain
+        eager runs only: torch.compile traces them into its graph, and a CUDA graph being recorded would read
+        tensors that a later refresh replaces. The key (each parameter's storage and version counter, and the
+        dtype) replaces them when a parameter is updated in place, moved or converted."""
+        params = self.attn.matmul_params() + self.mlp.matmul_params()
+        keep = (not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+                and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing()))
+        if keep:
+            # Tensors made in inference mode cannot be saved for a backward outside it: kept apart.
+            key = (dtype, torch.is_inference_mode_enabled(), tuple((p.data_ptr(), p._version) for p in params))
+            if self._constant_weights is not None and self._constant_weights[0] == key:
+                return self._constant_weights[1]
+        cast = cast_together(params, dtype)
+        n_attn = len(params) - len(self.mlp.matmul_params())
+        weights = (self.attn.matmul_weights(cast[:n_attn]), cast[n_attn:])
+        if keep:
+            self._constant_weights = (key, weights)
+        return weights
 
     def _keep_masks(self, x):
         """Stochastic depth's per-image masks for both branches in one draw, already divided by the keep rate:
@@ -517,11 +556,10 @@ class GroupMambaBlock(nn.Module):
         return masks.bernoulli_(keep).mul_(1 / keep)
 
     def _forward(self, x):
-        attn_params = self.attn.matmul_params()
-        weights = cast_together(attn_params + self.mlp.matmul_params(), _compute_dtype(x))
+        attn_weights, mlp_weights = self._matmul_weights(_compute_dtype(x))
         attn_mask, mlp_mask = self._keep_masks(x)
-        x = add_dropped_branch(x, self.attn(x, weights[:len(attn_params)]), attn_mask)
-        return add_dropped_branch(x, self.mlp(x, self.norm2, weights[len(attn_params):]), mlp_mask)
+        x = add_dropped_branch(x, self.attn(x, attn_weights), attn_mask)
+        return add_dropped_branch(x, self.mlp(x, self.norm2, mlp_weights), mlp_mask)
 
     def forward(self, x):
         if self.with_cp and x.requires_grad:
