@@ -112,3 +112,16 @@ def test_later_inference_forwards_launch_eight_kernels_fewer_a_block(monkeypatch
     model = GroupMamba(arch='mini')
     first, later = count_inference(model, torch.randn(1, 3, 64, 64), autocast=True)
     assert first - later == 8 * 5  # mini: 5 blocks
+
+
+def test_nothing_is_kept_while_traced():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    block, x = block_and_input()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        block(torch.empty(2, 6, 5, 32))
+    assert block._constant_weights is None
+    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
+    with torch.no_grad():
+        out = compiled(x)
+    assert block._constant_weights is None
+    assert torch.allclose(out, fresh(block, x), atol=1e-6)
