@@ -29,11 +29,10 @@ from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS, GroupMamba
 
 
 def compile_blocks(backbone, **options):
-    """``backbone`` with each of its ``GroupMambaBlock`` modules compiled on its own (``nn.Module.compile``)."""
-    blocks = [m for m in backbone.modules() if isinstance(m, GroupMambaBlock)]
-    for block in blocks:
-        block.compile(**options)
-    return len(blocks)
+    """Compiles each ``GroupMambaBlock`` of ``backbone`` on its own (``nn.Module.compile``)."""
+    for module in backbone.modules():
+        if isinstance(module, GroupMambaBlock):
+            module.compile(**options)
 
 
 def build(arch, mode, dynamic):

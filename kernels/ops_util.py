@@ -52,14 +52,22 @@ def fused_op(name, reference):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def traced(args):
+    """Whether a call with ``args`` is traced rather than run: by torch.compile or export, with fake, functional
+    or proxy tensors, under a torch.func transform (whose wrapped tensors look like plain ones), or with tensor
+    subclasses among the arguments. A mode that only watches (a counter, a logger) is no trace."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    modes = torch._C._TorchDispatchModeKey
+    if any(torch._C._get_dispatch_mode(key) is not None for key in (modes.FAKE, modes.PROXY, modes.FUNCTIONAL)):
+        return True
+    return not all(type(a) in _PLAIN_TENSOR_TYPES or not isinstance(a, torch.Tensor) for a in args)
+
+
 def _plain_eager(args):
-    """Whether a call with ``args`` is plain eager work that nothing watches: no torch.compile or export trace,
-    no dispatch or torch-function mode (fake tensors, functionalization, proxies, counters), no torch.func
-    transform (whose wrapped tensors look like plain ones), and only plain tensors among the arguments."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
-        return False
-    return all(type(a) in _PLAIN_TENSOR_TYPES or not isinstance(a, torch.Tensor) for a in args)
+    """Whether a call with ``args`` is plain eager work that nothing watches: not :func:`traced`, and no
+    dispatch or torch-function mode at all (counters too must see the op)."""
+    return not (traced(args) or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled())
 
 
 class FusedOp:

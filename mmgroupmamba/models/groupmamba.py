@@ -69,6 +69,7 @@ from mmgroupmamba.kernels import (
     modulated_layer_norm_linear,
     selective_scan,
 )
+from mmgroupmamba.kernels.ops_util import traced
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.models.inputs import check_image_batch
@@ -501,18 +502,6 @@ def add_dropped_branch(x, branch, mask):
     return x + branch if mask is None else _AddDroppedBranch.apply(x, branch, mask)
 
 
-def _traced(params):
-    """Whether this call is traced rather than run: by torch.compile or export, with fake, functional or proxy
-    tensors, under a torch.func transform, or with parameters that are tensor subclasses. (A counting or logging
-    dispatch mode is no trace.)"""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    modes = torch._C._TorchDispatchModeKey
-    if any(torch._C._get_dispatch_mode(key) is not None for key in (modes.FAKE, modes.PROXY, modes.FUNCTIONAL)):
-        return True
-    return any(type(p) not in (torch.Tensor, nn.Parameter) for p in params)
-
-
 class GroupMambaBlock(nn.Module):
     """``x + DropPath(GroupMambaLayer(x))``, then ``x + DropPath(ConvFFN(norm2(x)))``; channels-last."""
 
@@ -539,12 +528,13 @@ class GroupMambaBlock(nn.Module):
         are then part of the step. Where none does (inference, frozen stages) they are constants of the
         parameters, kept between calls: in eager inference a block's forward then skips eight launches (the
         cast's concatenation and cast, the projections' concatenation, matmul and diagonal fills). Kept in plain
-        eager runs only (:func:`_traced`): torch.compile and export trace them into their graphs, and a CUDA
-        graph being recorded would read tensors that a later refresh replaces. The key (each
-        parameter's storage and version counter, and the dtype) replaces them when a parameter is updated in
-        place, moved or converted."""
-        params = self.attn.matmul_params() + self.mlp.matmul_params()
-        keep = (not _traced(params)
+        eager runs only (``kernels.ops_util.traced``): torch.compile and export trace them into their graphs, and
+        a CUDA graph being recorded would read tensors that a later refresh replaces. The key (each parameter's
+        storage and version counter, and the dtype) replaces them when a parameter is updated in place, moved or
+        converted."""
+        attn_params, mlp_params = self.attn.matmul_params(), self.mlp.matmul_params()
+        params = attn_params + mlp_params
+        keep = (not traced(params)
                 and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
                 and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing()))
         if keep:
@@ -553,8 +543,7 @@ class GroupMambaBlock(nn.Module):
             if self._constant_weights is not None and self._constant_weights[0] == key:
                 return self._constant_weights[1]
         cast = cast_together(params, dtype)
-        n_attn = len(params) - len(self.mlp.matmul_params())
-        weights = (self.attn.matmul_weights(cast[:n_attn]), cast[n_attn:])
+        weights = (self.attn.matmul_weights(cast[:len(attn_params)]), cast[len(attn_params):])
         if keep:
             self._constant_weights = (key, weights)
         return weights
