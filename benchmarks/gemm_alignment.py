@@ -10,6 +10,12 @@ dimensions. A graphed bs-128 step of GroupMamba-T on an H200 (fifteenth session,
 are multiples of stage 3's nine blocks. If padding the channels to 352 moves those matmuls to faster kernels,
 storing stage 3's maps with padded rows is worth its cost; if not, the sm80 kernels have another cause.
 
+Two ways to give cuBLAS aligned rows are timed beside the matmuls as they are: ``padded to 8``, the channels
+themselves padded (K and N rounded up, extra zero channels the model would have to carry through its norms,
+convs and scan), and ``rows padded``, the same K and N with every matrix a view of a buffer whose rows are
+padded (a row stride of 352 elements for 348 channels; the outputs written into such views with ``out=``):
+what the model would get by allocating its maps with padded rows and leaving their channels as they are.
+
 Each matmul of the block, as the model runs it (the groups' projections as one dense block-diagonal matrix,
 ``GroupMambaLayer.projections``), is timed forward (``x @ W^T``) and for both backward products (``grad @ W``,
 ``grad^T @ x``): median ms of ``triton.testing.do_bench``, then the kernels one call launched (torch.profiler,
@@ -55,6 +61,20 @@ def products(m, k, n, dtype, device):
     return {'fwd': lambda: torch.nn.functional.linear(x, w), 'dgrad': lambda: g @ w, 'wgrad': lambda: g.t() @ x}
 
 
+def row_padded(rows, cols, dtype, device, fill=True):
+    """A ``(rows, cols)`` view of a ``(rows, padded(cols))`` buffer: its row stride a multiple of 8 elements."""
+    buffer = (torch.randn if fill else torch.empty)(rows, padded(cols), device=device, dtype=dtype)
+    return buffer[:, :cols]
+
+
+def row_padded_products(m, k, n, dtype, device):
+    """:func:`products` with every operand and result a :func:`row_padded` view (results written with ``out=``)."""
+    x, w, g = (row_padded(r, c, dtype, device) for r, c in ((m, k), (n, k), (m, n)))
+    y, dx, dw = (row_padded(r, c, dtype, device, fill=False) for r, c in ((m, n), (m, k), (n, k)))
+    return {'fwd': lambda: torch.mm(x, w.t(), out=y), 'dgrad': lambda: torch.mm(g, w, out=dx),
+            'wgrad': lambda: torch.mm(g.t(), x, out=dw)}
+
+
 def kernel_names(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -79,11 +99,12 @@ def main(argv=None):
           f'{args.size[0]}x{args.size[1]}, {args.dtype}; {time.strftime("%Y-%m-%d %H:%M")}', flush=True)
     timed, cases = [], []
     for stage, name, m, k, n in block_matmuls(args.arch, args.batch, args.size):
-        shapes = {'as is': (k, n)}
+        shapes = {'as is': (k, n, products)}
         if (padded(k), padded(n)) != (k, n):
-            shapes['padded to 8'] = (padded(k), padded(n))
-        for label, (kk, nn) in shapes.items():
-            for product, fn in products(m, kk, nn, dtype, 'cuda').items():
+            shapes['padded to 8'] = (padded(k), padded(n), products)
+            shapes['rows padded'] = (k, n, row_padded_products)
+        for label, (kk, nn, make) in shapes.items():
+            for product, fn in make(m, kk, nn, dtype, 'cuda').items():
                 ms = do_bench(fn, warmup=10, rep=50, return_mode='median')
                 timed.append((stage, name, label, m, kk, nn, product, ms))
                 cases.append(fn)
@@ -96,11 +117,12 @@ def main(argv=None):
     totals = {}
     for stage, name, label, m, k, n, product, ms in timed:
         totals[stage, label] = totals.get((stage, label), 0.0) + ms
-    print('\n| stage | all products, channels as is (ms) | padded to 8 (ms) |')
-    print('| --- | ---: | ---: |')
+    labels = ('as is', 'padded to 8', 'rows padded')
+    print('\n| stage | ' + ' | '.join(f'all products, {label} (ms)' for label in labels) + ' |')
+    print('| --- |' + ' ---: |' * len(labels))
     for stage in sorted({key[0] for key in totals}):
-        padded_ms = totals.get((stage, 'padded to 8'))
-        print(f'| {stage} | {totals[stage, "as is"]:.3f} | {"-" if padded_ms is None else f"{padded_ms:.3f}"} |')
+        cells = [totals.get((stage, label)) for label in labels]
+        print(f'| {stage} | ' + ' | '.join('-' if ms is None else f'{ms:.3f}' for ms in cells) + ' |')
 
 
 if __name__ == '__main__':

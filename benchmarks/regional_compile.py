@@ -1,7 +1,7 @@
 """Compile time and step time of GroupMamba compiled whole (its ``compile`` option) or block by block (regional).
 
     python benchmarks/regional_compile.py --mode {whole,regional} [--arch tiny] [--batch 2] [--size 800 1344]
-                                          [--steps 10] [--dynamic]
+                                          [--steps 10] [--dynamic] [--compile-options JSON]
 
 The backbone's ``compile`` option traces the whole backbone into one graph: on an H200 its det step took 233-276
 s to compile (fifteenth session), 40% of that in PyTorch's analysis of every launch site of our Triton kernels
@@ -12,7 +12,8 @@ are inputs, not constants), so Inductor compiles four block graphs and the analy
 launch sites. The cost: each block call goes through a compiled region's guards and wrappers, and nothing fuses
 across blocks. This script measures both sides for one mode per process (compiled code is cached per process):
 the first step's time (the compile), the steady step time, the graphs compiled, and the outputs and parameter
-gradients against the eager model's on the same input.
+gradients against the eager model's on the same input. ``--compile-options``: ``torch.compile`` arguments over the
+backbone's own (``{"options": {...}}`` for Inductor's), the same in both modes.
 
 On CUDA the step is the det step of ``backbone_speed.py`` (AMP fp16, a loss over all outputs, backward); on the
 CPU, fp32 (the fused ops then run their PyTorch reference, which compiles quite differently from the Triton
@@ -20,6 +21,7 @@ path: run it on a GPU for the numbers that matter).
 """
 import argparse
 import copy
+import json
 import time
 
 import torch
@@ -35,9 +37,9 @@ def compile_blocks(backbone, **options):
             module.compile(**options)
 
 
-def build(arch, mode, dynamic):
+def build(arch, mode, dynamic, compile_options=None):
     torch.manual_seed(0)
-    options = dict(dynamic=dynamic, fullgraph=True)
+    options = dict(dynamic=dynamic, fullgraph=True, **(compile_options or {}))
     eager = GroupMamba(arch=arch, drop_path_rate=0.0)
     if mode == 'whole':
         model = GroupMamba(arch=arch, drop_path_rate=0.0, compile=options)
@@ -68,10 +70,15 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def compare(eager, model, images):
-    """Largest relative difference of the outputs and of the parameter gradients, compiled against eager, for a
-    loss that weighs every output element by a fixed random number (the mean of a LayerNorm's output, the timed
-    step's loss, leaves most gradients at rounding noise)."""
+def compare(eager, model, images, loss_scale=2.0 ** 16):
+    """Largest relative difference of the outputs and of the parameter gradients (and whose), compiled against
+    eager, for a loss that weighs every output element by a fixed random number (the mean of a LayerNorm's
+    output, the timed step's loss, leaves most gradients at rounding noise).
+
+    The loss is multiplied by ``loss_scale`` (GradScaler's initial scale) before backward, as AMP training does:
+    the mean over a det step's first output (8.6 million elements for T) gives each element a gradient of about 1e-7, below fp16's
+    smallest normal number, and unscaled fp16 backward passes then compare flushed and rounded-away values (the
+    sixteenth session's first H200 run printed a worst gradient of 1.1e+01 that way)."""
     outs = []
     for m in (eager, model):
         m.zero_grad(set_to_none=True)
@@ -79,14 +86,15 @@ def compare(eager, model, images):
             out = m(images)
         generator = torch.Generator(images.device).manual_seed(0)
         weights = [torch.randn(o.shape, generator=generator, device=o.device) for o in out]
-        sum((o.float() * w).mean() for o, w in zip(out, weights)).backward()
+        (sum((o.float() * w).mean() for o, w in zip(out, weights)) * loss_scale).backward()
         outs.append(out)
     out_err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
                   for a, b in zip(outs[1], outs[0]))
-    grads = zip((p.grad for p in model.parameters()), (p.grad for p in eager.parameters()))
-    grad_err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-                   for a, b in grads if a is not None and b is not None)
-    return out_err, grad_err
+    grads = {name: ((a.grad.float() - b.grad.float()).norm() / b.grad.float().norm().clamp_min(1e-12)).item()
+             for (name, a), b in zip(model.named_parameters(), eager.parameters())
+             if a.grad is not None and b.grad is not None}
+    worst = max(grads, key=grads.get)
+    return out_err, worst, grads[worst]
 
 
 def main(argv=None):
@@ -97,11 +105,13 @@ def main(argv=None):
     parser.add_argument('--size', type=int, nargs=2, default=(800, 1344))
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--dynamic', action='store_true', help='symbolic sizes (default: static)')
+    parser.add_argument('--compile-options', type=json.loads, default={},
+                        help='torch.compile arguments (JSON) over the backbone\'s own, e.g. {"options": {...}}')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch._dynamo.utils.counters.clear()
-    eager, model = build(args.arch, args.mode, args.dynamic)
+    eager, model = build(args.arch, args.mode, args.dynamic, args.compile_options)
     eager, model = eager.to(device).train(), model.to(device).train()
     images = torch.randn(args.batch, 3, *args.size, device=device)
     step = step_fn(model, images)
@@ -118,11 +128,12 @@ def main(argv=None):
     synchronize(device)
     steady = (time.perf_counter() - start) / args.steps
     graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-    out_err, grad_err = compare(eager, model, images)
+    out_err, worst, grad_err = compare(eager, model, images)
     print(f'{args.mode}: GroupMamba-{args.arch}, batch {args.batch} at {args.size[0]}x{args.size[1]} on {device}, '
-          f'{"dynamic" if args.dynamic else "static"} sizes: first step (compiling) {first:.1f} s, then '
+          f'{"dynamic" if args.dynamic else "static"} sizes, options {args.compile_options}: '
+          f'first step (compiling) {first:.1f} s, then '
           f'{steady * 1000:.1f} ms a step; {graphs} graphs compiled; against eager: outputs {out_err:.1e}, '
-          f'worst parameter gradient {grad_err:.1e}', flush=True)
+          f'worst parameter gradient {grad_err:.1e} ({worst})', flush=True)
 
 
 if __name__ == '__main__':
