@@ -70,31 +70,42 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def outputs_and_grads(model, images, amp, loss_scale):
+    """The outputs and the parameter gradients (by name, fp32, unscaled) of one forward + backward of ``model``
+    with a loss that weighs every output element by a fixed random number (the mean of a LayerNorm's output, the
+    timed step's loss, leaves most gradients at rounding noise); under AMP fp16 when ``amp``."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
+        out = model(images)
+    generator = torch.Generator(images.device).manual_seed(0)
+    weights = [torch.randn(o.shape, generator=generator, device=o.device) for o in out]
+    (sum((o.float() * w).mean() for o, w in zip(out, weights)) * loss_scale).backward()
+    grads = {name: p.grad.float() / loss_scale for name, p in model.named_parameters() if p.grad is not None}
+    return [o.detach().float() for o in out], grads
+
+
 def compare(eager, model, images, loss_scale=2.0 ** 16):
     """Largest relative difference of the outputs and of the parameter gradients (and whose), compiled against
-    eager, for a loss that weighs every output element by a fixed random number (the mean of a LayerNorm's
-    output, the timed step's loss, leaves most gradients at rounding noise).
+    eager, both under AMP on CUDA; there, also that parameter's gradient error of each against eager in fp32.
 
     The loss is multiplied by ``loss_scale`` (GradScaler's initial scale) before backward, as AMP training does:
-    the mean over a det step's first output (8.6 million elements for T) gives each element a gradient of about 1e-7, below fp16's
-    smallest normal number, and unscaled fp16 backward passes then compare flushed and rounded-away values (the
-    sixteenth session's first H200 run printed a worst gradient of 1.1e+01 that way)."""
-    outs = []
-    for m in (eager, model):
-        m.zero_grad(set_to_none=True)
-        with torch.autocast(images.device.type, dtype=torch.float16, enabled=images.is_cuda):
-            out = m(images)
-        generator = torch.Generator(images.device).manual_seed(0)
-        weights = [torch.randn(o.shape, generator=generator, device=o.device) for o in out]
-        (sum((o.float() * w).mean() for o, w in zip(out, weights)) * loss_scale).backward()
-        outs.append(out)
-    out_err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-                  for a, b in zip(outs[1], outs[0]))
-    grads = {name: ((a.grad.float() - b.grad.float()).norm() / b.grad.float().norm().clamp_min(1e-12)).item()
-             for (name, a), b in zip(model.named_parameters(), eager.parameters())
-             if a.grad is not None and b.grad is not None}
-    worst = max(grads, key=grads.get)
-    return out_err, worst, grads[worst]
+    the mean over a det step's first output (8.6 million elements for T) gives each element a gradient of about
+    1e-7, below fp16's smallest normal number, and unscaled fp16 backward passes then compare flushed and
+    rounded-away values (the sixteenth session's first H200 run printed a worst gradient of 1.1e+01 that way)."""
+    amp = images.is_cuda
+    (outs_e, grads_e), (outs_c, grads_c) = (outputs_and_grads(m, images, amp, loss_scale) for m in (eager, model))
+    out_err = max(rel(a, b) for a, b in zip(outs_c, outs_e))
+    errs = {name: rel(grads_c[name], grads_e[name]) for name in grads_e if name in grads_c}
+    worst = max(errs, key=errs.get)
+    against_fp32 = None
+    if amp:
+        grad_fp32 = outputs_and_grads(eager, images, False, loss_scale)[1][worst]
+        against_fp32 = (rel(grads_e[worst], grad_fp32), rel(grads_c[worst], grad_fp32))
+    return out_err, worst, errs[worst], against_fp32
 
 
 def main(argv=None):
@@ -128,12 +139,16 @@ def main(argv=None):
     synchronize(device)
     steady = (time.perf_counter() - start) / args.steps
     graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-    out_err, worst, grad_err = compare(eager, model, images)
+    out_err, worst, grad_err, against_fp32 = compare(eager, model, images)
     print(f'{args.mode}: GroupMamba-{args.arch}, batch {args.batch} at {args.size[0]}x{args.size[1]} on {device}, '
           f'{"dynamic" if args.dynamic else "static"} sizes, options {args.compile_options}: '
           f'first step (compiling) {first:.1f} s, then '
           f'{steady * 1000:.1f} ms a step; {graphs} graphs compiled; against eager: outputs {out_err:.1e}, '
-          f'worst parameter gradient {grad_err:.1e} ({worst})', flush=True)
+          f'worst parameter gradient {grad_err:.1e} ({worst})'
+          + ('' if against_fp32 is None else
+             f'; that gradient against eager fp32: eager AMP {against_fp32[0]:.1e}, '
+             f'compiled AMP {against_fp32[1]:.1e}'),
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from gemm_alignment import block_matmuls, padded, products  # noqa: E402
+from gemm_alignment import block_matmuls, padded, products, row_padded_products  # noqa: E402
 
 
 def test_tiny_stage_3_is_the_unaligned_one():
@@ -23,3 +23,12 @@ def test_tiny_stage_3_is_the_unaligned_one():
 def test_the_three_products_have_the_linear_layers_shapes():
     out = {name: fn().shape for name, fn in products(5, 3, 4, torch.float32, 'cpu').items()}
     assert out == {'fwd': (5, 4), 'dgrad': (5, 3), 'wgrad': (4, 3)}
+
+
+def test_row_padded_products_write_into_views_with_rows_padded_to_8():
+    """The 'rows padded' variant keeps K and N but hands cuBLAS operands and results whose row stride is a
+    multiple of 8: the results must land in those views (``out=``), not in new contiguous tensors."""
+    fns = row_padded_products(5, 3, 4, torch.float32, 'cpu')
+    out = {name: fn() for name, fn in fns.items()}
+    assert {name: t.shape for name, t in out.items()} == {'fwd': (5, 4), 'dgrad': (5, 3), 'wgrad': (4, 3)}
+    assert {name: t.stride() for name, t in out.items()} == {'fwd': (8, 1), 'dgrad': (8, 1), 'wgrad': (8, 1)}
