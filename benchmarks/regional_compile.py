@@ -70,7 +70,7 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def rel(a, b):
+def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
@@ -98,13 +98,13 @@ def compare(eager, model, images, loss_scale=2.0 ** 16):
     rounded-away values (the sixteenth session's first H200 run printed a worst gradient of 1.1e+01 that way)."""
     amp = images.is_cuda
     (outs_e, grads_e), (outs_c, grads_c) = (outputs_and_grads(m, images, amp, loss_scale) for m in (eager, model))
-    out_err = max(rel(a, b) for a, b in zip(outs_c, outs_e))
-    errs = {name: rel(grads_c[name], grads_e[name]) for name in grads_e if name in grads_c}
+    out_err = max(rel_err(a, b) for a, b in zip(outs_c, outs_e))
+    errs = {name: rel_err(grads_c[name], grads_e[name]) for name in grads_e if name in grads_c}
     worst = max(errs, key=errs.get)
     against_fp32 = None
     if amp:
         grad_fp32 = outputs_and_grads(eager, images, False, loss_scale)[1][worst]
-        against_fp32 = (rel(grads_e[worst], grad_fp32), rel(grads_c[worst], grad_fp32))
+        against_fp32 = (rel_err(grads_e[worst], grad_fp32), rel_err(grads_c[worst], grad_fp32))
     return out_err, worst, errs[worst], against_fp32
 
 
