@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mmgroupmamba.kernels import triton_dwconv, triton_gated_norm, triton_scan
+from mmgroupmamba.kernels.layout import stored_channels
 
 DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
 GROUPS = 4
@@ -64,10 +65,10 @@ NORM_BWD = dict(DOut='*fp16', Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Mea
                 stride_y='i32', stride_z='i32', stride_dy='i32', stride_dz='i32', stride_o='i32', C='i32',
                 part_stride='i32')
 MOD_FWD = dict(Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32',
-               HW='i32', C='i32', eps='fp32')
+               HW='i32', C='i32', C_VALID='i32', eps='fp32')
 MOD_BWD = dict(DOut='*fp16', Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32',
-               DY='*fp16', DX='*fp16', Parts='*fp32', Out='*fp16', HW='i32', C='i32', tiles_per_program='i32',
-               part_stride='i32')
+               DY='*fp16', DX='*fp16', Parts='*fp32', Out='*fp16', HW='i32', C='i32', C_VALID='i32',
+               tiles_per_program='i32', part_stride='i32')
 DWCONV_FWD = dict(X='*fp16', Wt='*fp32', Bias='*fp32', Out='*fp16', H='i32', W='i32', C='i32', n_cb='i32',
                   n_wb='i32', n_rb='i32', rows_per_prog='i32', stride_xb='i32', stride_xh='i32', stride_xw='i32',
                   stride_ob='i32', stride_oh='i32', stride_ow='i32')
@@ -78,33 +79,38 @@ DWCONV_BWD = dict(X='*fp16', Wt='*fp32', Bias='*fp32', DOut='*fp16', DPre='*fp16
 
 
 def norm_rows():
-    """(kernel, channels, tiling, fn, signature, constexprs, warps) of every norm kernel at its default tiling."""
+    """(kernel, channels, tiling, fn, signature, constexprs, warps) of every norm kernel at its default tiling,
+    on the maps as the model stores them (a stage of 348 channels padded to 352: kernels/layout.py)."""
     norm = triton_gated_norm
     for channels in DIMS:
+        stored = stored_channels(channels)
         for name, groups, gated in (('layer norm', 1, False), ('gated group norm', GROUPS, True)):
             per_program, _ = norm._group_tiles(groups, None)
+            layout = norm._layout_meta(channels, stored, stored, groups)
             for backward, fn, signature in ((False, norm._gated_norm_fwd_kernel, NORM_FWD),
                                             (True, norm._gated_norm_bwd_kernel, NORM_BWD)):
-                block_n, block_d, warps = norm._tiles(channels // groups)
-                constexprs = dict(GROUPS=groups, GROUPS_PER_PROGRAM=per_program, D=channels // groups,
-                                  BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated)
+                block_n, block_d, warps = norm._tiles(layout['D'])
+                constexprs = dict(GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n,
+                                  BLOCK_D=block_d, GATED=gated)
                 if backward:
                     constexprs['STORE_OUT'] = True
                 yield (f'{name} {"bwd" if backward else "fwd"}', channels,
                        f'block_n={block_n} groups/program={per_program}', fn, signature, constexprs, warps)
         for backward, fn, signature in ((False, norm._modulated_norm_fwd_kernel, MOD_FWD),
                                         (True, norm._modulated_norm_bwd_kernel, MOD_BWD)):
-            block_n, block_c, warps = norm._tiles(channels)
-            constexprs = dict(BLOCK_N=block_n, BLOCK_C=block_c, **({'STORE_OUT': True} if backward else {}))
+            block_n, block_c, warps = norm._tiles(stored)
+            constexprs = dict(**norm._modulated_layout(stored, channels), BLOCK_N=block_n, BLOCK_C=block_c,
+                              **({'STORE_OUT': True} if backward else {}))
             yield (f'modulated norm {"bwd" if backward else "fwd"}', channels, f'block_n={block_n}', fn, signature,
                    constexprs, warps)
 
 
 def dwconv_rows(sms=132):
-    """The same for the depthwise conv at the FFN's hidden widths (bs 128, 224x224) and the layer's."""
+    """The same for the depthwise conv at the FFN's hidden widths (bs 128, 224x224) and the layer's (its stored
+    channels)."""
     conv = triton_dwconv
     for channels, ratio, side in zip(DIMS, (8, 8, 4, 4), (56, 28, 14, 7)):
-        for width, act in ((channels, 1), (channels * ratio, 2)):
+        for width, act in ((stored_channels(channels), 1), (channels * ratio, 2)):
             for backward in (False, True):
                 block_w, block_c, rows, warps, prefetch, stages = conv._tiles_for(
                     (128, side, side, width), sms, backward, None, None, None, None, None, None)
@@ -135,9 +141,9 @@ SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', du_ptr='*fp16', 
 def scan_rows(sms=132):
     """The same for the scan's forward and backward (their main pass) at bs 128, 224x224, and the main passes of
     the split scan of the detection step's first stage (bs 2, 800x1344), whose programs first compose the
-    summaries of the chunks before theirs."""
+    summaries of the chunks before theirs; on the stored channels."""
     side_det = (200, 336)
-    cases = [(128, side * side, channels, False) for channels, side in zip(DIMS, (56, 28, 14, 7))]
+    cases = [(128, side * side, stored_channels(channels), False) for channels, side in zip(DIMS, (56, 28, 14, 7))]
     cases.append((2, side_det[0] * side_det[1], DIMS[0], True))
     for batch, length, channels, split in cases:
         config = triton_scan._config_for(batch, length, channels, sms, ((None, None),) * 5)

@@ -55,7 +55,7 @@ def _linear_backward(ctx, grad_out, weight_c, recompute):
 class GatedNormLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias, cast_bias):
-        normed, mean, rstd = gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype)
+        normed, mean, rstd = gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype, y.shape[-1])
         out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias, cast_bias)
         ctx.save_for_backward(y, z, weight, bias, mean, rstd, weight_c)
         ctx.constants = (groups, eps, out_dtype)

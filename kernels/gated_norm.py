@@ -7,27 +7,39 @@ from typing import Optional
 import torch
 
 from .dispatch import triton_module, use_triton
+from .layout import pad_groups, unpad_groups
 from .ops_util import empty, fused_op, reduced_dtype, reference_grads
 from .reference import group_layer_norm_reference, modulated_layer_norm_reference
 
 
-def _gated_fwd_reference(y, z, weight, bias, groups, eps, out_dtype):
+def _padded_group_norm_reference(y, z, weight, bias, groups, eps, out_dtype, out_channels):
+    """The reference on maps that may be padded (``layout.py``): their channels compacted, the result padded to
+    ``out_channels`` with zeros."""
+    valid = weight.numel()
+    out = group_layer_norm_reference(unpad_groups(y, valid), None if z is None else unpad_groups(z, valid), weight,
+                                     bias, groups, eps, out_dtype)
+    return pad_groups(out, out_channels)
+
+
+def _gated_fwd_reference(y, z, weight, bias, groups, eps, out_dtype, out_channels):
     with torch.no_grad():
-        out = group_layer_norm_reference(y, z, weight, bias, groups, eps, out_dtype)
+        out = _padded_group_norm_reference(y, z, weight, bias, groups, eps, out_dtype, out_channels)
     return out.contiguous(), empty(y, torch.float32), empty(y, torch.float32)
 
 
 @fused_op('mmgroupmamba::gated_group_norm_fwd', reference=_gated_fwd_reference)
 def gated_group_norm_fwd(y: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
-                         groups: int, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
-    """``(out, mean, rstd)``; the statistics are the Triton backward's (empty on the reference path)."""
-    return triton_module('triton_gated_norm', y.device).gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype)
+                         groups: int, eps: float, out_dtype: torch.dtype, out_channels: int) -> tuple[
+                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, mean, rstd)``; ``out`` has ``out_channels`` columns; the statistics are the Triton backward's
+    (empty on the reference path)."""
+    return triton_module('triton_gated_norm', y.device).gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype,
+                                                                           out_channels)
 
 
 @gated_group_norm_fwd.register_fake
-def _(y, z, weight, bias, groups, eps, out_dtype):
-    out = torch.empty(y.shape, dtype=out_dtype, device=y.device)
+def _(y, z, weight, bias, groups, eps, out_dtype, out_channels):
+    out = torch.empty((*y.shape[:-1], out_channels), dtype=out_dtype, device=y.device)
     if use_triton(y):
         stats = y.new_empty((y.numel() // y.shape[-1], groups), dtype=torch.float32)
         return out, stats, torch.empty_like(stats)
@@ -36,7 +48,8 @@ def _(y, z, weight, bias, groups, eps, out_dtype):
 
 def _gated_bwd_reference(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
     (dy, dz, dw, db), out = reference_grads(
-        lambda *t: group_layer_norm_reference(*t, groups, eps, out_dtype), (y, z, weight, bias), dout, need_output)
+        lambda *t: _padded_group_norm_reference(*t, groups, eps, out_dtype, dout.shape[-1]), (y, z, weight, bias),
+        dout, need_output)
     dwb = torch.stack([dw, db]).to(reduced_dtype(y))
     return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
 
@@ -47,7 +60,8 @@ def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.
                          out_dtype: torch.dtype, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                              torch.Tensor]:
     """``(dy, dz, dwb, out)``: ``dz`` empty without a gate, ``dwb`` the ``(2, C)`` weight and bias gradients
-    (fp32; reduced in one launch), ``out`` (the recomputed output) empty unless ``need_output``."""
+    (fp32; reduced in one launch), ``out`` (the recomputed output, dout's columns) empty unless
+    ``need_output``."""
     dy, dz, dwb, out = triton_module('triton_gated_norm', y.device).gated_norm_backward(
         dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output)
     return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
@@ -55,7 +69,7 @@ def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.
 
 @gated_group_norm_bwd.register_fake
 def _(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
-    out = torch.empty(y.shape, dtype=out_dtype, device=y.device) if need_output else empty(y, out_dtype)
+    out = torch.empty(dout.shape, dtype=out_dtype, device=y.device) if need_output else empty(y, out_dtype)
     dz = empty(y) if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
     return (torch.empty(y.shape, dtype=y.dtype, device=y.device), dz,
             weight.new_empty((2, *weight.shape), dtype=reduced_dtype(y)), out)
@@ -71,7 +85,7 @@ def gated_group_norm_grads(dout, y, z, weight, bias, mean, rstd, groups, eps, ou
 
 
 def _gated_setup(ctx, inputs, output):
-    y, z, weight, bias, groups, eps, out_dtype = inputs
+    y, z, weight, bias, groups, eps, out_dtype, _ = inputs
     ctx.save_for_backward(y, z, weight, bias, output[1], output[2])
     ctx.constants = (groups, eps, out_dtype)
     ctx.set_materialize_grads(False)  # mean and rstd get no gradient: no zero fills for them in every backward
@@ -79,15 +93,22 @@ def _gated_setup(ctx, inputs, output):
 
 def _gated_backward(ctx, dout, _dmean, _drstd):
     dy, dz, dw, db, _ = gated_group_norm_grads(dout, *ctx.saved_tensors, *ctx.constants, False)
-    return dy, dz, dw, db, None, None, None
+    return dy, dz, dw, db, None, None, None, None
 
 
 gated_group_norm_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
+def _padded_modulated_reference(y, x, scale, weight, bias, eps):
+    """The reference on maps that may be padded (``layout.py``; the scale compact), the result padded as y."""
+    valid = weight.numel()
+    out = modulated_layer_norm_reference(unpad_groups(y, valid), unpad_groups(x, valid), scale, weight, bias, eps)
+    return pad_groups(out, y.shape[-1])
+
+
 def _modulated_fwd_reference(y, x, scale, weight, bias, eps):
     with torch.no_grad():
-        out = modulated_layer_norm_reference(y, x, scale, weight, bias, eps)
+        out = _padded_modulated_reference(y, x, scale, weight, bias, eps)
     return out.contiguous(), empty(y, torch.float32), empty(y, torch.float32)
 
 
@@ -109,7 +130,7 @@ def _(y, x, scale, weight, bias, eps):
 
 def _modulated_bwd_reference(dout, y, x, scale, weight, bias, mean, rstd, eps, need_output):
     (dy, dx, dscale, dw, db), out = reference_grads(
-        lambda *t: modulated_layer_norm_reference(*t, eps), (y, x, scale, weight, bias), dout, need_output)
+        lambda *t: _padded_modulated_reference(*t, eps), (y, x, scale, weight, bias), dout, need_output)
     return dy, dx, dscale, torch.stack([dw, db]).to(reduced_dtype(y)), (out if need_output else empty(y))
 
 
@@ -158,30 +179,35 @@ def promoted_dtype(y, z):
     return torch.promote_types(y.dtype, z.dtype) if z is not None else y.dtype
 
 
-def gated_group_norm(y, z, weight, bias, groups, eps, out_dtype=None):
+def gated_group_norm(y, z, weight, bias, groups, eps, out_dtype=None, out_channels=None):
     """``(LayerNorm_per_group(y) * weight + bias) * silu(z)`` over the last dim (``groups`` equal groups).
 
     Args:
-        y (Tensor): ``(..., C)`` scan output.
-        z (Tensor, optional): ``(..., C)`` gate input; ``None``: no gate.
-        weight, bias (Tensor): ``(C,)``: the groups' LayerNorm affines, concatenated.
+        y (Tensor): ``(..., C)`` scan output; its channels compact or padded (``kernels/layout.py``: the
+            ``weight.numel()`` channels stored in 4 scan groups with zeros after each).
+        z (Tensor, optional): ``(..., C)`` gate input, laid out as y; ``None``: no gate.
+        weight, bias (Tensor): the groups' LayerNorm affines, concatenated (compact).
         groups (int): number of channel groups; each is normalised on its own.
         eps (float): LayerNorm epsilon.
         out_dtype (torch.dtype, optional): default: y's and z's promoted dtype.
+        out_channels (int, optional): columns of the output, compact or padded (zeros in the pad channels);
+            default: y's.
 
     Dispatch follows ``MMGM_KERNELS`` (see :mod:`mmgroupmamba.kernels.dispatch`).
     """
-    return gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype or promoted_dtype(y, z))[0]
+    return gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype or promoted_dtype(y, z),
+                                out_channels or y.shape[-1])[0]
 
 
-def layer_norm(x, weight, bias, eps, out_dtype=None):
+def layer_norm(x, weight, bias, eps, out_dtype=None, out_channels=None):
     """``F.layer_norm`` over the last dim, through the same kernels on CUDA (PyTorch's runs one thread block
-    per row, slow for GroupMamba's 64..512 channels).
+    per row, slow for GroupMamba's 64..512 channels). ``x`` and the output (``out_channels`` columns, default
+    x's) may be padded (``kernels/layout.py``): the statistics are over the valid channels.
 
     ``out_dtype`` (default: x's): under autocast the normalised map feeds fp16/bf16 matmuls, so writing it in
     that dtype saves a cast of the whole map (and keeps one copy of it for backward instead of two).
     """
-    return gated_group_norm(x, None, weight, bias, 1, eps, out_dtype)
+    return gated_group_norm(x, None, weight, bias, 1, eps, out_dtype, out_channels)
 
 
 def modulated_layer_norm(y, x, scale, weight, bias, eps):

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
+from .layout import GROUPS, group_widths
 from .ops_util import cdiv, next_power_of_2, size_hint
 
 
@@ -35,7 +36,8 @@ def _row_tile(tile, N, col_ok, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _normalize(v, mask, W, Bias, cols, col_ok, n, eps):
-    """LayerNorm of the rows of ``v`` over its ``n`` valid columns, then the affine; with row mean and rstd."""
+    """LayerNorm of the rows of ``v`` over its ``n`` valid columns, then the affine; with row mean and rstd.
+    Invalid columns (``mask`` false, pad channels included) come out 0."""
     mean = tl.sum(v, axis=1) / n
     centred = tl.where(mask, v - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / n + eps)
@@ -45,21 +47,40 @@ def _normalize(v, mask, W, Bias, cols, col_ok, n, eps):
 
 
 @triton.jit
+def _layout(g, offs, D, PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.constexpr,
+            P_OUT: tl.constexpr):
+    """Columns of iteration index ``offs`` of normalisation group ``g`` (``kernels/layout.py``).
+
+    The iteration runs over ``D`` columns a group, in scan groups of ``PERIOD``, of which the first ``VALID``
+    are channels; the input stores a scan group in ``P_IN`` columns and the output in ``P_OUT`` (each
+    ``PERIOD`` or ``VALID``: padded or compact). Returns the channel index (affine, statistics), whether the
+    column is a channel, and the input's and output's columns with whether each exists there. Unpadded, all
+    four periods are ``D`` and every column is ``g * D + offs``."""
+    it = g * D + offs
+    chunk = it // PERIOD
+    within = it % PERIOD
+    in_range = offs < D
+    return (chunk * VALID + within, in_range & (within < VALID), chunk * P_IN + within,
+            in_range & (within < P_IN), chunk * P_OUT + within, in_range & (within < P_OUT))
+
+
+@triton.jit
 def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z, stride_o, eps,
                            GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
+                           PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr):
     offs = tl.arange(0, BLOCK_D)
-    col_ok = offs < D
-    rows, row_ok, mask, rows64 = _row_tile(tl.program_id(0), N, col_ok, BLOCK_N)
     for i in tl.static_range(GROUPS_PER_PROGRAM):
         g = tl.program_id(1) * GROUPS_PER_PROGRAM + i
-        cols = g * D + offs
-        y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        out, mean, rstd = _normalize(y, mask, W, Bias, cols, col_ok, D, eps)
+        cols, valid, in_cols, _, out_cols, out_ok = _layout(g, offs, D, PERIOD, VALID, P_IN, P_OUT)
+        rows, row_ok, mask, rows64 = _row_tile(tl.program_id(0), N, valid, BLOCK_N)
+        y = tl.load(Y + rows64 * stride_y + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        out, mean, rstd = _normalize(y, mask, W, Bias, cols, valid, (D // PERIOD) * VALID, eps)
         if GATED:
-            z = tl.load(Z + rows64 * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(Z + rows64 * stride_z + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
             out = out * z * tl.sigmoid(z)
-        tl.store(Out + rows64 * stride_o + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
+        tl.store(Out + rows64 * stride_o + out_cols[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & out_ok[None, :])
         tl.store(Mean + rows * GROUPS + g, mean, mask=row_ok)
         tl.store(Rstd + rows * GROUPS + g, rstd, mask=row_ok)
 
@@ -69,58 +90,63 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z
 def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out, N, tiles_per_program, stride_do,
                            stride_y, stride_z, stride_dy, stride_dz, stride_o, C, part_stride,
                            GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
+                           PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
                            STORE_OUT: tl.constexpr):
     """Row tiles ``[pid * tiles_per_program, (pid + 1) * tiles_per_program)`` (fewer in the last program), in
-    order; the group's columns of the weight and bias partial sums are this program's own."""
+    order; the group's columns of the weight and bias partial sums are this program's own. Pad columns of the
+    input's gradients get zeros, of the recomputed output too."""
     pid = tl.program_id(0)
     first = pid * tiles_per_program
     end = tl.minimum(first + tiles_per_program, tl.cdiv(N, BLOCK_N))
     offs = tl.arange(0, BLOCK_D)
-    col_ok = offs < D
+    n_valid = (D // PERIOD) * VALID
     for i in tl.static_range(GROUPS_PER_PROGRAM):
         g = tl.program_id(1) * GROUPS_PER_PROGRAM + i
-        cols = g * D + offs
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        cols, valid, in_cols, in_ok, out_cols, out_ok = _layout(g, offs, D, PERIOD, VALID, P_IN, P_OUT)
+        w = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
         if GATED or STORE_OUT:
-            b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+            b = tl.load(Bias + cols, mask=valid, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_D], dtype=tl.float32)
         db = tl.zeros([BLOCK_D], dtype=tl.float32)
         for tile in tl.range(first, end):
-            rows, row_ok, mask, rows64 = _row_tile(tile, N, col_ok, BLOCK_N)
-            y = tl.load(Y + rows64 * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            dout = tl.load(DOut + rows64 * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rows, row_ok, mask, rows64 = _row_tile(tile, N, valid, BLOCK_N)
+            in_mask = row_ok[:, None] & in_ok[None, :]
+            y = tl.load(Y + rows64 * stride_y + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dout = tl.load(DOut + rows64 * stride_do + out_cols[None, :], mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(Mean + rows * GROUPS + g, mask=row_ok, other=0.0)
             rstd = tl.load(Rstd + rows * GROUPS + g, mask=row_ok, other=0.0)
             y_hat = tl.where(mask, (y - mean[:, None]) * rstd[:, None], 0.0)
             if GATED or STORE_OUT:
                 normed = y_hat * w[None, :] + b[None, :]
             if GATED:
-                z = tl.load(Z + rows64 * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(Z + rows64 * stride_z + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(z)
                 d_normed = tl.where(mask, dout * z * sig, 0.0)
                 # d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
                 dz = dout * normed * sig * (1.0 + z * (1.0 - sig))
-                tl.store(DZ + rows64 * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+                tl.store(DZ + rows64 * stride_dz + in_cols[None, :], dz.to(DZ.dtype.element_ty), mask=in_mask)
                 if STORE_OUT:
                     normed = normed * z * sig
             else:
                 d_normed = tl.where(mask, dout, 0.0)
             if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
-                tl.store(Out + rows64 * stride_o + cols[None, :], normed.to(Out.dtype.element_ty), mask=mask)
+                tl.store(Out + rows64 * stride_o + out_cols[None, :], normed.to(Out.dtype.element_ty),
+                         mask=row_ok[:, None] & out_ok[None, :])
             dy_hat = d_normed * w[None, :]
-            mean_dy_hat = tl.sum(dy_hat, axis=1) / D
-            mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / D
-            dy = (dy_hat - mean_dy_hat[:, None] - y_hat * mean_dy_hat_y_hat[:, None]) * rstd[:, None]
-            tl.store(DY + rows64 * stride_dy + cols[None, :], dy.to(DY.dtype.element_ty), mask=mask)
+            mean_dy_hat = tl.sum(dy_hat, axis=1) / n_valid
+            mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / n_valid
+            dy = tl.where(mask, (dy_hat - mean_dy_hat[:, None] - y_hat * mean_dy_hat_y_hat[:, None]) * rstd[:, None],
+                          0.0)
+            tl.store(DY + rows64 * stride_dy + in_cols[None, :], dy.to(DY.dtype.element_ty), mask=in_mask)
             dw += tl.sum(d_normed * y_hat, axis=0)
             db += tl.sum(d_normed, axis=0)
         # DWBPart is (2, C, programs): the weight's partial sums, then the bias's, part_stride apart; each
         # channel's programs side by side ("Partial sums' layout" below).
         # (As pointers: the same offsets as integers first made ptxas spill 8 bytes at 64 channels.)
         part = DWBPart + pid + cols * tl.num_programs(0)
-        tl.store(part, dw, mask=col_ok)
-        tl.store(part + part_stride, db, mask=col_ok)
+        tl.store(part, dw, mask=valid)
+        tl.store(part + part_stride, db, mask=valid)
 
 
 # Elements of a tile: 2048, 16 a thread in 4 warps, one group a program. ptxas for sm_90 (Triton 3.8,
@@ -182,57 +208,82 @@ def _rows(t, channels):
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype, block_n=None, num_warps=None,
+def _layout_meta(valid, in_channels, out_channels, groups):
+    """The kernels' layout constants (``D``, ``PERIOD``, ``VALID``, ``P_IN``, ``P_OUT``: see ``_layout``) for
+    ``valid`` channels read from rows of ``in_channels`` and written as ``out_channels``, each the valid count
+    (compact) or its padded width (``kernels/layout.py``), normalised in ``groups`` groups."""
+    if in_channels == out_channels == valid:
+        d = valid // groups
+        return dict(D=d, PERIOD=d, VALID=d, P_IN=d, P_OUT=d)
+    stored = max(in_channels, out_channels)
+    v, p = group_widths(valid, stored)
+    for channels in (in_channels, out_channels):
+        if channels not in (valid, stored):
+            raise ValueError(f'a norm over {valid} channels reads and writes {valid} or {stored} columns, '
+                             f'got {channels}')
+    if GROUPS % groups:
+        raise ValueError(f'a padded map normalises in groups that divide its {GROUPS} scan groups, got {groups}')
+    return dict(D=GROUPS * p // groups, PERIOD=p, VALID=v, P_IN=in_channels // GROUPS,
+                P_OUT=out_channels // GROUPS)
+
+
+def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels=None, block_n=None, num_warps=None,
                        groups_per_program=None):
     """``(out, mean, rstd)``: the gated per-group LayerNorm of ``y`` (``z=None``: no gate) in ``out_dtype``,
-    and the per-row, per-group statistics its backward reads. ``block_n``, ``num_warps`` and
-    ``groups_per_program`` force the tiling (``benchmarks/norm_kernels.py --sweep``)."""
-    shape, channels = y.shape, y.shape[-1]
+    and the per-row, per-group statistics its backward reads. ``y`` and ``z`` hold the ``weight.numel()``
+    channels compact or padded (``kernels/layout.py``); ``out`` has ``out_channels`` columns (default: y's),
+    zeros in its pad channels. ``block_n``, ``num_warps`` and ``groups_per_program`` force the tiling
+    (``benchmarks/norm_kernels.py --sweep``)."""
+    channels = y.shape[-1]
+    out_channels = out_channels or channels
     gated = z is not None
     y2 = _rows(y, channels)
     z2 = _rows(z, channels) if gated else y2
     n = y2.shape[0]
-    out = torch.empty((n, channels), dtype=out_dtype, device=y.device)
+    out = torch.empty((n, out_channels), dtype=out_dtype, device=y.device)
     mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
-    block_n, block_d, num_warps = _tiles(channels // groups, block_n, num_warps)
+    layout = _layout_meta(weight.numel(), channels, out_channels, groups)
+    block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, groups_per_program)
     wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n), group_programs)](
         y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
-        GROUPS=groups, GROUPS_PER_PROGRAM=per_program, D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d,
+        GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n, BLOCK_D=block_d,
         GATED=gated, num_warps=num_warps)
-    return out.view(shape), mean, rstd
+    return out.view(*y.shape[:-1], out_channels), mean, rstd
 
 
 def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output, block_n=None,
                         num_warps=None, groups_per_program=None, tiles_per_program=None):
     """``(dy, dz or None, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
-    the recomputed forward output; tiling as in :func:`gated_norm_forward`, and ``tiles_per_program`` forces
-    the row tiles each program walks."""
-    shape, channels = y.shape, y.shape[-1]
+    the recomputed forward output (dout's columns); tiling as in :func:`gated_norm_forward`, and
+    ``tiles_per_program`` forces the row tiles each program walks."""
+    shape, channels, out_channels = y.shape, y.shape[-1], dout.shape[-1]
     gated = z is not None
     y2 = _rows(y, channels)
     z2 = _rows(z, channels) if gated else y2
     n = y2.shape[0]
-    dout2 = _rows(dout, channels)
+    dout2 = _rows(dout, out_channels)
     dy = torch.empty((n, channels), dtype=y.dtype, device=y.device)
     dz = torch.empty((n, channels), dtype=z.dtype, device=y.device) if gated else dy
-    out = torch.empty((n, channels), dtype=out_dtype, device=y.device) if need_output else dy
-    block_n, block_d, num_warps = _tiles(channels // groups, block_n, num_warps)
+    out = torch.empty((n, out_channels), dtype=out_dtype, device=y.device) if need_output else dy
+    valid = weight.numel()
+    layout = _layout_meta(valid, channels, out_channels, groups)
+    block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, groups_per_program)
     tiles_per_program, programs = _backward_walk(cdiv(n, block_n), group_programs, y.device, tiles_per_program)
     # Weight and bias partial sums in one buffer, one reduction for both. The kernel gets the buffer itself, not
     # views of it: torch.compile would clone each view and scatter it back (kernels/README.md, "What a compiled
     # graph copies"). Programs innermost ("Partial sums' layout" above).
-    dwb_part = torch.empty((2, channels, programs), dtype=torch.float32, device=y.device)
+    dwb_part = torch.empty((2, valid, programs), dtype=torch.float32, device=y.device)
     wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
         dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, n, tiles_per_program,
         dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
-        out.stride(0), channels, dwb_part.stride(0), GROUPS=groups, GROUPS_PER_PROGRAM=per_program,
-        D=channels // groups, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output,
+        out.stride(0), valid, dwb_part.stride(0), GROUPS=groups, GROUPS_PER_PROGRAM=per_program,
+        **layout, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output,
         num_warps=num_warps)
     return (dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(2),
-            (out.view(shape) if need_output else None))
+            (out.view(*shape[:-1], out_channels) if need_output else None))
 
 
 @triton.jit
@@ -245,33 +296,33 @@ def _image_row_tile(tile, image, HW, col_ok, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, eps,
-                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, C_VALID, eps, PERIOD: tl.constexpr,
+                               VALID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of ``C`` columns (``C_VALID`` channels, padded as ``PERIOD``/``VALID`` say; the scale compact)."""
     image = tl.program_id(1)  # grid: tiles x images
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
+    cols, col_ok, cols_in, _, _, in_ok = _layout(0, tl.arange(0, BLOCK_C), C, PERIOD, VALID, PERIOD, PERIOD)
     grow, row_ok, mask = _image_row_tile(tl.program_id(0), image, HW, col_ok, BLOCK_N)
-    offs = grow[:, None] * C + cols[None, :]
-    scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    offs = grow[:, None] * C + cols_in[None, :]
+    scale = tl.load(S + image * C_VALID + cols, mask=col_ok, other=0.0).to(tl.float32)
     m = (tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(X + offs, mask=mask, other=0.0)
          .to(tl.float32) * scale[None, :])
-    out, mean, rstd = _normalize(m, mask, W, Bias, cols, col_ok, C, eps)
-    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+    out, mean, rstd = _normalize(m, mask, W, Bias, cols, col_ok, C_VALID, eps)
+    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & in_ok[None, :])
     tl.store(Mean + grow, mean, mask=row_ok)
     tl.store(Rstd + grow, rstd, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=['tiles_per_program'])  # as _gated_norm_bwd_kernel
-def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts, Out, HW, C, tiles_per_program,
-                               part_stride, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr):
+def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts, Out, HW, C, C_VALID,
+                               tiles_per_program, part_stride, PERIOD: tl.constexpr, VALID: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr):
     """Image ``image``'s row tiles ``[pid * tiles_per_program, (pid + 1) * tiles_per_program)`` (fewer in the
     image's last program), in order (grid: programs per image x images)."""
     pid, image = tl.program_id(0), tl.program_id(1)
     first = pid * tiles_per_program
     end = tl.minimum(first + tiles_per_program, tl.cdiv(HW, BLOCK_N))
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    scale = tl.load(S + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, cols_in, _, _, in_ok = _layout(0, tl.arange(0, BLOCK_C), C, PERIOD, VALID, PERIOD, PERIOD)
+    scale = tl.load(S + image * C_VALID + cols, mask=col_ok, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     if STORE_OUT:
         b = tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -280,7 +331,8 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     for tile in tl.range(first, end):
         grow, row_ok, mask = _image_row_tile(tile, image, HW, col_ok, BLOCK_N)
-        offs = grow[:, None] * C + cols[None, :]
+        store_mask = row_ok[:, None] & in_ok[None, :]  # pad columns included: they get zeros
+        offs = grow[:, None] * C + cols_in[None, :]
         y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(DOut + offs, mask=mask, other=0.0).to(tl.float32)
@@ -288,27 +340,37 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts
         rstd = tl.load(Rstd + grow, mask=row_ok, other=0.0)
         m_hat = tl.where(mask, (y * x * scale[None, :] - mean[:, None]) * rstd[:, None], 0.0)
         dm_hat = dout * w[None, :]
-        dm = (dm_hat - (tl.sum(dm_hat, axis=1) / C)[:, None]
-              - m_hat * (tl.sum(dm_hat * m_hat, axis=1) / C)[:, None]) * rstd[:, None]
-        tl.store(DY + offs, (dm * x * scale[None, :]).to(DY.dtype.element_ty), mask=mask)
-        tl.store(DX + offs, (dm * y * scale[None, :]).to(DX.dtype.element_ty), mask=mask)
+        dm = tl.where(mask, (dm_hat - (tl.sum(dm_hat, axis=1) / C_VALID)[:, None]
+                             - m_hat * (tl.sum(dm_hat * m_hat, axis=1) / C_VALID)[:, None]) * rstd[:, None], 0.0)
+        tl.store(DY + offs, (dm * x * scale[None, :]).to(DY.dtype.element_ty), mask=store_mask)
+        tl.store(DX + offs, (dm * y * scale[None, :]).to(DX.dtype.element_ty), mask=store_mask)
         dscale += tl.sum(dm * y * x, axis=0)
         dw += tl.sum(dout * m_hat, axis=0)
         db += tl.sum(dout, axis=0)
         if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
-            tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=mask)
+            tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=store_mask)
     # Parts is (3, batch, C, programs per image): the scale's, the weight's and the bias's partial sums,
     # part_stride apart.
-    part = (image * C + cols) * tl.num_programs(0) + pid
+    part = (image * C_VALID + cols) * tl.num_programs(0) + pid
     tl.store(Parts + part, dscale, mask=col_ok)
     tl.store(Parts + part_stride + part, dw, mask=col_ok)
     tl.store(Parts + 2 * part_stride + part, db, mask=col_ok)
 
 
+def _modulated_layout(channels, valid):
+    """``(PERIOD, VALID)`` of rows of ``channels`` columns holding ``valid`` channels (``_layout``)."""
+    if channels == valid:
+        return dict(PERIOD=channels, VALID=channels)
+    v, p = group_widths(valid, channels)
+    return dict(PERIOD=p, VALID=v)
+
+
 def modulated_norm_forward(y, x, scale, weight, bias, eps, block_n=None, num_warps=None):
     """``(out, mean, rstd)`` of ``LayerNorm(y * x * scale[:, None, None, :])`` for ``(B, H, W, C)`` maps and
-    ``scale`` ``(B, C)``, in y's dtype; ``block_n`` and ``num_warps`` force the tiling."""
+    ``scale`` ``(B, C)``, in y's dtype; ``block_n`` and ``num_warps`` force the tiling. The maps may be padded
+    (``kernels/layout.py``: ``weight.numel()`` channels stored as ``C``; ``scale`` compact), ``out`` then too."""
     batch, height, width, channels = y.shape
+    valid = weight.numel()
     hw = height * width
     y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
     out = torch.empty_like(y)
@@ -316,8 +378,8 @@ def modulated_norm_forward(y, x, scale, weight, bias, eps, block_n=None, num_war
     rstd = torch.empty_like(mean)
     block_n, block_c, num_warps = _tiles(channels, block_n, num_warps)
     wrap_triton(_modulated_norm_fwd_kernel)[(cdiv(hw, block_n), batch)](
-        y, x, scale, weight, bias, out, mean, rstd, hw, channels, eps, BLOCK_N=block_n, BLOCK_C=block_c,
-        num_warps=num_warps)
+        y, x, scale, weight, bias, out, mean, rstd, hw, channels, valid, eps, **_modulated_layout(channels, valid),
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
     return out, mean, rstd
 
 
@@ -327,6 +389,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     the recomputed forward output; tiling as in :func:`modulated_norm_forward`, and ``tiles_per_program``
     forces the row tiles each program walks (within one image: the scale gradient is per image)."""
     batch, height, width, channels = y.shape
+    valid = weight.numel()
     hw = height * width
     y, x, scale = y.contiguous(), x.contiguous(), scale.contiguous()
     block_n, block_c, num_warps = _tiles(channels, block_n, num_warps)
@@ -336,11 +399,11 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     # Scale, weight and bias partial sums (per image and program) in one buffer, given to the kernel whole (as in
     # gated_norm_backward), programs innermost ("Partial sums' layout"): one reduction over the programs, then the
     # weight's and bias's over the images.
-    parts = torch.empty((3, batch, channels, programs_per_image), dtype=torch.float32, device=y.device)
+    parts = torch.empty((3, batch, valid, programs_per_image), dtype=torch.float32, device=y.device)
     wrap_triton(_modulated_norm_bwd_kernel)[(programs_per_image, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
-        hw, channels, tiles_per_program, parts.stride(0), BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output,
-        num_warps=num_warps)
+        hw, channels, valid, tiles_per_program, parts.stride(0), **_modulated_layout(channels, valid),
+        BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, num_warps=num_warps)
     per_image = parts.sum(3)
     return dy, dx, per_image[0].to(scale.dtype), per_image[1:].sum(1), (out if need_output else None)
 

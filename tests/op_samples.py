@@ -33,10 +33,12 @@ def op_samples(gen, device='cpu'):
     conv_w, conv_b = draw(8, 1, 3, 3, grad=True), draw(8)
     y, z, x = (draw(2, 3, 4, 16, grad=True) for _ in range(3))
     w, b = draw(16, grad=True), draw(16, grad=True)
+    w12, b12 = draw(12, grad=True), draw(12, grad=True)
     scale = draw(2, 16, grad=True, rand=True)
     with torch.no_grad():
-        _, mean, rstd = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
+        _, mean, rstd = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32, y.shape[-1])
         _, mmean, mrstd = modulated_layer_norm_fwd(y, x, scale, w, b, 1e-5)
+        _, pmean, prstd = gated_group_norm_fwd(y, z, w12, b12, 4, 1e-5, torch.float32, 16)
     dout = draw(2, 3, 4, 16)
     # The channel affinity of 16 channels through 3 hidden units (no power of 2), and a pooled map in bf16 as
     # under autocast.
@@ -48,8 +50,14 @@ def op_samples(gen, device='cpu'):
         (selective_scan_bwd, (dy, *scan_args, states, 3, 5, list(AUTO_TILING))),
         (dwconv_act_forward, (wide[..., :8], conv_w, conv_b, 'silu')),
         (dwconv_act_bwd, (draw(1, 4, 5, 8), wide[..., :8], conv_w, conv_b, 'gelu', True)),
-        (gated_group_norm_fwd, (y, z, w, b, 4, 1e-5, torch.float32)),
-        (gated_group_norm_fwd, (x, None, w, b, 1, 1e-6, torch.float32)),
+        (gated_group_norm_fwd, (y, z, w, b, 4, 1e-5, torch.float32, 16)),
+        (gated_group_norm_fwd, (x, None, w, b, 1, 1e-6, torch.float32, 16)),
+        # Padded maps (kernels/layout.py): 12 channels stored as 16, read padded or compact, written either way.
+        (gated_group_norm_fwd, (y, z, w12, b12, 4, 1e-5, torch.float32, 16)),
+        (gated_group_norm_fwd, (x[..., :12], None, w12, b12, 1, 1e-6, torch.float32, 16)),
+        (gated_group_norm_fwd, (x, None, w12, b12, 1, 1e-6, torch.float32, 12)),
+        (gated_group_norm_bwd, (dout, y, z, w12, b12, pmean, prstd, 4, 1e-5, torch.float32, True)),
+        (modulated_layer_norm_fwd, (y, x, scale[:, :12], w12, b12, 1e-5)),
         (gated_group_norm_bwd, (dout, y, z, w, b, mean, rstd, 4, 1e-5, torch.float32, True)),
         (modulated_layer_norm_fwd, (y, x, scale, w, b, 1e-5)),
         (modulated_layer_norm_bwd, (dout, y, x, scale, w, b, mmean, mrstd, 1e-5, False)),

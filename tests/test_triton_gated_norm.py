@@ -9,10 +9,12 @@ from mmgroupmamba.kernels import (
     gated_group_norm,
     gated_group_norm_linear,
     gated_group_norm_reference,
+    layer_norm,
     layer_norm_linear,
     modulated_layer_norm,
     modulated_layer_norm_linear,
 )
+from mmgroupmamba.kernels.layout import pad_groups, unpad_groups
 
 
 @pytest.fixture(autouse=True)
@@ -188,10 +190,10 @@ def test_dispatch_follows_the_kernels_variable(monkeypatch, variable):
     y, z, w, b = inputs(9, 16, torch.float32, gen)
     monkeypatch.delenv('MMGM_KERNELS')
     monkeypatch.setenv(variable, 'triton')
-    out, mean, _ = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
+    out, mean, _ = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32, y.shape[-1])
     assert mean.shape == (9, 4)
     monkeypatch.setenv(variable, 'reference')
-    ref, mean, _ = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32)
+    ref, mean, _ = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32, y.shape[-1])
     assert mean.numel() == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     monkeypatch.setenv(variable, 'fast')
@@ -310,3 +312,68 @@ def test_norm_then_linear_keeps_no_norm_output(monkeypatch):
             gated_group_norm_linear(y, z, w, b, 4, 1e-5, lw)
         kept_maps[impl] = {t.data_ptr() for t in kept if t.numel() == y.numel()}
     assert kept_maps['triton'] == kept_maps['reference'] == {y.data_ptr(), z.data_ptr()}
+
+
+def padded_map(compact, stored, garbage=True):
+    """``compact`` laid out padded (kernels/layout.py); the pad channels hold noise where ``garbage``: the norms
+    must ignore whatever is there."""
+    padded = pad_groups(compact.detach(), stored)
+    if garbage:
+        valid = compact.shape[-1]
+        pad_mask = pad_groups(torch.ones(valid), stored) == 0
+        padded = torch.where(pad_mask, torch.full_like(padded, 7.0), padded)
+    return padded.requires_grad_()
+
+
+def pad_channels_of(t, valid):
+    """The pad channels of a padded map ``t``."""
+    mask = pad_groups(torch.ones(valid), t.shape[-1]) == 0
+    return t[..., mask]
+
+
+@pytest.mark.parametrize('impl', ['triton', 'reference'])
+@pytest.mark.parametrize('group_dims, stored_group', [(3, 4), (87, 88)])
+@pytest.mark.parametrize('norm', ['gated', 'layer_norm_pad_out', 'layer_norm_compact_out', 'modulated'])
+def test_padded_maps_match_the_compact_reference(monkeypatch, impl, group_dims, stored_group, norm):
+    """Maps of 4 scan groups of ``group_dims`` channels stored in ``stored_group`` columns: outputs and input
+    gradients of either implementation equal the fp64 reference on the compact maps, laid out padded with zeros
+    in the pad channels."""
+    gen = torch.Generator().manual_seed(group_dims)
+    valid, stored = 4 * group_dims, 4 * stored_group
+    batch, height, width = 2, 3, 5
+    y, z, x = (torch.randn(batch, height, width, valid, generator=gen, dtype=torch.float64) for _ in range(3))
+    w, b = torch.randn(valid, generator=gen).double(), torch.randn(valid, generator=gen).double()
+    scale = torch.rand(batch, valid, generator=gen).double() + 0.5
+    in_padded = norm != 'layer_norm_pad_out'
+    out_padded = norm != 'layer_norm_compact_out'
+    out_channels = stored if out_padded else valid
+    dout = torch.randn(batch, height, width, out_channels, generator=gen).double()
+
+    def run(y, z, x, w, b, scale, out_channels):
+        if norm == 'gated':
+            return gated_group_norm(y, z, w, b, 4, 1e-5, out_channels=out_channels)
+        if norm == 'modulated':
+            return modulated_layer_norm(y, x, scale, w, b, 1e-5)
+        return layer_norm(y, w, b, 1e-5, out_channels=out_channels)
+
+    compact = [t.clone().requires_grad_() for t in (y, z, x, w, b, scale)]
+    monkeypatch.setenv('MMGM_KERNELS', 'reference')
+    ref = run(*compact, valid)
+    ref_grads = torch.autograd.grad(ref, compact, unpad_groups(dout, valid), allow_unused=True)
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    fast_inputs = [padded_map(t.float(), stored) if in_padded else t.float().requires_grad_() for t in (y, z, x)]
+    fast_params = [t.float().requires_grad_() for t in (w, b, scale)]
+    out = run(*fast_inputs, *fast_params, out_channels)
+    assert out.shape[-1] == out_channels
+    grads = torch.autograd.grad(out, fast_inputs + fast_params, dout.float(), allow_unused=True)
+    assert rel_err(unpad_groups(out, valid), ref) <= 1e-5
+    if out_padded:
+        assert torch.equal(pad_channels_of(out, valid), torch.zeros_like(pad_channels_of(out, valid)))
+    for name, g, r in zip(['dy', 'dz', 'dx', 'dweight', 'dbias', 'dscale'], grads, ref_grads):
+        assert (g is None) == (r is None), name
+        if g is None:
+            continue
+        if g.shape[-1] == stored:
+            assert torch.equal(pad_channels_of(g, valid), torch.zeros_like(pad_channels_of(g, valid))), name
+            g = unpad_groups(g, valid)
+        assert rel_err(g, r) <= 1e-5, name
