@@ -59,18 +59,37 @@ def run_with(impl, model, x):
     return [o.detach() for o in outs], grads
 
 
+def compare_runs(run_a, run_b):
+    """``(output error, worst parameter, its gradient error)`` of two ``run_with`` results."""
+    (outs_a, grads_a), (outs_b, grads_b) = run_a, run_b
+    os.environ.pop('MMGM_KERNELS')
+    out_err = max(rel_err(a, b) for a, b in zip(outs_a, outs_b))
+    grad_errs = {n: rel_err(grads_a[n], grads_b[n]) for n in grads_b if grads_b[n].norm() > 0}
+    worst = max(grad_errs, key=grad_errs.get)
+    return out_err, worst, grad_errs[worst]
+
+
 def check_against_reference():
     torch.manual_seed(0)
     model = GroupMamba(arch='tiny').cuda().train()
     x = torch.randn(2, 3, 160, 224, device='cuda')
-    outs_t, grads_t = run_with('triton', model, x)
-    outs_r, grads_r = run_with('reference', model, x)
-    os.environ.pop('MMGM_KERNELS')
-    out_err = max(rel_err(a, b) for a, b in zip(outs_t, outs_r))
-    grad_errs = {n: rel_err(grads_t[n], grads_r[n]) for n in grads_r if grads_r[n].norm() > 0}
-    worst = max(grad_errs, key=grad_errs.get)
-    print(f'T, Triton vs reference (fp32): outputs {out_err:.2e}, worst gradient {worst} {grad_errs[worst]:.2e}')
-    assert out_err <= 1e-4 and grad_errs[worst] <= 1e-3
+    out_err, worst, grad_err = compare_runs(run_with('triton', model, x), run_with('reference', model, x))
+    print(f'T, Triton vs reference (fp32): outputs {out_err:.2e}, worst gradient {worst} {grad_err:.2e}')
+    assert out_err <= 1e-4 and grad_err <= 1e-3
+
+
+def check_padded_matches_unpadded():
+    """T with stage 3 stored padded (348 channels as 352, kernels/layout.py) against the same weights unpadded,
+    Triton kernels, fp32: the padding must change nothing."""
+    torch.manual_seed(0)
+    padded = GroupMamba(arch='tiny').cuda().train()
+    plain = GroupMamba(arch='tiny', channel_multiple=1).cuda().train()
+    plain.load_state_dict(padded.state_dict())
+    x = torch.randn(2, 3, 160, 224, device='cuda')
+    out_err, worst, grad_err = compare_runs(run_with('triton', padded, x), run_with('triton', plain, x))
+    print(f'T, stage 3 padded ({padded.stored_dims[2]}) vs unpadded, Triton fp32: outputs {out_err:.2e}, worst '
+          f'gradient {worst} {grad_err:.2e}')
+    assert padded.stored_dims[2] == 352 and out_err <= 1e-4 and grad_err <= 1e-3
 
 
 def check_opcheck():
@@ -231,6 +250,7 @@ def main():
     print(torch.cuda.get_device_name())
     check_golden(args.golden)
     check_against_reference()
+    check_padded_matches_unpadded()
     if args.compile:
         check_opcheck()
         check_compile(args.compile == 'dynamic')

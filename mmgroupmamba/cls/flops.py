@@ -22,6 +22,7 @@ from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.analysis.jit_handles import get_shape
 
 from mmgroupmamba.kernels import selective_scan
+from mmgroupmamba.kernels.layout import unpad_groups
 from mmgroupmamba.models.groupmamba import NUM_GROUPS, ConvFFN, GroupMambaLayer
 
 D_STATE = 1
@@ -55,7 +56,9 @@ def groupwise_forward(layer, x, weights=None):
     """:class:`GroupMambaLayer` forward computed group by group with the official per-group ops (each group's
     weights a slice of the packed parameters), so that FLOPs are counted as the official model spends them.
     ``weights`` (what the block passes: its weights in the compute dtype) goes unused: FLOPs are counted in fp32
-    on the parameters themselves."""
+    on the parameters themselves. A padded layer's map (``kernels/layout.py``) is unpadded first and its
+    output padded again (zeros: no FLOPs)."""
+    x = unpad_groups(x, layer.Ds.numel())
     batch, height, width, dims = x.shape
     d = dims // NUM_GROUPS
     x = layer.norm(x)
@@ -80,15 +83,15 @@ def groupwise_forward(layer, x, weights=None):
         normed = F.layer_norm(y_group, (d,), norm.weight[channels], norm.bias[channels], norm.eps)
         outs.append(F.linear(normed.view(batch, height, width, -1) * gate, layer.out_proj_weight[g]))
     y = torch.cat(outs, dim=-1) * (layer.skip_scale * x) * affinity[:, None, None, :]
-    return layer.proj(layer.norm(y))
+    return layer.pad(layer.proj(layer.norm(y)))
 
 
 def plain_ffn_forward(ffn, x, norm, weights=None):
     """:class:`ConvFFN` forward with plain ops (the fused op + linear pairs are single opaque nodes to a trace);
     ``weights`` unused, as in :func:`groupwise_forward`."""
     conv = ffn.dwconv.dwconv
-    h = ffn.fc1(norm(x)).permute(0, 3, 1, 2)
-    return ffn.fc2(F.gelu(conv(h)).permute(0, 2, 3, 1))
+    h = ffn.fc1(norm(unpad_groups(x, ffn.fc2.out_features))).permute(0, 3, 1, 2)
+    return ffn.pad(ffn.fc2(F.gelu(conv(h)).permute(0, 2, 3, 1)))
 
 
 @contextmanager

@@ -36,7 +36,10 @@ every group runs in the same launches: one linear layer for all groups' projecti
 weights), one depthwise conv, one scan. ``state_dict()`` gives the official per-group keys and shapes
 (``block1.0.attn.mamba_g1.x_proj_weight`` ...) and ``load_state_dict`` takes them, through
 :func:`official_to_packed` / :func:`packed_to_official`; official checkpoints load unchanged. Tensors inside a
-stage are channels-last ``(B, H, W, C)``.
+stage are channels-last ``(B, H, W, C)``. A stage whose width is not a multiple of 8 (stage 3 of T and S: 348)
+stores its maps padded, each scan group's channels followed by zero channels (348 as 352), so that its matmuls run
+cuBLAS's fast kernels (``kernels/layout.py``, ``channel_multiple``); its parameters, outputs and gradients are
+the unpadded model's.
 
 The fused ops (``mmgroupmamba.kernels``) are PyTorch custom ops, so the backbone runs eagerly (plain eager calls run the
 ops' implementations without the dispatcher's host cost per call: ``kernels/ops_util.py``), under
@@ -69,6 +72,7 @@ from mmgroupmamba.kernels import (
     modulated_layer_norm_linear,
     selective_scan,
 )
+from mmgroupmamba.kernels.layout import CHANNEL_MULTIPLE, pad_blocks, pad_groups, stored_channels, unpad_groups
 from mmgroupmamba.kernels.ops_util import traced
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.cuda_graph import CudaGraphs
@@ -261,11 +265,12 @@ def cast_together(params, dtype):
     return list(_CastTogether.apply(dtype, pads, *params))
 
 
-def apply_layer_norm(norm, x):
+def apply_layer_norm(norm, x, out_channels=None):
     """``norm(x)`` for an ``nn.LayerNorm`` over the last dim, through the blocks' LayerNorm kernel on CUDA, with
-    PyTorch's dtypes (fp32 out under autocast, x's dtype otherwise)."""
+    PyTorch's dtypes (fp32 out under autocast, x's dtype otherwise). ``x`` and the output (``out_channels``
+    columns, default x's) may be padded (``kernels/layout.py``): the stage boundaries pad and unpad here."""
     out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else None
-    return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype)
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype, out_channels)
 
 
 def _compute_dtype(x):
@@ -291,31 +296,37 @@ class _BlockDiagonalProjections(torch.autograd.Function):
     transposes: two launches fewer a layer in the compiled step (``benchmarks/compiled_kernels.py``)."""
 
     @staticmethod
-    def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
+    def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight, stored_group):
         dt_rank = dt_projs_weight.shape[-1]
         dt_rows, bc_rows = x_proj_weight.split([dt_rank, 2], dim=1)
         ctx.save_for_backward(dt_projs_weight, dt_rows)
+        ctx.stored_group = stored_group
         square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
                             torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
+        # A padded layer (kernels/layout.py) stores each group in stored_group channels: zero rows and columns.
+        square = pad_blocks(square, stored_group, stored_group)
         in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
-        bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, 1, d) -> (2, G, C)
+        bc_rows = pad_blocks(bc_rows.transpose(0, 1).unsqueeze(-2), 1, stored_group)  # (2, G, 1, d)
+        bc_proj = block_diagonal(bc_rows)  # (2, G, C)
         return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
 
     @staticmethod
     def backward(ctx, grad_in_proj, grad_delta_proj, grad_bc_proj, grad_out_proj):
         dt_projs_weight, dt_rows = ctx.saved_tensors
         groups, group_dims, _ = dt_projs_weight.shape
+        stored = ctx.stored_group
 
         def diagonal_blocks(grad, parts):
-            """``(parts * G * m, G * d)`` -> its diagonal blocks ``(G, parts, m, d)``."""
-            blocks = grad.view(parts, groups, -1, groups, group_dims).diagonal(dim1=1, dim2=3)  # (parts, m, d, G)
-            return blocks.permute(3, 0, 1, 2)
+            """``(parts * G * m, G * stored)`` -> its diagonal blocks' valid columns ``(G, parts, m, d)``."""
+            blocks = grad.view(parts, groups, -1, groups, stored).diagonal(dim1=1, dim2=3)  # (parts, m, stored, G)
+            return blocks.permute(3, 0, 1, 2)[..., :group_dims]
 
-        grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, 0]  # (G, d, d), of dt_projs @ dt_rows
+        grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, 0, :group_dims]  # (G, d, d), of dt_projs @ dt_rows
         grad_x_proj = torch.cat([dt_projs_weight.transpose(1, 2) @ grad_delta,  # dt rows
                                  diagonal_blocks(grad_bc_proj, 2)[:, :, 0]], dim=1)  # B and C rows
-        return (diagonal_blocks(grad_in_proj, 2).flatten(1, 2), grad_x_proj, grad_delta @ dt_rows.transpose(1, 2),
-                diagonal_blocks(grad_out_proj, 1)[:, 0])
+        grad_in_proj = diagonal_blocks(grad_in_proj, 2)[:, :, :group_dims].flatten(1, 2)
+        return (grad_in_proj, grad_x_proj, grad_delta @ dt_rows.transpose(1, 2),
+                diagonal_blocks(grad_out_proj, 1)[:, 0, :group_dims], None)
 
 
 class GroupLayerNorm(nn.LayerNorm):
@@ -337,11 +348,15 @@ class GroupMambaLayer(nn.Module):
     Args:
         dims (int): channels C (divisible by 4).
         reduction (int): channel-affinity bottleneck ratio.
+        stored_dims (int, optional): the channels its maps are stored in (``kernels/layout.py``: each group's
+            channels followed by zeros, so that the matmuls get K and N that cuBLAS's fast kernels take);
+            default ``dims``. The parameters keep their shapes either way.
     """
 
-    def __init__(self, dims, reduction=16):
+    def __init__(self, dims, reduction=16, stored_dims=None):
         super().__init__()
         group_dims = dims // NUM_GROUPS
+        self.stored_dims = stored_dims or dims
         self.dt_rank = math.ceil(group_dims / 16)
         self.norm = nn.LayerNorm(dims)
         self.fc1 = nn.Linear(dims, dims // reduction)
@@ -390,41 +405,51 @@ class GroupMambaLayer(nn.Module):
         """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
         ``in_proj`` ``(2C, C)`` (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into
         x_proj's dt rows: one projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its
-        C rows) and ``out_proj`` ``(C, C)``. Rebuilt at every call (:class:`_BlockDiagonalProjections`)."""
-        return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight)
+        C rows) and ``out_proj`` ``(C, C)``, C the stored channels. Rebuilt at every call
+        (:class:`_BlockDiagonalProjections`)."""
+        return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight,
+                                               self.stored_dims // NUM_GROUPS)
 
     def matmul_weights(self, cast_params):
         """The matmuls' weights from :meth:`matmul_params` cast to the compute dtype: the groups' projections as
-        block-diagonal matrices (:meth:`projections`), then ``proj``'s weight and bias."""
+        block-diagonal matrices (:meth:`projections`), then ``proj``'s weight and bias, all in the stored
+        channels."""
         *scan_weights, proj_weight, proj_bias = cast_params
-        return (*self.projections(*scan_weights), proj_weight, proj_bias)
+        return (*self.projections(*scan_weights), self.pad(self.pad(proj_weight, 0), 1), self.pad(proj_bias))
+
+    def pad(self, t, dim=-1):
+        """``t``'s ``dim`` of ``C`` channels laid out in the stored channels (itself where they are the same)."""
+        return pad_groups(t, self.stored_dims, dim)
 
     def forward(self, x, weights=None):
-        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's). ``weights``:
-        :meth:`matmul_weights` in that dtype (a block casts its layer's and its FFN's parameters together)."""
-        batch, height, width, dims = x.shape
+        """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's), C the stored
+        channels. ``weights``: :meth:`matmul_weights` in that dtype (a block casts its layer's and its FFN's
+        parameters together)."""
+        batch, height, width, stored = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
             weights = self.matmul_weights(cast_together(self.matmul_params(), x.dtype))
         in_proj, delta_proj, bc_proj, out_proj, proj_weight, proj_bias = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
-        scale = channel_affinity(x.mean((1, 2)), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                 self.skip_scale)
+        scale = channel_affinity(unpad_groups(x.mean((1, 2)), self.Ds.numel()), self.fc1.weight, self.fc1.bias,
+                                 self.fc2.weight, self.fc2.bias, self.skip_scale)
 
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
-        u, z = F.linear(x, in_proj).split(dims, dim=-1)
-        u = depthwise_conv_act(u, self.conv2d.weight, self.conv2d.bias, 'silu').reshape(batch, height * width, dims)
+        u, z = F.linear(x, in_proj).split(stored, dim=-1)
+        u = depthwise_conv_act(u, self.pad(self.conv2d.weight, 0), self.pad(self.conv2d.bias), 'silu')
+        u = u.reshape(batch, height * width, stored)
         b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
-        y = selective_scan(u, F.linear(u, delta_proj), self.A_logs.flatten(), b, c, self.Ds,
-                           self.dt_projs_bias.flatten(), (height, width))
+        # Pad channels scan zeros (u is zero there) and stay zero whatever their A, D and bias (zeros here).
+        y = selective_scan(u, F.linear(u, delta_proj), self.pad(self.A_logs.flatten()), b, c, self.pad(self.Ds),
+                           self.pad(self.dt_projs_bias.flatten()), (height, width))
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
         # norms run with the linear layer after them, so that their outputs need not be kept for backward.
-        y = gated_group_norm_linear(y.view(batch, height, width, dims), z, self.out_norm.weight,
+        y = gated_group_norm_linear(y.view(batch, height, width, stored), z, self.out_norm.weight,
                                     self.out_norm.bias, NUM_GROUPS, self.out_norm.eps, out_proj)
         # The scale is applied with x inside the output LayerNorm's pass (the same LayerNorm as at the input, as
         # in the official model).
         return modulated_layer_norm_linear(y, x, scale, self.norm.weight, self.norm.bias, self.norm.eps,
-                                           proj_weight, self.proj.bias, cast_bias=proj_bias)
+                                           proj_weight, self.pad(self.proj.bias), cast_bias=proj_bias)
 
 
 def _state_dict_to_official(module, state_dict, prefix, local_metadata):
@@ -455,26 +480,37 @@ class ConvFFN(nn.Module):
     8x-channel hidden maps after the conv and the GELU.
     """
 
-    def __init__(self, dims, hidden_dims):
+    def __init__(self, dims, hidden_dims, stored_dims=None):
         super().__init__()
         self.fc1 = nn.Linear(dims, hidden_dims)
         self.dwconv = DepthwiseConv(hidden_dims)
         self.fc2 = nn.Linear(hidden_dims, dims)
+        self.stored_dims = stored_dims or dims  # as GroupMambaLayer's
 
     def matmul_params(self):
         """The linear layers' weights and biases, which the fused layers read in the compute dtype (the cast
         biases serve the forward only: their gradients are reduced in fp32 for the parameters themselves)."""
         return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
 
+    def matmul_weights(self, cast_params):
+        """:meth:`matmul_params` cast to the compute dtype -> the weights the matmuls read: ``fc1``'s input and
+        ``fc2``'s output in the stored channels (the hidden ones are never padded)."""
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = cast_params
+        return self.pad(fc1_weight, 1), fc1_bias, self.pad(fc2_weight, 0), self.pad(fc2_bias)
+
+    def pad(self, t, dim=-1):
+        return pad_groups(t, self.stored_dims, dim)
+
     def forward(self, x, norm, weights=None):
-        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``; ``weights``: :meth:`matmul_params` already in
-        the compute dtype (a block casts its layer's and its FFN's together)."""
+        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``, C the stored channels; ``weights``:
+        :meth:`matmul_weights` already in the compute dtype (a block casts its layer's and its FFN's together)."""
         dtype = _compute_dtype(x)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias = weights or cast_together(self.matmul_params(), dtype)
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = weights or self.matmul_weights(
+            cast_together(self.matmul_params(), dtype))
         h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, self.fc1.bias,
                               cast_bias=fc1_bias)
         conv = self.dwconv.dwconv
-        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, self.fc2.bias,
+        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, self.pad(self.fc2.bias),
                                          cast_bias=fc2_bias)
 
 
@@ -505,11 +541,11 @@ def add_dropped_branch(x, branch, mask):
 class GroupMambaBlock(nn.Module):
     """``x + DropPath(GroupMambaLayer(x))``, then ``x + DropPath(ConvFFN(norm2(x)))``; channels-last."""
 
-    def __init__(self, dims, mlp_ratio, drop_path=0.0, with_cp=False):
+    def __init__(self, dims, mlp_ratio, drop_path=0.0, with_cp=False, stored_dims=None):
         super().__init__()
-        self.attn = GroupMambaLayer(dims)
+        self.attn = GroupMambaLayer(dims, stored_dims=stored_dims)
         self.norm2 = nn.LayerNorm(dims, eps=STAGE_NORM_EPS)
-        self.mlp = ConvFFN(dims, int(dims * mlp_ratio))
+        self.mlp = ConvFFN(dims, int(dims * mlp_ratio), stored_dims)
         self.drop_path = drop_path
         self.with_cp = with_cp
         self._constant_weights = None  # (key, weights) of _matmul_weights, where no gradient reaches them
@@ -543,7 +579,7 @@ class GroupMambaBlock(nn.Module):
             if self._constant_weights is not None and self._constant_weights[0] == key:
                 return self._constant_weights[1]
         cast = cast_together(params, dtype)
-        weights = (self.attn.matmul_weights(cast[:len(attn_params)]), cast[len(attn_params):])
+        weights = (self.attn.matmul_weights(cast[:len(attn_params)]), self.mlp.matmul_weights(cast[len(attn_params):]))
         if keep:
             self._constant_weights = (key, weights)
         return weights
@@ -603,8 +639,9 @@ class ClassBlock(nn.Module):
 class ConvStem(nn.Module):
     """Three convs (7x7 s2, 3x3, 3x3) with BN and ReLU, then a 3x3 s2 projection and LayerNorm: /4."""
 
-    def __init__(self, in_channels, hidden_dims, out_dims, norm_cfg):
+    def __init__(self, in_channels, hidden_dims, out_dims, norm_cfg, stored_dims=None):
         super().__init__()
+        self.stored_dims = stored_dims or out_dims  # the stage's (kernels/layout.py): the norm writes them
         layers = []
         for i, kernel in enumerate((7, 3, 3)):
             layers += [
@@ -622,19 +659,20 @@ class ConvStem(nn.Module):
         # Channels-last memory lets cuDNN run the BatchNorms and convs without NCHW<->NHWC conversions, and
         # the projection's output is then already the channels-last map the stages work on.
         x = x.contiguous(memory_format=torch.channels_last)
-        return apply_layer_norm(self.norm, _to_nhwc(self.proj(self.conv(x))))
+        return apply_layer_norm(self.norm, _to_nhwc(self.proj(self.conv(x))), self.stored_dims)
 
 
 class Downsample(nn.Module):
     """3x3 stride-2 conv and LayerNorm between stages, channels-last in and out."""
 
-    def __init__(self, in_dims, out_dims):
+    def __init__(self, in_dims, out_dims, stored_dims=None):
         super().__init__()
         self.proj = nn.Conv2d(in_dims, out_dims, 3, stride=2, padding=1)
         self.norm = nn.LayerNorm(out_dims)
+        self.stored_dims = stored_dims or out_dims  # as ConvStem's
 
     def forward(self, x):
-        return apply_layer_norm(self.norm, _to_nhwc(self.proj(_to_nchw(x))))
+        return apply_layer_norm(self.norm, _to_nhwc(self.proj(_to_nchw(x))), self.stored_dims)
 
 
 @MODELS.register_module()
@@ -668,6 +706,10 @@ class GroupMamba(BaseModule):
             fixed-size detection). Other inputs run eagerly, with a log line. ``'train'``: only while the
             module is in training mode, for fixed-size training whose evaluation images come in many sizes
             (each would record its own graphs); evaluation then runs eagerly.
+        channel_multiple (int): a stage whose width is not a multiple of this (stage 3 of T and S: 348) stores its
+            maps padded, each scan group followed by zero channels (``kernels/layout.py``: 348 as 352), so that
+            its matmuls run cuBLAS's fast kernels (on an H200, 2.7x faster for that stage's; README). Results and
+            parameters are those of the unpadded model; 1 turns it off.
         compile (bool | dict): run the backbone through ``torch.compile`` (one graph, no graph break, sizes
             symbolic so that new input sizes reuse it): ``True`` for the defaults (``dynamic=True,
             fullgraph=True``, Inductor options ``COMPILE_INDUCTOR_DEFAULTS``) or a dict of ``torch.compile``
@@ -690,6 +732,7 @@ class GroupMamba(BaseModule):
                  norm_cfg=dict(type='BN', requires_grad=True),
                  cuda_graph=False,
                  compile=False,
+                 channel_multiple=CHANNEL_MULTIPLE,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if not (isinstance(cuda_graph, bool) or cuda_graph == 'train'):
@@ -725,16 +768,21 @@ class GroupMamba(BaseModule):
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self.embed_dims = embed_dims
+        if not (isinstance(channel_multiple, int) and channel_multiple >= 1):
+            raise ValueError(f'GroupMamba: channel_multiple must be an int >= 1, got {channel_multiple!r}')
+        self.stored_dims = [stored_channels(dims, channel_multiple) for dims in embed_dims]
 
         block_drop = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         for i in range(self.num_stages):
             if i == 0:
-                patch_embed = ConvStem(in_channels, self.arch['stem_hidden_dim'], embed_dims[0], norm_cfg)
+                patch_embed = ConvStem(in_channels, self.arch['stem_hidden_dim'], embed_dims[0], norm_cfg,
+                                       self.stored_dims[0])
             else:
-                patch_embed = Downsample(embed_dims[i - 1], embed_dims[i])
+                patch_embed = Downsample(embed_dims[i - 1], embed_dims[i], self.stored_dims[i])
             first = sum(depths[:i])
             blocks = nn.ModuleList(
-                GroupMambaBlock(embed_dims[i], self.arch['mlp_ratios'][i], block_drop[first + j], with_cp)
+                GroupMambaBlock(embed_dims[i], self.arch['mlp_ratios'][i], block_drop[first + j], with_cp,
+                                self.stored_dims[i])
                 for j in range(depths[i]))
             self.add_module(f'patch_embed{i + 1}', patch_embed)
             self.add_module(f'block{i + 1}', blocks)
@@ -775,7 +823,8 @@ class GroupMamba(BaseModule):
         return self
 
     def forward_stage(self, i, x):
-        """Stage ``i`` (0-based) without its norm: downsampling (or the stem) and blocks, channels-last out."""
+        """Stage ``i`` (0-based) without its norm: downsampling (or the stem) and blocks, channels-last out, in
+        the stage's stored channels (``stored_dims[i]``)."""
         x = getattr(self, f'patch_embed{i + 1}')(x)
         for block in getattr(self, f'block{i + 1}'):
             x = block(x)
@@ -801,9 +850,10 @@ class GroupMamba(BaseModule):
         for i in range(self.num_stages):
             x = self.forward_stage(i, x)
             if self.out_type == 'cls_token' and i == self.num_stages - 1:
-                return (self._class_token(x), )
-            # The official model feeds the normalised map of stages 1-3 into the next stage.
-            x = apply_layer_norm(getattr(self, f'norm{i + 1}'), x)
+                return (self._class_token(unpad_groups(x, self.embed_dims[i])), )
+            # The official model feeds the normalised map of stages 1-3 into the next stage; the norm writes it
+            # unpadded.
+            x = apply_layer_norm(getattr(self, f'norm{i + 1}'), x, self.embed_dims[i])
             if i in self.out_indices:
                 outs.append(x.mean((1, 2)) if self.out_type == 'avg_featmap' else _to_nchw(x).contiguous())
         return tuple(outs)

@@ -1,0 +1,147 @@
+"""Stages stored with padded channels (``kernels/layout.py``): a stage whose width is not a multiple of 8 (348 in
+T and S) carries each scan group's channels followed by zeros, so that cuBLAS runs its fast kernels. The padded
+model must be the unpadded one: same parameters, same outputs and gradients, on both kernel implementations,
+eagerly and compiled."""
+import pytest
+import torch
+
+from mmgroupmamba import GroupMamba
+from mmgroupmamba.kernels.layout import pad_groups, stored_channels, unpad_groups
+
+# Stage widths 44 and 60: scan groups of 11 and 15 channels, stored as 12 and 16 (48 and 64 channels).
+ODD_ARCH = dict(stem_hidden_dim=8, embed_dims=[32, 44, 60, 36], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+
+
+def close(a, b, tol):
+    """``a`` within ``tol`` of ``b`` relative to b's norm (exact where b is zero: a dead ReLU's gradient)."""
+    return (a.double() - b.double()).norm() <= tol * b.double().norm()
+
+
+def test_stored_channels():
+    assert [stored_channels(c) for c in (64, 128, 348, 448, 424, 96, 44, 60, 36)] == [
+        64, 128, 352, 448, 424, 96, 48, 64, 40]
+    assert stored_channels(348, 1) == 348
+    assert GroupMamba('tiny').stored_dims == [64, 128, 352, 448]
+    assert GroupMamba('tiny', channel_multiple=1).stored_dims == [64, 128, 348, 448]
+    with pytest.raises(ValueError, match='channel_multiple'):
+        GroupMamba('mini', channel_multiple=0)
+
+
+def test_pad_and_unpad_groups():
+    t = torch.arange(2 * 12, dtype=torch.float32).view(2, 12)
+    padded = pad_groups(t, 16)
+    assert padded.shape == (2, 16)
+    assert torch.equal(padded.view(2, 4, 4)[..., 3], torch.zeros(2, 4))
+    assert torch.equal(padded.view(2, 4, 4)[..., :3], t.view(2, 4, 3))
+    assert torch.equal(unpad_groups(padded, 12), t)
+    assert torch.equal(pad_groups(t.t(), 16, dim=0).t(), padded)
+    assert pad_groups(t, 12) is t
+
+
+def twin_models(**kwargs):
+    torch.manual_seed(0)
+    plain = GroupMamba(ODD_ARCH, channel_multiple=1, **kwargs)
+    padded = GroupMamba(ODD_ARCH, **kwargs)
+    padded.load_state_dict(plain.state_dict())
+    assert padded.stored_dims == [32, 48, 64, 40]
+    return plain, padded
+
+
+def outputs_and_grads(model, x, autocast_dtype=None):
+    model.zero_grad()
+    with torch.autocast('cpu', dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        outs = model(x)
+    gen = torch.Generator().manual_seed(1)
+    sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outs).backward()
+    return [o.detach().float() for o in outs], {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_padded_model_is_the_unpadded_one(impl, monkeypatch):
+    """Outputs and every parameter's gradient in training mode, fp32, on both implementations (Triton through
+    the interpreter)."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    plain, padded = twin_models()
+    x = torch.randn(1, 3, 24, 40) if impl == 'triton' else torch.randn(2, 3, 40, 56)
+    (outs_a, grads_a), (outs_b, grads_b) = (outputs_and_grads(m.train(), x) for m in (plain, padded))
+    for a, b in zip(outs_a, outs_b):
+        assert a.shape == b.shape and close(b, a, 1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert grads_a[name].shape == grads_b[name].shape, name
+        assert close(grads_b[name], grads_a[name], 1e-5), name
+
+
+def test_padded_model_under_autocast():
+    plain, padded = twin_models()
+    x = torch.randn(2, 3, 40, 56)
+    (outs_a, grads_a), (outs_b, grads_b) = (outputs_and_grads(m.train(), x, torch.bfloat16) for m in (plain, padded))
+    for a, b in zip(outs_a, outs_b):
+        assert close(b, a, 1e-2)
+    for name in grads_a:
+        assert close(grads_b[name], grads_a[name], 3e-2), name
+
+
+def test_pad_channels_hold_zeros_and_state_dict_is_official():
+    """Every block of a padded stage outputs exact zeros in its pad channels; the state dict's keys and shapes
+    are the unpadded model's (the official ones)."""
+    _, padded = twin_models()
+    block_outputs = []
+    for stage in (2, 3):
+        for block in getattr(padded, f'block{stage}'):
+            block.register_forward_hook(lambda module, args, out, stage=stage: block_outputs.append((stage, out)))
+    with torch.no_grad():
+        padded(torch.randn(2, 3, 40, 56))
+    assert len(block_outputs) == 3
+    for stage, out in block_outputs:
+        valid, stored = ODD_ARCH['embed_dims'][stage - 1], padded.stored_dims[stage - 1]
+        assert out.shape[-1] == stored
+        pads = out[..., pad_groups(torch.ones(valid), stored) == 0]
+        assert pads.numel() and torch.equal(pads, torch.zeros_like(pads))
+    plain = GroupMamba(ODD_ARCH, channel_multiple=1)
+    assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_padded_model_compiles_in_one_graph(monkeypatch):
+    """fullgraph=True with symbolic sizes (aot_eager on the CPU, as tests/test_compile.py): eager's results."""
+    torch._dynamo.reset()
+    try:
+        _, padded = twin_models()
+        compiled = GroupMamba(ODD_ARCH, compile=dict(backend='aot_eager'))
+        compiled.load_state_dict(padded.state_dict())
+        x = torch.randn(2, 3, 40, 56)
+        (outs_a, grads_a), (outs_b, grads_b) = (outputs_and_grads(m.train(), x) for m in (padded, compiled))
+        for a, b in zip(outs_a, outs_b):
+            assert close(b, a, 1e-6)
+        for name in grads_a:
+            assert close(grads_b[name], grads_a[name], 1e-5), name
+    finally:
+        torch._dynamo.reset()
+
+
+class MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ``(rows, K, N)`` of every 2-D matmul (mm, addmm) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2:]
+            self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_tiny_runs_every_map_matmul_with_k_and_n_multiples_of_8():
+    """GroupMamba-T's stage 3 (348 channels): every matmul over a map (more than one row: not the channel
+    affinity's, on one pooled vector) has K and N multiples of 8, forward and backward (the weight gradients'
+    K, the positions, too at this size); unpadded, some do not."""
+    x = torch.randn(1, 3, 128, 128)
+    for multiple, aligned in ((8, True), (1, False)):
+        model = GroupMamba('tiny', channel_multiple=multiple).train()
+        with MatmulShapes() as mode:
+            sum(o.sum() for o in model(x)).backward()
+        map_matmuls = [s for s in mode.shapes if s[0] > 1 and max(s) > 8]
+        assert map_matmuls
+        assert all(k % 8 == 0 and n % 8 == 0 for _, k, n in map_matmuls) == aligned, sorted(set(map_matmuls))
