@@ -127,19 +127,19 @@ def baseline(name):
     return f'Swin-{model.rsplit("-", 1)[1]}' + (f' {mode}' if mode else '')
 
 
-def build_backbones(models, modes, drop_path_rate, compile_options=None):
-    """For each size in ``models``, mmdet's SwinTransformer of that size (:func:`swin_config`) and GroupMamba,
-    with their last stage's channels, in each of ``modes`` (name suffixes: '' eager, ' +graphs' replayed from
-    CUDA graphs, ' +compile'; the compiled ones with ``compile_options``, torch.compile arguments over the
-    backbones' defaults)."""
+def build_backbones(models, modes, drop_path_rate, compile_options=None, groupmamba_options=None):
+    """For each size in ``models``, mmdet's SwinTransformer of that size (:func:`swin_config`) and GroupMamba
+    (with ``groupmamba_options``, constructor arguments), with their last stage's channels, in each of ``modes``
+    (name suffixes: '' eager, ' +graphs' replayed from CUDA graphs, ' +compile'; the compiled ones with
+    ``compile_options``, torch.compile arguments over the backbones' defaults)."""
     from mmdet.registry import MODELS as DET_MODELS
     from mmengine.registry import DefaultScope
     cfgs = {}
     for size in models:
         arch = NAMES[size]
         cfgs[f'Swin-{size}'] = swin_config(size, drop_path_rate)
-        cfgs[f'GroupMamba-{size}'] = (dict(type='GroupMamba', arch=arch, drop_path_rate=drop_path_rate),
-                                      ARCH_SETTINGS[arch]['embed_dims'][-1])
+        cfgs[f'GroupMamba-{size}'] = (dict(type='GroupMamba', arch=arch, drop_path_rate=drop_path_rate,
+                                           **(groupmamba_options or {})), ARCH_SETTINGS[arch]['embed_dims'][-1])
     backbones = {}
     with DefaultScope.overwrite_default_scope('mmdet'):
         for mode in modes:
@@ -316,6 +316,9 @@ def main():
     parser.add_argument('--compile-options', type=json.loads, default={},
                         help='torch.compile arguments for the compiled rows of both models, as JSON, e.g. '
                         '\'{"dynamic": false}\' or \'{"options": {"cpp_wrapper": true}}\'')
+    parser.add_argument('--groupmamba-options', type=json.loads, default={},
+                        help='GroupMamba constructor arguments, as JSON, e.g. \'{"channel_multiple": 1}\' (stage 3 '
+                        'of T and S unpadded)')
     parser.add_argument('--adamw', choices=('fused', 'foreach'), default='fused')
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -323,7 +326,7 @@ def main():
     modes = [m for m, on in zip(MODES, (not args.no_eager, args.cuda_graph, args.compile)) if on]
     results = {}
     classifiers = ({} if args.skip_classification
-                   else build_backbones(args.models, modes, 0.1, args.compile_options))
+                   else build_backbones(args.models, modes, 0.1, args.compile_options, args.groupmamba_options))
     for name, (backbone, channels) in classifiers.items():
         start = time.perf_counter()
         results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps,
@@ -331,12 +334,13 @@ def main():
         torch.cuda.empty_cache()
         print(name, results[name], f'({time.perf_counter() - start:.0f} s with warm-up)', flush=True)
     if not args.skip_detection:
-        backbones = build_backbones(args.models, modes, 0.2, args.compile_options)
+        backbones = build_backbones(args.models, modes, 0.2, args.compile_options, args.groupmamba_options)
         for name, (ms, launches) in detection_rows(backbones, max(5, args.steps // 2)).items():
             results.setdefault(name, {}).update(det_ms=ms, launches=launches)
 
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
-          f'AdamW {args.adamw}, steps {args.steps}; ratios to the Swin of the same size in the same mode')
+          f'AdamW {args.adamw}, steps {args.steps}, GroupMamba options {args.groupmamba_options}; ratios to the Swin '
+          'of the same size in the same mode')
     print('| model | train img/s | x Swin | infer img/s | x Swin | train peak reserved GiB | x Swin '
           '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin | launches per det step '
           '| x Swin |')

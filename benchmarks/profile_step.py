@@ -21,6 +21,7 @@ import collections
 import json
 import re
 import time
+import warnings
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -69,6 +70,10 @@ def main():
     parser.add_argument('--dynamic', action='store_true')
     parser.add_argument('--compile-options', type=json.loads, default={})
     parser.add_argument('--drop-path-rate', type=float, default=0.2)
+    parser.add_argument('--groupmamba-options', type=json.loads, default={},
+                        help='GroupMamba constructor arguments, as in backbone_speed.py')
+    parser.add_argument('--sync-debug', action='store_true',
+                        help='also list the operations of one step that wait for the GPU (set_sync_debug_mode)')
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     suffix = ' +graphs' if args.cuda_graph else ' +compile' if args.compile else ''
@@ -78,7 +83,8 @@ def main():
         if args.compile != 'default':
             options.setdefault('mode', args.compile)
     name = f'{"Swin" if args.swin else "GroupMamba"}-{args.model}'
-    model, _ = build_backbones([args.model], [suffix], args.drop_path_rate, options)[name + suffix]
+    model, _ = build_backbones([args.model], [suffix], args.drop_path_rate, options,
+                               args.groupmamba_options)[name + suffix]
     model.cuda()
     model.train()  # not chained: mmdet's SwinTransformer.train() returns None
     step = backbone_step(model, torch.randn(args.batch, 3, *args.size, device='cuda'))
@@ -101,6 +107,18 @@ def main():
     step()
     host_ms = (time.perf_counter() - start) * 1000
     torch.cuda.synchronize()
+    if args.sync_debug:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            step()
+            torch.cuda.set_sync_debug_mode('default')
+        torch.cuda.synchronize()
+        syncs = collections.Counter(f'{w.filename}:{w.lineno}: {w.message}' for w in caught
+                                    if 'synchroniz' in str(w.message))
+        print(f'operations waiting for the GPU in one step: {sum(syncs.values())}')
+        for where, count in syncs.most_common(10):
+            print(f'  {count} x {where}')
 
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.compile else [])
     with profile(activities=activities) as prof:
