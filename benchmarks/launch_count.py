@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from mmgroupmamba import GroupMamba  # noqa: E402
 from mmgroupmamba.kernels import dispatch  # noqa: E402
+from mmgroupmamba.kernels.layout import CHANNEL_MULTIPLE, stored_channels  # noqa: E402
 from mmgroupmamba.models.groupmamba import GroupMambaBlock  # noqa: E402
 
 # Allocations: no kernel, and what they return holds nothing yet (a kernel it is passed to writes it).
@@ -227,19 +228,23 @@ def main():
     parser.add_argument('--size', type=int, default=16, help='height and width of the map (batch 1)')
     parser.add_argument('--sms', type=int, default=132, help='multiprocessors the tilings are sized for')
     parser.add_argument('--arch', default='mini', help="backbone counted in total ('' for none)")
+    parser.add_argument('--channel-multiple', type=int, default=CHANNEL_MULTIPLE,
+                        help="GroupMamba's channel_multiple: a block of --dims channels not a multiple of it is "
+                        'stored padded (kernels/layout.py); 1: never')
     args = parser.parse_args()
     sms = args.sms
     size_tilings_for(sms)
 
     torch.manual_seed(0)
-    block = GroupMambaBlock(args.dims, 4, drop_path=0.1).train()
-    x = torch.randn(1, args.size, args.size, args.dims, requires_grad=True)
+    stored = stored_channels(args.dims, args.channel_multiple)
+    block = GroupMambaBlock(args.dims, 4, drop_path=0.1, stored_dims=stored).train()
+    x = torch.randn(1, args.size, args.size, stored, requires_grad=True)
     columns = {f'{"bf16 autocast" if amp else "fp32"}': count_step(block, x, amp) for amp in (False, True)}
-    print(f'launch-like ops of one GroupMambaBlock ({args.dims} channels, 1x{args.size}x{args.size}, train, '
-          f'drop_path 0.1, Triton path, tilings for {sms} SMs)\n')
+    print(f'launch-like ops of one GroupMambaBlock ({args.dims} channels stored as {stored}, 1x{args.size}x'
+          f'{args.size}, train, drop_path 0.1, Triton path, tilings for {sms} SMs)\n')
     print_table(columns)
     if args.arch:
-        model = GroupMamba(arch=args.arch, drop_path_rate=0.1).train()
+        model = GroupMamba(arch=args.arch, drop_path_rate=0.1, channel_multiple=args.channel_multiple).train()
         image = torch.randn(1, 3, 4 * args.size, 4 * args.size)
         blocks = sum(model.arch['depths'])
         print(f'\nbackbone {args.arch!r} ({blocks} blocks), 1x3x{4 * args.size}x{4 * args.size}, all four outputs\n')
