@@ -40,6 +40,13 @@ def test_backbones_of_each_size_with_their_last_channels():
     assert 86 < params['Swin-B'] < 88, params
 
 
+def test_groupmamba_options_reach_groupmamba_only():
+    """--groupmamba-options: padded and unpadded GroupMamba timed against the same Swin in one call."""
+    backbones = build_backbones(['T'], [''], 0.1, groupmamba_options={'channel_multiple': 1})
+    assert backbones['GroupMamba-T'][0].stored_dims == [64, 128, 348, 448]
+    assert build_backbones(['T'], [''], 0.1)['GroupMamba-T'][0].stored_dims == [64, 128, 352, 448]
+
+
 def test_every_detection_row_is_timed_before_any_is_profiled(monkeypatch):
     # A profiler run can leave CUPTI attached and slow every later launch: no timing may follow a count.
     calls = []
