@@ -187,7 +187,7 @@ def count_step(module, x, autocast):
 
 def count_inference(module, x, autocast, calls=2):
     """Launch counts of ``calls`` eager inference forwards of ``module(x)`` (eval, no gradient), one total per
-    call: the first builds the blocks' matmul weights, later ones reuse them (GroupMambaBlock._matmul_weights)."""
+    call: the first builds the blocks' matmul weights, later ones reuse them (GroupMambaBlock._forward_weights)."""
     module.eval()
     launchers = [dispatch.triton_module(name, x.device) for name in LAUNCHERS]
     totals = []

@@ -1,5 +1,5 @@
 """Where no gradient reaches a block's matmul weights (inference, frozen stages), their casts and block-diagonal
-projections are kept between eager calls (``GroupMambaBlock._matmul_weights``): fewer launches, the same results,
+projections are kept between eager calls (``GroupMambaBlock._forward_weights``): fewer launches, the same results,
 and never stale."""
 import copy
 import sys
@@ -125,3 +125,24 @@ def test_nothing_is_kept_while_traced():
         out = compiled(x)
     assert block._constant_weights is None
     assert torch.allclose(out, fresh(block, x), atol=1e-6)
+
+
+def test_a_padded_block_keeps_its_pads_and_follows_its_per_channel_parameters():
+    """A block stored padded (44 channels as 48, kernels/layout.py): inference keeps the padded per-channel
+    parameters with the matmul weights (no pad in later forwards), and an in-place update of one of them (the
+    scan's A_logs, the conv's bias) is seen."""
+    torch.manual_seed(0)
+    block = GroupMambaBlock(44, 2, drop_path=0.1, stored_dims=48).eval()
+    x = torch.nn.functional.pad(torch.randn(2, 6, 5, 4, 11), (0, 1)).flatten(-2)  # zeros in the pad channels
+    with torch.no_grad():
+        with OpCounter() as first:
+            out1 = block(x)
+        with OpCounter() as second:
+            out2 = block(x)
+        assert torch.equal(out1, out2)
+        assert 'constant_pad_nd' in first.ops and 'constant_pad_nd' not in second.ops, second.ops
+        block.attn.A_logs.add_(0.5)
+        assert torch.equal(block(x), fresh(block, x))
+        block.attn.conv2d.bias.copy_(torch.randn_like(block.attn.conv2d.bias))
+        assert torch.equal(block(x), fresh(block, x))
+    assert not torch.equal(out1, block(x))

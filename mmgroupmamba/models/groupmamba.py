@@ -410,12 +410,21 @@ class GroupMambaLayer(nn.Module):
         return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight,
                                                self.stored_dims // NUM_GROUPS)
 
-    def matmul_weights(self, cast_params):
-        """The matmuls' weights from :meth:`matmul_params` cast to the compute dtype: the groups' projections as
-        block-diagonal matrices (:meth:`projections`), then ``proj``'s weight and bias, all in the stored
-        channels."""
+    def channel_params(self):
+        """The parameters read per channel as they are (fp32): the conv's weight and bias, and the scan's
+        ``A_logs``, ``Ds`` and delta bias."""
+        return [self.conv2d.weight, self.conv2d.bias, self.A_logs, self.Ds, self.dt_projs_bias]
+
+    def forward_weights(self, cast_params):
+        """What ``forward`` reads, in the stored channels, from :meth:`matmul_params` cast to the compute dtype:
+        the groups' projections as block-diagonal matrices (:meth:`projections`), ``proj``'s weight and bias;
+        then, in fp32, :meth:`channel_params` (``A_logs`` and the delta bias flattened) and ``proj``'s bias (its
+        gradient's way back). Unpadded, the fp32 ones are the parameters themselves."""
         *scan_weights, proj_weight, proj_bias = cast_params
-        return (*self.projections(*scan_weights), self.pad(self.pad(proj_weight, 0), 1), self.pad(proj_bias))
+        conv_weight, conv_bias, a_logs, ds, delta_bias = self.channel_params()
+        return (*self.projections(*scan_weights), self.pad(self.pad(proj_weight, 0), 1), self.pad(proj_bias),
+                self.pad(conv_weight, 0), self.pad(conv_bias), self.pad(a_logs.flatten()), self.pad(ds),
+                self.pad(delta_bias.flatten()), self.pad(self.proj.bias))
 
     def pad(self, t, dim=-1):
         """``t``'s ``dim`` of ``C`` channels laid out in the stored channels (itself where they are the same)."""
@@ -423,25 +432,25 @@ class GroupMambaLayer(nn.Module):
 
     def forward(self, x, weights=None):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's), C the stored
-        channels. ``weights``: :meth:`matmul_weights` in that dtype (a block casts its layer's and its FFN's
+        channels. ``weights``: :meth:`forward_weights` in that dtype (a block casts its layer's and its FFN's
         parameters together)."""
         batch, height, width, stored = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
-            weights = self.matmul_weights(cast_together(self.matmul_params(), x.dtype))
-        in_proj, delta_proj, bc_proj, out_proj, proj_weight, proj_bias = weights
+            weights = self.forward_weights(cast_together(self.matmul_params(), x.dtype))
+        (in_proj, delta_proj, bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds,
+         delta_bias, proj_bias_param) = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
         scale = channel_affinity(unpad_groups(x.mean((1, 2)), self.Ds.numel()), self.fc1.weight, self.fc1.bias,
                                  self.fc2.weight, self.fc2.bias, self.skip_scale)
 
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(stored, dim=-1)
-        u = depthwise_conv_act(u, self.pad(self.conv2d.weight, 0), self.pad(self.conv2d.bias), 'silu')
+        u = depthwise_conv_act(u, conv_weight, conv_bias, 'silu')
         u = u.reshape(batch, height * width, stored)
         b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
         # Pad channels scan zeros (u is zero there) and stay zero whatever their A, D and bias (zeros here).
-        y = selective_scan(u, F.linear(u, delta_proj), self.pad(self.A_logs.flatten()), b, c, self.pad(self.Ds),
-                           self.pad(self.dt_projs_bias.flatten()), (height, width))
+        y = selective_scan(u, F.linear(u, delta_proj), a_logs, b, c, ds, delta_bias, (height, width))
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
         # norms run with the linear layer after them, so that their outputs need not be kept for backward.
         y = gated_group_norm_linear(y.view(batch, height, width, stored), z, self.out_norm.weight,
@@ -449,7 +458,7 @@ class GroupMambaLayer(nn.Module):
         # The scale is applied with x inside the output LayerNorm's pass (the same LayerNorm as at the input, as
         # in the official model).
         return modulated_layer_norm_linear(y, x, scale, self.norm.weight, self.norm.bias, self.norm.eps,
-                                           proj_weight, self.pad(self.proj.bias), cast_bias=proj_bias)
+                                           proj_weight, proj_bias_param, cast_bias=proj_bias)
 
 
 def _state_dict_to_official(module, state_dict, prefix, local_metadata):
@@ -492,25 +501,27 @@ class ConvFFN(nn.Module):
         biases serve the forward only: their gradients are reduced in fp32 for the parameters themselves)."""
         return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
 
-    def matmul_weights(self, cast_params):
-        """:meth:`matmul_params` cast to the compute dtype -> the weights the matmuls read: ``fc1``'s input and
-        ``fc2``'s output in the stored channels (the hidden ones are never padded)."""
+    def forward_weights(self, cast_params):
+        """:meth:`matmul_params` cast to the compute dtype -> what ``forward`` reads: the matmuls' weights and
+        biases with ``fc1``'s input and ``fc2``'s output in the stored channels (the hidden ones are never
+        padded), then ``fc2``'s fp32 bias so laid out (its gradient's way back; the parameter itself unpadded)."""
         fc1_weight, fc1_bias, fc2_weight, fc2_bias = cast_params
-        return self.pad(fc1_weight, 1), fc1_bias, self.pad(fc2_weight, 0), self.pad(fc2_bias)
+        return (self.pad(fc1_weight, 1), fc1_bias, self.pad(fc2_weight, 0), self.pad(fc2_bias),
+                self.pad(self.fc2.bias))
 
     def pad(self, t, dim=-1):
         return pad_groups(t, self.stored_dims, dim)
 
     def forward(self, x, norm, weights=None):
         """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``, C the stored channels; ``weights``:
-        :meth:`matmul_weights` already in the compute dtype (a block casts its layer's and its FFN's together)."""
+        :meth:`forward_weights` already in the compute dtype (a block casts its layer's and its FFN's together)."""
         dtype = _compute_dtype(x)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias = weights or self.matmul_weights(
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_bias_param = weights or self.forward_weights(
             cast_together(self.matmul_params(), dtype))
         h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, self.fc1.bias,
                               cast_bias=fc1_bias)
         conv = self.dwconv.dwconv
-        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, self.pad(self.fc2.bias),
+        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, fc2_bias_param,
                                          cast_bias=fc2_bias)
 
 
@@ -548,7 +559,7 @@ class GroupMambaBlock(nn.Module):
         self.mlp = ConvFFN(dims, int(dims * mlp_ratio), stored_dims)
         self.drop_path = drop_path
         self.with_cp = with_cp
-        self._constant_weights = None  # (key, weights) of _matmul_weights, where no gradient reaches them
+        self._constant_weights = None  # (key, weights) of _forward_weights, where no gradient reaches them
 
     def train(self, mode=True):
         # Switching modes drops the kept weights: a write through `param.data` is the one change their key cannot
@@ -557,19 +568,21 @@ class GroupMambaBlock(nn.Module):
         self._constant_weights = None
         return super().train(mode)
 
-    def _matmul_weights(self, dtype):
-        """The layer's :meth:`GroupMambaLayer.matmul_weights` and the FFN's matmul weights, in ``dtype``.
+    def _forward_weights(self, dtype):
+        """The layer's and the FFN's ``forward_weights`` (:meth:`GroupMambaLayer.forward_weights`), matmul weights
+        in ``dtype``.
 
-        Built at every call where a gradient reaches them (training): the casts and block-diagonal projections
-        are then part of the step. Where none does (inference, frozen stages) they are constants of the
-        parameters, kept between calls: in eager inference a block's forward then skips eight launches (the
-        cast's concatenation and cast, the projections' concatenation, matmul and diagonal fills). Kept in plain
+        Built at every call where a gradient reaches them (training): the casts, block-diagonal projections and
+        pads (``kernels/layout.py``) are then part of the step. Where none does (inference, frozen stages) they
+        are constants of the parameters, kept between calls: in eager inference a block's forward then skips
+        eight launches (the cast's concatenation and cast, the projections' concatenation, matmul and diagonal
+        fills), a padded block also its pads of the per-channel parameters. Kept in plain
         eager runs only (``kernels.ops_util.traced``): torch.compile and export trace them into their graphs, and
         a CUDA graph being recorded would read tensors that a later refresh replaces. The key (each parameter's
         storage and version counter, and the dtype) replaces them when a parameter is updated in place, moved or
         converted."""
         attn_params, mlp_params = self.attn.matmul_params(), self.mlp.matmul_params()
-        params = attn_params + mlp_params
+        params = attn_params + mlp_params + self.attn.channel_params()
         keep = (not traced(params)
                 and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
                 and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing()))
@@ -578,8 +591,9 @@ class GroupMambaBlock(nn.Module):
             key = (dtype, torch.is_inference_mode_enabled(), tuple((p.data_ptr(), p._version) for p in params))
             if self._constant_weights is not None and self._constant_weights[0] == key:
                 return self._constant_weights[1]
-        cast = cast_together(params, dtype)
-        weights = (self.attn.matmul_weights(cast[:len(attn_params)]), self.mlp.matmul_weights(cast[len(attn_params):]))
+        cast = cast_together(attn_params + mlp_params, dtype)
+        weights = (self.attn.forward_weights(cast[:len(attn_params)]),
+                   self.mlp.forward_weights(cast[len(attn_params):]))
         if keep:
             self._constant_weights = (key, weights)
         return weights
@@ -594,7 +608,7 @@ class GroupMambaBlock(nn.Module):
         return masks.bernoulli_(keep).mul_(1 / keep)
 
     def _forward(self, x):
-        attn_weights, mlp_weights = self._matmul_weights(_compute_dtype(x))
+        attn_weights, mlp_weights = self._forward_weights(_compute_dtype(x))
         attn_mask, mlp_mask = self._keep_masks(x)
         x = add_dropped_branch(x, self.attn(x, attn_weights), attn_mask)
         return add_dropped_branch(x, self.mlp(x, self.norm2, mlp_weights), mlp_mask)
