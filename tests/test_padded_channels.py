@@ -72,6 +72,22 @@ def test_padded_model_is_the_unpadded_one(impl, monkeypatch):
         assert close(grads_b[name], grads_a[name], 1e-5), name
 
 
+@pytest.mark.parametrize('options', [dict(out_type='cls_token'), dict(with_cp=True), dict(frozen_stages=2)])
+def test_padded_model_with_options(options):
+    """The class token (the last stage, 36 channels as 40, unpadded before the class block), gradient
+    checkpointing and frozen stages on the padded model (reference path, fp32). The class block's skip_scale
+    gradient sums its one token's channels with much cancellation: 1e-3."""
+    plain, padded = twin_models(**options)
+    x = torch.randn(2, 3, 40, 56)
+    (outs_a, grads_a), (outs_b, grads_b) = (outputs_and_grads(m.train(), x) for m in (plain, padded))
+    for a, b in zip(outs_a, outs_b):
+        assert a.shape == b.shape and close(b, a, 1e-6)
+    for name in grads_a:
+        assert (grads_a[name] is None) == (grads_b[name] is None), name
+        if grads_a[name] is not None:
+            assert close(grads_b[name], grads_a[name], 1e-3), name
+
+
 def test_padded_model_under_autocast():
     plain, padded = twin_models()
     x = torch.randn(2, 3, 40, 56)
