@@ -41,18 +41,12 @@ def group_widths(valid, stored):
     return valid // GROUPS, stored // GROUPS
 
 
-def _group_dims(t, dim, other):
-    """``(dim as a negative index, valid, stored, V, P)`` for ``t``'s ``dim`` and the ``other`` width."""
-    dim = dim - t.dim() if dim >= 0 else dim
-    valid, stored = sorted((t.shape[dim], other))
-    return (dim, valid, stored, *group_widths(valid, stored))
-
-
 def pad_groups(t, stored, dim=-1):
     """``t`` with its ``dim`` (the valid channels) stored as ``stored``: each group followed by zeros."""
     if t.shape[dim] == stored:
         return t
-    dim, _, _, v, p = _group_dims(t, dim, stored)
+    dim = dim - t.dim() if dim >= 0 else dim  # negative: the same index after unflatten
+    v, p = group_widths(t.shape[dim], stored)
     return F.pad(t.unflatten(dim, (GROUPS, v)), (0, 0) * (-dim - 1) + (0, p - v)).flatten(dim - 1, dim)
 
 
@@ -60,8 +54,17 @@ def unpad_groups(t, valid, dim=-1):
     """The inverse of :func:`pad_groups`: the ``valid`` channels of ``t``'s padded ``dim``, compact."""
     if t.shape[dim] == valid:
         return t
-    dim, _, _, v, p = _group_dims(t, dim, valid)
+    dim = dim - t.dim() if dim >= 0 else dim
+    v, p = group_widths(valid, t.shape[dim])
     return t.unflatten(dim, (GROUPS, p)).narrow(dim, 0, v).flatten(dim - 1, dim)
+
+
+def pad_square(t, stored):
+    """A ``(C, C)`` matrix with its rows and columns stored as ``stored``, in one pad."""
+    if t.shape[-1] == stored:
+        return t
+    v, p = group_widths(t.shape[-1], stored)
+    return F.pad(t.view(GROUPS, v, GROUPS, v), (0, p - v, 0, 0, 0, p - v)).view(stored, stored)
 
 
 def pad_blocks(blocks, rows, cols):

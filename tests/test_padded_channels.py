@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmgroupmamba import GroupMamba
-from mmgroupmamba.kernels.layout import pad_groups, stored_channels, unpad_groups
+from mmgroupmamba.kernels.layout import pad_groups, pad_square, stored_channels, unpad_groups
 
 # Stage widths 44 and 60: scan groups of 11 and 15 channels, stored as 12 and 16 (48 and 64 channels).
 ODD_ARCH = dict(stem_hidden_dim=8, embed_dims=[32, 44, 60, 36], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
@@ -36,6 +36,9 @@ def test_pad_and_unpad_groups():
     assert torch.equal(unpad_groups(padded, 12), t)
     assert torch.equal(pad_groups(t.t(), 16, dim=0).t(), padded)
     assert pad_groups(t, 12) is t
+    square = torch.randn(12, 12)
+    assert torch.equal(pad_square(square, 16), pad_groups(pad_groups(square, 16, dim=0), 16, dim=1))
+    assert pad_square(square, 12) is square
 
 
 def twin_models(**kwargs):

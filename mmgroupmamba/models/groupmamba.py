@@ -72,7 +72,14 @@ from mmgroupmamba.kernels import (
     modulated_layer_norm_linear,
     selective_scan,
 )
-from mmgroupmamba.kernels.layout import CHANNEL_MULTIPLE, pad_blocks, pad_groups, stored_channels, unpad_groups
+from mmgroupmamba.kernels.layout import (
+    CHANNEL_MULTIPLE,
+    pad_blocks,
+    pad_groups,
+    pad_square,
+    stored_channels,
+    unpad_groups,
+)
 from mmgroupmamba.kernels.ops_util import traced
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.cuda_graph import CudaGraphs
@@ -422,7 +429,7 @@ class GroupMambaLayer(nn.Module):
         gradient's way back). Unpadded, the fp32 ones are the parameters themselves."""
         *scan_weights, proj_weight, proj_bias = cast_params
         conv_weight, conv_bias, a_logs, ds, delta_bias = self.channel_params()
-        return (*self.projections(*scan_weights), self.pad(self.pad(proj_weight, 0), 1), self.pad(proj_bias),
+        return (*self.projections(*scan_weights), pad_square(proj_weight, self.stored_dims), self.pad(proj_bias),
                 self.pad(conv_weight, 0), self.pad(conv_bias), self.pad(a_logs.flatten()), self.pad(ds),
                 self.pad(delta_bias.flatten()), self.pad(self.proj.bias))
 
