@@ -6,12 +6,16 @@ stage 3 has 348 channels, and its matmuls fell back to sm80 kernels 2.7x slower 
 followed by ``P - V`` zero channels (87 -> 88: 348 stored as 352), so that its matmuls see K and N of ``4 P``.
 The layout is per scan group, not trailing, because the scan assigns channels to directions by group.
 
-Parameters keep their official shapes (``V`` per group): the model pads the matmul weights it assembles per
-step (zero rows and columns at the pad channels) and the per-channel parameters the convs and the scan read;
-the norms read their compact affines through the layout and normalise over the valid channels only
-(``triton_gated_norm.py``), writing zeros into the pad channels. Every map of a padded stage therefore holds
+Parameters keep their official shapes (``V`` per group): a padded block lays the matmul weights and the
+per-channel parameters the convs and the scan read out in the stored channels at every step, all in one gather
+(:class:`StoredParameters`: zero rows and columns at the pad channels); the norms read their compact affines
+through the layout and normalise over the valid channels only (``triton_gated_norm.py``), writing zeros into the
+pad channels. Every map of a padded stage therefore holds
 exact zeros there, and no pad channel adds anything to a valid one.
 """
+import math
+
+import torch
 import torch.nn.functional as F
 
 from .directions import SCAN_DIRECTIONS
@@ -72,3 +76,104 @@ def pad_blocks(blocks, rows, cols):
     if blocks.shape[-2:] == (rows, cols):
         return blocks
     return F.pad(blocks, (0, cols - blocks.shape[-1], 0, rows - blocks.shape[-2]))
+
+
+def stored_index(layouts, align):
+    """Where a set of tensors go when they are laid out in their stored channels, one after another in one
+    buffer, each starting at a multiple of ``align`` elements. ``layouts``: ``(shape, pad)`` per tensor, ``pad``
+    laying a tensor of that shape out with zeros (:func:`pad_groups` and the like).
+
+    Returns ``(index, inverse, offsets, stored_shapes)``. ``index[j]`` is the element of the tensors' flat
+    concatenation behind one zero element that the buffer's element ``j`` holds (0, the zero, in pad channels
+    and in the gaps); ``inverse[i]`` is where compact element ``i`` (of the concatenation without the zero)
+    lands; ``offsets`` and ``stored_shapes`` place and shape each stored tensor. Built by running the pads
+    themselves on the elements' positions, so the layout is theirs by construction."""
+    position, pieces, offsets, shapes, size = 1, [], [], [], 0
+    for shape, pad in layouts:
+        count = math.prod(shape)
+        part = pad(torch.arange(position, position + count).view(shape))
+        position += count
+        offsets.append(size)
+        shapes.append(tuple(part.shape))
+        gap = -part.numel() % align
+        pieces += [part.reshape(-1), part.new_zeros(gap)]
+        size += part.numel() + gap
+    index = torch.cat(pieces)
+    placed = index.nonzero().squeeze(1)
+    inverse = torch.empty(position - 1, dtype=torch.int64)
+    inverse[index[placed] - 1] = placed
+    return index.int(), inverse.int(), offsets, shapes
+
+
+class _GatherStored(torch.autograd.Function):
+    """Parameters laid out in their stored channels by one gather, the first ``cast_count`` then cast together
+    to ``dtype``; backward, one gather back (each compact element has one stored place)."""
+
+    @staticmethod
+    def forward(ctx, index, inverse, offsets, shapes, cast_count, dtype, *params):
+        compact = torch.cat([params[0].new_zeros(1)] + [p.reshape(-1) for p in params])  # element 0: the zero
+        stored = compact.index_select(0, index)
+        cast_end = offsets[cast_count] if cast_count < len(offsets) else stored.numel()
+        cast = stored[:cast_end].to(dtype)
+        ctx.set_materialize_grads(False)  # an output that gets no gradient (a cast bias) costs nothing then
+        ctx.save_for_backward(inverse)
+        ctx.param_shapes = [p.shape for p in params]
+        ctx.layout = (offsets, shapes, cast_count, stored.numel(), stored.dtype, cast.dtype)
+        return tuple((cast if i < cast_count else stored)[start:start + math.prod(shape)].view(shape)
+                     for i, (start, shape) in enumerate(zip(offsets, shapes)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inverse, = ctx.saved_tensors
+        offsets, shapes, cast_count, size, source_dtype, cast_dtype = ctx.layout
+        # The stored buffer's gradient, concatenated with unfilled pieces where nothing is read back (pad
+        # channels, gaps, outputs without a gradient): one concatenation per dtype, one cast.
+        ends = offsets[1:] + [size]
+        pieces = [[], []]
+        for i, (grad, start, end, shape) in enumerate(zip(grads, offsets, ends, shapes)):
+            numel = math.prod(shape)
+            part = pieces[i >= cast_count]
+            if grad is None:
+                part.append(inverse.new_empty(end - start, dtype=source_dtype))
+            else:
+                part += [grad.reshape(-1), grad.new_empty(end - start - numel)]
+        if cast_dtype == source_dtype:
+            pieces = [[], pieces[0] + pieces[1]]
+        cast = [torch.cat(pieces[0]).to(source_dtype)] if pieces[0] else []
+        stored = torch.cat(cast + pieces[1]) if pieces[1] else cast[0]
+        compact = stored.index_select(0, inverse).split([s.numel() for s in ctx.param_shapes])
+        return (None, ) * 6 + tuple(None if grad is None else part.view(s)
+                                    for grad, part, s in zip(grads, compact, ctx.param_shapes))
+
+
+class StoredParameters(torch.nn.Module):
+    """Lays a fixed set of parameters out in their stored channels at every call, in one gather: a padded stage's
+    block would otherwise pad each parameter it reads on its own, about 25 launches a training step (forward and
+    backward) for what one gather each way does (an eager step is bound by its host's launches).
+
+    Args:
+        cast_layouts, kept_layouts: ``(shape, pad)`` per parameter (:func:`stored_index`); the first are cast to
+            the compute dtype at every call (the matmul weights), the others kept in their own dtype.
+        align (int): elements at whose multiples each stored tensor starts (cuBLAS and Triton are fastest on
+            aligned operands; 64 elements are 128 bytes of fp16 and 256 of fp32).
+
+    The index tensors are buffers (not saved in state dicts): a stage's blocks, whose parameters have the same
+    shapes, share one instance.
+    """
+
+    def __init__(self, cast_layouts, kept_layouts, align=64):
+        super().__init__()
+        index, inverse, self.offsets, self.shapes = stored_index(list(cast_layouts) + list(kept_layouts), align)
+        self.cast_count = len(cast_layouts)
+        self.register_buffer('index', index, persistent=False)
+        self.register_buffer('inverse', inverse, persistent=False)
+
+    def forward(self, cast_params, kept_params, dtype):
+        """``cast_params`` stored and cast to ``dtype``, ``kept_params`` stored: two lists of tensors."""
+        params = list(cast_params) + list(kept_params)
+        # A parameter read both cast and as it is (a bias: cast for the forward, fp32 for its gradient) is given
+        # twice; torch.compile traces no Function that gets one tensor twice, so the second is a view of it.
+        params = [p.view_as(p) if any(p is q for q in params[:i]) else p for i, p in enumerate(params)]
+        stored = _GatherStored.apply(self.index, self.inverse, self.offsets, self.shapes, self.cast_count, dtype,
+                                     *params)
+        return list(stored[:self.cast_count]), list(stored[self.cast_count:])

@@ -2,11 +2,21 @@
 T and S) carries each scan group's channels followed by zeros, so that cuBLAS runs its fast kernels. The padded
 model must be the unpadded one: same parameters, same outputs and gradients, on both kernel implementations,
 eagerly and compiled."""
+import functools
+
 import pytest
 import torch
 
 from mmgroupmamba import GroupMamba
-from mmgroupmamba.kernels.layout import pad_groups, pad_square, stored_channels, unpad_groups
+from mmgroupmamba.kernels.layout import (
+    StoredParameters,
+    pad_blocks,
+    pad_groups,
+    pad_square,
+    stored_channels,
+    unpad_groups,
+)
+from op_counter import OpCounter
 
 # Stage widths 44 and 60: scan groups of 11 and 15 channels, stored as 12 and 16 (48 and 64 channels).
 ODD_ARCH = dict(stem_hidden_dim=8, embed_dims=[32, 44, 60, 36], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
@@ -39,6 +49,54 @@ def test_pad_and_unpad_groups():
     square = torch.randn(12, 12)
     assert torch.equal(pad_square(square, 16), pad_groups(pad_groups(square, 16, dim=0), 16, dim=1))
     assert pad_square(square, 12) is square
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
+def test_stored_parameters_are_the_pads_in_one_gather_each_way(dtype):
+    """StoredParameters lays parameters out as their own pads would (values and gradients, the cast ones cast),
+    each stored tensor aligned, with one gather forward and one backward; a parameter given twice (cast and
+    as it is, as the blocks' biases) gets both gradients, and one whose outputs get none gets None."""
+    torch.manual_seed(0)
+    square, matrix, bias, unused = (torch.randn(*shape, dtype=torch.float64).float().requires_grad_()
+                                    for shape in ((12, 12), (5, 3, 12), (12, ), (3, 9)))
+    pads = [functools.partial(pad_square, stored=16), functools.partial(pad_groups, stored=16),
+            functools.partial(pad_groups, stored=16), lambda t: pad_blocks(t, 4, 12)]
+    layouts = [(p.shape, pad) for p, pad in zip((square, matrix, bias, unused), pads)]
+    stored = StoredParameters(layouts[:3], layouts[2:], align=8)
+    with OpCounter() as forward_ops:
+        (square_s, matrix_s, bias_s), (bias_kept, unused_s) = stored([square, matrix, bias], [bias, unused], dtype)
+    expected = [pad(p.detach()) for p, pad in zip((square, matrix, bias, bias, unused), pads[:3] + pads[2:])]
+    got = (square_s, matrix_s, bias_s, bias_kept, unused_s)
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert torch.equal(g, e.to(dtype if i < 3 else torch.float32)), i
+    assert [t.dtype for t in got] == [dtype] * 3 + [torch.float32] * 2
+    assert all(t.data_ptr() % (8 * t.element_size()) == 0 for t in got)
+    assert forward_ops.ops.count('index_select') == 1
+
+    weights = [torch.randn(t.shape) for t in got[:4]]
+    with OpCounter() as backward_ops:
+        sum((t.float() * w).sum() for t, w in zip(got[:4], weights)).backward()
+    assert backward_ops.ops.count('index_select') == 1
+    grads = [square.grad, matrix.grad, bias.grad]
+    square.grad = matrix.grad = bias.grad = None
+    plain = [pad(p).to(dtype if i < 3 else torch.float32)
+             for i, (p, pad) in enumerate(zip((square, matrix, bias, bias), pads[:3] + [pads[2]]))]
+    sum((t.float() * w).sum() for t, w in zip(plain, weights)).backward()
+    for name, g, e in zip(('square', 'matrix', 'bias'), grads, (square.grad, matrix.grad, bias.grad)):
+        assert torch.equal(g, e), name
+    assert unused.grad is None
+
+
+def test_a_stages_blocks_share_one_gather_index():
+    """The gather's index depends on the shapes only: one per padded stage, not saved, moved with the model."""
+    model = GroupMamba(ODD_ARCH)
+    stage = model.block3
+    assert stage[0].stored_parameters is not None and stage[1].stored_parameters is stage[0].stored_parameters
+    assert model.block1[0].stored_parameters is None  # 32 channels: not padded
+    assert not any('stored_parameters' in k for k in model.state_dict())
+    index = stage[0].stored_parameters.index
+    model.double()
+    assert stage[1].stored_parameters.index.dtype == index.dtype == torch.int32
 
 
 def twin_models(**kwargs):

@@ -46,6 +46,7 @@ ops' implementations without the dispatcher's host cost per call: ``kernels/ops_
 ``torch.compile`` (``compile=True``: one graph, symbolic sizes) and from CUDA graphs (``cuda_graph=True``,
 :mod:`mmgroupmamba.models.cuda_graph`) with the same results.
 """
+import functools
 import math
 import re
 
@@ -74,6 +75,7 @@ from mmgroupmamba.kernels import (
 )
 from mmgroupmamba.kernels.layout import (
     CHANNEL_MULTIPLE,
+    StoredParameters,
     pad_blocks,
     pad_groups,
     pad_square,
@@ -303,37 +305,31 @@ class _BlockDiagonalProjections(torch.autograd.Function):
     transposes: two launches fewer a layer in the compiled step (``benchmarks/compiled_kernels.py``)."""
 
     @staticmethod
-    def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight, stored_group):
+    def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
         dt_rank = dt_projs_weight.shape[-1]
         dt_rows, bc_rows = x_proj_weight.split([dt_rank, 2], dim=1)
         ctx.save_for_backward(dt_projs_weight, dt_rows)
-        ctx.stored_group = stored_group
         square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
                             torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
-        # A padded layer (kernels/layout.py) stores each group in stored_group channels: zero rows and columns.
-        square = pad_blocks(square, stored_group, stored_group)
         in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
-        bc_rows = pad_blocks(bc_rows.transpose(0, 1).unsqueeze(-2), 1, stored_group)  # (2, G, 1, d)
-        bc_proj = block_diagonal(bc_rows)  # (2, G, C)
+        bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, C)
         return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
 
     @staticmethod
     def backward(ctx, grad_in_proj, grad_delta_proj, grad_bc_proj, grad_out_proj):
         dt_projs_weight, dt_rows = ctx.saved_tensors
         groups, group_dims, _ = dt_projs_weight.shape
-        stored = ctx.stored_group
 
         def diagonal_blocks(grad, parts):
-            """``(parts * G * m, G * stored)`` -> its diagonal blocks' valid columns ``(G, parts, m, d)``."""
-            blocks = grad.view(parts, groups, -1, groups, stored).diagonal(dim1=1, dim2=3)  # (parts, m, stored, G)
-            return blocks.permute(3, 0, 1, 2)[..., :group_dims]
+            """``(parts * G * m, G * d)`` -> its diagonal blocks ``(G, parts, m, d)``."""
+            blocks = grad.view(parts, groups, -1, groups, group_dims).diagonal(dim1=1, dim2=3)  # (parts, m, d, G)
+            return blocks.permute(3, 0, 1, 2)
 
-        grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, 0, :group_dims]  # (G, d, d), of dt_projs @ dt_rows
+        grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, 0]  # (G, d, d), of dt_projs @ dt_rows
         grad_x_proj = torch.cat([dt_projs_weight.transpose(1, 2) @ grad_delta,  # dt rows
                                  diagonal_blocks(grad_bc_proj, 2)[:, :, 0]], dim=1)  # B and C rows
-        grad_in_proj = diagonal_blocks(grad_in_proj, 2)[:, :, :group_dims].flatten(1, 2)
-        return (grad_in_proj, grad_x_proj, grad_delta @ dt_rows.transpose(1, 2),
-                diagonal_blocks(grad_out_proj, 1)[:, 0, :group_dims], None)
+        return (diagonal_blocks(grad_in_proj, 2).flatten(1, 2), grad_x_proj, grad_delta @ dt_rows.transpose(1, 2),
+                diagonal_blocks(grad_out_proj, 1)[:, 0])
 
 
 class GroupLayerNorm(nn.LayerNorm):
@@ -412,26 +408,44 @@ class GroupMambaLayer(nn.Module):
         """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
         ``in_proj`` ``(2C, C)`` (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into
         x_proj's dt rows: one projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its
-        C rows) and ``out_proj`` ``(C, C)``, C the stored channels. Rebuilt at every call
+        C rows) and ``out_proj`` ``(C, C)``, C the channels of the weights given (a padded layer's are stored
+        with zeros per group, :meth:`stored_layouts`, and so are its projections). Rebuilt at every call
         (:class:`_BlockDiagonalProjections`)."""
-        return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight,
-                                               self.stored_dims // NUM_GROUPS)
+        return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight)
 
     def channel_params(self):
-        """The parameters read per channel as they are (fp32): the conv's weight and bias, and the scan's
-        ``A_logs``, ``Ds`` and delta bias."""
-        return [self.conv2d.weight, self.conv2d.bias, self.A_logs, self.Ds, self.dt_projs_bias]
+        """The parameters read as they are (fp32): the conv's weight and bias, the scan's ``A_logs``, ``Ds`` and
+        delta bias, and ``proj``'s bias (its gradient's way back from the fused layer)."""
+        return [self.conv2d.weight, self.conv2d.bias, self.A_logs, self.Ds, self.dt_projs_bias, self.proj.bias]
 
-    def forward_weights(self, cast_params):
-        """What ``forward`` reads, in the stored channels, from :meth:`matmul_params` cast to the compute dtype:
-        the groups' projections as block-diagonal matrices (:meth:`projections`), ``proj``'s weight and bias;
-        then, in fp32, :meth:`channel_params` (``A_logs`` and the delta bias flattened) and ``proj``'s bias (its
-        gradient's way back). Unpadded, the fp32 ones are the parameters themselves."""
+    def stored_layouts(self):
+        """Two lists of ``(shape, pad)``, one entry for each of :meth:`matmul_params` and of :meth:`channel_params`:
+        ``pad`` lays the parameter out in the stored channels (``kernels/layout.py``), the scan weights per
+        group."""
+        group, rank = self.stored_dims // NUM_GROUPS, self.dt_rank
+
+        def blocks(rows, cols):
+            return functools.partial(pad_blocks, rows=rows, cols=cols)
+
+        def in_proj(t):  # (G, 2d, d): the u rows and the z rows padded apart
+            return pad_blocks(t.unflatten(1, (2, -1)), group, group).flatten(1, 2)
+
+        matmul = [in_proj, blocks(rank + 2, group), blocks(group, rank), blocks(group, group),
+                  functools.partial(pad_square, stored=self.stored_dims), self.pad]
+        channel = [functools.partial(self.pad, dim=0), self.pad, functools.partial(self.pad, dim=0), self.pad,
+                   blocks(NUM_GROUPS, group), self.pad]
+        return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
+                [(p.shape, pad) for p, pad in zip(self.channel_params(), channel)])
+
+    def forward_weights(self, cast_params, channel_params):
+        """What ``forward`` reads, from :meth:`matmul_params` cast to the compute dtype and from
+        :meth:`channel_params`, each in the stored channels: the groups' projections as block-diagonal matrices
+        (:meth:`projections`), ``proj``'s weight and bias, then the fp32 ones (``A_logs`` and the delta bias
+        flattened)."""
         *scan_weights, proj_weight, proj_bias = cast_params
-        conv_weight, conv_bias, a_logs, ds, delta_bias = self.channel_params()
-        return (*self.projections(*scan_weights), pad_square(proj_weight, self.stored_dims), self.pad(proj_bias),
-                self.pad(conv_weight, 0), self.pad(conv_bias), self.pad(a_logs.flatten()), self.pad(ds),
-                self.pad(delta_bias.flatten()), self.pad(self.proj.bias))
+        conv_weight, conv_bias, a_logs, ds, delta_bias, proj_bias_param = channel_params
+        return (*self.projections(*scan_weights), proj_weight, proj_bias, conv_weight, conv_bias, a_logs.flatten(),
+                ds, delta_bias.flatten(), proj_bias_param)
 
     def pad(self, t, dim=-1):
         """``t``'s ``dim`` of ``C`` channels laid out in the stored channels (itself where they are the same)."""
@@ -444,7 +458,10 @@ class GroupMambaLayer(nn.Module):
         batch, height, width, stored = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
-            weights = self.forward_weights(cast_together(self.matmul_params(), x.dtype))
+            if stored != self.Ds.numel():
+                raise ValueError(f'GroupMambaLayer: a padded layer ({self.Ds.numel()} channels stored as {stored}) '
+                                 f'reads its weights in the stored layout: pass GroupMambaBlock\'s')
+            weights = self.forward_weights(cast_together(self.matmul_params(), x.dtype), self.channel_params())
         (in_proj, delta_proj, bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds,
          delta_bias, proj_bias_param) = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
@@ -508,23 +525,31 @@ class ConvFFN(nn.Module):
         biases serve the forward only: their gradients are reduced in fp32 for the parameters themselves)."""
         return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
 
-    def forward_weights(self, cast_params):
-        """:meth:`matmul_params` cast to the compute dtype -> what ``forward`` reads: the matmuls' weights and
-        biases with ``fc1``'s input and ``fc2``'s output in the stored channels (the hidden ones are never
-        padded), then ``fc2``'s fp32 bias so laid out (its gradient's way back; the parameter itself unpadded)."""
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias = cast_params
-        return (self.pad(fc1_weight, 1), fc1_bias, self.pad(fc2_weight, 0), self.pad(fc2_bias),
-                self.pad(self.fc2.bias))
+    def channel_params(self):
+        """``fc2``'s bias as it is (fp32): its gradient's way back from the fused layer."""
+        return [self.fc2.bias]
+
+    def stored_layouts(self):
+        """As :meth:`GroupMambaLayer.stored_layouts`: ``fc1``'s input channels and ``fc2``'s output channels are
+        the stage's (the hidden ones are never padded)."""
+        matmul = [functools.partial(self.pad, dim=1), lambda bias: bias, functools.partial(self.pad, dim=0), self.pad]
+        return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
+                [(self.fc2.bias.shape, self.pad)])
+
+    def forward_weights(self, cast_params, channel_params):
+        """What ``forward`` reads: :meth:`matmul_params` in the compute dtype, then :meth:`channel_params`, each
+        in the stored channels."""
+        return (*cast_params, *channel_params)
 
     def pad(self, t, dim=-1):
         return pad_groups(t, self.stored_dims, dim)
 
     def forward(self, x, norm, weights=None):
         """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``, C the stored channels; ``weights``:
-        :meth:`forward_weights` already in the compute dtype (a block casts its layer's and its FFN's together)."""
+        :meth:`forward_weights` (a block lays out and casts its layer's and its FFN's parameters together)."""
         dtype = _compute_dtype(x)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_bias_param = weights or self.forward_weights(
-            cast_together(self.matmul_params(), dtype))
+            cast_together(self.matmul_params(), dtype), self.channel_params())
         h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, self.fc1.bias,
                               cast_bias=fc1_bias)
         conv = self.dwconv.dwconv
@@ -559,11 +584,18 @@ def add_dropped_branch(x, branch, mask):
 class GroupMambaBlock(nn.Module):
     """``x + DropPath(GroupMambaLayer(x))``, then ``x + DropPath(ConvFFN(norm2(x)))``; channels-last."""
 
-    def __init__(self, dims, mlp_ratio, drop_path=0.0, with_cp=False, stored_dims=None):
+    def __init__(self, dims, mlp_ratio, drop_path=0.0, with_cp=False, stored_dims=None, stored_parameters=None):
         super().__init__()
         self.attn = GroupMambaLayer(dims, stored_dims=stored_dims)
         self.norm2 = nn.LayerNorm(dims, eps=STAGE_NORM_EPS)
         self.mlp = ConvFFN(dims, int(dims * mlp_ratio), stored_dims)
+        # A padded block (kernels/layout.py) lays its parameters out in the stored channels by one gather each
+        # way. The gather's index depends on the shapes only: a stage's blocks share one (`stored_parameters`).
+        if stored_parameters is None and self.attn.stored_dims != dims:
+            (attn_matmul, attn_channel), (mlp_matmul, mlp_channel) = (self.attn.stored_layouts(),
+                                                                      self.mlp.stored_layouts())
+            stored_parameters = StoredParameters(attn_matmul + mlp_matmul, attn_channel + mlp_channel)
+        self.stored_parameters = stored_parameters
         self.drop_path = drop_path
         self.with_cp = with_cp
         self._constant_weights = None  # (key, weights) of _forward_weights, where no gradient reaches them
@@ -579,17 +611,18 @@ class GroupMambaBlock(nn.Module):
         """The layer's and the FFN's ``forward_weights`` (:meth:`GroupMambaLayer.forward_weights`), matmul weights
         in ``dtype``.
 
-        Built at every call where a gradient reaches them (training): the casts, block-diagonal projections and
-        pads (``kernels/layout.py``) are then part of the step. Where none does (inference, frozen stages) they
-        are constants of the parameters, kept between calls: in eager inference a block's forward then skips
-        eight launches (the cast's concatenation and cast, the projections' concatenation, matmul and diagonal
-        fills), a padded block also its pads of the per-channel parameters. Kept in plain
+        Built at every call where a gradient reaches them (training): the cast, block-diagonal projections and, in
+        a padded block, the gather into the stored channels (``kernels/layout.py``) are then part of the step.
+        Where none does (inference, frozen stages) they are constants of the parameters, kept between calls: in
+        eager inference a block's forward then skips eight launches (the cast's concatenation and cast, the
+        projections' concatenation, matmul and diagonal fills), a padded block also its gather. Kept in plain
         eager runs only (``kernels.ops_util.traced``): torch.compile and export trace them into their graphs, and
         a CUDA graph being recorded would read tensors that a later refresh replaces. The key (each parameter's
         storage and version counter, and the dtype) replaces them when a parameter is updated in place, moved or
         converted."""
         attn_params, mlp_params = self.attn.matmul_params(), self.mlp.matmul_params()
-        params = attn_params + mlp_params + self.attn.channel_params()
+        attn_channel, mlp_channel = self.attn.channel_params(), self.mlp.channel_params()
+        params = attn_params + mlp_params + attn_channel + mlp_channel
         keep = (not traced(params)
                 and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
                 and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing()))
@@ -598,9 +631,12 @@ class GroupMambaBlock(nn.Module):
             key = (dtype, torch.is_inference_mode_enabled(), tuple((p.data_ptr(), p._version) for p in params))
             if self._constant_weights is not None and self._constant_weights[0] == key:
                 return self._constant_weights[1]
-        cast = cast_together(attn_params + mlp_params, dtype)
-        weights = (self.attn.forward_weights(cast[:len(attn_params)]),
-                   self.mlp.forward_weights(cast[len(attn_params):]))
+        if self.stored_parameters is None:
+            cast, channel = cast_together(attn_params + mlp_params, dtype), attn_channel + mlp_channel
+        else:
+            cast, channel = self.stored_parameters(attn_params + mlp_params, attn_channel + mlp_channel, dtype)
+        weights = (self.attn.forward_weights(cast[:len(attn_params)], channel[:len(attn_channel)]),
+                   self.mlp.forward_weights(cast[len(attn_params):], channel[len(attn_channel):]))
         if keep:
             self._constant_weights = (key, weights)
         return weights
@@ -801,10 +837,11 @@ class GroupMamba(BaseModule):
             else:
                 patch_embed = Downsample(embed_dims[i - 1], embed_dims[i], self.stored_dims[i])
             first = sum(depths[:i])
-            blocks = nn.ModuleList(
-                GroupMambaBlock(embed_dims[i], self.arch['mlp_ratios'][i], block_drop[first + j], with_cp,
-                                self.stored_dims[i])
-                for j in range(depths[i]))
+            blocks = nn.ModuleList()
+            for j in range(depths[i]):
+                blocks.append(GroupMambaBlock(embed_dims[i], self.arch['mlp_ratios'][i], block_drop[first + j],
+                                              with_cp, self.stored_dims[i],
+                                              blocks[0].stored_parameters if blocks else None))
             self.add_module(f'patch_embed{i + 1}', patch_embed)
             self.add_module(f'block{i + 1}', blocks)
             self.add_module(f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=STAGE_NORM_EPS))
