@@ -132,7 +132,7 @@ class _GatherStored(torch.autograd.Function):
         pieces = [[], []]
         for i, (grad, start, end, shape) in enumerate(zip(grads, offsets, ends, shapes)):
             numel = math.prod(shape)
-            part = pieces[i >= cast_count]
+            part = pieces[0] if i < cast_count else pieces[1]
             if grad is None:
                 part.append(inverse.new_empty(end - start, dtype=source_dtype))
             else:
