@@ -320,13 +320,23 @@ def main():
                         help='GroupMamba constructor arguments, as JSON, e.g. \'{"channel_multiple": 1}\' (stage 3 '
                         'of T and S unpadded)')
     parser.add_argument('--adamw', choices=('fused', 'foreach'), default='fused')
+    parser.add_argument('--rows', nargs='+', metavar='ROW',
+                        help="only these rows, e.g. 'Swin-T +compile' 'Swin-T +graphs' 'GroupMamba-T +graphs' (a "
+                        "GroupMamba row needs the Swin row of its mode: its ratios' baseline)")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
     modes = [m for m, on in zip(MODES, (not args.no_eager, args.cuda_graph, args.compile)) if on]
+
+    def build(drop_path_rate):
+        rows = build_backbones(args.models, modes, drop_path_rate, args.compile_options, args.groupmamba_options)
+        unknown = set(args.rows or ()) - set(rows)
+        if unknown:
+            parser.error(f'--rows: no row {sorted(unknown)} among {sorted(rows)} (see --models and the modes)')
+        return {name: row for name, row in rows.items() if args.rows is None or name in args.rows}
+
     results = {}
-    classifiers = ({} if args.skip_classification
-                   else build_backbones(args.models, modes, 0.1, args.compile_options, args.groupmamba_options))
+    classifiers = {} if args.skip_classification else build(0.1)
     for name, (backbone, channels) in classifiers.items():
         start = time.perf_counter()
         results[name] = classification_numbers(Classifier(backbone, channels), args.batch, args.steps,
@@ -334,8 +344,7 @@ def main():
         torch.cuda.empty_cache()
         print(name, results[name], f'({time.perf_counter() - start:.0f} s with warm-up)', flush=True)
     if not args.skip_detection:
-        backbones = build_backbones(args.models, modes, 0.2, args.compile_options, args.groupmamba_options)
-        for name, (ms, launches) in detection_rows(backbones, max(5, args.steps // 2)).items():
+        for name, (ms, launches) in detection_rows(build(0.2), max(5, args.steps // 2)).items():
             results.setdefault(name, {}).update(det_ms=ms, launches=launches)
 
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
