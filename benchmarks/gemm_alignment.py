@@ -19,8 +19,11 @@ what the model would get by allocating its maps with padded rows and leaving the
 
 Each matmul of the block, as the model runs it (the groups' projections as one dense block-diagonal matrix,
 ``GroupMambaLayer.projections``), is timed forward (``x @ W^T``) and for both backward products (``grad @ W``,
-``grad^T @ x``): median ms of ``triton.testing.do_bench``, then the kernels one call launched (torch.profiler,
-after every timing: a trace can tax later launches, ``profiler_tax.py``).
+``grad^T @ x``): median ms of ``triton.testing.do_bench``, the host's time to issue one call (``host us``: 50
+calls issued back to back from an idle GPU, fewer than its launch queue holds, so the host does not wait:
+an eager step is bound by its host, and the padded stage's eager step took its host about a tenth longer,
+nineteenth session), then the kernels one call launched (torch.profiler, after every timing: a trace can tax
+later launches, ``profiler_tax.py``).
 """
 import argparse
 import math
@@ -76,6 +79,17 @@ def row_padded_products(m, k, n, dtype, device):
             'wgrad': lambda: torch.mm(g.t(), x, out=dw)}
 
 
+def host_us(fn, calls=50):
+    """Microseconds of host time per call of ``fn``, issued ``calls`` times from an idle GPU without waiting."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def kernel_names(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -107,23 +121,24 @@ def main(argv=None):
         for label, (kk, nn, make) in shapes.items():
             for product, fn in make(m, kk, nn, dtype, 'cuda').items():
                 ms = do_bench(fn, warmup=10, rep=50, return_mode='median')
-                timed.append((stage, name, label, m, kk, nn, product, ms))
+                timed.append((stage, name, label, m, kk, nn, product, ms, host_us(fn)))
                 cases.append(fn)
             torch.cuda.empty_cache()
     names = [kernel_names(fn) for fn in cases]  # after every timing (a trace can tax later launches)
-    print('| stage | matmul | channels | M x K -> N | product | ms | kernels |')
-    print('| --- | --- | --- | --- | --- | ---: | --- |')
-    for (stage, name, label, m, k, n, product, ms), kernels in zip(timed, names):
-        print(f'| {stage} | {name} | {label} | {m} x {k} -> {n} | {product} | {ms:.4f} | {kernels} |')
+    print('| stage | matmul | channels | M x K -> N | product | ms | host us | kernels |')
+    print('| --- | --- | --- | --- | --- | ---: | ---: | --- |')
+    for (stage, name, label, m, k, n, product, ms, host), kernels in zip(timed, names):
+        print(f'| {stage} | {name} | {label} | {m} x {k} -> {n} | {product} | {ms:.4f} | {host:.1f} | {kernels} |')
     totals = {}
-    for stage, name, label, m, k, n, product, ms in timed:
-        totals[stage, label] = totals.get((stage, label), 0.0) + ms
+    for stage, name, label, m, k, n, product, ms, host in timed:
+        ms_total, host_total = totals.get((stage, label), (0.0, 0.0))
+        totals[stage, label] = (ms_total + ms, host_total + host)
     labels = ('as is', 'padded to 8', 'rows padded')
-    print('\n| stage | ' + ' | '.join(f'all products, {label} (ms)' for label in labels) + ' |')
+    print('\n| stage | ' + ' | '.join(f'all products, {label} (ms; host us)' for label in labels) + ' |')
     print('| --- |' + ' ---: |' * len(labels))
     for stage in sorted({key[0] for key in totals}):
         cells = [totals.get((stage, label)) for label in labels]
-        print(f'| {stage} | ' + ' | '.join('-' if ms is None else f'{ms:.3f}' for ms in cells) + ' |')
+        print(f'| {stage} | ' + ' | '.join('-' if c is None else f'{c[0]:.3f}; {c[1]:.0f}' for c in cells) + ' |')
 
 
 if __name__ == '__main__':
