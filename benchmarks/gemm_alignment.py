@@ -50,7 +50,7 @@ def block_matmuls(arch, batch, size):
         scale = 4 * 2 ** (stage - 1)
         positions = batch * math.ceil(size[0] / scale) * math.ceil(size[1] / scale)
         hidden = int(dims * ratio)
-        for name, k, n in (('in_proj', dims, 2 * dims), ('delta_proj', dims, dims), ('bc_proj', dims, 2 * NUM_GROUPS),
+        for name, k, n in (('in_proj', dims, 2 * dims), ('delta_bc_proj', dims, dims + 2 * NUM_GROUPS),
                            ('out_proj', dims, dims), ('proj', dims, dims), ('fc1', dims, hidden),
                            ('fc2', hidden, dims)):
             rows.append((stage, name, positions, k, n))

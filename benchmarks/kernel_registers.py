@@ -130,12 +130,13 @@ def dwconv_rows(sms=132):
 _SCAN_POINTERS = dict(u_ptr='*fp16', dt_ptr='*fp16', A_logs_ptr='*fp32', B_ptr='*fp16', C_ptr='*fp16',
                       D_ptr='*fp32', bias_ptr='*fp32')
 SCAN_FWD = dict(_SCAN_POINTERS, y_ptr='*fp16', st_ptr='*fp32', P_ptr='*fp32', E_ptr='*fp32',
-                **{n: 'i32' for n in ('L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len', 'n_chunks',
-                                      'n_states', 'chunk0')})
+                **{n: 'i32' for n in ('L', 'H', 'W', 'CH', 'K', 'bc_stride', 'dt_stride', 'n_cblocks', 'chunk_len',
+                                      'n_chunks', 'n_states', 'chunk0')})
 SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', du_ptr='*fp16', ddt_ptr='*fp16',
                 dBC_ptr='*fp32', dADb_ptr='*fp32', P_ptr='*fp32', E_ptr='*fp32',
-                **{n: 'i32' for n in ('batch', 'L', 'H', 'W', 'CH', 'K', 'bc_stride', 'n_cblocks', 'chunk_len',
-                                      'n_chunks', 'n_states', 'chunk0', 'bc_part_stride', 'adb_part_stride')})
+                **{n: 'i32' for n in ('batch', 'L', 'H', 'W', 'CH', 'K', 'bc_stride', 'dt_stride', 'n_cblocks',
+                                      'chunk_len', 'n_chunks', 'n_states', 'chunk0', 'bc_part_stride',
+                                      'adb_part_stride')})
 
 
 def scan_rows(sms=132):

@@ -28,19 +28,24 @@ def _shared_row_layout(B, C):
     The layer computes them in one projection and splits it, so they usually are two column slices of one
     ``(batch, L, 2 * groups)`` tensor: read in place, without the two copies ``.contiguous()`` would make.
     """
-    def readable(t):
-        return t.stride(2) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
-
-    if B.stride() == C.stride() and readable(B):
+    if B.stride() == C.stride() and _rows_readable(B):
         return B, C
     return B.contiguous(), C.contiguous()
 
 
+def _rows_readable(t):
+    """Whether the kernels can read ``t`` ``(batch, L, n)`` in place: rows of unit-stride columns, one row stride,
+    the batch's rows one after another (a column slice of a wider projection is)."""
+    return t.stride(2) == 1 and t.stride(0) == t.shape[1] * t.stride(1)
+
+
 def _triton_inputs(u, delta, A_logs, B, C, D, delta_bias):
-    # The kernels index contiguous channels-last tensors and accumulate in fp32 whatever the dtypes (autocast
-    # may hand over bf16 activations with fp32 parameters; each is read in its own dtype).
+    # The kernels index channels-last tensors and accumulate in fp32 whatever the dtypes (autocast may hand
+    # over bf16 activations with fp32 parameters; each is read in its own dtype). delta, B and C are read in
+    # place where they are slices of one projection (the layer computes all three in one matmul).
     B, C = _shared_row_layout(B, C)
-    return (u.contiguous(), delta.contiguous(), A_logs.contiguous(), B, C, D.contiguous(), delta_bias.contiguous())
+    delta = delta if _rows_readable(delta) else delta.contiguous()
+    return (u.contiguous(), delta, A_logs.contiguous(), B, C, D.contiguous(), delta_bias.contiguous())
 
 
 def _scan_fwd_reference(u, delta, A_logs, B, C, D, delta_bias, height, width, tiling, save_states):

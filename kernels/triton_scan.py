@@ -149,12 +149,13 @@ def _scan_fwd_kernel(
     u_ptr, dt_ptr, A_logs_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr,
     st_ptr,  # (batch, n_states, CH) fp32: state entering every STATE_T-th step, kept for the backward pass
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries: written by pass 1 of a split, read by pass 2
-    L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
+    L, H, W, CH, K, bc_stride, dt_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
     HAS_HIN: tl.constexpr, SAVE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
 ):
     b, g, cb, ch, cmask, chunk, batch_off, bc_off, summary_off = _chunk_indices(
         L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C)
+    dt_base = b.to(tl.int64) * L * dt_stride  # delta's rows may be slices of one wider projection too
     A, bias = _chunk_params(A_logs_ptr, bias_ptr, ch, cmask)
     if HAS_HIN:
         h = _carry_into(P_ptr, E_ptr, b, chunk, n_chunks, CH, ch, cmask, BLOCK_T, BLOCK_C, False)
@@ -181,7 +182,7 @@ def _scan_fwd_kernel(
         pos = _position(t, g, L, H, W)
         off = batch_off + pos[:, None] * CH + ch[None, :]
         u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + dt_base + (pos[:, None] * dt_stride + ch[None, :]), mask=mask, other=0.0).to(tl.float32)
         Bt = tl.load(B_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
         dt = _softplus(dt + bias[None, :])
         # Steps past the end become the identity map (a=1, x=0) so the last row carries the true state.
@@ -215,13 +216,13 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     u_ptr, dt_ptr, A_logs_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
     st_ptr,  # (batch, n_states, CH) fp32 forward state entering every STATE_T-th step
-    du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype
+    du_ptr, ddt_ptr,  # (batch, L, CH) in u's / delta's dtype (ddelta contiguous whatever delta's row stride)
     # Partial sums, each set in one buffer given whole (views of it written by the kernel would be cloned and
     # scattered back under torch.compile: copy kernels), its parts `*_part_stride` apart:
     dBC_ptr,  # (2, n_cblocks, batch, L, 4) fp32, dB then dC: sums over this program's channels
     dADb_ptr,  # (3, batch, n_chunks, CH) fp32, dA_logs, dD, dbias: sums over this program's steps
     P_ptr, E_ptr,  # (batch, n_chunks, CH) fp32 chunk summaries: written by pass 1 of a split, read by pass 2
-    batch, L, H, W, CH, K, bc_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0, bc_part_stride,
+    batch, L, H, W, CH, K, bc_stride, dt_stride, n_cblocks, chunk_len, n_chunks, n_states, chunk0, bc_part_stride,
     adb_part_stride,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STATE_T: tl.constexpr, STAGES: tl.constexpr,
     HAS_GIN: tl.constexpr, SUMMARY: tl.constexpr,
@@ -235,6 +236,7 @@ def _scan_bwd_kernel(
     # and a_t h_{t-1} = h_t - x_t needs no shifted copy of the states.
     b, g, cb, ch, cmask, chunk, batch_off, bc_off, summary_off = _chunk_indices(
         L, CH, K, bc_stride, n_cblocks, n_chunks, chunk0, BLOCK_C)
+    dt_base = b.to(tl.int64) * L * dt_stride
     A, bias = _chunk_params(A_logs_ptr, bias_ptr, ch, cmask)
     if HAS_GIN:  # dL/dh at the first step after this chunk
         carry = _carry_into(P_ptr, E_ptr, b, chunk, n_chunks, CH, ch, cmask, BLOCK_T, BLOCK_C, True)
@@ -265,7 +267,7 @@ def _scan_bwd_kernel(
         nmask_t = (t + 1) < L
         nmask = nmask_t[:, None] & cmask[None, :]
         pos_next = _position(t + 1, g, L, H, W)
-        dt_next = tl.load(dt_ptr + batch_off + pos_next[:, None] * CH + ch[None, :], mask=nmask,
+        dt_next = tl.load(dt_ptr + dt_base + (pos_next[:, None] * dt_stride + ch[None, :]), mask=nmask,
                           other=0.0).to(tl.float32)
         a_next = tl.where(nmask, tl.exp(_softplus(dt_next + bias[None, :]) * A[None, :]), 0.0)
         # Steps past the chunk end are the identity map, so the carry passes through them unchanged.
@@ -279,7 +281,8 @@ def _scan_bwd_kernel(
             decay = decay * _row(r_cum, rows, 0)
         else:
             u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            dt_raw = tl.load(dt_ptr + off, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+            dt_raw = (tl.load(dt_ptr + dt_base + (pos[:, None] * dt_stride + ch[None, :]), mask=mask, other=0.0)
+                      .to(tl.float32) + bias[None, :])
             Bt = tl.load(B_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
             dt = _softplus(dt_raw)
             a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
@@ -448,8 +451,8 @@ def scan_forward(u, delta, A_logs, B, C, D, delta_bias, hw, cfg, save_states):
     n_states, n_chunks = cfg.n_states(length), fc.n_chunks(length)
     states = torch.empty(batch, n_states, channels, **f32) if save_states else dummy
     grid_x = fc.programs(batch)
-    common = (length, height, width, channels, cfg.per_group, B.stride(1), fc.n_cblocks, fc.chunk_len,
-              n_chunks, n_states)
+    common = (length, height, width, channels, cfg.per_group, B.stride(1), delta.stride(1), fc.n_cblocks,
+              fc.chunk_len, n_chunks, n_states)
     meta = fc.launch_meta(cfg.state_t)
     split = bool(n_chunks > 1)
     # Pass 1 of a split scan: each chunk's summary (the last chunk's would flow nowhere).
@@ -477,14 +480,14 @@ def scan_backward(dy, u, delta, A_logs, B, C, D, delta_bias, hw, states, cfg):
     dummy = torch.empty(1, **f32)
     dy = dy.contiguous()
     du = torch.empty_like(u)
-    ddelta = torch.empty_like(delta)
+    ddelta = torch.empty(delta.shape, dtype=delta.dtype, device=delta.device)
     # Partial sums of (dB, dC) and of (dA, dD, dbias), each pair/triple in one buffer: one reduction each.
     dBC_part = torch.empty(2, bc.n_cblocks, batch, length, GROUPS, **f32)
     n_chunks = bc.n_chunks(length)
     dADb_part = torch.empty(3, batch, n_chunks, channels, **f32)
     grid_x = bc.programs(batch)
-    common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), bc.n_cblocks, bc.chunk_len,
-              n_chunks, cfg.n_states(length))
+    common = (batch, length, height, width, channels, cfg.per_group, B.stride(1), delta.stride(1), bc.n_cblocks,
+              bc.chunk_len, n_chunks, cfg.n_states(length))
     meta = bc.launch_meta(cfg.state_t)
     split = bool(n_chunks > 1)
     # A split scan in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.

@@ -343,12 +343,12 @@ def test_projections_are_the_groups_blocks_on_the_diagonal(dtype):
     in_w, out_w, x_w, dt_w = (p.detach().to(dtype) for p in (layer.in_proj_weight, layer.out_proj_weight,
                                                               layer.x_proj_weight, layer.dt_projs_weight))
     expected = (torch.cat([torch.block_diag(*in_w[:, :d]), torch.block_diag(*in_w[:, d:])]),
-                torch.block_diag(*torch.bmm(dt_w, x_w[:, :rank])),
-                torch.cat([torch.block_diag(*x_w[:, rank:rank + 1]), torch.block_diag(*x_w[:, rank + 1:])]),
+                torch.cat([torch.block_diag(*torch.bmm(dt_w, x_w[:, :rank])),  # delta's rows, then B's and C's
+                           torch.block_diag(*x_w[:, rank:rank + 1]), torch.block_diag(*x_w[:, rank + 1:])]),
                 torch.block_diag(*out_w))
     from mmgroupmamba.models.groupmamba import cast_together
     got = layer.projections(*cast_together(layer.matmul_params(), dtype)[:4])
-    for name, got, want in zip(('in_proj', 'delta_proj', 'bc_proj', 'out_proj'), got, expected):
+    for name, got, want in zip(('in_proj', 'delta_bc_proj', 'out_proj'), got, expected):
         assert got.dtype == dtype and torch.equal(got, want), name
 
 
@@ -363,8 +363,8 @@ def test_projections_backward_reads_the_diagonal_blocks():
 
     def plain(in_w, x_w, dt_w, out_w):
         return (torch.cat([torch.block_diag(*in_w[:, :d]), torch.block_diag(*in_w[:, d:])]),
-                torch.block_diag(*torch.bmm(dt_w, x_w[:, :rank])),
-                torch.cat([torch.block_diag(*x_w[:, rank:rank + 1]), torch.block_diag(*x_w[:, rank + 1:])]),
+                torch.cat([torch.block_diag(*torch.bmm(dt_w, x_w[:, :rank])),
+                           torch.block_diag(*x_w[:, rank:rank + 1]), torch.block_diag(*x_w[:, rank + 1:])]),
                 torch.block_diag(*out_w))
 
     ours = layer.projections(*weights)

@@ -153,17 +153,18 @@ def test_autocast_keeps_dtypes():
 
 
 @pytest.mark.parametrize('tiling', [{}, dict(block_t=4, block_c=4, chunk_len=8)])
-def test_b_and_c_read_in_place_as_slices_of_one_projection(tiling):
-    """The layer passes B and C as column slices of one (batch, L, 8) tensor: same results as copies."""
+def test_delta_b_and_c_read_in_place_as_slices_of_one_projection(tiling):
+    """The layer passes delta, B and C as column slices of one (batch, L, channels + 8) tensor (one matmul):
+    the same results and gradients as contiguous copies, bit for bit, and no copy is made."""
     gen = torch.Generator().manual_seed(3)
     inputs = random_scan_inputs(2, (3, 5), 12, generator=gen, dtype=torch.float32, requires_grad=True)
-    bc = torch.cat([inputs['B'], inputs['C']], -1).detach().requires_grad_()
+    joined = torch.cat([inputs['delta'], inputs['B'], inputs['C']], -1).detach().requires_grad_()
     grad_out = torch.randn(2, 15, 12, generator=gen)
-    sliced = dict(inputs, B=bc[..., :4], C=bc[..., 4:])
-    read = scan_module._shared_row_layout(sliced['B'], sliced['C'])
-    assert read[0] is sliced['B'] and read[1] is sliced['C']  # no copies
+    sliced = dict(inputs, delta=joined[..., :12], B=joined[..., 12:16], C=joined[..., 16:])
+    read = scan_module._triton_inputs(*(sliced[n] for n in NAMES))
+    assert read[1] is sliced['delta'] and read[3] is sliced['B'] and read[4] is sliced['C']  # no copies
     y_sliced = selective_scan_triton(**sliced, **tiling)
-    g_bc, = torch.autograd.grad(y_sliced, [bc], grad_out)
+    g_joined, = torch.autograd.grad(y_sliced, [joined], grad_out)
     y, grads = scan_and_grads(lambda **kw: selective_scan_triton(**kw, **tiling), inputs, grad_out)
     torch.testing.assert_close(y_sliced, y, rtol=0, atol=0)
-    torch.testing.assert_close(g_bc, torch.cat([grads[3], grads[4]], -1), rtol=0, atol=0)
+    torch.testing.assert_close(g_joined, torch.cat([grads[1], grads[3], grads[4]], -1), rtol=0, atol=0)

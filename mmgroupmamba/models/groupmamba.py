@@ -299,10 +299,11 @@ def _to_nhwc(x):
 class _BlockDiagonalProjections(torch.autograd.Function):
     """:meth:`GroupMambaLayer.projections` with a hand-written backward.
 
-    Forward, four ops: the square blocks of three projections are stacked and laid on their diagonals together.
-    Backward, each packed weight's gradient is read straight off the diagonal blocks of its projection's
-    gradient, where autograd's own went back through the splits, ``diag_embed``, the concatenation and the
-    transposes: two launches fewer a layer in the compiled step (``benchmarks/compiled_kernels.py``)."""
+    Forward, five ops: the square blocks of three projections are stacked and laid on their diagonals together,
+    and the step sizes' projection is joined to B's and C's. Backward, each packed weight's gradient is read
+    straight off the diagonal blocks of its projection's gradient, where autograd's own went back through the
+    splits, ``diag_embed``, the concatenations and the transposes: two launches fewer a layer in the compiled
+    step (``benchmarks/compiled_kernels.py``)."""
 
     @staticmethod
     def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
@@ -313,12 +314,14 @@ class _BlockDiagonalProjections(torch.autograd.Function):
                             torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
         in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
         bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, C)
-        return tuple(m.flatten(0, 1) for m in (in_proj, delta_proj, bc_proj, out_proj))
+        # delta's and B's and C's projections as one matrix: one matmul of u instead of two, each way.
+        return in_proj.flatten(0, 1), torch.cat([delta_proj[0], bc_proj.flatten(0, 1)]), out_proj[0]
 
     @staticmethod
-    def backward(ctx, grad_in_proj, grad_delta_proj, grad_bc_proj, grad_out_proj):
+    def backward(ctx, grad_in_proj, grad_delta_bc_proj, grad_out_proj):
         dt_projs_weight, dt_rows = ctx.saved_tensors
         groups, group_dims, _ = dt_projs_weight.shape
+        grad_delta_proj, grad_bc_proj = grad_delta_bc_proj.split([groups * group_dims, 2 * groups])
 
         def diagonal_blocks(grad, parts):
             """``(parts * G * m, G * d)`` -> its diagonal blocks ``(G, parts, m, d)``."""
@@ -406,9 +409,9 @@ class GroupMambaLayer(nn.Module):
 
     def projections(self, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
         """The groups' projections as block-diagonal matrices over all channels, from the packed weights:
-        ``in_proj`` ``(2C, C)`` (rows: u of all groups, then z), ``delta_proj`` ``(C, C)`` (dt_proj folded into
-        x_proj's dt rows: one projection for the step sizes), ``bc_proj`` ``(2G, C)`` (x_proj's B rows, then its
-        C rows) and ``out_proj`` ``(C, C)``, C the channels of the weights given (a padded layer's are stored
+        ``in_proj`` ``(2C, C)`` (rows: u of all groups, then z), ``delta_bc_proj`` ``(C + 2G, C)`` (the step
+        sizes' projection, dt_proj folded into x_proj's dt rows, then x_proj's B rows and its C rows) and
+        ``out_proj`` ``(C, C)``, C the channels of the weights given (a padded layer's are stored
         with zeros per group, :meth:`stored_layouts`, and so are its projections). Rebuilt at every call
         (:class:`_BlockDiagonalProjections`)."""
         return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight)
@@ -462,8 +465,8 @@ class GroupMambaLayer(nn.Module):
                 raise ValueError(f'GroupMambaLayer: a padded layer ({self.Ds.numel()} channels stored as {stored}) '
                                  f'reads its weights in the stored layout: pass GroupMambaBlock\'s')
             weights = self.forward_weights(cast_together(self.matmul_params(), x.dtype), self.channel_params())
-        (in_proj, delta_proj, bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds,
-         delta_bias, proj_bias_param) = weights
+        (in_proj, delta_bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds, delta_bias,
+         proj_bias_param) = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
         scale = channel_affinity(unpad_groups(x.mean((1, 2)), self.Ds.numel()), self.fc1.weight, self.fc1.bias,
                                  self.fc2.weight, self.fc2.bias, self.skip_scale)
@@ -472,9 +475,10 @@ class GroupMambaLayer(nn.Module):
         u, z = F.linear(x, in_proj).split(stored, dim=-1)
         u = depthwise_conv_act(u, conv_weight, conv_bias, 'silu')
         u = u.reshape(batch, height * width, stored)
-        b, c = F.linear(u, bc_proj).split(NUM_GROUPS, dim=-1)  # read in place by the scan
+        # The step sizes and B and C in one matmul, read in place by the scan as column slices.
+        delta, b, c = F.linear(u, delta_bc_proj).split([stored, NUM_GROUPS, NUM_GROUPS], dim=-1)
         # Pad channels scan zeros (u is zero there) and stay zero whatever their A, D and bias (zeros here).
-        y = selective_scan(u, F.linear(u, delta_proj), a_logs, b, c, ds, delta_bias, (height, width))
+        y = selective_scan(u, delta, a_logs, b, c, ds, delta_bias, (height, width))
         # Each group's out_norm normalises over that group's channels only; fused with the SiLU(z) gate. Both
         # norms run with the linear layer after them, so that their outputs need not be kept for backward.
         y = gated_group_norm_linear(y.view(batch, height, width, stored), z, self.out_norm.weight,
@@ -614,8 +618,8 @@ class GroupMambaBlock(nn.Module):
         Built at every call where a gradient reaches them (training): the cast, block-diagonal projections and, in
         a padded block, the gather into the stored channels (``kernels/layout.py``) are then part of the step.
         Where none does (inference, frozen stages) they are constants of the parameters, kept between calls: in
-        eager inference a block's forward then skips eight launches (the cast's concatenation and cast, the
-        projections' concatenation, matmul and diagonal fills), a padded block also its gather. Kept in plain
+        eager inference a block's forward then skips nine launches (the cast's concatenation and cast, the
+        projections' two concatenations, matmul and diagonal fills), a padded block also its gather. Kept in plain
         eager runs only (``kernels.ops_util.traced``): torch.compile and export trace them into their graphs, and
         a CUDA graph being recorded would read tensors that a later refresh replaces. The key (each parameter's
         storage and version counter, and the dtype) replaces them when a parameter is updated in place, moved or
