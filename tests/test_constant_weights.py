@@ -34,9 +34,9 @@ def test_inference_keeps_the_weights_and_skips_their_launches():
         with OpCounter() as second:
             out2 = block(x)
     assert torch.equal(out1, out2)
-    skipped = [op for op in ('diag_embed', 'bmm', 'cat', '_to_copy') if op in first.ops and op not in second.ops]
-    assert skipped == ['diag_embed', 'bmm', 'cat', '_to_copy'], (first.ops, second.ops)
-    assert len(first.ops) - len(second.ops) >= 8
+    skipped = [op for op in ('new_zeros', 'bmm', 'cat', '_to_copy') if op in first.ops and op not in second.ops]
+    assert skipped == ['new_zeros', 'bmm', 'cat', '_to_copy'], (first.ops, second.ops)
+    assert len(first.ops) - len(second.ops) >= 7
 
 
 def test_kept_weights_follow_in_place_updates_moves_and_casts():
@@ -92,7 +92,7 @@ def test_backbone_inference_matches_a_fresh_model_after_training_steps():
         optimizer.zero_grad()
 
 
-def test_later_inference_forwards_launch_nine_kernels_fewer_a_block(monkeypatch):
+def test_later_inference_forwards_launch_seven_kernels_fewer_a_block(monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv('MMGM_KERNELS', 'triton')  # launch_count sets it at import: put back for the other tests
@@ -101,7 +101,7 @@ def test_later_inference_forwards_launch_nine_kernels_fewer_a_block(monkeypatch)
     torch.manual_seed(0)
     model = GroupMamba(arch='mini')
     first, later = count_inference(model, torch.randn(1, 3, 64, 64), autocast=True)
-    assert first - later == 9 * 5  # mini: 5 blocks
+    assert first - later == 7 * 5  # mini: 5 blocks
 
 
 def test_nothing_is_kept_while_traced():

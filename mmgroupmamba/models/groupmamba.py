@@ -211,16 +211,15 @@ def packed_to_official(state_dict, prefix=None):
     return out
 
 
-def block_diagonal(blocks):
-    """``(..., G, m, n)`` blocks -> ``(..., G*m, G*n)`` block-diagonal matrices.
+def lay_on_diagonal(matrices, blocks):
+    """Copies ``(..., G, m, n)`` blocks onto the diagonal blocks of ``matrices`` ``(..., G*m, G*n)``, in one copy.
 
-    One dense matmul with the block-diagonal weight beats G small ones (and G launches). ``diag_embed`` lays
-    the blocks on the diagonal of a zero-filled result (a fill and a copy on CUDA, into a contiguous result
-    whatever the blocks' layout). Run without autograd: :class:`_BlockDiagonalProjections` takes the gradients.
+    One dense matmul with a block-diagonal weight beats G small ones (and G launches). Run without autograd:
+    :class:`_BlockDiagonalProjections` takes the gradients.
     """
     *lead, groups, rows, cols = blocks.shape
-    diagonal = torch.diag_embed(blocks.movedim(-3, -1), dim1=len(lead), dim2=len(lead) + 2)  # (..., G, m, G, n)
-    return diagonal.view(*lead, groups * rows, groups * cols)
+    diagonal = matrices.view(*lead, groups, rows, groups, cols).diagonal(dim1=len(lead), dim2=len(lead) + 2)
+    diagonal.copy_(blocks.movedim(-3, -1))  # (..., m, n, G)
 
 
 # Where cast_together starts each tensor in its buffer: a multiple of 128 bytes, so that every part is as aligned
@@ -299,23 +298,28 @@ def _to_nhwc(x):
 class _BlockDiagonalProjections(torch.autograd.Function):
     """:meth:`GroupMambaLayer.projections` with a hand-written backward.
 
-    Forward, five ops: the square blocks of three projections are stacked and laid on their diagonals together,
-    and the step sizes' projection is joined to B's and C's. Backward, each packed weight's gradient is read
-    straight off the diagonal blocks of its projection's gradient, where autograd's own went back through the
-    splits, ``diag_embed``, the concatenations and the transposes: two launches fewer a layer in the compiled
-    step (``benchmarks/compiled_kernels.py``)."""
+    Forward, five ops: the square blocks of three projections are stacked, and laid with B's and C's rows on
+    the diagonals of one zero-filled buffer, the step sizes' projection next to B's and C's. Backward, each
+    packed weight's gradient is read straight off the diagonal blocks of its projection's gradient, where
+    autograd's own went back through the splits, the diagonal copies, the concatenation and the transposes:
+    two launches fewer a layer in the compiled step (``benchmarks/compiled_kernels.py``)."""
 
     @staticmethod
     def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
         dt_rank = dt_projs_weight.shape[-1]
         dt_rows, bc_rows = x_proj_weight.split([dt_rank, 2], dim=1)
         ctx.save_for_backward(dt_projs_weight, dt_rows)
+        groups, group_dims, _ = out_proj_weight.shape
+        channels = groups * group_dims
         square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
-                            torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0), out_proj_weight.unsqueeze(0)])
-        in_proj, delta_proj, out_proj = block_diagonal(square).split([2, 1, 1])  # (4, C, C)
-        bc_proj = block_diagonal(bc_rows.transpose(0, 1).unsqueeze(-2))  # (2, G, C)
-        # delta's and B's and C's projections as one matrix: one matmul of u instead of two, each way.
-        return in_proj.flatten(0, 1), torch.cat([delta_proj[0], bc_proj.flatten(0, 1)]), out_proj[0]
+                            out_proj_weight.unsqueeze(0), torch.bmm(dt_projs_weight, dt_rows).unsqueeze(0)])
+        # Rows: in_proj (u, z), out_proj, then delta's projection and B's and C's rows as one matrix: one
+        # matmul of u for the three instead of two, each way.
+        weights = square.new_zeros(4 * channels + 2 * groups, channels)
+        lay_on_diagonal(weights[:4 * channels].view(4, channels, channels), square)
+        lay_on_diagonal(weights[4 * channels:].view(2, groups, channels), bc_rows.transpose(0, 1).unsqueeze(-2))
+        in_proj, out_proj, delta_bc_proj = weights.split([2 * channels, channels, channels + 2 * groups])
+        return in_proj, delta_bc_proj, out_proj
 
     @staticmethod
     def backward(ctx, grad_in_proj, grad_delta_bc_proj, grad_out_proj):
@@ -618,8 +622,8 @@ class GroupMambaBlock(nn.Module):
         Built at every call where a gradient reaches them (training): the cast, block-diagonal projections and, in
         a padded block, the gather into the stored channels (``kernels/layout.py``) are then part of the step.
         Where none does (inference, frozen stages) they are constants of the parameters, kept between calls: in
-        eager inference a block's forward then skips nine launches (the cast's concatenation and cast, the
-        projections' two concatenations, matmul and diagonal fills), a padded block also its gather. Kept in plain
+        eager inference a block's forward then skips seven launches (the cast's concatenation and cast, the
+        projections' concatenation, matmul, zero fill and two diagonal copies), a padded block also its gather. Kept in plain
         eager runs only (``kernels.ops_util.traced``): torch.compile and export trace them into their graphs, and
         a CUDA graph being recorded would read tensors that a later refresh replaces. The key (each parameter's
         storage and version counter, and the dtype) replaces them when a parameter is updated in place, moved or
