@@ -623,11 +623,11 @@ class GroupMambaBlock(nn.Module):
         a padded block, the gather into the stored channels (``kernels/layout.py``) are then part of the step.
         Where none does (inference, frozen stages) they are constants of the parameters, kept between calls: in
         eager inference a block's forward then skips seven launches (the cast's concatenation and cast, the
-        projections' concatenation, matmul, zero fill and two diagonal copies), a padded block also its gather. Kept in plain
-        eager runs only (``kernels.ops_util.traced``): torch.compile and export trace them into their graphs, and
-        a CUDA graph being recorded would read tensors that a later refresh replaces. The key (each parameter's
-        storage and version counter, and the dtype) replaces them when a parameter is updated in place, moved or
-        converted."""
+        projections' concatenation, matmul, zero fill and two diagonal copies), a padded block also its gather.
+        Kept in plain eager runs only (``kernels.ops_util.traced``): torch.compile and export trace them into
+        their graphs, and a CUDA graph being recorded would read tensors that a later refresh replaces. The key
+        (each parameter's storage and version counter, and the dtype) replaces them when a parameter is updated in
+        place, moved or converted."""
         attn_params, mlp_params = self.attn.matmul_params(), self.mlp.matmul_params()
         attn_channel, mlp_channel = self.attn.channel_params(), self.mlp.channel_params()
         params = attn_params + mlp_params + attn_channel + mlp_channel
