@@ -63,14 +63,6 @@ def unpad_groups(t, valid, dim=-1):
     return t.unflatten(dim, (GROUPS, p)).narrow(dim, 0, v).flatten(dim - 1, dim)
 
 
-def pad_square(t, stored):
-    """A ``(C, C)`` matrix with its rows and columns stored as ``stored``, in one pad."""
-    if t.shape[-1] == stored:
-        return t
-    v, p = group_widths(t.shape[-1], stored)
-    return F.pad(t.view(GROUPS, v, GROUPS, v), (0, p - v, 0, 0, 0, p - v)).view(stored, stored)
-
-
 def pad_blocks(blocks, rows, cols):
     """``(..., m, n)`` per-group blocks padded with zero rows and columns to ``(..., rows, cols)``."""
     if blocks.shape[-2:] == (rows, cols):

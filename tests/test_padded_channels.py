@@ -12,7 +12,6 @@ from mmgroupmamba.kernels.layout import (
     StoredParameters,
     pad_blocks,
     pad_groups,
-    pad_square,
     stored_channels,
     unpad_groups,
 )
@@ -46,9 +45,6 @@ def test_pad_and_unpad_groups():
     assert torch.equal(unpad_groups(padded, 12), t)
     assert torch.equal(pad_groups(t.t(), 16, dim=0).t(), padded)
     assert pad_groups(t, 12) is t
-    square = torch.randn(12, 12)
-    assert torch.equal(pad_square(square, 16), pad_groups(pad_groups(square, 16, dim=0), 16, dim=1))
-    assert pad_square(square, 12) is square
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
@@ -59,7 +55,7 @@ def test_stored_parameters_are_the_pads_in_one_gather_each_way(dtype):
     torch.manual_seed(0)
     square, matrix, bias, unused = (torch.randn(*shape, dtype=torch.float64).float().requires_grad_()
                                     for shape in ((12, 12), (5, 3, 12), (12, ), (3, 9)))
-    pads = [functools.partial(pad_square, stored=16), functools.partial(pad_groups, stored=16),
+    pads = [lambda t: pad_groups(pad_groups(t, 16, dim=0), 16, dim=1), functools.partial(pad_groups, stored=16),
             functools.partial(pad_groups, stored=16), lambda t: pad_blocks(t, 4, 12)]
     layouts = [(p.shape, pad) for p, pad in zip((square, matrix, bias, unused), pads)]
     stored = StoredParameters(layouts[:3], layouts[2:], align=8)

@@ -78,7 +78,6 @@ from mmgroupmamba.kernels.layout import (
     StoredParameters,
     pad_blocks,
     pad_groups,
-    pad_square,
     stored_channels,
     unpad_groups,
 )
@@ -438,7 +437,7 @@ class GroupMambaLayer(nn.Module):
             return pad_blocks(t.unflatten(1, (2, -1)), group, group).flatten(1, 2)
 
         matmul = [in_proj, blocks(rank + 2, group), blocks(group, rank), blocks(group, group),
-                  functools.partial(pad_square, stored=self.stored_dims), self.pad]
+                  lambda weight: self.pad(self.pad(weight, 0), 1), self.pad]
         channel = [functools.partial(self.pad, dim=0), self.pad, functools.partial(self.pad, dim=0), self.pad,
                    blocks(NUM_GROUPS, group), self.pad]
         return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
