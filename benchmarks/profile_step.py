@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [--model T] [--swin] [--batch 128] [--size 224 224] [--rows 30]
                                       [--cuda-graph | --compile [MODE]] [--dynamic] [--compile-options JSON]
-                                      [--drop-path-rate 0.2]
+                                      [--drop-path-rate 0.2] [--take-turns DIR N]
 
 GroupMamba of size ``--model`` (``--swin``: the Swin Transformer of that size), built as ``backbone_speed.py``
 builds its rows (``build_backbones``), so that a compiled row finds the compile caches that run (or its warm-ups)
@@ -12,13 +12,19 @@ backbone through ``torch.compile`` (GroupMamba's ``compile`` option; default mod
 static sizes unless ``--dynamic``; ``--compile-options`` as in ``backbone_speed.py``) and adds the host side: the
 top CPU ops of the profiled step.
 
+``--take-turns DIR N`` lets N such processes compile side by side and then time and profile one at a time: each
+waits after its first step until all N have compiled, then holds a lock in DIR while it measures (a compile or a
+timing beside a timing spoils it: benchmarks/README.md).
+
 A step whose wall time is well above its summed kernel time is bound by the host (Python, dispatch and
 launches), not by the GPU. The kernels are also summed by family (hand-written Triton, Inductor's, GEMMs,
 cuDNN, PyTorch's own elementwise, reduction and copy kernels, fills): launches and GPU time of each.
 """
 import argparse
 import collections
+import fcntl
 import json
+import os
 import re
 import time
 import warnings
@@ -57,6 +63,18 @@ def family_table(kernels):
     return '\n'.join(lines)
 
 
+def take_turn(directory, processes):
+    """Waits until ``processes`` processes have called this with ``directory``, then takes its lock: held until
+    this process exits."""
+    os.makedirs(directory, exist_ok=True)
+    open(os.path.join(directory, f'ready.{os.getpid()}'), 'w').close()
+    while sum(name.startswith('ready.') for name in os.listdir(directory)) < processes:
+        time.sleep(1)
+    lock = open(os.path.join(directory, 'lock'), 'w')
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', choices=sorted(NAMES), default='T', help='size: T, S or B')
@@ -72,6 +90,8 @@ def main():
     parser.add_argument('--drop-path-rate', type=float, default=0.2)
     parser.add_argument('--groupmamba-options', type=json.loads, default={},
                         help='GroupMamba constructor arguments, as in backbone_speed.py')
+    parser.add_argument('--take-turns', nargs=2, metavar=('DIR', 'N'),
+                        help='compile beside N-1 other processes given DIR, then measure one at a time')
     parser.add_argument('--sync-debug', action='store_true',
                         help='also list the operations of one step that wait for the GPU (set_sync_debug_mode)')
     args = parser.parse_args()
@@ -93,6 +113,9 @@ def main():
     step()
     torch.cuda.synchronize()
     print(f'first step (compiles with --compile) {time.perf_counter() - start:.1f} s', flush=True)
+    if args.take_turns:
+        turn = take_turn(args.take_turns[0], int(args.take_turns[1]))  # noqa: F841 (held until exit)
+        print(f'{name}{suffix}: measuring from {time.strftime("%H:%M:%S")}', flush=True)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
