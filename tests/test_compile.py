@@ -185,7 +185,7 @@ def test_inductor_defaults_reach_torch_compile_and_yield_to_the_callers_options(
     options = GroupMamba(arch=golden['arch_cfg'],
                          compile=dict(options={'combo_kernels': False, 'max_autotune': True}))._compiled.options
     assert options['options'] == {'force_pointwise_cat': True, 'combo_kernels': False, 'max_autotune': True,
-                                  'strict_output_strides': True}
+                                  'static_launch_user_defined_triton_kernels': True, 'strict_output_strides': True}
     assert 'options' not in GroupMamba(arch=golden['arch_cfg'], compile=dict(backend='aot_eager'))._compiled.options
     assert CompiledForward('SwinTransformer', {}).options['options'] == {'strict_output_strides': True}
 

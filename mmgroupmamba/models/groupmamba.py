@@ -101,7 +101,12 @@ CUDA_GRAPH_MODES = (False, True, 'train')
 # its peak reserved memory from 11.0 to 7.2 GiB and its det step from 2555 to 1612 launches: the block cast's
 # backward concatenation of 20 pieces becomes one kernel instead of a copy per piece, and independent small
 # kernels launch together. They did not help mmdet's Swin-T, so they are GroupMamba's, not every backbone's.
-COMPILE_INDUCTOR_DEFAULTS = dict(force_pointwise_cat=True, combo_kernels=True)
+# static_launch_user_defined_triton_kernels: Inductor launches our own Triton kernels (415 a det step) through its
+# static CUDA launcher, as it does its generated ones, instead of Triton's Python launcher (off by default in torch
+# 2.11-2.14); on an H200 the compiled det step's host time fell from 55.3 to 42.4 ms, its wall from 58.3 to 44.4
+# (twentieth session, README). Swin-T has no such kernels.
+COMPILE_INDUCTOR_DEFAULTS = dict(force_pointwise_cat=True, combo_kernels=True,
+                                 static_launch_user_defined_triton_kernels=True)
 NUM_GROUPS = len(SCAN_DIRECTIONS)
 # The official model builds its stage norms and FFN norms with eps=1e-6, and every other LayerNorm (stem,
 # downsampling, the layer's own norm and the scan's out_norm) with PyTorch's default 1e-5.
