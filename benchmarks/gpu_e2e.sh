@@ -15,7 +15,9 @@
 # backbone compiled: --cfg-options model.backbone.compile=True). Each run's log and a summary table
 # (benchmarks/summarize_logs.py) go to OUT_DIR.
 # Sizes: DET_IMAGES training images (default 300; one epoch at 2 images per GPU), SEG_ITERS (default 200);
-# STEP_TIMEOUT (seconds, default none) stops a run that takes longer, keeping its log.
+# STEP_TIMEOUT (seconds, default none) stops a run that takes longer, keeping its log. DET_VALIDATE=0 leaves out
+# the det runs' validation (train_cfg.val_begin=2 of one epoch: a compiled backbone would compile its
+# inference graph there too), for training-time comparisons that must fit a call.
 set -uo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -35,6 +37,7 @@ mmdet_cfgs=$(python3 -c "import mmdet, os; print(os.path.join(os.path.dirname(mm
 
 det_data_options() {
   local opts=(model.backbone.init_cfg=None train_cfg.max_epochs=$det_iters_epochs train_cfg.val_interval=1
+              train_cfg.val_begin=$(( ${DET_VALIDATE:-1} ? 1 : 2 ))
               default_hooks.logger.interval=10 default_hooks.checkpoint.interval=1)
   for split in train val test; do
     local file=train; [ $split = train ] || file=val
