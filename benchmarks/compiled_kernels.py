@@ -143,6 +143,9 @@ def trace_graphs(backbone, input_shape):
     backbone.train()
     with FakeTensorMode(allow_non_fake_inputs=True):
         images = torch.randn(*input_shape)
+        if type(backbone).__name__ == 'GroupMamba':
+            # GroupMamba.forward converts the image before its compiled graph, as here before the trace.
+            images = images.to(torch.float16, memory_format=torch.channels_last)
         params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_() for n, p in backbone.named_parameters()}
         buffers = {n: torch.zeros(b.shape, dtype=b.dtype) for n, b in backbone.named_buffers()}
         names = [*params, *buffers]
