@@ -56,8 +56,11 @@ det_data_options() {
 run() {  # name, then the mim command
   local name=$1; shift
   local start=$(date +%s)
-  timeout "$step_timeout" "$@" > "$out/$name.log" 2>&1
-  local rc=$?
+  # The whole log to OUT_DIR; its progress lines (mmengine's iteration logs, recompiles, errors) also to stdout as
+  # they come, so that a caller's own timeout, cutting this script short, still has them.
+  timeout "$step_timeout" "$@" 2>&1 | tee "$out/$name.log" |
+    grep --line-buffered -E "Iter\(train\)|[Rr]ecompil|Error|Traceback"
+  local rc=${PIPESTATUS[0]}
   echo "$name: rc=$rc in $(( $(date +%s) - start ))s"
   [ $rc = 0 ] || tail -25 "$out/$name.log"
 }
