@@ -126,8 +126,10 @@ def test_compiled_pooled_out_types_match_eager(golden, out_type, fresh_dynamo):
         (out, ) = model(golden['input'])
         grads.append((out.detach(), *torch.autograd.grad((out * out).sum(), list(model.parameters()))))
     # Not rel_err: the class block's A_logs gets an exactly zero gradient (a scan of one token never uses A).
+    # Traced, the step sizes' projection is a broadcast product summed, eagerly a bmm (_batched_product): fp32
+    # rounds them differently, and skip_scale's gradient (a sum with much cancellation) moves by up to about 6e-5.
     for name, a, b in zip(['output'] + [n for n, _ in eager.named_parameters()], *grads):
-        assert (a - b).norm() <= 1e-5 * b.norm(), name
+        assert (a - b).norm() <= 2e-4 * b.norm(), name
 
 
 def test_new_input_sizes_reuse_the_compiled_graph(golden, fresh_dynamo):
@@ -210,3 +212,21 @@ def test_compiled_stochastic_depth_matches_eager_under_autocast(golden, fresh_dy
     for name, a, b in zip([n for n, _ in eager.named_parameters()], *grads):
         assert a.dtype == b.dtype == torch.float32 and rel_err(a, b) <= 3e-2, name
     assert compiled_entries() == 1
+
+
+def test_compiled_projections_match_eager(fresh_dynamo):
+    """Traced by torch.compile, the step sizes' projection and its gradients are broadcast products that Inductor
+    fuses (``_batched_product``) instead of ``bmm``s: the same values and gradients as eagerly (float64)."""
+    from mmgroupmamba.models.groupmamba import GroupMambaLayer
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(48).double()
+    weights = [p.detach().clone().requires_grad_() for p in layer.matmul_params()[:4]]
+    eager = layer.projections(*weights)
+    grads_out = [torch.randn_like(o) for o in eager]
+    expected = torch.autograd.grad(eager, weights, grads_out)
+    compiled = torch.compile(layer.projections, backend='aot_eager', fullgraph=True)(*weights)
+    got = torch.autograd.grad(compiled, weights, grads_out)
+    for name, a, b in zip(('in_proj', 'delta_bc_proj', 'out_proj'), compiled, eager):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), name
+    for name, g, e in zip(('in_proj', 'x_proj', 'dt_projs', 'out_proj'), got, expected):
+        assert torch.allclose(g, e, rtol=1e-12, atol=1e-12), name
