@@ -140,10 +140,12 @@ def trace_graphs(backbone, input_shape):
         graphs.append((gm, example_inputs))
         return gm
 
+    from mmgroupmamba import GroupMamba
+
     backbone.train()
     with FakeTensorMode(allow_non_fake_inputs=True):
         images = torch.randn(*input_shape)
-        if type(backbone).__name__ == 'GroupMamba':
+        if isinstance(backbone, GroupMamba):
             # GroupMamba.forward converts the image before its compiled graph, as here before the trace.
             images = images.to(torch.float16, memory_format=torch.channels_last)
         params = {n: torch.empty(p.shape, dtype=p.dtype).requires_grad_() for n, p in backbone.named_parameters()}

@@ -47,21 +47,17 @@ def main():
 
     forward_graphs = []
 
+    def stop(gm, example_inputs):
+        def run(*_):
+            raise _Traced()
+        run._boxed_call = True
+        return run
+
     def forward_compiler(gm, example_inputs):
         forward_graphs.append(gm)
+        return stop(gm, example_inputs)
 
-        def run(*_):
-            raise _Traced()
-        run._boxed_call = True
-        return run
-
-    def backward_compiler(gm, example_inputs):
-        def run(*_):
-            raise _Traced()
-        run._boxed_call = True
-        return run
-
-    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler,
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=stop,
                            decompositions=select_decomp_table())
     model = GroupMamba(arch=args.arch, drop_path_rate=0.2, out_indices=(0, 1, 2, 3),
                        compile=dict(backend=backend, dynamic=True)).train()
