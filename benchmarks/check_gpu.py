@@ -7,8 +7,9 @@
    outputs and every parameter gradient, fp32.
 2b. ``--compile [static|dynamic]``: opcheck of every fused op on CUDA, then ``compile=True`` (Inductor, dynamic
    sizes; ``static``: one size, ``dynamic=False``) against eager, fp32 and AMP fp16, three input
-   sizes: outputs and every gradient, and the number of compiled graphs (one per grad/AMP signature, not
-   per size).
+   sizes: outputs and every gradient (under AMP the loss scaled as GradScaler scales it, and each gradient
+   judged against eager fp32 beside eager AMP's: ``gradient_check.py``), and the number of compiled graphs
+   (one per grad/AMP signature, not per size).
 3. CUDA graphs (``cuda_graph=True``) against eager, from the same weights: AdamW training steps under AMP
    over two alternating input sizes (losses, parameters, BatchNorm statistics), an eval forward, stochastic
    depth drawing fresh masks per replay, two forwards before one backward (the eager fallback), and
@@ -28,6 +29,9 @@ import torch
 from mmgroupmamba import GroupMamba
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gradient_check import Comparison  # noqa: E402
 
 
 def rel_err(a, b):
@@ -113,21 +117,10 @@ def check_compile(dynamic, sizes=((2, 160, 224), (2, 192, 160), (1, 224, 288))):
     for autocast in (False, True):
         for batch, height, width in sizes:
             x = torch.randn(batch, 3, height, width, device='cuda')
-            results = []
-            for model in (eager, compiled):
-                model.zero_grad(set_to_none=True)
-                with torch.autocast('cuda', dtype=torch.float16, enabled=autocast):
-                    outs = model(x)
-                ramp_loss(outs).backward()
-                results.append(([o.detach().float() for o in outs],
-                                {n: p.grad.detach().float() for n, p in model.named_parameters()}))
-            (outs_e, grads_e), (outs_c, grads_c) = results
-            out_err = max(rel_err(a, b) for a, b in zip(outs_c, outs_e))
-            grad_errs = {n: rel_err(grads_c[n], grads_e[n]) for n in grads_e if grads_e[n].norm() > 0}
-            worst = max(grad_errs, key=grad_errs.get)
-            print(f'T, compiled vs eager ({"AMP fp16" if autocast else "fp32"}, {batch}x{height}x{width}): outputs '
-                  f'{out_err:.2e}, worst gradient {worst} {grad_errs[worst]:.2e}', flush=True)
-            assert out_err <= (2e-2 if autocast else 1e-4) and grad_errs[worst] <= (5e-2 if autocast else 1e-3)
+            result = Comparison(eager, compiled, x, amp=autocast)
+            print(f'T, compiled vs eager ({"AMP fp16" if autocast else "fp32"}, {batch}x{height}x{width}): {result}',
+                  flush=True)
+            assert result.ok(), result
     entries = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(GroupMamba._forward.__code__))
     print(f'T, compiled graphs for {len(sizes)} sizes x (fp32, AMP): {entries}')
     assert entries <= 2 or not dynamic, entries

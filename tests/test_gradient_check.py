@@ -1,0 +1,64 @@
+"""``benchmarks/gradient_check.py``: the comparison that ``check_gpu.py`` and ``regional_compile.py`` use to judge
+a compiled backbone's outputs and gradients against eager, in fp32 and under AMP (against fp32)."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from gradient_check import LOSS_SCALE, Comparison, outputs_and_grads  # noqa: E402
+
+
+class TwoOutputs(nn.Module):
+    """Outputs scaled by 1e-6, as a backbone's loss leaves its deeper gradients: unscaled, fp16 flushes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        return [hidden * 1e-6, self.second(hidden) * 1e-6]
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    model = TwoOutputs()
+    return model, copy.deepcopy(model), torch.randn(64, 16)
+
+
+@pytest.mark.parametrize('amp', [False, True])
+def test_the_same_model_passes(models, amp):
+    eager, other, images = models
+    result = Comparison(eager, other, images, amp=amp)
+    assert result.ok(), str(result)
+    assert result.out_err == 0 and result.grad_err == 0
+
+
+@pytest.mark.parametrize('amp', [False, True])
+def test_a_wrong_gradient_fails(models, amp):
+    eager, other, images = models
+    with torch.no_grad():
+        other.second.weight.mul_(1.1)  # the first layer's gradient goes through it: 10% off
+    result = Comparison(eager, other, images, amp=amp)
+    assert not result.ok(), str(result)
+    assert result.grad_err > 0.05
+
+
+def test_amp_gradients_are_scaled_and_come_back_unscaled(models):
+    """Under AMP the backward runs scaled (the gradients, ~1e-7 here, are normal fp16 numbers only then) and
+    returns them unscaled: within fp16 rounding of fp32's, where an unscaled fp16 backward loses them."""
+    eager, _, images = models
+    _, grads_fp32 = outputs_and_grads(eager, images, amp=False)
+    _, grads_amp = outputs_and_grads(eager, images, amp=True)
+    _, grads_unscaled = outputs_and_grads(eager, images, amp=True, loss_scale=1.0)
+    for name, grad in grads_fp32.items():
+        scaled_err = ((grads_amp[name] - grad).norm() / grad.norm()).item()
+        unscaled_err = ((grads_unscaled[name] - grad).norm() / grad.norm()).item()
+        assert scaled_err < 1e-2, (name, scaled_err)
+        assert unscaled_err > 10 * scaled_err, (name, unscaled_err, scaled_err)
+    assert LOSS_SCALE == 2.0 ** 16
