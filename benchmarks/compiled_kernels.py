@@ -2,7 +2,7 @@
 
     python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
                                           [--inductor-options '{"combo_kernels": false}'] [--top 25]
-                                          [--save-code DIR] [--regional]
+                                          [--save-code DIR] [--regional] [--no-memo]
 
 The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
 Python wrapper issues every launch, so their number sets the step time (README, #14). Counting them needs the
@@ -328,6 +328,9 @@ def main(argv=None):
     parser.add_argument('--regional', action='store_true',
                         help='GroupMamba compiled block by block: one block per stage traced and compiled, its '
                         'launches counted once per block of the stage (stem, downsampling and norms left out)')
+    parser.add_argument('--no-memo', action='store_true',
+                        help='compile outside the backbones\' compile context (compiled.compiling_user_kernels): '
+                        'PyTorch analyses every launch site of our Triton kernels anew')
     args = parser.parse_args(argv)
     if args.regional and (args.model != 'groupmamba' or args.save_code):
         parser.error('--regional compiles GroupMamba blocks, and writes no wrapper modules')
@@ -338,6 +341,7 @@ def main(argv=None):
         if args.inductor_options is None:
             from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
             args.inductor_options = dict(COMPILE_INDUCTOR_DEFAULTS) if args.model == 'groupmamba' else {}
+        from mmgroupmamba.models.compiled import compiling_user_kernels
         analysis = {}
         backbone = build(args.model, args.arch)
         # What is compiled, and how often each compiled graph runs in a step.
@@ -346,7 +350,11 @@ def main(argv=None):
         counts = [(collections.Counter(), collections.Counter()) for _ in range(2)]
         statements = [collections.Counter() for _ in range(2)]
         seconds = collections.Counter()
-        with mutation_analysis_timed(analysis):
+        # The write analyses timed are those PyTorch performs: under the backbones' compile context (the default, as
+        # their ``compile`` option runs), once per kernel and arguments' key; with --no-memo once per launch site and
+        # consumer, as plain torch.compile does.
+        memo = contextlib.nullcontext() if args.no_memo else compiling_user_kernels()
+        with mutation_analysis_timed(analysis), memo:
             for module, input_shape, repeats in parts:
                 start = time.perf_counter()
                 graphs = trace_graphs(module, input_shape)

@@ -21,20 +21,29 @@ path: run it on a GPU for the numbers that matter).
 """
 import argparse
 import copy
+import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS, GroupMamba, GroupMambaBlock
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gradient_check import Comparison  # noqa: E402
 
-def compile_blocks(backbone, **options):
-    """Compiles each ``GroupMambaBlock`` of ``backbone`` on its own (``nn.Module.compile``)."""
+
+def compile_blocks(backbone, options):
+    """Compiles each ``GroupMambaBlock`` of ``backbone`` on its own, as the backbone's ``compile`` option compiles
+    the whole (a ``CompiledForward`` per block: the same ``torch.compile`` arguments and Inductor defaults, and the
+    same compile context, ``compiled.compiling_user_kernels``)."""
     for module in backbone.modules():
         if isinstance(module, GroupMambaBlock):
-            module.compile(**options)
+            module.forward = functools.partial(
+                CompiledForward('GroupMambaBlock', options, COMPILE_INDUCTOR_DEFAULTS), module.forward)
 
 
 def build(arch, mode, dynamic, compile_options=None):
@@ -46,8 +55,7 @@ def build(arch, mode, dynamic, compile_options=None):
         model.load_state_dict(eager.state_dict())
     else:
         model = copy.deepcopy(eager)
-        # The torch.compile arguments the backbone's own option would pass (its Inductor defaults included).
-        compile_blocks(model, **CompiledForward('GroupMambaBlock', options, COMPILE_INDUCTOR_DEFAULTS).options)
+        compile_blocks(model, options)
     return eager, model
 
 
@@ -68,44 +76,6 @@ def step_fn(model, images):
 def synchronize(device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-def outputs_and_grads(model, images, amp, loss_scale):
-    """The outputs and the parameter gradients (by name, fp32, unscaled) of one forward + backward of ``model``
-    with a loss that weighs every output element by a fixed random number (the mean of a LayerNorm's output, the
-    timed step's loss, leaves most gradients at rounding noise); under AMP fp16 when ``amp``."""
-    model.zero_grad(set_to_none=True)
-    with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
-        out = model(images)
-    generator = torch.Generator(images.device).manual_seed(0)
-    weights = [torch.randn(o.shape, generator=generator, device=o.device) for o in out]
-    (sum((o.float() * w).mean() for o, w in zip(out, weights)) * loss_scale).backward()
-    grads = {name: p.grad.float() / loss_scale for name, p in model.named_parameters() if p.grad is not None}
-    return [o.detach().float() for o in out], grads
-
-
-def compare(eager, model, images, loss_scale=2.0 ** 16):
-    """Largest relative difference of the outputs and of the parameter gradients (and whose), compiled against
-    eager, both under AMP on CUDA; there, also that parameter's gradient error of each against eager in fp32.
-
-    The loss is multiplied by ``loss_scale`` (GradScaler's initial scale) before backward, as AMP training does:
-    the mean over a det step's first output (8.6 million elements for T) gives each element a gradient of about
-    1e-7, below fp16's smallest normal number, and unscaled fp16 backward passes then compare flushed and
-    rounded-away values (the sixteenth session's first H200 run printed a worst gradient of 1.1e+01 that way)."""
-    amp = images.is_cuda
-    (outs_e, grads_e), (outs_c, grads_c) = (outputs_and_grads(m, images, amp, loss_scale) for m in (eager, model))
-    out_err = max(rel_err(a, b) for a, b in zip(outs_c, outs_e))
-    errs = {name: rel_err(grads_c[name], grads_e[name]) for name in grads_e if name in grads_c}
-    worst = max(errs, key=errs.get)
-    against_fp32 = None
-    if amp:
-        grad_fp32 = outputs_and_grads(eager, images, False, loss_scale)[1][worst]
-        against_fp32 = (rel_err(grads_e[worst], grad_fp32), rel_err(grads_c[worst], grad_fp32))
-    return out_err, worst, errs[worst], against_fp32
 
 
 def main(argv=None):
@@ -139,16 +109,12 @@ def main(argv=None):
     synchronize(device)
     steady = (time.perf_counter() - start) / args.steps
     graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-    out_err, worst, grad_err, against_fp32 = compare(eager, model, images)
+    # AMP fp16 on CUDA, as the timed step; fp32 on the CPU, where the fused ops run their reference.
+    result = Comparison(eager, model, images, amp=images.is_cuda)
     print(f'{args.mode}: GroupMamba-{args.arch}, batch {args.batch} at {args.size[0]}x{args.size[1]} on {device}, '
           f'{"dynamic" if args.dynamic else "static"} sizes, options {args.compile_options}: '
-          f'first step (compiling) {first:.1f} s, then '
-          f'{steady * 1000:.1f} ms a step; {graphs} graphs compiled; against eager: outputs {out_err:.1e}, '
-          f'worst parameter gradient {grad_err:.1e} ({worst})'
-          + ('' if against_fp32 is None else
-             f'; that gradient against eager fp32: eager AMP {against_fp32[0]:.1e}, '
-             f'compiled AMP {against_fp32[1]:.1e}'),
-          flush=True)
+          f'first step (compiling) {first:.1f} s, then {steady * 1000:.1f} ms a step; {graphs} graphs compiled; '
+          f'against eager: {result}{"" if result.ok() else " (OUT OF BOUNDS)"}', flush=True)
 
 
 if __name__ == '__main__':

@@ -230,3 +230,57 @@ def test_compiled_projections_match_eager(fresh_dynamo):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), name
     for name, g, e in zip(('in_proj', 'x_proj', 'dt_projs', 'out_proj'), got, expected):
         assert torch.allclose(g, e, rtol=1e-12, atol=1e-12), name
+
+
+def test_write_analysis_is_kept_by_kernel_and_arguments_inside_the_compile_context(monkeypatch):
+    """``compiling_user_kernels`` (around every compiled forward): PyTorch's analysis of which arguments a Triton
+    launch writes runs once per kernel and arguments' key (sizes symbolic or not, tensors by dtype, an autotuner by
+    the kernel in it), each caller gets its own copy, real tensors are not keyed, and on exit PyTorch's function
+    and the backward's lazy lowering are as they were. The analysis itself, counted here by a stand-in, is
+    PyTorch's (TTIR needs a GPU target); that the compiled wrappers come out the same with the cache is
+    ``test_compiled_kernels.py``'s."""
+    import sympy
+    import triton
+    from torch._functorch import config as functorch_config
+    from torch._higher_order_ops import triton_kernel_wrap
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mmgroupmamba.kernels.triton_affinity import _affinity_fwd_kernel
+    from mmgroupmamba.models import compiled
+
+    name = next(n for n in compiled._WRITE_ANALYSES if hasattr(triton_kernel_wrap, n))
+    calls = []
+
+    def analysis(kernel, kwargs, tma_descriptor_metadata):
+        calls.append(kwargs)
+        return {'writes': ['Out']}
+
+    monkeypatch.setattr(triton_kernel_wrap, name, analysis)
+    monkeypatch.setattr(compiled, '_ANALYSED', {})
+    with FakeTensorMode():
+        x, out, half = torch.empty(4, 8), torch.empty(4, 8), torch.empty(4, 8, dtype=torch.float16)
+
+    def analyse(kernel=_affinity_fwd_kernel, **kwargs):
+        return getattr(triton_kernel_wrap, name)(kernel, {'X': x, 'Out': out, 'C': 8, **kwargs}, {})
+
+    lazy = functorch_config.force_non_lazy_backward_lowering
+    with compiled.compiling_user_kernels():
+        assert functorch_config.force_non_lazy_backward_lowering
+        first = analyse(N=sympy.Symbol('s0'))
+        again = analyse(N=sympy.Symbol('s1'))  # another symbolic size: the TTIR sees one placeholder for both
+        assert first == again == {'writes': ['Out']} and first is not again and len(calls) == 1
+        analyse(N=sympy.Symbol('s0'), C=16)
+        analyse(N=sympy.Symbol('s0'), X=half)
+        assert len(calls) == 3
+        analyse(N=sympy.Symbol('s0'), X=torch.empty(4, 8))  # a real tensor: its address could specialise
+        analyse(N=sympy.Symbol('s0'), X=torch.empty(4, 8))
+        assert len(calls) == 5
+        tuned = [triton.autotune([triton.Config({'BLOCK': 16})], key=[])(_affinity_fwd_kernel) for _ in range(2)]
+        analyse(kernel=tuned[0], N=3)
+        analyse(kernel=tuned[1], N=3)  # another launch site's autotuner around the same kernel and config
+        analyse(N=3, BLOCK=16)
+        assert len(calls) == 6
+    assert getattr(triton_kernel_wrap, name) is analysis
+    assert functorch_config.force_non_lazy_backward_lowering == lazy
+    analyse(N=3, BLOCK=16)
+    assert len(calls) == 7  # outside the context, PyTorch's own behaviour: no cache

@@ -41,18 +41,43 @@ def test_compiled_step_kernels_listed_without_a_gpu():
     assert rows['inductor poi'][2] > 0
     total = rows['total']
     assert total[2] == total[0] + total[1] == sum(row[2] for name, row in rows.items() if name != 'total')
-    # The compile-time line: PyTorch analyses every launch site of our kernels (once per consumer), so at
-    # least once per launch in the listing, over fewer distinct kernel and constant-argument sets.
+    # The compile-time line: under the backbones' compile context PyTorch analyses each distinct kernel and
+    # argument set once, fewer than the launches of our kernels in the listing.
     ours = sum(row[2] for name, row in rows.items() if name.startswith('ours '))
-    timing = re.search(r'write analysis of user-defined Triton launches (\d+) s in (\d+) calls, for (\d+) distinct',
-                       result.stdout)
-    assert timing, result.stdout[-2000:]
-    calls, distinct = int(timing.group(2)), int(timing.group(3))
-    assert calls >= ours and 0 < distinct < calls
+    calls, distinct = write_analyses(result.stdout)
+    assert 0 < calls == distinct < ours
     # The wrappers' host work besides the launches: every launch is a statement, passing its arguments.
     assert statements['launches'] == total
     assert statements['launch arguments'][2] > statements['launches'][2]
     assert statements['statements'][2] >= total[2] + statements['buffer allocations'][2]
+
+
+def write_analyses(stdout):
+    timing = re.search(r'write analysis of user-defined Triton launches (\d+) s in (\d+) calls, for (\d+) distinct',
+                       stdout)
+    assert timing, stdout[-2000:]
+    return int(timing.group(2)), int(timing.group(3))
+
+
+def test_kept_write_analyses_leave_the_compiled_wrappers_unchanged(tmp_path):
+    """The backbones' compile context keeps PyTorch's analysis of our launches by kernel and arguments
+    (``models/compiled.py``): the wrappers Inductor writes are the same as without it, line for line, for fewer
+    analyses (without it, at least one per launch site)."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    wrappers, analyses = [], []
+    for options in ([], ['--no-memo']):
+        out = tmp_path / ('plain' if options else 'kept')
+        result = subprocess.run([sys.executable, str(SCRIPT), '--arch', 'mini', '--size', '64', '64', '--top', '1',
+                                 '--save-code', str(out), *options], capture_output=True, text=True, env=env,
+                                timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        analyses.append(write_analyses(result.stdout))
+        # Inductor's cache folder (a fresh temporary one per run) is named in comments only.
+        wrappers.append([re.sub(r'\S*/compiled_kernels_\w+/', '', (out / f'{phase}.py').read_text())
+                         for phase in ('forward', 'backward')])
+    assert wrappers[0] == wrappers[1]
+    (kept, distinct), (plain, same_distinct) = analyses
+    assert kept == distinct == same_distinct and plain > 3 * kept
 
 
 def test_regional_listing_counts_each_stage_block_graph_per_block():

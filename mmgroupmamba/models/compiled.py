@@ -1,4 +1,7 @@
 """A module's forward run through ``torch.compile``, compiled on first use (the backbones' ``compile`` option)."""
+import contextlib
+import copy
+
 import torch
 
 DEFAULTS = dict(dynamic=True, fullgraph=True)
@@ -50,10 +53,99 @@ class CompiledForward:
     def __call__(self, forward, x):
         if self._compiled is None:
             self._compiled = torch.compile(forward, **self.options)
-        return self._compiled(x)
+        with compiling_user_kernels():
+            return self._compiled(x)
 
     def __deepcopy__(self, memo):
         return CompiledForward(self.name, dict(self.options))
 
     def __getstate__(self):
         return {**self.__dict__, '_compiled': None}
+
+
+# PyTorch's analysis of which arguments a user-defined Triton launch writes, by release: torch 2.14 names it
+# identify_accessed_tensors (reads and writes); older releases identify_mutated_tensors. Both take
+# (kernel, kwargs, tma_descriptor_metadata).
+_WRITE_ANALYSES = ('identify_accessed_tensors', 'identify_mutated_tensors')
+# (kernel id, arguments' key) -> (kernel, analysis result); the kernel kept so that its id is not reused.
+_ANALYSED = {}
+
+
+def _analysis_key(kernel, kwargs, tma_descriptor_metadata):
+    """What the analysis's result depends on (the kernel and its arguments), or None where that is not known from
+    the arguments alone.
+
+    The analysis compiles the kernel to TTIR for these arguments and walks it: symbolic sizes enter the TTIR as one
+    placeholder value, fake tensors (and Inductor's buffers) as fresh tensors of their dtype, every other argument
+    (ints, floats, bools, constexprs) as it is, so those are the key. A real tensor's address alignment would
+    enter Triton's specialisation, TMA descriptors their metadata: such calls are not cached."""
+    import sympy
+    from torch._subclasses.fake_tensor import is_fake_tensor
+    from triton.runtime.autotuner import Autotuner
+
+    if tma_descriptor_metadata:
+        return None
+    if isinstance(kernel, Autotuner):
+        # Inductor's lowering passes each launch site's kernel in an autotuner of its own; the analysis takes the
+        # kernel inside and the first config's arguments, so those are the key.
+        if kernel.configs:
+            kwargs = {**kwargs, **kernel.configs[0].kwargs}
+        kernel = kernel.fn
+    items = []
+    for name, value in sorted(kwargs.items()):
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
+            items.append((name, 'symbolic'))
+        elif isinstance(value, torch.Tensor):
+            if not is_fake_tensor(value):
+                return None
+            items.append((name, 'tensor', value.dtype))
+        elif hasattr(value, 'get_dtype'):  # an Inductor buffer (TensorBox)
+            items.append((name, 'tensor', value.get_dtype()))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            items.append((name, type(value).__name__, value))
+        else:
+            return None
+    return id(kernel), tuple(items)
+
+
+def _memoized(analysis):
+    def memoized(kernel, kwargs, tma_descriptor_metadata, *args, **kw):
+        key = None if args or kw else _analysis_key(kernel, kwargs, tma_descriptor_metadata)
+        if key is None:
+            return analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+        if key not in _ANALYSED:
+            _ANALYSED[key] = kernel, analysis(kernel, kwargs, tma_descriptor_metadata)  # kernel: its id stays its own
+        return copy.deepcopy(_ANALYSED[key][1])  # the callers' own copy, as an uncached call gives them
+
+    memoized.memoizes = analysis
+    return memoized
+
+
+@contextlib.contextmanager
+def compiling_user_kernels():
+    """While a compiled forward runs (and compiles, when Dynamo decides to): PyTorch's write analysis of user-defined
+    Triton launches done once per kernel and arguments' key, and the backward compiled with the forward.
+
+    PyTorch analyses each launch of a user-defined Triton kernel anew at every launch site and for every consumer
+    (functionalization and two places in Inductor's lowering), compiling the kernel to TTIR each time, with no
+    cache (pytorch/pytorch#193227 proposes one): for GroupMamba-T's det step 1367 analyses of 96 distinct kernels
+    and arguments, 40 % of the compile on this project's CPU check (README, fourteenth session). The result is a
+    pure function of :func:`_analysis_key`, so it is kept by that key, within this context only (PyTorch's
+    function is restored on exit, and a release without it is left alone). The backward is lowered with the
+    forward (``force_non_lazy_backward_lowering``, where the release has it) so that its analyses fall inside the
+    context too; AOTAutograd otherwise lowers it at the first backward, outside any code of ours."""
+    from torch._functorch import config as functorch_config
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    name = next((n for n in _WRITE_ANALYSES if hasattr(triton_kernel_wrap, n)), None)
+    original = getattr(triton_kernel_wrap, name) if name else None
+    # Set and restored by hand: functorch's config.patch costs about 17 us a call here, this 2.
+    lazy = getattr(functorch_config, 'force_non_lazy_backward_lowering', None)
+    with contextlib.ExitStack() as stack:
+        if lazy is not None:
+            functorch_config.force_non_lazy_backward_lowering = True
+            stack.callback(setattr, functorch_config, 'force_non_lazy_backward_lowering', lazy)
+        if original is not None and not hasattr(original, 'memoizes'):
+            setattr(triton_kernel_wrap, name, _memoized(original))
+            stack.callback(setattr, triton_kernel_wrap, name, original)
+        yield
