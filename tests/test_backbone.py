@@ -446,7 +446,8 @@ def test_official_keys_round_trip_through_packed_parameters(golden):
     assert all(torch.equal(official[k], before[k]) for k in official)  # the input is untouched
     assert 'block3.1.attn.in_proj_weight' in packed and 'block3.1.attn.mamba_g1.in_proj.weight' not in packed
     model = GroupMamba(arch=golden['arch_cfg'])
-    assert set(packed) == set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
+    persistent = set(dict(model.named_buffers())) - {'keep_rates'}  # stochastic depth's, not checkpoint state
+    assert set(packed) == set(dict(model.named_parameters())) | persistent
     back = packed_to_official(packed)
     assert set(back) == set(official) and all(torch.equal(back[k], official[k]) for k in official)
 
@@ -535,3 +536,53 @@ def test_cast_together_launches_one_cat_and_one_cast_each_way():
     assert torch.equal(params[0].grad, torch.ones_like(params[0]))
     assert params[1].grad is None
     assert torch.equal(params[2].grad, torch.full_like(params[2], 2.0))
+
+
+def test_backbone_draws_every_blocks_stochastic_depth_masks_at_once():
+    """A training forward draws the masks of all the blocks that drop branches in one op (the per-block draws
+    were two launches each), each block reading its row: per image, 0 or 1 / its keep rate; the first block (drop
+    rate 0) and frozen stages' blocks drop nothing; evaluation draws nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmgroupmamba.models.groupmamba import draw_keep_masks
+
+    class RandomOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if 'bernoulli' in str(func) or 'rand' in str(func):
+                self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = GroupMamba(arch='mini', drop_path_rate=0.3).train()  # depths 1, 1, 2, 1: rates 0, .075, .15, .225, .3
+    assert torch.allclose(model.keep_rates, torch.tensor([0.925, 0.85, 0.775, 0.7]))
+    assert model._mask_rows == [[None], [0], [1, 2], [3]]
+    x = torch.randn(2, 3, 64, 64)
+    with RandomOps() as ops:
+        model(x)
+    assert ops.names == ['aten.bernoulli.default']
+    model.eval()
+    with RandomOps() as ops:
+        model(x)
+    assert ops.names == [] and model.keep_masks(x) is None
+
+    torch.manual_seed(0)
+    masks = draw_keep_masks(model.keep_rates, 4096)
+    assert masks.shape == (4, 2, 4096, 1, 1, 1) and masks.dtype == torch.float32
+    for row, keep in enumerate(model.keep_rates.tolist()):
+        values = masks[row].flatten()
+        assert torch.allclose(values.unique(), torch.tensor([0.0, 1 / keep]))
+        assert abs((values > 0).float().mean().item() - keep) < 0.03
+
+    # Frozen stage 1 and 2: their blocks stay in eval mode and get no masks; the others still draw in one op.
+    frozen = GroupMamba(arch='mini', drop_path_rate=0.3, frozen_stages=2).train()
+    seen = []
+    for stage in (1, 2, 3):
+        for block in getattr(frozen, f'block{stage}'):
+            block.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[1] is None)))
+    with RandomOps() as ops:
+        frozen(x)
+    assert ops.names == ['aten.bernoulli.default']
+    assert seen == [(False, True), (False, True), (True, False), (True, False)]

@@ -600,8 +600,17 @@ class _AddDroppedBranch(torch.autograd.Function):
 
 def add_dropped_branch(x, branch, mask):
     """``x + DropPath(branch)``: ``mask`` is the per-image keep mask divided by the keep rate
-    (:meth:`GroupMambaBlock._keep_masks`), or None where nothing drops."""
+    (:func:`draw_keep_masks`), or None where nothing drops."""
     return x + branch if mask is None else _AddDroppedBranch.apply(x, branch, mask)
+
+
+def draw_keep_masks(keep_rates, batch):
+    """Stochastic depth's masks for blocks of keep rates ``keep_rates`` ``(n,)`` (fp32), both branches of each,
+    per image, in one draw: ``(n, 2, batch, 1, 1, 1)`` fp32, each 0 or 1 / its block's keep rate (the scale exact
+    whatever the maps' dtype). Two launches for all the blocks of a backbone, where a draw per block took two
+    each (GroupMamba-T: 36 a training step, and more compiled, where each draw decomposes into several kernels)."""
+    rates = keep_rates.view(-1, 1, 1, 1, 1, 1)
+    return torch.bernoulli(rates.expand(-1, 2, batch, 1, 1, 1)).div_(rates)
 
 
 class GroupMambaBlock(nn.Module):
@@ -665,24 +674,24 @@ class GroupMambaBlock(nn.Module):
         return weights
 
     def _keep_masks(self, x):
-        """Stochastic depth's per-image masks for both branches in one draw, already divided by the keep rate:
-        ``(2, B, 1, 1, 1)`` in fp32 (the scale exact whatever x's dtype), or ``(None, None)`` when nothing drops."""
+        """This block's stochastic-depth masks drawn on their own (:func:`draw_keep_masks`): ``(2, B, 1, 1, 1)``,
+        or ``(None, None)`` when nothing drops. Inside a backbone, the backbone draws every block's at once."""
         if not (self.training and self.drop_path > 0):
             return None, None
-        keep = 1 - self.drop_path
-        masks = torch.empty((2, x.shape[0], 1, 1, 1), dtype=torch.float32, device=x.device)
-        return masks.bernoulli_(keep).mul_(1 / keep)
+        return draw_keep_masks(torch.full((1, ), 1 - self.drop_path, device=x.device), x.shape[0])[0]
 
-    def _forward(self, x):
+    def _forward(self, x, keep_masks):
         attn_weights, mlp_weights = self._forward_weights(_compute_dtype(x))
-        attn_mask, mlp_mask = self._keep_masks(x)
+        attn_mask, mlp_mask = self._keep_masks(x) if keep_masks is None else keep_masks
         x = add_dropped_branch(x, self.attn(x, attn_weights), attn_mask)
         return add_dropped_branch(x, self.mlp(x, self.norm2, mlp_weights), mlp_mask)
 
-    def forward(self, x):
+    def forward(self, x, keep_masks=None):
+        """``keep_masks``: this block's ``(2, B, 1, 1, 1)`` rows of :func:`draw_keep_masks` (a backbone draws all
+        its blocks' at once); None draws them here when the block drops branches."""
         if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return cp.checkpoint(self._forward, x, keep_masks, use_reentrant=False)
+        return self._forward(x, keep_masks)
 
 
 class PlainFFN(nn.Module):
@@ -869,6 +878,13 @@ class GroupMamba(BaseModule):
             self.add_module(f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=STAGE_NORM_EPS))
         if out_type == 'cls_token':
             self.post_network = nn.ModuleList([ClassBlock(embed_dims[-1], self.arch['mlp_ratios'][-1])])
+        # The keep rates of the blocks that can drop branches, in block order: one draw of all their masks a step
+        # (draw_keep_masks). Not persistent: the drop rates are constructor arguments, not checkpoint state.
+        dropping = [k for k, rate in enumerate(block_drop) if rate > 0]
+        self.register_buffer('keep_rates', torch.tensor([1 - block_drop[k] for k in dropping], dtype=torch.float32),
+                             persistent=False)
+        rows = {k: row for row, k in enumerate(dropping)}
+        self._mask_rows = [[rows.get(sum(depths[:i]) + j) for j in range(depth)] for i, depth in enumerate(depths)]
         self.apply(init_official_weights)
         self._freeze_stages()
         self._cuda_graphs = CudaGraphs('GroupMamba') if cuda_graph else None
@@ -902,13 +918,22 @@ class GroupMamba(BaseModule):
                     module.eval()
         return self
 
-    def forward_stage(self, i, x):
+    def forward_stage(self, i, x, keep_masks=None):
         """Stage ``i`` (0-based) without its norm: downsampling (or the stem) and blocks, channels-last out, in
-        the stage's stored channels (``stored_dims[i]``)."""
+        the stage's stored channels (``stored_dims[i]``). ``keep_masks``: :meth:`keep_masks`' (a block in training
+        mode reads its row), or None for each block to draw its own."""
         x = getattr(self, f'patch_embed{i + 1}')(x)
-        for block in getattr(self, f'block{i + 1}'):
-            x = block(x)
+        for block, row in zip(getattr(self, f'block{i + 1}'), self._mask_rows[i]):
+            # A frozen stage's blocks stay in eval mode (_freeze_stages) and drop nothing.
+            x = block(x, keep_masks[row] if keep_masks is not None and row is not None and block.training else None)
         return x
+
+    def keep_masks(self, x):
+        """Every dropping block's stochastic-depth masks for the batch ``x``, in block order, from one draw
+        (:func:`draw_keep_masks`), or None when no block drops (evaluation, ``drop_path_rate=0``)."""
+        if not (self.training and len(self.keep_rates)):
+            return None
+        return draw_keep_masks(self.keep_rates, x.shape[0])
 
     def _apply(self, fn, *args, **kwargs):
         if self._cuda_graphs is not None:
@@ -931,8 +956,9 @@ class GroupMamba(BaseModule):
         # out_type and out_indices are constructor constants: the branches below are fixed for a model, and
         # torch.compile traces one path.
         outs = []
+        keep_masks = self.keep_masks(x)
         for i in range(self.num_stages):
-            x = self.forward_stage(i, x)
+            x = self.forward_stage(i, x, keep_masks)
             if self.out_type == 'cls_token' and i == self.num_stages - 1:
                 return (self._class_token(unpad_groups(x, self.embed_dims[i])), )
             # The official model feeds the normalised map of stages 1-3 into the next stage; the norm writes it
