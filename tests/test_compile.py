@@ -251,7 +251,7 @@ def test_write_analysis_is_kept_by_kernel_and_arguments_inside_the_compile_conte
     name = next(n for n in compiled._WRITE_ANALYSES if hasattr(triton_kernel_wrap, n))
     calls = []
 
-    def analysis(kernel, kwargs, tma_descriptor_metadata):
+    def analysis(kernel, kwargs, tma_descriptor_metadata=None):
         calls.append(kwargs)
         return {'writes': ['Out']}
 
@@ -280,7 +280,10 @@ def test_write_analysis_is_kept_by_kernel_and_arguments_inside_the_compile_conte
         analyse(kernel=tuned[1], N=3)  # another launch site's autotuner around the same kernel and config
         analyse(N=3, BLOCK=16)
         assert len(calls) == 6
+        for _ in range(2):  # a call form other than (kernel, kwargs, tma_descriptor_metadata) passes uncached
+            getattr(triton_kernel_wrap, name)(_affinity_fwd_kernel, {'X': x, 'Out': out, 'C': 8, 'N': 3})
+        assert len(calls) == 8
     assert getattr(triton_kernel_wrap, name) is analysis
     assert functorch_config.force_non_lazy_backward_lowering == lazy
     analyse(N=3, BLOCK=16)
-    assert len(calls) == 7  # outside the context, PyTorch's own behaviour: no cache
+    assert len(calls) == 9  # outside the context, PyTorch's own behaviour: no cache

@@ -109,12 +109,13 @@ def _analysis_key(kernel, kwargs, tma_descriptor_metadata):
 
 
 def _memoized(analysis):
-    def memoized(kernel, kwargs, tma_descriptor_metadata, *args, **kw):
-        key = None if args or kw else _analysis_key(kernel, kwargs, tma_descriptor_metadata)
+    def memoized(kernel, kwargs, *args, **kw):
+        # Keyed only in the call form this code knows, (kernel, kwargs, tma_descriptor_metadata); any other passes.
+        key = _analysis_key(kernel, kwargs, args[0]) if len(args) == 1 and not kw else None
         if key is None:
-            return analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+            return analysis(kernel, kwargs, *args, **kw)
         if key not in _ANALYSED:
-            _ANALYSED[key] = kernel, analysis(kernel, kwargs, tma_descriptor_metadata)  # kernel: its id stays its own
+            _ANALYSED[key] = kernel, analysis(kernel, kwargs, *args)  # the kernel kept: its id stays its own
         return copy.deepcopy(_ANALYSED[key][1])  # the callers' own copy, as an uncached call gives them
 
     memoized.memoizes = analysis
