@@ -50,11 +50,11 @@ class CompiledForward:
                 self.options['options'] = {**defaults, **self.options.get('options', {})}
         self._compiled = None
 
-    def __call__(self, forward, x):
+    def __call__(self, forward, *args):
         if self._compiled is None:
             self._compiled = torch.compile(forward, **self.options)
         with compiling_user_kernels():
-            return self._compiled(x)
+            return self._compiled(*args)
 
     def __deepcopy__(self, memo):
         return CompiledForward(self.name, dict(self.options))
