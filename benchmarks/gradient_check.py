@@ -40,8 +40,8 @@ def outputs_and_grads(model, images, amp, loss_scale=LOSS_SCALE, loss_fn=None):
         loss = sum((o.float() * w).mean() for o, w in zip(outs, weights))
     else:
         loss = loss_fn(outs)
-    (loss * (loss_scale if amp else 1.0)).backward()
     scale = loss_scale if amp else 1.0
+    (loss * scale).backward()
     grads = {name: p.grad.float() / scale for name, p in model.named_parameters() if p.grad is not None}
     return [o.detach().float() for o in outs], grads
 

@@ -3,17 +3,17 @@
     python benchmarks/regional_compile.py --mode {whole,regional} [--arch tiny] [--batch 2] [--size 800 1344]
                                           [--steps 10] [--dynamic] [--compile-options JSON]
 
-The backbone's ``compile`` option traces the whole backbone into one graph: on an H200 its det step took 233-276
-s to compile (fifteenth session), 40% of that in PyTorch's analysis of every launch site of our Triton kernels
+The backbone's ``compile`` option traces the whole backbone into one graph: on an H200 its det step took 233-276 s
+to compile (fifteenth session), 40% of that in PyTorch's analysis of every launch site of our Triton kernels
 (``compiled_kernels.py``). Its 19 blocks come in four shapes, one per stage. Compiled block by block (PyTorch's
-regional compilation: ``block.compile()`` on each ``GroupMambaBlock``, the stem, downsampling and stage norms
-eager), Dynamo traces one block per shape and reuses that graph for the stage's other blocks (their parameters
-are inputs, not constants), so Inductor compiles four block graphs and the analysis runs over four blocks'
-launch sites. The cost: each block call goes through a compiled region's guards and wrappers, and nothing fuses
-across blocks. This script measures both sides for one mode per process (compiled code is cached per process):
-the first step's time (the compile), the steady step time, the graphs compiled, and the outputs and parameter
-gradients against the eager model's on the same input. ``--compile-options``: ``torch.compile`` arguments over the
-backbone's own (``{"options": {...}}`` for Inductor's), the same in both modes.
+regional compilation: each ``GroupMambaBlock``'s forward through a ``CompiledForward`` of its own, the stem,
+downsampling and stage norms eager), Dynamo traces one block per shape and reuses that graph for the stage's other
+blocks (their parameters are inputs, not constants), so Inductor compiles four block graphs and the analysis runs
+over four blocks' launch sites. The cost: each block call goes through a compiled region's guards and wrappers, and
+nothing fuses across blocks. This script measures both sides for one mode per process (compiled code is cached per
+process): the first step's time (the compile), the steady step time, the graphs compiled, and the outputs and
+parameter gradients against the eager model's on the same input. ``--compile-options``: ``torch.compile`` arguments
+over the backbone's own (``{"options": {...}}`` for Inductor's), the same in both modes.
 
 On CUDA the step is the det step of ``backbone_speed.py`` (AMP fp16, a loss over all outputs, backward); on the
 CPU, fp32 (the fused ops then run their PyTorch reference, which compiles quite differently from the Triton
