@@ -80,7 +80,7 @@ def _analysis_key(kernel, kwargs, tma_descriptor_metadata):
     (ints, floats, bools, constexprs) as it is, so those are the key. A real tensor's address alignment would
     enter Triton's specialisation, TMA descriptors their metadata: such calls are not cached."""
     import sympy
-    from torch._subclasses.fake_tensor import is_fake_tensor
+    from torch._subclasses.fake_tensor import is_fake
     from triton.runtime.autotuner import Autotuner
 
     if tma_descriptor_metadata:
@@ -96,7 +96,7 @@ def _analysis_key(kernel, kwargs, tma_descriptor_metadata):
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
             items.append((name, 'symbolic'))
         elif isinstance(value, torch.Tensor):
-            if not is_fake_tensor(value):
+            if not is_fake(value):
                 return None
             items.append((name, 'tensor', value.dtype))
         elif hasattr(value, 'get_dtype'):  # an Inductor buffer (TensorBox)
