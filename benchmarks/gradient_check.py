@@ -13,7 +13,15 @@ Scaled, AMP gradients still differ from eager AMP's by 16-bit rounding, most for
 every position with much cancellation (``skip_scale``: 2-6% from fp32 eagerly, sixteenth session). So a
 compiled AMP gradient is judged against eager **fp32**, beside eager AMP's own error there: compiled may be worse
 than eager by a bounded factor, not arbitrarily.
+
+Eager AMP's error is taken over the parameter's kind (:func:`parameter_kind`: the same parameter of every block
+of a stage), not the parameter alone: where a gradient is a sum with much cancellation, how far 16-bit rounding
+moves it is luck of the draw, and one block's eager error can be far below its siblings'. The twenty-second
+session's H200 run failed on that: ``block3.5.attn.skip_scale`` eager AMP 1.2e-3, compiled 1.2e-2 from fp32,
+while ``block3.8``'s compiled and eager AMP gradients differed by 0.13.
 """
+import re
+
 import torch
 
 LOSS_SCALE = 2.0 ** 16
@@ -21,6 +29,23 @@ LOSS_SCALE = 2.0 ** 16
 # measured up to 2.9x, always a skip_scale), or within FP32_FLOOR of it, whichever is larger.
 AMP_FACTOR = 4.0
 FP32_FLOOR = 1e-2
+
+
+def parameter_kind(name):
+    """``name`` with its block's index within the stage left out: ``block3.5.attn.skip_scale`` ->
+    ``block3.*.attn.skip_scale``. Parameters of one kind are computed by the same code over maps of one size."""
+    return re.sub(r'^(block\d+)\.\d+\.', r'\1.*.', name)
+
+
+def amp_bounds(eager_errors):
+    """For each parameter (``{name: eager AMP's error against eager fp32}``), the largest error against eager fp32
+    that its compiled AMP gradient may have: ``AMP_FACTOR`` times eager AMP's worst over the parameter's kind, or
+    ``FP32_FLOOR``, whichever is larger."""
+    worst = {}
+    for name, err in eager_errors.items():
+        kind = parameter_kind(name)
+        worst[kind] = max(worst.get(kind, 0.0), err)
+    return {name: max(AMP_FACTOR * worst[parameter_kind(name)], FP32_FLOOR) for name in eager_errors}
 
 
 def rel_err(a, b):
@@ -69,11 +94,12 @@ class Comparison:
             grads_fp32 = outputs_and_grads(eager, images, False, loss_fn=loss_fn)[1]
             self.against_fp32 = {n: (rel_err(grads_e[n], grads_fp32[n]), rel_err(grads_c[n], grads_fp32[n]))
                                  for n in errs if grads_fp32[n].norm() > 0}
+            self._bounds = amp_bounds({n: eager for n, (eager, _) in self.against_fp32.items()})
             self.amp_worst = max(self.against_fp32, key=lambda n: self.against_fp32[n][1] / self.amp_bound(n))
 
     def amp_bound(self, name):
         """The largest error against eager fp32 that the compiled AMP gradient of ``name`` may have."""
-        return max(AMP_FACTOR * self.against_fp32[name][0], FP32_FLOOR)
+        return self._bounds[name]
 
     def ok(self, fp32_out=1e-4, fp32_grad=1e-3, amp_out=2e-2):
         if not self.amp:
@@ -84,7 +110,10 @@ class Comparison:
         text = f'outputs {self.out_err:.2e}, worst gradient {self.worst} {self.grad_err:.2e}'
         if self.amp:
             eager_err, compiled_err = self.against_fp32[self.amp_worst]
+            kind = parameter_kind(self.amp_worst)
+            kind_errs = [e for n, (e, _) in self.against_fp32.items() if parameter_kind(n) == kind]
             text += (f' (loss scaled by {LOSS_SCALE:g}); against eager fp32, closest to its bound: {self.amp_worst} '
                      f'eager AMP {eager_err:.2e}, compiled AMP {compiled_err:.2e} (bound '
-                     f'{self.amp_bound(self.amp_worst):.2e})')
+                     f'{self.amp_bound(self.amp_worst):.2e}; eager AMP over {kind}: {min(kind_errs):.2e}..'
+                     f'{max(kind_errs):.2e}, {len(kind_errs)} parameters)')
         return text

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import gradient_check  # noqa: E402
 from gradient_check import LOSS_SCALE, Comparison, outputs_and_grads  # noqa: E402
 
 
@@ -62,3 +63,16 @@ def test_amp_gradients_are_scaled_and_come_back_unscaled(models):
         assert scaled_err < 1e-2, (name, scaled_err)
         assert unscaled_err > 10 * scaled_err, (name, unscaled_err, scaled_err)
     assert LOSS_SCALE == 2.0 ** 16
+
+
+def test_amp_bounds_take_eager_error_over_a_parameter_kind():
+    """One block's eager AMP error can be luckily small (a cancelling sum): the bound is its kind's worst, each
+    stage's blocks a kind of their own, and never below the floor."""
+    eager = {'block3.0.attn.skip_scale': 1e-3, 'block3.1.attn.skip_scale': 5e-2,
+             'block4.0.attn.skip_scale': 1e-3, 'block3.0.attn.Ds': 4e-3, 'norm3.weight': 1e-3}
+    bounds = gradient_check.amp_bounds(eager)
+    assert gradient_check.parameter_kind('block3.1.attn.skip_scale') == 'block3.*.attn.skip_scale'
+    assert bounds['block3.0.attn.skip_scale'] == bounds['block3.1.attn.skip_scale'] == gradient_check.AMP_FACTOR * 5e-2
+    assert bounds['block4.0.attn.skip_scale'] == gradient_check.FP32_FLOOR
+    assert bounds['block3.0.attn.Ds'] == gradient_check.AMP_FACTOR * 4e-3
+    assert bounds['norm3.weight'] == gradient_check.FP32_FLOOR
