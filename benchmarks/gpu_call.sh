@@ -20,6 +20,13 @@
 set -uo pipefail
 budget=$1
 shift
+# A step without its timeout would fail only after the setup (a call's start and the stack's install): refuse it now.
+for step in "$@"; do
+  if ! [[ ${step%% *} =~ ^[0-9]+$ ]]; then
+    echo "gpu_call.sh: a step must start with its timeout in seconds ('TIMEOUT_S COMMAND'), got: ${step:0:80}" >&2
+    exit 2
+  fi
+done
 start=$(date +%s)
 log=$OUT/calls.log
 export TRITON_CACHE_DIR=/tmp/triton_cache TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
