@@ -192,6 +192,24 @@ def test_inductor_defaults_reach_torch_compile_and_yield_to_the_callers_options(
     assert CompiledForward('SwinTransformer', {}).options['options'] == {'strict_output_strides': True}
 
 
+def test_a_compile_mode_becomes_inductor_options_beside_the_defaults(golden):
+    """torch.compile refuses a mode together with options, and the backbone always passes its Inductor defaults:
+    a mode is turned into its options (PyTorch's table), which torch.compile then accepts; the caller's own
+    options stay over them, and an unknown mode is refused with its name."""
+    from mmgroupmamba.models.compiled import CompiledForward
+    from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
+
+    compiled = GroupMamba(arch=golden['arch_cfg'], compile=dict(mode='reduce-overhead'))._compiled
+    assert 'mode' not in compiled.options
+    assert compiled.options['options'] == {**COMPILE_INDUCTOR_DEFAULTS, 'strict_output_strides': True,
+                                           'triton.cudagraphs': True}
+    torch.compile(lambda x: x, **compiled.options)  # raised "Either mode or options can be specified" before
+    options = CompiledForward('SwinTransformer', dict(mode='max-autotune', options={'triton.cudagraphs': False}))
+    assert options.options['options']['max_autotune'] and not options.options['options']['triton.cudagraphs']
+    with pytest.raises(RuntimeError, match='bogus'):
+        CompiledForward('SwinTransformer', dict(mode='bogus'))
+
+
 def test_compiled_stochastic_depth_matches_eager_under_autocast(golden, fresh_dynamo):
     """Stochastic depth traced in the one graph (its masks drawn, its residual adds with their one-multiply
     backward written in the branch's dtype): from one generator state, the compiled step drops the same images

@@ -46,6 +46,13 @@ class CompiledForward:
             # Inductor options a torch release lacks are left out (torch.compile would reject them); the
             # caller's own ``options`` are passed as given, each over the default of the same name.
             defaults = {k: v for k, v in defaults.items() if _has_inductor_option(k)}
+            # torch.compile takes a mode or options, never both, and a mode is a set of Inductor options: looked up
+            # in PyTorch's own table, they join the defaults (``mode='reduce-overhead'``: CUDA graphs), the
+            # caller's options still over them.
+            mode = self.options.pop('mode', None)
+            if mode is not None:
+                from torch._inductor import list_mode_options
+                defaults.update(list_mode_options(mode, self.options['dynamic']))
             if defaults:
                 self.options['options'] = {**defaults, **self.options.get('options', {})}
         self._compiled = None
