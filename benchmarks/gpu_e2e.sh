@@ -12,8 +12,9 @@
 # GroupMamba's model.backbone.compile=True, Swin-T through benchmarks/configs/mask_rcnn_swin_t_compiled_backbone.py's
 # CompileBackboneHook), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
 # compare it with det), ddp_graph (the same with the CUDA-graph config), ddp_compile (the ddp run with the
-# backbone compiled: --cfg-options model.backbone.compile=True). Each run's log and a summary table
-# (benchmarks/summarize_logs.py) go to OUT_DIR.
+# backbone compiled: --cfg-options model.backbone.compile=True), det_compile_graphs and swin_compile_graphs
+# (det_compile and swin_compile in torch.compile's mode='reduce-overhead', benchmarks/configs/). Each run's log and a
+# summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
 # Sizes: DET_IMAGES training images (default 300; one epoch at 2 images per GPU), SEG_ITERS (default 200);
 # STEP_TIMEOUT (seconds, default none) stops a run that takes longer, keeping its log. DET_VALIDATE=0 leaves out
 # the det runs' validation (train_cfg.val_begin=2 of one epoch: a compiled backbone would compile its
@@ -95,6 +96,11 @@ for step in "$@"; do
     det_compile) det_run det_groupmamba_t_compiled configs/mmdet/mask_rcnn_groupmamba_t.py \
       --cfg-options model.backbone.compile=True;;
     swin_compile) det_run det_swin_t_compiled benchmarks/configs/mask_rcnn_swin_t_compiled_backbone.py --amp;;
+    # The same two with torch.compile's mode='reduce-overhead' (CUDA graphs recorded per batch size).
+    det_compile_graphs) det_run det_groupmamba_t_compiled_graphs \
+      benchmarks/configs/mask_rcnn_groupmamba_t_compiled_graphs.py;;
+    swin_compile_graphs) det_run det_swin_t_compiled_graphs \
+      benchmarks/configs/mask_rcnn_swin_t_compiled_graphs_backbone.py --amp;;
     seg)
       [ -d "$seg_data" ] || (mkdir -p "$work" && cd "$work" &&  # not from the repo root: see make_det_data
         python3 -m mmgroupmamba.seg.demo_data --out "$seg_data" --num-train 200 --num-val 20)

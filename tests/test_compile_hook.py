@@ -101,3 +101,28 @@ def test_the_swin_yardstick_config_compiles_only_its_backbone():
     init_default_scope(cfg.default_scope)
     assert type(MODELS.build(cfg.model).backbone).__name__ == 'SwinTransformer'
     assert [type(h).__name__ for h in (HOOKS.build(h) for h in cfg.custom_hooks)] == ['CompileBackboneHook']
+
+
+def test_the_reduce_overhead_pair_of_configs():
+    """benchmarks/configs' CUDA-graph pair (gpu_e2e.sh's det_compile_graphs and swin_compile_graphs): each model as
+    its compiled config has it, only the compile mode added, and the mode reaching Inductor as CUDA graphs."""
+    from pathlib import Path
+
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    configs = Path(__file__).parents[1] / 'benchmarks/configs'
+    swin = Config.fromfile(str(configs / 'mask_rcnn_swin_t_compiled_graphs_backbone.py'))
+    assert swin.custom_hooks == [dict(type='CompileBackboneHook', options=dict(fullgraph=False,
+                                                                                 mode='reduce-overhead'))]
+    hook = HOOKS.build(swin.custom_hooks[0])
+    assert hook.options == dict(fullgraph=False, mode='reduce-overhead')
+    groupmamba = Config.fromfile(str(configs / 'mask_rcnn_groupmamba_t_compiled_graphs.py'))
+    plain = Config.fromfile(str(Path(__file__).parents[1] / 'configs/mmdet/mask_rcnn_groupmamba_t.py'))
+    assert groupmamba.model.backbone.pop('compile') == dict(mode='reduce-overhead')
+    assert groupmamba.model == plain.model
+    init_default_scope(plain.default_scope)
+    backbone = MODELS.build(dict(Config.fromfile(str(configs / 'mask_rcnn_groupmamba_t_compiled_graphs.py'))
+                                 .model.backbone, init_cfg=None))
+    assert backbone._compiled.options['options']['triton.cudagraphs']

@@ -801,9 +801,10 @@ class GroupMamba(BaseModule):
         compile (bool | dict): run the backbone through ``torch.compile`` (one graph, no graph break, sizes
             symbolic so that new input sizes reuse it): ``True`` for the defaults (``dynamic=True,
             fullgraph=True``, Inductor options ``COMPILE_INDUCTOR_DEFAULTS``) or a dict of ``torch.compile``
-            arguments (``mode``, ``dynamic``, ``fullgraph``, ``backend``, ``options``). Compiles the backbone
-            only, so it works inside any training loop (mmengine's own ``compile=True`` compiles the whole train
-            step). Exclusive with ``cuda_graph``.
+            arguments (``mode``, ``dynamic``, ``fullgraph``, ``backend``, ``options``; a ``mode`` such as
+            ``'reduce-overhead'``, CUDA graphs recorded per input size, joins the Inductor options). Compiles the
+            backbone only, so it works inside any training loop (mmengine's own ``compile=True`` compiles the
+            whole train step). Exclusive with ``cuda_graph``.
         init_cfg (dict, optional): e.g. ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` for an official
             GroupMamba ImageNet checkpoint (raw, under ``model``/``state_dict``, with or without ``backbone.``).
     """
