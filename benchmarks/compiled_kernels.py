@@ -35,12 +35,10 @@ depth's bernoulli into more kernels). Swin-T: 890 here, 931 by the profiler on t
 patches torch's device queries in its own process only.
 """
 import argparse
-import ast
 import collections
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -51,6 +49,8 @@ os.environ.pop('TRITON_INTERPRET', None)  # Inductor needs the kernels' TTIR, wh
 os.environ['MMGM_KERNELS'] = 'triton'
 
 import torch  # noqa: E402
+
+from wrapper_code import STATEMENTS, launches, wrapper_statements  # noqa: E402
 
 H200 = dict(name='NVIDIA H200', major=9, minor=0, multi_processor_count=132, total_memory=143771336704,
             warp_size=32, max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
@@ -239,67 +239,6 @@ def mutation_analysis_timed(record):
     finally:
         triton_kernel_wrap.identify_accessed_tensors = original
         record['distinct'] = len(keys)
-
-
-LAUNCH = re.compile(r'(\w+)\.run\(')
-LIBRARY = re.compile(r'(extern_kernels\.\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(')
-ORIGIN = re.compile(r'Original ATen: \[(.*)\]')
-
-
-def launches(source):
-    """``(by_kind, by_origin)`` Counters of the launches in a wrapper's ``call()``: kind (``inductor pointwise``,
-    ``ours _scan_fwd_kernel``, ``extern_kernels.mm`` ...) and, for Inductor's kernels, the ATen ops fused."""
-    body = source[source.index('def call('):]
-    by_kind, by_origin, origin = collections.Counter(), collections.Counter(), ''
-    for line in (raw.strip() for raw in body.splitlines()):
-        if line.startswith('#'):
-            found = ORIGIN.search(line)
-            origin = found.group(1) if found else origin
-            continue
-        match = LAUNCH.match(line)
-        if match:
-            name = match.group(1)
-            kind = re.match(r'triton_(poi|red|per|for|tem)_', name)
-            if kind:
-                by_kind[f'inductor {kind.group(1)}'] += 1
-                by_origin[f'{kind.group(1)}: {origin}'] += 1
-            else:
-                by_kind[f'ours {re.sub(r"_[0-9]+$", "", name)}'] += 1
-            origin = ''
-            continue
-        match = LIBRARY.search(line)
-        if match:
-            by_kind[match.group(1)] += 1
-    return by_kind, by_origin
-
-
-# The wrapper's other statements, by what they cost the host: each one runs in Python at every step.
-STATEMENTS = (('buffer allocations', re.compile(r'\bempty_strided\w*\(')),
-              ('tensor reinterpretations', re.compile(r'\breinterpret_tensor\(')),
-              ('input checks', re.compile(r'\b(assert_size_stride\w*|copy_if_misaligned|assert_tensor_metadata)\(')))
-
-
-def wrapper_statements(source):
-    """Counter of a wrapper's ``call()`` statements: all of them (comments aside), those of each
-    ``STATEMENTS`` kind, the launches, and the arguments the launches pass (our kernels take 13-33 each:
-    Triton's launcher handles every one at every call)."""
-    body = source[source.index('def call('):]
-    counts = collections.Counter()
-    for line in (raw.strip() for raw in body.splitlines()):
-        if not line or line.startswith('#'):
-            continue
-        counts['statements'] += 1
-        for kind, pattern in STATEMENTS:
-            counts[kind] += len(pattern.findall(line))
-        if LAUNCH.match(line) or LIBRARY.search(line):
-            counts['launches'] += 1
-            try:
-                call = ast.parse(line).body[0].value
-            except (SyntaxError, AttributeError, IndexError):
-                continue
-            if isinstance(call, ast.Call):
-                counts['launch arguments'] += len(call.args) + len(call.keywords)
-    return counts
 
 
 def stage_blocks(backbone, size):

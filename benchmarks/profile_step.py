@@ -10,7 +10,8 @@ left: the same options and the same stochastic-depth rate (``backbone_speed.py``
 0.2, its classifiers with 0.1). ``--cuda-graph`` replays the step from CUDA graphs. ``--compile`` runs the
 backbone through ``torch.compile`` (GroupMamba's ``compile`` option; default mode, or ``reduce-overhead`` ...;
 static sizes unless ``--dynamic``; ``--compile-options`` as in ``backbone_speed.py``) and adds the host side: the
-top CPU ops of the profiled step.
+top CPU ops of the profiled step, and the launches in the wrappers Inductor generated for it, by kind (its
+kernels by pointwise / reduction / persistent reduction, ours by name, library calls; ``wrapper_code.py``).
 
 ``--take-turns DIR N`` lets N such processes compile side by side and then time and profile one at a time: each
 waits after its first step until all N have compiled, then holds a lock in DIR while it measures (a compile or a
@@ -33,6 +34,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from backbone_speed import NAMES, backbone_step, build_backbones
+from wrapper_code import launch_table, loaded_wrappers
 
 # Kernel families, first match wins: where a step's launches come from (eager and compiled steps differ).
 FAMILIES = (
@@ -159,6 +161,8 @@ def main():
     if args.compile:
         print(events.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=60))
         print('dynamo counters:', {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v})
+        print('launches in the compiled wrappers (graphs in the order Inductor loaded them, forward first):')
+        print(launch_table(loaded_wrappers()))
     print(f'{name}{suffix} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches')
 

@@ -1,0 +1,97 @@
+"""Reading Inductor's generated wrapper modules: the launches and the other statements of their ``call()``.
+
+Shared by ``compiled_kernels.py`` (wrappers generated for a fake H200 on this CPU) and ``profile_step.py --compile``
+(the wrappers a real compile loaded on the GPU machine, so that a profile says which kernels its launches are).
+"""
+import ast
+import collections
+import re
+from pathlib import Path
+
+LAUNCH = re.compile(r'(\w+)\.run\(')
+LIBRARY = re.compile(r'(extern_kernels\.\w+|aten\.\w+(?:\.\w+)?|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(')
+ORIGIN = re.compile(r'Original ATen: \[(.*)\]')
+
+
+def launches(source):
+    """``(by_kind, by_origin)`` Counters of the launches in a wrapper's ``call()``: kind (``inductor pointwise``,
+    ``ours _scan_fwd_kernel``, ``extern_kernels.mm`` ...) and, for Inductor's kernels, the ATen ops fused."""
+    body = source[source.index('def call('):]
+    by_kind, by_origin, origin = collections.Counter(), collections.Counter(), ''
+    for line in (raw.strip() for raw in body.splitlines()):
+        if line.startswith('#'):
+            found = ORIGIN.search(line)
+            origin = found.group(1) if found else origin
+            continue
+        match = LAUNCH.match(line)
+        if match:
+            name = match.group(1)
+            kind = re.match(r'triton_(poi|red|per|for|tem)_', name)
+            if kind:
+                by_kind[f'inductor {kind.group(1)}'] += 1
+                by_origin[f'{kind.group(1)}: {origin}'] += 1
+            else:
+                by_kind[f'ours {re.sub(r"_[0-9]+$", "", name)}'] += 1
+            origin = ''
+            continue
+        match = LIBRARY.search(line)
+        if match:
+            by_kind[match.group(1)] += 1
+    return by_kind, by_origin
+
+
+# The wrapper's other statements, by what they cost the host: each one runs in Python at every step.
+STATEMENTS = (('buffer allocations', re.compile(r'\bempty_strided\w*\(')),
+              ('tensor reinterpretations', re.compile(r'\breinterpret_tensor\(')),
+              ('input checks', re.compile(r'\b(assert_size_stride\w*|copy_if_misaligned|assert_tensor_metadata)\(')))
+
+
+def wrapper_statements(source):
+    """Counter of a wrapper's ``call()`` statements: all of them (comments aside), those of each
+    ``STATEMENTS`` kind, the launches, and the arguments the launches pass (our kernels take 13-33 each:
+    Triton's launcher handles every one at every call)."""
+    body = source[source.index('def call('):]
+    counts = collections.Counter()
+    for line in (raw.strip() for raw in body.splitlines()):
+        if not line or line.startswith('#'):
+            continue
+        counts['statements'] += 1
+        for kind, pattern in STATEMENTS:
+            counts[kind] += len(pattern.findall(line))
+        if LAUNCH.match(line) or LIBRARY.search(line):
+            counts['launches'] += 1
+            try:
+                call = ast.parse(line).body[0].value
+            except (SyntaxError, AttributeError, IndexError):
+                continue
+            if isinstance(call, ast.Call):
+                counts['launch arguments'] += len(call.args) + len(call.keywords)
+    return counts
+
+
+def loaded_wrappers():
+    """The sources of the wrapper modules Inductor has loaded in this process, in the order it loaded them (a
+    compiled graph's forward before its backward). Inductor's kernel modules (no ``call()``) are left out."""
+    from torch._inductor.codecache import PyCodeCache
+
+    sources = []
+    for module in PyCodeCache.modules:
+        path = getattr(module, '__file__', None)
+        if path and Path(path).is_file():
+            source = Path(path).read_text()
+            if 'def call(' in source:
+                sources.append(source)
+    return sources
+
+
+def launch_table(sources):
+    """Markdown: the launches of each wrapper in ``sources`` by kind (as :func:`launches` names them), most first."""
+    counts = [launches(source)[0] for source in sources]
+    kinds = sorted(set().union(*counts), key=lambda k: -sum(c[k] for c in counts))
+    lines = ['| launches | ' + ' | '.join(f'graph {i + 1}' for i in range(len(counts))) + ' | all |',
+             '| --- |' + ' ---: |' * (len(counts) + 1)]
+    for kind in kinds:
+        lines.append(f'| {kind} | ' + ' | '.join(str(c[kind]) for c in counts) + f' | {sum(c[kind] for c in counts)} |')
+    totals = [sum(c.values()) for c in counts]
+    lines.append('| **total** | ' + ' | '.join(f'**{t}**' for t in totals) + f' | **{sum(totals)}** |')
+    return '\n'.join(lines)
