@@ -17,9 +17,12 @@
 4. ``--amp-steps`` random AMP fp16 (and ``--bf16-steps`` bf16) forward/backward steps at the detection size
    (bs 2, 800x1344), with random weights re-drawn every 100 steps: the loss and every gradient must stay
    finite. ``--amp-cuda-graph`` runs them replayed from CUDA graphs (the same kernels, without the host's launch cost).
+
+Every check runs, also after one has failed; the script then exits non-zero naming the failed ones.
 """
 import argparse
 import copy
+import functools
 import os
 import sys
 from pathlib import Path
@@ -239,17 +242,41 @@ def main():
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the comparisons
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name())
-    check_golden(args.golden)
-    check_against_reference()
-    check_padded_matches_unpadded()
+    checks = [('golden', functools.partial(check_golden, args.golden)),
+              ('Triton against the reference', check_against_reference),
+              ('padded against unpadded', check_padded_matches_unpadded)]
     if args.compile:
-        check_opcheck()
-        check_compile(args.compile == 'dynamic')
-    torch.backends.cudnn.allow_tf32 = True
-    check_cuda_graphs()
+        checks += [('opcheck', check_opcheck),
+                   ('compiled against eager', functools.partial(check_compile, args.compile == 'dynamic'))]
+    checks.append(('CUDA graphs', check_cuda_graphs_with_tf32))
     for steps, dtype in ((args.amp_steps, torch.float16), (args.bf16_steps, torch.bfloat16)):
         if steps:
-            check_amp_steps(steps, dtype, args.amp_cuda_graph)
+            checks.append((f'{steps} {dtype} steps',
+                           functools.partial(check_amp_steps, steps, dtype, args.amp_cuda_graph)))
+    failures = run_checks(checks)
+    if failures:
+        sys.exit(f'{len(failures)} of {len(checks)} checks failed: ' + '; '.join(name for name, _ in failures))
+    print(f'all {len(checks)} checks passed')
+
+
+def check_cuda_graphs_with_tf32():
+    torch.backends.cudnn.allow_tf32 = True  # as training runs; the comparisons are graphs against eager
+    check_cuda_graphs()
+
+
+def run_checks(checks):
+    """Run every ``(name, check)``, also after one fails: device time is scarce, and one failing check must not
+    hide the results of those after it (the twenty-second session's compile check, failing, left the CUDA-graph
+    checks unrun). A check's verdict is an AssertionError; any other exception is a bug and stops the run.
+    Returns the failures as ``(name, message)``."""
+    failures = []
+    for name, check in checks:
+        try:
+            check()
+        except AssertionError as error:
+            print(f'FAILED {name}: {error}', flush=True)
+            failures.append((name, str(error)))
+    return failures
 
 
 if __name__ == '__main__':

@@ -1,0 +1,29 @@
+"""``benchmarks/check_gpu.py`` runs every check even after one fails (its checks themselves need a GPU)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from check_gpu import run_checks  # noqa: E402
+
+
+def test_a_failing_check_does_not_hide_the_next_and_a_bug_stops_the_run():
+    ran = []
+
+    def fails():
+        ran.append('fails')
+        raise AssertionError('compiled AMP 1.18e-02 (bound 1.00e-02)')
+
+    def passes():
+        ran.append('passes')
+
+    failures = run_checks([('compile', fails), ('graphs', passes)])
+    assert ran == ['fails', 'passes']
+    assert failures == [('compile', 'compiled AMP 1.18e-02 (bound 1.00e-02)')]
+
+    def broken():
+        raise KeyError('a bug, not a verdict')
+
+    with pytest.raises(KeyError):
+        run_checks([('broken', broken), ('graphs', passes)])
