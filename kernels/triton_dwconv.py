@@ -224,20 +224,32 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     # Part is (10 * C, tiles): the weight gradient's (C, 9) layout, then the bias gradient, so one sum over
     # tiles yields both as contiguous views; tiles innermost, so that the sum is an inner reduction (one launch
     # under torch.compile: see "Partial sums' layout" in triton_gated_norm.py).
+    _store_param_partials(Part, tile, tl.num_programs(0) // n_cb, c, C, tl.sum(g00, axis=0), tl.sum(g01, axis=0),
+                          tl.sum(g02, axis=0), tl.sum(g10, axis=0), tl.sum(g11, axis=0), tl.sum(g12, axis=0),
+                          tl.sum(g20, axis=0), tl.sum(g21, axis=0), tl.sum(g22, axis=0), tl.sum(gb, axis=0))
+
+
+@triton.jit
+def _store_param_partials(Part, tile, tiles, c, C, s00, s01, s02, s10, s11, s12, s20, s21, s22, sb):
+    """One program's sums of the nine taps' and the bias's gradients, each ``(BLOCK_C,)``, into ``Part``.
+
+    Part is (10 * C, tiles): the weight gradient's (C, 9) layout, then the bias gradient, so one sum over tiles
+    yields both as contiguous views; tiles innermost, so that the sum is an inner reduction (one launch under
+    torch.compile: see "Partial sums' layout" in triton_gated_norm.py).
+    """
     c_ok = c < C
-    tiles = tl.num_programs(0) // n_cb
     part = Part + tile
     tap = c.to(tl.int64) * 9 * tiles
-    tl.store(part + tap, tl.sum(g00, axis=0), mask=c_ok)
-    tl.store(part + tap + tiles, tl.sum(g01, axis=0), mask=c_ok)
-    tl.store(part + tap + 2 * tiles, tl.sum(g02, axis=0), mask=c_ok)
-    tl.store(part + tap + 3 * tiles, tl.sum(g10, axis=0), mask=c_ok)
-    tl.store(part + tap + 4 * tiles, tl.sum(g11, axis=0), mask=c_ok)
-    tl.store(part + tap + 5 * tiles, tl.sum(g12, axis=0), mask=c_ok)
-    tl.store(part + tap + 6 * tiles, tl.sum(g20, axis=0), mask=c_ok)
-    tl.store(part + tap + 7 * tiles, tl.sum(g21, axis=0), mask=c_ok)
-    tl.store(part + tap + 8 * tiles, tl.sum(g22, axis=0), mask=c_ok)
-    tl.store(part + (9 * C + c).to(tl.int64) * tiles, tl.sum(gb, axis=0), mask=c_ok)
+    tl.store(part + tap, s00, mask=c_ok)
+    tl.store(part + tap + tiles, s01, mask=c_ok)
+    tl.store(part + tap + 2 * tiles, s02, mask=c_ok)
+    tl.store(part + tap + 3 * tiles, s10, mask=c_ok)
+    tl.store(part + tap + 4 * tiles, s11, mask=c_ok)
+    tl.store(part + tap + 5 * tiles, s12, mask=c_ok)
+    tl.store(part + tap + 6 * tiles, s20, mask=c_ok)
+    tl.store(part + tap + 7 * tiles, s21, mask=c_ok)
+    tl.store(part + tap + 8 * tiles, s22, mask=c_ok)
+    tl.store(part + (9 * C + c).to(tl.int64) * tiles, sb, mask=c_ok)
 
 
 def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_warps=None, prefetch=None,
@@ -248,8 +260,9 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
     Tiles hold 1024 elements forward and 512 backward (the backward's pre-activation pass carries 9 input
     taps and 10 gradient sums through its walk: ~170 registers at 4 elements a thread, ptxas for sm_90), both
     in 4 warps. Channels first, up to 64 (one or two cache lines a tile row), columns fill the rest, and
-    channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 16, 8, 4, 2, 1
-    that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk).
+    channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 64, 32, ..., 1
+    that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk), write fewer
+    backward partial sums (one per walk) and spend less of their time filling and draining the pipeline.
 
     ``stages`` is the walk's ``tl.range(num_stages=...)``: Triton's software pipeliner copies the input rows
     (and dout rows) ``stages - 1`` steps ahead into shared memory, so more bytes are in flight per SM without
@@ -259,7 +272,12 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
     stages 1-3 at bs 128 and the detection one): 4 warps and 4 stages are the fastest forward at every shape
     (stage 1 FFN 0.614 -> 0.512 ms, 31 -> 38 % of copy bandwidth, against 8 warps, 1 stage and prefetch);
     backward, 4 warps, 4 stages and prefetch (1.887 -> 1.363 ms, 15 -> 21 %). More stages (6, 8) or 2 warps
-    were no faster; 8 warps were slower in every setting.
+    were no faster; 8 warps were slower in every setting. Walks of up to 64 rows instead of 16 (H200,
+    2026-12-04, ``dwconv_kernels.py`` with each cap in one call, replayed): backward 0.449 -> 0.372 ms for the
+    detection FFN conv, 1.426 -> 1.087 at stage 1's FFN conv at bs 128, 0.770 -> 0.652 at stage 2's; forward
+    0.515 -> 0.474 at stage 1's; the layers' convs of stages 1 and 2 backward 0.189 -> 0.159 and 0.109 -> 0.100;
+    stages 3 and 4 (14 and 7 rows) unchanged. At 64 channels of the detection map the rule keeps 16 rows: forced
+    to 64 there, the walks leave too few programs (``dwconv_candidates.py``: backward 0.071 -> 0.091 ms).
     """
     # Under the interpreter, any small multiprocessor count makes the tests exercise several row blocks.
     return _tiles_for(tuple(size_hint(n) for n in x.shape), multiprocessors(x.device, interpreted=4), backward,
@@ -281,7 +299,7 @@ def _tiles_for(shape, sms, backward, block_w, block_c, rows, num_warps, prefetch
     if rows is None:
         programs = batch * cdiv(width, block_w) * cdiv(channels, block_c)
         target = 4 * sms
-        rows = 16
+        rows = 64
         while rows > 1 and programs * cdiv(height, rows) < target:
             rows //= 2
     if prefetch is None:

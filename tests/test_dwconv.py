@@ -61,6 +61,7 @@ def triton_value_and_grads(x, weight, bias, dout, activation):
     ((1, 3, 4, 87), {}),            # channels not a power of two, one masked block
     ((1, 7, 9, 20), SMALL_TILES),   # 3 channel blocks, 3 column strips, 4 row walks (last one short)
     ((1, 7, 9, 20), dict(SMALL_TILES, rows=3)),  # walks of 3 rows, the last one of 1
+    ((1, 70, 3, 8), dict(SMALL_TILES, rows=64)),  # the longest walks choose_tiles picks, the second one of 6 rows
 ])
 @pytest.mark.parametrize('prefetch', [False, True])  # forced for both kernels (defaults: forward off, backward on)
 def test_fp32_matches_float64_reference(activation, shape, tiles, prefetch, monkeypatch):
@@ -78,6 +79,18 @@ def test_fp32_matches_float64_reference(activation, shape, tiles, prefetch, monk
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         assert rel_err(a, r) <= 1e-5, name
     assert fast[0].is_contiguous() and fast[1].is_contiguous()
+
+
+@pytest.mark.parametrize('shape, backward, rows', [
+    ((2, 200, 336, 512), False, 64),  # the detection FFN conv: long walks still leave ~10 programs per SM
+    ((2, 200, 336, 512), True, 64),
+    ((2, 200, 336, 64), False, 16),   # 64 channels: 64-row walks would leave ~1 program per SM
+    ((128, 56, 56, 64), False, 32),  # 64 channels at bs 128: 32 rows are enough
+    ((128, 14, 14, 1392), False, 64),  # the walk is longer than the map: one walk a column strip
+])
+def test_walks_are_as_long_as_four_programs_per_multiprocessor_allow(shape, backward, rows):
+    # An H200's 132 multiprocessors (the measured choices: triton_dwconv.choose_tiles).
+    assert triton_dwconv._tiles_for(shape, 132, backward, None, None, None, None, None, None)[2] == rows
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
