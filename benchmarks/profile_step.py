@@ -163,6 +163,11 @@ def main():
         print('dynamo counters:', {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v})
     print(f'{name}{suffix} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches', flush=True)
+    if args.take_turns:
+        # With the start's line above, shows that the turns did not overlap (the twenty-third session's three
+        # processes printed their starts within 2 s: serial turns of about a second each, or a lock that did not
+        # hold on that machine's /tmp).
+        print(f'{name}{suffix}: measured until {time.strftime("%H:%M:%S")}', flush=True)
     if args.compile:
         # Last, after the measurements: it reads Inductor's code cache, private to PyTorch and not the same in every
         # release (the GPU image's is older than this project's), and must not cost the lines above.
