@@ -14,8 +14,8 @@ backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
   ``steps`` blocks down so that its weight-gradient partial sums stay few;
 - ``rowsum``: the shipped walk, but the backward's pre-activation pass sums its ten products over the tile's
   columns at every row into ten ``(BLOCK_C,)`` vectors, instead of carrying ten fp32 tiles to the walk's end:
-  fewer registers a program (about 170 in the shipped kernel), so more programs, and more bytes in flight, per
-  SM, for a cross-thread sum per row;
+  fewer registers a thread (158 in the shipped kernel, 80-140 here; ptxas for sm_90), so more programs, and
+  more bytes in flight, per SM, for a cross-thread sum per row;
 - ``inductor``: the conv written as nine shifted slices of the zero-padded map, compiled by torch.compile
   (``dynamic=False``): what Inductor makes of it on its own, forward and backward.
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch._library.triton import set_wrap_triton_enabled
+from triton.testing import do_bench, do_bench_cudagraph
 
 from mmgroupmamba.kernels import depthwise_conv_act_reference
 from mmgroupmamba.kernels.dwconv import split_param_grads
@@ -49,6 +50,7 @@ from mmgroupmamba.kernels.triton_dwconv import (
     dwconv_act_backward,
     dwconv_act_forward,
 )
+from scan_kernels import copy_bandwidth, rel_err
 
 SHAPES = {  # name: batch, H, W, channels, activation
     'det': (2, 200, 336, 512, 'gelu'), 's1': (128, 56, 56, 512, 'gelu'), 's2': (128, 28, 28, 1024, 'gelu'),
@@ -228,7 +230,8 @@ def _rowsum_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Part, H, W, C, n_cb, n_wb, n
 
 
 def rowsum_backward(dout, x, weight, bias, activation, tiling):
-    """``(dx, dparams)``: the row-summing pre-activation pass, one sum, the shipped transposed conv."""
+    """``(dx, dparams)``: the row-summing pre-activation pass, one sum, the shipped transposed conv (contiguous
+    ``dout``, as the benchmark's)."""
     rows, block_w, block_c, num_warps = tiling
     batch, height, width, channels = x.shape
     n_cb, n_wb, n_rb = cdiv(channels, block_c), cdiv(width, block_w), cdiv(height, rows)
@@ -236,7 +239,7 @@ def rowsum_backward(dout, x, weight, bias, activation, tiling):
     d_pre = torch.empty_like(x)
     part = torch.empty((10 * channels, batch * n_rb * n_wb), dtype=torch.float32, device=x.device)
     _rowsum_bwd_pre_kernel[(batch * n_rb * n_wb * n_cb,)](
-        x, taps, bias, dout.contiguous(), d_pre, part, height, width, channels, n_cb, n_wb, n_rb, rows,
+        x, taps, bias, dout, d_pre, part, height, width, channels, n_cb, n_wb, n_rb, rows,
         x.stride(0), x.stride(1), x.stride(2), ACT=_ACT_CODES[activation], STAGES=4, BLOCK_W=block_w,
         BLOCK_C=block_c, num_warps=num_warps)
     dx = torch.empty_like(x)
@@ -296,10 +299,6 @@ def inputs(batch, height, width, channels, device, dtype):
     return x, weight, bias, torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def expected(x, weight, bias, dout, activation):
     leaves = [t.float().detach().requires_grad_() for t in (x, weight, bias)]
     out = depthwise_conv_act_reference(*leaves, activation)
@@ -347,7 +346,6 @@ def check_candidates(shapes, device, dtype, bound):
 
 
 def bench(fn):
-    from triton.testing import do_bench_cudagraph
     fn()
     return do_bench_cudagraph(fn, return_mode='median')
 
@@ -369,7 +367,7 @@ def time_tiles(tensors, activation):
     for fwd_tiles in TILE_GRID:
         rows.append((f'tile fwd {fwd_tiles}', bench(lambda: tile_forward(x, weight, bias, activation, fwd_tiles)),
                      None))
-    best_fwd = min((r for r in rows), key=lambda r: r[1])
+    best_fwd = min(rows, key=lambda r: r[1])
     fwd_tiles = TILE_GRID[rows.index(best_fwd)]
     for bwd_tiles in BWD_TILE_GRID:
         rows.append((f'tile bwd {bwd_tiles} (transposed conv {fwd_tiles})', None,
@@ -397,7 +395,6 @@ def time_inductor(tensors, activation):
         fwd = bench(lambda: forward(x, weight, bias, activation))
     # Autograd's engine cannot run inside do_bench_cudagraph's capture (it works on the legacy stream), so the
     # backward is timed from back-to-back calls: at these sizes its few kernels outlast their launches.
-    from triton.testing import do_bench
     both = do_bench(step, return_mode='median')
     return [(f'inductor (max rel err {err:.1e}; backward from calls)', fwd, both - fwd)]
 
@@ -423,7 +420,6 @@ def main(argv=None):
 
 
 def run(args):
-    from scan_kernels import copy_bandwidth
     if {'tile', 'rowsum'} & set(args.designs):
         check_candidates({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3)
     bandwidth = copy_bandwidth()

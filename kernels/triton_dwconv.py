@@ -221,9 +221,6 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
         al, am, ar = hl, hm, hr
         hl, hm, hr = bl, bm, br
 
-    # Part is (10 * C, tiles): the weight gradient's (C, 9) layout, then the bias gradient, so one sum over
-    # tiles yields both as contiguous views; tiles innermost, so that the sum is an inner reduction (one launch
-    # under torch.compile: see "Partial sums' layout" in triton_gated_norm.py).
     _store_param_partials(Part, tile, tl.num_programs(0) // n_cb, c, C, tl.sum(g00, axis=0), tl.sum(g01, axis=0),
                           tl.sum(g02, axis=0), tl.sum(g10, axis=0), tl.sum(g11, axis=0), tl.sum(g12, axis=0),
                           tl.sum(g20, axis=0), tl.sum(g21, axis=0), tl.sum(g22, axis=0), tl.sum(gb, axis=0))
@@ -258,11 +255,12 @@ def choose_tiles(x, backward=False, block_w=None, block_c=None, rows=None, num_w
     them can be forced.
 
     Tiles hold 1024 elements forward and 512 backward (the backward's pre-activation pass carries 9 input
-    taps and 10 gradient sums through its walk: ~170 registers at 4 elements a thread, ptxas for sm_90), both
-    in 4 warps. Channels first, up to 64 (one or two cache lines a tile row), columns fill the rest, and
-    channels grow to 128 where the map is too narrow. ``rows`` (walk length) is the largest of 64, 32, ..., 1
-    that still gives about 4 programs per SM: longer walks reread fewer halo rows (2 per walk), write fewer
-    backward partial sums (one per walk) and spend less of their time filling and draining the pipeline.
+    taps and 10 gradient sums through its walk: 158 registers at 4 elements a thread, 202 where it also writes
+    the output; ptxas for sm_90, Triton 3.8), both in 4 warps. Channels first, up to 64 (one or two cache
+    lines a tile row), columns fill the rest, and channels grow to 128 where the map is too narrow. ``rows``
+    (walk length) is the largest of 64, 32, ..., 1 that still gives about 4 programs per SM: longer walks reread
+    fewer halo rows (2 per walk), write fewer backward partial sums (one per walk) and spend less of their time
+    filling and draining the pipeline.
 
     ``stages`` is the walk's ``tl.range(num_stages=...)``: Triton's software pipeliner copies the input rows
     (and dout rows) ``stages - 1`` steps ahead into shared memory, so more bytes are in flight per SM without
