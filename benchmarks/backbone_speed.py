@@ -127,6 +127,13 @@ def baseline(name):
     return f'Swin-{model.rsplit("-", 1)[1]}' + (f' {mode}' if mode else '')
 
 
+def missing_baselines(names, against=None):
+    """The rows that ``names``' ratios are to (``against``, or each row's :func:`baseline`) but that are not
+    among them, sorted."""
+    bases = {against} if against else {baseline(name) for name in names}
+    return sorted(bases - set(names))
+
+
 def build_backbones(models, modes, drop_path_rate, compile_options=None, groupmamba_options=None):
     """For each size in ``models``, mmdet's SwinTransformer of that size (:func:`swin_config`) and GroupMamba
     (with ``groupmamba_options``, constructor arguments), with their last stage's channels, in each of ``modes``
@@ -322,7 +329,10 @@ def main():
     parser.add_argument('--adamw', choices=('fused', 'foreach'), default='fused')
     parser.add_argument('--rows', nargs='+', metavar='ROW',
                         help="only these rows, e.g. 'Swin-T +compile' 'Swin-T +graphs' 'GroupMamba-T +graphs' (a "
-                        "GroupMamba row needs the Swin row of its mode: its ratios' baseline)")
+                        "GroupMamba row needs the Swin row of its mode: its ratios' baseline, unless --against)")
+    parser.add_argument('--against', metavar='ROW',
+                        help="every row's ratios to this row instead of the Swin of its size and mode, e.g. "
+                        "'Swin-T +compile' (the yardstick: GroupMamba's best mode against compiled Swin)")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
 
@@ -333,7 +343,13 @@ def main():
         unknown = set(args.rows or ()) - set(rows)
         if unknown:
             parser.error(f'--rows: no row {sorted(unknown)} among {sorted(rows)} (see --models and the modes)')
-        return {name: row for name, row in rows.items() if args.rows is None or name in args.rows}
+        chosen = {name: row for name, row in rows.items() if args.rows is None or name in args.rows}
+        # Checked before any timing: a missing baseline would otherwise fail only when the table is printed.
+        missing = missing_baselines(chosen, args.against)
+        if missing:
+            parser.error(f'no row {missing} to take ratios to among {sorted(chosen)} (add it to --rows, or give '
+                         '--against)')
+        return chosen
 
     results = {}
     classifiers = {} if args.skip_classification else build(0.1)
@@ -348,14 +364,14 @@ def main():
             results.setdefault(name, {}).update(det_ms=ms, launches=launches)
 
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
-          f'AdamW {args.adamw}, steps {args.steps}, GroupMamba options {args.groupmamba_options}; ratios to the Swin '
-          'of the same size in the same mode')
+          f'AdamW {args.adamw}, steps {args.steps}, GroupMamba options {args.groupmamba_options}; ratios to '
+          + (args.against if args.against else 'the Swin of the same size in the same mode'))
     print('| model | train img/s | x Swin | infer img/s | x Swin | train peak reserved GiB | x Swin '
           '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin | launches per det step '
           '| x Swin |')
     print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for name, r in results.items():
-        base = results[baseline(name)]
+        base = results[args.against or baseline(name)]
         det = (f'{r["det_ms"]:.1f} | {r["det_ms"] / base["det_ms"]:.2f} | {r["launches"]} | '
                f'{r["launches"] / max(base["launches"], 1):.2f}' if 'det_ms' in r else '- | - | - | -')
         cls = (f'{r["train"]:.0f} | {r["train"] / base["train"]:.2f} | {r["infer"]:.0f} | '

@@ -33,7 +33,7 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from backbone_speed import NAMES, backbone_step, build_backbones
+from backbone_speed import NAMES, backbone_step, build_backbones, timed
 from wrapper_code import launch_table, loaded_wrappers
 
 # Kernel families, first match wins: where a step's launches come from (eager and compiled steps differ).
@@ -118,15 +118,11 @@ def main():
     if args.take_turns:
         turn = take_turn(args.take_turns[0], int(args.take_turns[1]))  # noqa: F841 (held until exit)
         print(f'{name}{suffix}: measuring from {time.strftime("%H:%M:%S")}', flush=True)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    steps = 10
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / steps * 1000
+    # backbone_speed's timing: one full garbage collection before the timed steps (a compile leaves about a
+    # million objects), and any collection inside them printed: two processes with the same compiled kernels
+    # timed without it took 35.2 and 46.1 ms in one call (twenty-fourth session), and a collection of that garbage
+    # inside the timed steps would cost about that much.
+    wall_ms = timed(step, steps=10, warmup=3) * 1000
     # Host time alone: the same step with the GPU already idle is timed up to its last launch.
     start = time.perf_counter()
     step()
@@ -164,9 +160,8 @@ def main():
     print(f'{name}{suffix} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches', flush=True)
     if args.take_turns:
-        # With the start's line above, shows that the turns did not overlap (the twenty-third session's three
-        # processes printed their starts within 2 s: serial turns of about a second each, or a lock that did not
-        # hold on that machine's /tmp).
+        # With the start's line above, shows that the turns did not overlap (in the twenty-fourth session's call
+        # they ran one after another, 1-2 s each).
         print(f'{name}{suffix}: measured until {time.strftime("%H:%M:%S")}', flush=True)
     if args.compile:
         # Last, after the measurements: it reads Inductor's code cache, private to PyTorch and not the same in every

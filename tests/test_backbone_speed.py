@@ -17,6 +17,14 @@ def test_each_row_is_compared_with_the_swin_of_its_size_in_its_mode():
     assert baseline('Swin-B +compile') == 'Swin-B +compile'
 
 
+def test_a_row_without_its_baseline_is_found_before_timing():
+    graphed_alone = ['GroupMamba-T +graphs']
+    assert backbone_speed.missing_baselines(graphed_alone) == ['Swin-T +graphs']
+    assert backbone_speed.missing_baselines(graphed_alone, against='Swin-T +compile') == ['Swin-T +compile']
+    assert backbone_speed.missing_baselines(graphed_alone + ['Swin-T +compile'], against='Swin-T +compile') == []
+    assert backbone_speed.missing_baselines(['Swin-S', 'GroupMamba-S', 'GroupMamba-T']) == ['Swin-T']
+
+
 def test_swin_b_takes_the_published_b_settings_and_s_is_mmdets():
     cfg, channels = swin_config('B', 0.3)
     assert (cfg.embed_dims, list(cfg.depths), list(cfg.num_heads), cfg.window_size) == (128, [2, 2, 18, 2],
