@@ -7,7 +7,8 @@ bandwidth forward and 25 % backward on an H200 (kernels/README.md), against the 
 each checked against the fp32 reference first, then timed as CUDA-graph replays (the kernels alone), forward and
 backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
 
-- ``walk``: the shipped kernels over a grid of walk lengths and tile shapes (``choose_tiles``' knobs);
+- ``walk``: the shipped kernels with their own tilings, then over a grid of walk lengths and tile shapes
+  (``choose_tiles``' knobs, one tiling forced on both directions);
 - ``tile``: no walk. A program owns a ``(BLOCK_H, BLOCK_W, BLOCK_C)`` block of outputs and loads its nine
   shifted input blocks directly (the shifts hit cache lines its neighbours and its own other taps load), so
   many small programs keep more bytes in flight than a few long walks. The backward's pre-activation pass walks
@@ -15,11 +16,15 @@ backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
 - ``rowsum``: the shipped walk, but the backward's pre-activation pass sums its ten products over the tile's
   columns at every row into ten ``(BLOCK_C,)`` vectors, instead of carrying ten fp32 tiles to the walk's end:
   fewer registers a thread (158 in the shipped kernel, 80-140 here; ptxas for sm_90), so more programs, and
-  more bytes in flight, per SM, for a cross-thread sum per row;
+  more bytes in flight, per SM, for a cross-thread sum per row. Rejected (H200, twenty-fourth session): 1.05 ms
+  at best for the detection map's backward against the walk's 0.46, 3-10x slower at every shape: the sums across
+  threads at every row cost more than the registers save;
 - ``inductor``: the conv written as nine shifted slices of the zero-padded map, compiled by torch.compile
   (``dynamic=False``): what Inductor makes of it on its own, forward and backward.
 
-On the CPU (``TRITON_INTERPRET=1``, ``--device cpu``) only the checks run, at small shapes.
+``tile``, ``rowsum`` and ``inductor`` were all slower than the walk on an H200 (kernels/README.md, "Longer walks"
+and after); they stay here to be re-measured on other cards and releases. On the CPU (``TRITON_INTERPRET=1``,
+``--device cpu``) only the checks run, at small shapes.
 """
 import argparse
 import functools
@@ -352,7 +357,11 @@ def bench(fn):
 
 def time_walk(tensors, activation):
     x, weight, bias, dout = tensors
-    rows = []
+    # The shipped tilings first (choose_tiles' own, each direction's: the backward's tile holds half the forward's):
+    # the grid below forces one tiling on both directions.
+    shipped = f'fwd {choose_tiles(x)[:3]}, bwd {choose_tiles(x, backward=True)[:3]} (block_w, block_c, rows)'
+    rows = [(f'walk shipped: {shipped}', bench(lambda: dwconv_act_forward(x, weight, bias, activation)),
+             bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation)))]
     for rows_per_prog, block_w, block_c in WALK_GRID:
         tiling = dict(rows=rows_per_prog, block_w=block_w, block_c=block_c)
         fwd = bench(lambda: dwconv_act_forward(x, weight, bias, activation, **tiling))
@@ -430,9 +439,8 @@ def run(args):
         batch, height, width, channels, activation = SHAPES[name]
         tensors = inputs(batch, height, width, channels, 'cuda', torch.float16)
         size = tensors[0].numel() * tensors[0].element_size()
-        default = choose_tiles(tensors[0])
         rows = [row for design in args.designs for row in DESIGNS[design](tensors, activation)]
-        print(f'\n{name} {batch}x{height}x{width}x{channels} {activation} (walk default {default})')
+        print(f'\n{name} {batch}x{height}x{width}x{channels} {activation}')
         print('| design | fwd ms | fwd %BW | bwd ms | bwd %BW |\n| --- | ---: | ---: | ---: | ---: |')
         for label, fwd, bwd in rows:
             cells = []
