@@ -306,7 +306,7 @@ def _batched_product(a, b):
     where a ``bmm`` would stay a library call: 57 of them in GroupMamba-T's compiled step, 20-40 us of host each."""
     if traced((a, b)):
         return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
-    return torch.bmm(a, b)
+    return torch.bmm(a.flatten(0, -3), b.flatten(0, -3)).view(*a.shape[:-1], b.shape[-1])
 
 
 class _BlockDiagonalProjections(torch.autograd.Function):
@@ -320,38 +320,39 @@ class _BlockDiagonalProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight):
+        # Every input has a leading dim of blocks (n, G, ...): a stage's blocks are built together.
         dt_rank = dt_projs_weight.shape[-1]
-        dt_rows, bc_rows = x_proj_weight.split([dt_rank, 2], dim=1)
+        dt_rows, bc_rows = x_proj_weight.split([dt_rank, 2], dim=-2)
         ctx.save_for_backward(dt_projs_weight, dt_rows)
-        groups, group_dims, _ = out_proj_weight.shape
+        blocks, groups, group_dims, _ = out_proj_weight.shape
         channels = groups * group_dims
-        square = torch.cat([in_proj_weight.unflatten(1, (2, -1)).transpose(0, 1),  # (2, G, d, d): u, z
-                            out_proj_weight.unsqueeze(0), _batched_product(dt_projs_weight, dt_rows).unsqueeze(0)])
-        # Rows: in_proj (u, z), out_proj, then delta's projection and B's and C's rows as one matrix: one
-        # matmul of u for the three instead of two, each way.
-        weights = square.new_zeros(4 * channels + 2 * groups, channels)
-        lay_on_diagonal(weights[:4 * channels].view(4, channels, channels), square)
-        lay_on_diagonal(weights[4 * channels:].view(2, groups, channels), bc_rows.transpose(0, 1).unsqueeze(-2))
-        in_proj, out_proj, delta_bc_proj = weights.split([2 * channels, channels, channels + 2 * groups])
+        square = torch.cat([in_proj_weight.unflatten(-2, (2, -1)).transpose(1, 2),  # (n, 2, G, d, d): u, z
+                            out_proj_weight.unsqueeze(1),
+                            _batched_product(dt_projs_weight, dt_rows).unsqueeze(1)], dim=1)
+        weights = square.new_zeros(blocks, 4 * channels + 2 * groups, channels)
+        lay_on_diagonal(weights[:, :4 * channels].view(blocks, 4, channels, channels), square)
+        lay_on_diagonal(weights[:, 4 * channels:].view(blocks, 2, groups, channels),
+                        bc_rows.transpose(1, 2).unsqueeze(-2))
+        in_proj, out_proj, delta_bc_proj = weights.split([2 * channels, channels, channels + 2 * groups], dim=1)
         return in_proj, delta_bc_proj, out_proj
 
     @staticmethod
     def backward(ctx, grad_in_proj, grad_delta_bc_proj, grad_out_proj):
         dt_projs_weight, dt_rows = ctx.saved_tensors
-        groups, group_dims, _ = dt_projs_weight.shape
-        grad_delta_proj, grad_bc_proj = grad_delta_bc_proj.split([groups * group_dims, 2 * groups])
+        blocks, groups, group_dims, _ = dt_projs_weight.shape
+        grad_delta_proj, grad_bc_proj = grad_delta_bc_proj.split([groups * group_dims, 2 * groups], dim=1)
 
         def diagonal_blocks(grad, parts):
-            """``(parts * G * m, G * d)`` -> its diagonal blocks ``(G, parts, m, d)``."""
-            blocks = grad.view(parts, groups, -1, groups, group_dims).diagonal(dim1=1, dim2=3)  # (parts, m, d, G)
-            return blocks.permute(3, 0, 1, 2)
+            """``(n, parts * G * m, G * d)`` -> its diagonal blocks ``(n, G, parts, m, d)``."""
+            diagonal = grad.reshape(blocks, parts, groups, -1, groups, group_dims).diagonal(dim1=2, dim2=4)
+            return diagonal.permute(0, 4, 1, 2, 3)
 
-        grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, 0]  # (G, d, d), of dt_projs @ dt_rows
-        grad_x_proj = torch.cat([_batched_product(dt_projs_weight.transpose(1, 2), grad_delta),  # dt rows
-                                 diagonal_blocks(grad_bc_proj, 2)[:, :, 0]], dim=1)  # B and C rows
-        grad_dt_projs = _batched_product(grad_delta, dt_rows.transpose(1, 2))
-        return (diagonal_blocks(grad_in_proj, 2).flatten(1, 2), grad_x_proj, grad_dt_projs,
-                diagonal_blocks(grad_out_proj, 1)[:, 0])
+        grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, :, 0]  # (n, G, d, d), of dt_projs @ dt_rows
+        grad_x_proj = torch.cat([_batched_product(dt_projs_weight.transpose(-1, -2), grad_delta),  # dt rows
+                                 diagonal_blocks(grad_bc_proj, 2)[:, :, :, 0]], dim=2)  # B and C rows
+        grad_dt_projs = _batched_product(grad_delta, dt_rows.transpose(-1, -2))
+        return (diagonal_blocks(grad_in_proj, 2).flatten(2, 3), grad_x_proj, grad_dt_projs,
+                diagonal_blocks(grad_out_proj, 1)[:, :, 0])
 
 
 class GroupLayerNorm(nn.LayerNorm):
@@ -433,7 +434,9 @@ class GroupMambaLayer(nn.Module):
         ``out_proj`` ``(C, C)``, C the channels of the weights given (a padded layer's are stored
         with zeros per group, :meth:`stored_layouts`, and so are its projections). Rebuilt at every call
         (:class:`_BlockDiagonalProjections`)."""
-        return _BlockDiagonalProjections.apply(in_proj_weight, x_proj_weight, dt_projs_weight, out_proj_weight)
+        one = _BlockDiagonalProjections.apply(*(w.unsqueeze(0) for w in (in_proj_weight, x_proj_weight,
+                                                                           dt_projs_weight, out_proj_weight)))
+        return tuple(w[0] for w in one)
 
     def channel_params(self):
         """The parameters read as they are (fp32): the conv's weight and bias, the scan's ``A_logs``, ``Ds`` and
@@ -459,14 +462,15 @@ class GroupMambaLayer(nn.Module):
         return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
                 [(p.shape, pad) for p, pad in zip(self.channel_params(), channel)])
 
-    def forward_weights(self, cast_params, channel_params):
+    def forward_weights(self, cast_params, channel_params, projections=None):
         """What ``forward`` reads, from :meth:`matmul_params` cast to the compute dtype and from
         :meth:`channel_params`, each in the stored channels: the groups' projections as block-diagonal matrices
         (:meth:`projections`), ``proj``'s weight and bias, then the fp32 ones (``A_logs`` and the delta bias
         flattened)."""
         *scan_weights, proj_weight, proj_bias = cast_params
         conv_weight, conv_bias, a_logs, ds, delta_bias, proj_bias_param = channel_params
-        return (*self.projections(*scan_weights), proj_weight, proj_bias, conv_weight, conv_bias, a_logs.flatten(),
+        projections = self.projections(*scan_weights) if projections is None else projections
+        return (*projections, proj_weight, proj_bias, conv_weight, conv_bias, a_logs.flatten(),
                 ds, delta_bias.flatten(), proj_bias_param)
 
     def pad(self, t, dim=-1):
@@ -559,7 +563,7 @@ class ConvFFN(nn.Module):
         return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
                 [(self.fc2.bias.shape, self.pad)])
 
-    def forward_weights(self, cast_params, channel_params):
+    def forward_weights(self, cast_params, channel_params, projections=None):
         """What ``forward`` reads: :meth:`matmul_params` in the compute dtype, then :meth:`channel_params`, each
         in the stored channels."""
         return (*cast_params, *channel_params)
@@ -639,12 +643,18 @@ class GroupMambaBlock(nn.Module):
         self._constant_weights = None
         return super().train(mode)
 
+    def weight_params(self):
+        """The parameters :func:`build_forward_weights` reads: the layer's and the FFN's matmul and channel ones."""
+        return (self.attn.matmul_params() + self.mlp.matmul_params() + self.attn.channel_params()
+                + self.mlp.channel_params())
+
     def _forward_weights(self, dtype):
         """The layer's and the FFN's ``forward_weights`` (:meth:`GroupMambaLayer.forward_weights`), matmul weights
-        in ``dtype``.
+        in ``dtype``, where the backbone did not build them for its whole stage (:func:`stage_forward_weights`).
 
-        Built at every call where a gradient reaches them (training): the cast, block-diagonal projections and, in
-        a padded block, the gather into the stored channels (``kernels/layout.py``) are then part of the step.
+        Built at every call where a gradient reaches them (a block trained on its own): the cast, block-diagonal
+        projections and, in a padded block, the gather into the stored channels (``kernels/layout.py``) are then
+        part of the step.
         Where none does (inference, frozen stages) they are constants of the parameters, kept between calls: in
         eager inference a block's forward then skips seven launches (the cast's concatenation and cast, the
         projections' concatenation, matmul, zero fill and two diagonal copies), a padded block also its gather.
@@ -652,9 +662,7 @@ class GroupMambaBlock(nn.Module):
         their graphs, and a CUDA graph being recorded would read tensors that a later refresh replaces. The key
         (each parameter's storage and version counter, and the dtype) replaces them when a parameter is updated in
         place, moved or converted."""
-        attn_params, mlp_params = self.attn.matmul_params(), self.mlp.matmul_params()
-        attn_channel, mlp_channel = self.attn.channel_params(), self.mlp.channel_params()
-        params = attn_params + mlp_params + attn_channel + mlp_channel
+        params = self.weight_params()
         keep = (not traced(params)
                 and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
                 and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing()))
@@ -663,12 +671,7 @@ class GroupMambaBlock(nn.Module):
             key = (dtype, torch.is_inference_mode_enabled(), tuple((p.data_ptr(), p._version) for p in params))
             if self._constant_weights is not None and self._constant_weights[0] == key:
                 return self._constant_weights[1]
-        if self.stored_parameters is None:
-            cast, channel = cast_together(attn_params + mlp_params, dtype), attn_channel + mlp_channel
-        else:
-            cast, channel = self.stored_parameters(attn_params + mlp_params, attn_channel + mlp_channel, dtype)
-        weights = (self.attn.forward_weights(cast[:len(attn_params)], channel[:len(attn_channel)]),
-                   self.mlp.forward_weights(cast[len(attn_params):], channel[len(attn_channel):]))
+        weights, = build_forward_weights([self], dtype)
         if keep:
             self._constant_weights = (key, weights)
         return weights
@@ -680,18 +683,54 @@ class GroupMambaBlock(nn.Module):
             return None, None
         return draw_keep_masks(torch.full((1, ), 1 - self.drop_path, device=x.device), x.shape[0])[0]
 
-    def _forward(self, x, keep_masks):
-        attn_weights, mlp_weights = self._forward_weights(_compute_dtype(x))
+    def _forward(self, x, keep_masks, weights=None):
+        attn_weights, mlp_weights = weights or self._forward_weights(_compute_dtype(x))
         attn_mask, mlp_mask = self._keep_masks(x) if keep_masks is None else keep_masks
         x = add_dropped_branch(x, self.attn(x, attn_weights), attn_mask)
         return add_dropped_branch(x, self.mlp(x, self.norm2, mlp_weights), mlp_mask)
 
-    def forward(self, x, keep_masks=None):
+    def forward(self, x, keep_masks=None, weights=None):
         """``keep_masks``: this block's ``(2, B, 1, 1, 1)`` rows of :func:`draw_keep_masks` (a backbone draws all
-        its blocks' at once); None draws them here when the block drops branches."""
+        its blocks' at once); None draws them here when the block drops branches. ``weights``: this block's of
+        :func:`stage_forward_weights`, or None to build its own."""
         if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, keep_masks, use_reentrant=False)
-        return self._forward(x, keep_masks)
+            return cp.checkpoint(self._forward, x, keep_masks, weights, use_reentrant=False)
+        return self._forward(x, keep_masks, weights)
+
+
+def stage_forward_weights(blocks, dtype):
+    """Every block's weights for a step that trains them (:func:`build_forward_weights`, for all of a stage's blocks
+    at once), or None for each block where no gradient reaches them: each block then keeps its own between calls
+    (:meth:`GroupMambaBlock._forward_weights`)."""
+    if not (torch.is_grad_enabled() and any(p.requires_grad for b in blocks for p in b.weight_params())):
+        return [None] * len(blocks)
+    return build_forward_weights(blocks, dtype)
+
+
+def build_forward_weights(blocks, dtype):
+    """``(attn_weights, mlp_weights)`` of each of ``blocks`` (blocks of one stage: the same shapes), what
+    :meth:`GroupMambaLayer.forward` and :meth:`ConvFFN.forward` read: the matmul weights cast to ``dtype`` in one
+    cast for all the blocks (a padded stage: laid out in the stored channels by one gather a block), and the
+    groups' block-diagonal projections of all the blocks built together (:class:`_BlockDiagonalProjections`).
+    Built per block, a training step launched about 7 kernels forward and 6 backward a block for this; per stage,
+    GroupMamba-T's eager step launches 127 fewer (``benchmarks/launch_count.py --arch tiny``: 1652 -> 1525 under
+    autocast), its compiled det step 44 fewer (``benchmarks/compiled_kernels.py``: 1377 -> 1333)."""
+    first = blocks[0]
+    attn = [b.attn.matmul_params() for b in blocks]
+    mlp = [b.mlp.matmul_params() for b in blocks]
+    channel = [b.attn.channel_params() + b.mlp.channel_params() for b in blocks]
+    n, k, c = len(blocks), len(attn[0]), len(first.attn.channel_params())
+    if first.stored_parameters is None:
+        flat = cast_together([p for a, f in zip(attn, mlp) for p in a + f], dtype)
+        step = len(flat) // n
+        cast = [flat[i * step:(i + 1) * step] for i in range(n)]
+    else:
+        cast, channel = zip(*(b.stored_parameters(a + f, ch, dtype) for b, a, f, ch in zip(blocks, attn, mlp, channel)))
+    # The groups' scan weights, (n, G, ...) each; one block's as views (a stack of one would copy).
+    stacked = [cast[0][j].unsqueeze(0) if n == 1 else torch.stack([params[j] for params in cast]) for j in range(4)]
+    projections = zip(*(w.unbind(0) for w in _BlockDiagonalProjections.apply(*stacked)))
+    return [(b.attn.forward_weights(ca[:k], ch[:c], proj), b.mlp.forward_weights(ca[k:], ch[c:]))
+            for b, ca, ch, proj in zip(blocks, cast, channel, projections)]
 
 
 class PlainFFN(nn.Module):
@@ -924,9 +963,12 @@ class GroupMamba(BaseModule):
         the stage's stored channels (``stored_dims[i]``). ``keep_masks``: :meth:`keep_masks`' (a block in training
         mode reads its row), or None for each block to draw its own."""
         x = getattr(self, f'patch_embed{i + 1}')(x)
-        for block, row in zip(getattr(self, f'block{i + 1}'), self._mask_rows[i]):
+        blocks = getattr(self, f'block{i + 1}')
+        weights = stage_forward_weights(blocks, _compute_dtype(x))
+        for block, row, block_weights in zip(blocks, self._mask_rows[i], weights):
             # A frozen stage's blocks stay in eval mode (_freeze_stages) and drop nothing.
-            x = block(x, keep_masks[row] if keep_masks is not None and row is not None and block.training else None)
+            x = block(x, keep_masks[row] if keep_masks is not None and row is not None and block.training else None,
+                      block_weights)
         return x
 
     def keep_masks(self, x):
