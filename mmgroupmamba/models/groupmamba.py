@@ -479,8 +479,8 @@ class GroupMambaLayer(nn.Module):
 
     def forward(self, x, weights=None):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's), C the stored
-        channels. ``weights``: :meth:`forward_weights` in that dtype (a block casts its layer's and its FFN's
-        parameters together)."""
+        channels. ``weights``: :meth:`forward_weights` in that dtype (:func:`build_forward_weights` builds them for
+        a stage's blocks together)."""
         batch, height, width, stored = x.shape
         x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
@@ -573,7 +573,7 @@ class ConvFFN(nn.Module):
 
     def forward(self, x, norm, weights=None):
         """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``, C the stored channels; ``weights``:
-        :meth:`forward_weights` (a block lays out and casts its layer's and its FFN's parameters together)."""
+        :meth:`forward_weights` (:func:`build_forward_weights` builds them for a stage's blocks together)."""
         dtype = _compute_dtype(x)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_bias_param = weights or self.forward_weights(
             cast_together(self.matmul_params(), dtype), self.channel_params())
