@@ -1,9 +1,9 @@
 """Time other designs of the 3x3 depthwise conv + activation against the shipped row-walk kernels, in one process.
 
-    python benchmarks/dwconv_candidates.py [--shapes det s1] [--designs walk tile rowsum inductor]
+    python benchmarks/dwconv_candidates.py [--shapes det s1] [--designs walk tile inductor]
 
 The shipped kernels (kernels/triton_dwconv.py) walk each program down up to 64 rows and reach about 40 % of copy
-bandwidth forward and 25 % backward on an H200 (kernels/README.md), against the 70 % #15 asks. Four candidates,
+bandwidth forward and 25 % backward on an H200 (kernels/README.md), against the 70 % #15 asks. Three designs,
 each checked against the fp32 reference first, then timed as CUDA-graph replays (the kernels alone), forward and
 backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
 
@@ -13,18 +13,14 @@ backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
   shifted input blocks directly (the shifts hit cache lines its neighbours and its own other taps load), so
   many small programs keep more bytes in flight than a few long walks. The backward's pre-activation pass walks
   ``steps`` blocks down so that its weight-gradient partial sums stay few;
-- ``rowsum``: the shipped walk, but the backward's pre-activation pass sums its ten products over the tile's
-  columns at every row into ten ``(BLOCK_C,)`` vectors, instead of carrying ten fp32 tiles to the walk's end:
-  fewer registers a thread (158 in the shipped kernel, 80-140 here; ptxas for sm_90), so more programs, and
-  more bytes in flight, per SM, for a cross-thread sum per row. Rejected (H200, twenty-fourth session): 1.05 ms
-  at best for the detection map's backward against the walk's 0.46, 3-10x slower at every shape: the sums across
-  threads at every row cost more than the registers save;
 - ``inductor``: the conv written as nine shifted slices of the zero-padded map, compiled by torch.compile
   (``dynamic=False``): what Inductor makes of it on its own, forward and backward.
 
-``tile``, ``rowsum`` and ``inductor`` were all slower than the walk on an H200 (kernels/README.md, "Longer walks"
-and after); they stay here to be re-measured on other cards and releases. On the CPU (``TRITON_INTERPRET=1``,
-``--device cpu``) only the checks run, at small shapes.
+``tile`` and ``inductor`` were both slower than the walk on an H200 (kernels/README.md, "Longer walks" and
+after); they stay here to be re-measured on other cards and releases. A fourth, ``rowsum`` (the walk's backward
+summing its weight-gradient products per row), was 2-8x slower at every setting and has been removed (it is in
+this file at commit 7359b5c). On the CPU (``TRITON_INTERPRET=1``, ``--device cpu``) only the checks run, at
+small shapes.
 """
 import argparse
 import functools
@@ -46,9 +42,6 @@ from mmgroupmamba.kernels.triton_dwconv import (
     _NO_ACT,
     _activation,
     _activation_grad,
-    _conv_launch,
-    _load_taps,
-    _load_weight_taps,
     _store_param_partials,
     _tile_coords,
     choose_tiles,
@@ -68,9 +61,6 @@ WALK_GRID = [(16, 16, 64), (32, 16, 64), (64, 16, 64), (8, 16, 64), (16, 8, 128)
 # (block_h, block_w, block_c, num_warps) of the tile forward; the backward uses the same with `steps`.
 TILE_GRID = [(2, 8, 64, 4), (4, 8, 64, 4), (4, 8, 64, 8), (8, 8, 64, 8), (2, 16, 64, 4), (4, 16, 64, 8),
              (4, 4, 128, 4), (4, 8, 128, 8), (2, 8, 32, 2)]
-# (rows, block_w, block_c, num_warps) of the row-summing pre-activation pass. Registers a thread (ptxas for sm_90 on
-# the CPU, Triton 3.8, GELU): 80, 140, 137, 80, 128, 137; the shipped pass at its (8, 64) tile in 4 warps, 158.
-ROWSUM_GRID = [(64, 8, 64, 8), (64, 16, 64, 8), (64, 8, 64, 4), (32, 8, 64, 8), (64, 4, 64, 2), (64, 8, 32, 2)]
 BWD_TILE_GRID = [(2, 4, 64, 4, 8), (2, 8, 64, 4, 8), (2, 8, 64, 4, 16), (1, 8, 64, 4, 16), (2, 4, 128, 4, 8),
                  (4, 4, 64, 4, 8), (2, 8, 64, 8, 8)]
 
@@ -183,75 +173,6 @@ def _block_sum(g):
     return tl.sum(tl.sum(g, axis=0), axis=0)
 
 
-@triton.jit
-def _rowsum_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Part, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
-                           stride_xb, stride_xh, stride_xw, ACT: tl.constexpr, STAGES: tl.constexpr,
-                           BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    # The shipped _dwconv_bwd_pre_kernel with its sums reduced per row (its set-up is the same on purpose: if this
-    # measures faster, it replaces that kernel's loop rather than living beside it).
-    tile, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
-        H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
-    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, False)
-    bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
-    x_base = X + b.to(tl.int64) * stride_xb
-    x_offs = (w * stride_xw)[:, None] + c[None, :]
-    # DOut and DPre are contiguous (B, H, W, C).
-    base = b.to(tl.int64) * H * W * C
-    offs = (w * C)[:, None] + c[None, :]
-    al, am, ar = _load_taps(x_base, h0 - 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    hl, hm, hr = _load_taps(x_base, h0, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    s00 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s01 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s02 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s10 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s11 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s12 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s20 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s21 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    s22 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sb = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for h in tl.range(h0, h_end, num_stages=STAGES):
-        bl, bm, br = _load_taps(x_base, h + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-        row = base + tl.cast(h, tl.int64) * W * C + offs
-        dout = tl.load(DOut + row, mask=mid_ok, other=0.0).to(tl.float32)
-        pre = (bias + al * w00 + am * w01 + ar * w02 + hl * w10 + hm * w11 + hr * w12
-               + bl * w20 + bm * w21 + br * w22)
-        d_pre = dout * _activation_grad(pre, ACT)
-        tl.store(DPre + row, d_pre.to(DPre.dtype.element_ty), mask=mid_ok)
-        s00 += tl.sum(d_pre * al, axis=0)
-        s01 += tl.sum(d_pre * am, axis=0)
-        s02 += tl.sum(d_pre * ar, axis=0)
-        s10 += tl.sum(d_pre * hl, axis=0)
-        s11 += tl.sum(d_pre * hm, axis=0)
-        s12 += tl.sum(d_pre * hr, axis=0)
-        s20 += tl.sum(d_pre * bl, axis=0)
-        s21 += tl.sum(d_pre * bm, axis=0)
-        s22 += tl.sum(d_pre * br, axis=0)
-        sb += tl.sum(d_pre, axis=0)
-        al, am, ar = hl, hm, hr
-        hl, hm, hr = bl, bm, br
-    _store_param_partials(Part, tile, tl.num_programs(0) // n_cb, c, C, s00, s01, s02, s10, s11, s12, s20, s21,
-                          s22, sb)
-
-
-def rowsum_backward(dout, x, weight, bias, activation, tiling):
-    """``(dx, dparams)``: the row-summing pre-activation pass, one sum, the shipped transposed conv (contiguous
-    ``dout``, as the benchmark's)."""
-    rows, block_w, block_c, num_warps = tiling
-    batch, height, width, channels = x.shape
-    n_cb, n_wb, n_rb = cdiv(channels, block_c), cdiv(width, block_w), cdiv(height, rows)
-    taps = weight.reshape(-1, 9)
-    d_pre = torch.empty_like(x)
-    part = torch.empty((10 * channels, batch * n_rb * n_wb), dtype=torch.float32, device=x.device)
-    _rowsum_bwd_pre_kernel[(batch * n_rb * n_wb * n_cb,)](
-        x, taps, bias, dout, d_pre, part, height, width, channels, n_cb, n_wb, n_rb, rows,
-        x.stride(0), x.stride(1), x.stride(2), ACT=_ACT_CODES[activation], STAGES=4, BLOCK_W=block_w,
-        BLOCK_C=block_c, num_warps=num_warps)
-    dx = torch.empty_like(x)
-    _conv_launch(d_pre, taps, bias, dx, _NO_ACT, False, True, choose_tiles(x))
-    return dx, part.sum(1)
-
-
 def _tile_conv(x, taps, bias, out, act, has_bias, flip, block_h, block_w, block_c, num_warps):
     batch, height, width, channels = x.shape
     n_cb, n_wb, n_hb = cdiv(channels, block_c), cdiv(width, block_w), cdiv(height, block_h)
@@ -322,24 +243,17 @@ def tile_results(x, weight, bias, dout, activation, fwd_tiles, bwd_tiles):
 
 
 def candidate_settings():
-    """``(label, results)`` for every tile and row-sum setting: ``results(*tensors, activation)`` gives
+    """``(label, results)`` for every tile setting: ``results(*tensors, activation)`` gives
     (out, dx, dweight, dbias)."""
     settings = []
     for fwd_tiles, bwd_tiles in zip(TILE_GRID, BWD_TILE_GRID * 2):
         settings.append((f'tile {fwd_tiles} / {bwd_tiles}', functools.partial(
             tile_results, fwd_tiles=fwd_tiles, bwd_tiles=bwd_tiles)))
-    for tiling in ROWSUM_GRID:
-        settings.append((f'rowsum {tiling}', functools.partial(rowsum_results, tiling=tiling)))
     return settings
 
 
-def rowsum_results(x, weight, bias, dout, activation, tiling):
-    dx, dparams = rowsum_backward(dout, x, weight, bias, activation, tiling)
-    return (dwconv_act_forward(x, weight, bias, activation), dx, *split_param_grads(dparams, weight, bias))
-
-
 def check_candidates(shapes, device, dtype, bound):
-    """Every tile and row-sum setting against the fp32 reference; raises naming the first that is off."""
+    """Every tile setting against the fp32 reference; raises naming the first that is off."""
     for name, (batch, height, width, channels, activation) in shapes.items():
         tensors = inputs(min(batch, 2), height, width, channels, device, dtype)
         want = expected(*tensors, activation)
@@ -384,12 +298,6 @@ def time_tiles(tensors, activation):
     return rows
 
 
-def time_rowsum(tensors, activation):
-    x, weight, bias, dout = tensors
-    return [(f'rowsum bwd {tiling} (rows, block_w, block_c, warps)', None,
-             bench(lambda: rowsum_backward(dout, x, weight, bias, activation, tiling))) for tiling in ROWSUM_GRID]
-
-
 def time_inductor(tensors, activation):
     x, weight, bias, dout = tensors
     forward = torch.compile(shifted_sum_conv, dynamic=False)
@@ -408,7 +316,7 @@ def time_inductor(tensors, activation):
     return [(f'inductor (max rel err {err:.1e}; backward from calls)', fwd, both - fwd)]
 
 
-DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'rowsum': time_rowsum, 'inductor': time_inductor}
+DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'inductor': time_inductor}
 
 
 def main(argv=None):
@@ -429,7 +337,7 @@ def main(argv=None):
 
 
 def run(args):
-    if {'tile', 'rowsum'} & set(args.designs):
+    if 'tile' in args.designs:
         check_candidates({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3)
     bandwidth = copy_bandwidth()
     print(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16 maps; CUDA-graph '

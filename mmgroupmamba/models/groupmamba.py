@@ -329,6 +329,8 @@ class _BlockDiagonalProjections(torch.autograd.Function):
         square = torch.cat([in_proj_weight.unflatten(-2, (2, -1)).transpose(1, 2),  # (n, 2, G, d, d): u, z
                             out_proj_weight.unsqueeze(1),
                             _batched_product(dt_projs_weight, dt_rows).unsqueeze(1)], dim=1)
+        # Rows: in_proj (u, z), out_proj, then delta's projection and B's and C's rows as one matrix: one
+        # matmul of u for the three instead of two, each way.
         weights = square.new_zeros(blocks, 4 * channels + 2 * groups, channels)
         lay_on_diagonal(weights[:, :4 * channels].view(blocks, 4, channels, channels), square)
         lay_on_diagonal(weights[:, 4 * channels:].view(blocks, 2, groups, channels),
@@ -344,7 +346,7 @@ class _BlockDiagonalProjections(torch.autograd.Function):
 
         def diagonal_blocks(grad, parts):
             """``(n, parts * G * m, G * d)`` -> its diagonal blocks ``(n, G, parts, m, d)``."""
-            diagonal = grad.reshape(blocks, parts, groups, -1, groups, group_dims).diagonal(dim1=2, dim2=4)
+            diagonal = grad.view(blocks, parts, groups, -1, groups, group_dims).diagonal(dim1=2, dim2=4)
             return diagonal.permute(0, 4, 1, 2, 3)
 
         grad_delta = diagonal_blocks(grad_delta_proj, 1)[:, :, 0]  # (n, G, d, d), of dt_projs @ dt_rows
@@ -465,8 +467,8 @@ class GroupMambaLayer(nn.Module):
     def forward_weights(self, cast_params, channel_params, projections=None):
         """What ``forward`` reads, from :meth:`matmul_params` cast to the compute dtype and from
         :meth:`channel_params`, each in the stored channels: the groups' projections as block-diagonal matrices
-        (:meth:`projections`), ``proj``'s weight and bias, then the fp32 ones (``A_logs`` and the delta bias
-        flattened)."""
+        (``projections``, already built for a stage's blocks together, or :meth:`projections`), ``proj``'s weight and
+        bias, then the fp32 ones (``A_logs`` and the delta bias flattened)."""
         *scan_weights, proj_weight, proj_bias = cast_params
         conv_weight, conv_bias, a_logs, ds, delta_bias, proj_bias_param = channel_params
         projections = self.projections(*scan_weights) if projections is None else projections
@@ -563,7 +565,7 @@ class ConvFFN(nn.Module):
         return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
                 [(self.fc2.bias.shape, self.pad)])
 
-    def forward_weights(self, cast_params, channel_params, projections=None):
+    def forward_weights(self, cast_params, channel_params):
         """What ``forward`` reads: :meth:`matmul_params` in the compute dtype, then :meth:`channel_params`, each
         in the stored channels."""
         return (*cast_params, *channel_params)
