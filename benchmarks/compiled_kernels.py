@@ -2,7 +2,7 @@
 
     python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
                                           [--inductor-options '{"combo_kernels": false}'] [--top 25]
-                                          [--save-code DIR] [--regional] [--no-memo]
+                                          [--save-code DIR] [--regional] [--no-memo] [--level-combos]
 
 The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
 Python wrapper issues every launch, so their number sets the step time (README, #14). Counting them needs the
@@ -18,8 +18,11 @@ code Inductor generates, and GPU time is scarce; this script gets that code on t
    driver), which is expected and reported, not raised.
 
 The wrappers' ``call()`` functions are then read: every ``.run(`` is one Triton launch (Inductor's generated
-kernels by kind: pointwise, reduction, persistent reduction, foreach/combo; ours by kernel name), every
-``extern_kernels.*`` call one library launch (cuBLAS may launch two for a split-K matmul). Printed: launches by
+kernels by kind: pointwise, reduction, persistent reduction, foreach, a combo kernel by its name's kind; ours by
+kernel name), every ``extern_kernels.*`` call one library launch (cuBLAS may launch two for a split-K matmul).
+Both graphs are compiled in the backbones' compile contexts (``models/compiled.py``); ``--level-combos`` leaves
+Inductor's own combo-kernel grouping (one topological level per group) in place of the side-branch groups, for
+the launches that grouping saves. Printed: launches by
 kind for the forward and backward graphs; the wrappers' statements, each run in Python at every step (buffer
 allocations, tensor reinterpretations, input checks, the arguments the launches pass), a CPU proxy for the host
 work besides the launch count; and the generated kernels grouped by the ATen ops they were fused from
@@ -268,8 +271,11 @@ def main(argv=None):
                         help='GroupMamba compiled block by block: one block per stage traced and compiled, its '
                         'launches counted once per block of the stage (stem, downsampling and norms left out)')
     parser.add_argument('--no-memo', action='store_true',
-                        help='compile outside the backbones\' compile context (compiled.compiling_user_kernels): '
+                        help='compile without the backbones\' write-analysis memo (compiled.compiling_user_kernels): '
                         'PyTorch analyses every launch site of our Triton kernels anew')
+    parser.add_argument('--level-combos', action='store_true',
+                        help='Inductor\'s own combo-kernel groups (one topological level each) instead of the '
+                        'backbones\' side-branch groups (compiled.side_branch_combos)')
     args = parser.parse_args(argv)
     if args.regional and (args.model != 'groupmamba' or args.save_code):
         parser.error('--regional compiles GroupMamba blocks, and writes no wrapper modules')
@@ -280,7 +286,7 @@ def main(argv=None):
         if args.inductor_options is None:
             from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
             args.inductor_options = dict(COMPILE_INDUCTOR_DEFAULTS) if args.model == 'groupmamba' else {}
-        from mmgroupmamba.models.compiled import compiling_user_kernels
+        from mmgroupmamba.models.compiled import compiling_user_kernels, side_branch_combos
         analysis = {}
         backbone = build(args.model, args.arch)
         # What is compiled, and how often each compiled graph runs in a step.
@@ -289,11 +295,12 @@ def main(argv=None):
         counts = [(collections.Counter(), collections.Counter()) for _ in range(2)]
         statements = [collections.Counter() for _ in range(2)]
         seconds = collections.Counter()
-        # The write analyses timed are those PyTorch performs: under the backbones' compile context (the default, as
-        # their ``compile`` option runs), once per kernel and arguments' key; with --no-memo once per launch site and
-        # consumer, as plain torch.compile does.
+        # Compiled in the backbones' compile contexts, as their ``compile`` option runs, unless told otherwise. The
+        # write analyses timed are those PyTorch performs: with the memo, once per kernel and arguments' key; with
+        # --no-memo once per launch site and consumer, as plain torch.compile does.
         memo = contextlib.nullcontext() if args.no_memo else compiling_user_kernels()
-        with mutation_analysis_timed(analysis), memo:
+        combos = contextlib.nullcontext() if args.level_combos else side_branch_combos()
+        with mutation_analysis_timed(analysis), memo, combos:
             for module, input_shape, repeats in parts:
                 start = time.perf_counter()
                 graphs = trace_graphs(module, input_shape)
@@ -317,8 +324,9 @@ def main(argv=None):
     if args.regional:
         name += (f' compiled block by block ({len(parts)} block graphs for {sum(r for _, _, r in parts)} blocks; '
                  'stem, downsampling and stage norms eager, not counted)')
-    print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}; '
-          f'kernel launches in the compiled wrappers (fake H200)')
+    grouping = "Inductor's own (by level)" if args.level_combos else 'side branches grouped across levels'
+    print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}, '
+          f'combo kernels {grouping}; kernel launches in the compiled wrappers (fake H200)')
     kinds = sorted(set(counts[0][0]) | set(counts[1][0]), key=lambda k: -(counts[0][0][k] + counts[1][0][k]))
     print('| launches | forward | backward | both |')
     print('| --- | ---: | ---: | ---: |')

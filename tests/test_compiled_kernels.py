@@ -3,30 +3,50 @@ without a GPU. Run in its own process (it answers torch's device queries as an H
 turns on Triton's interpreter, whose kernels Inductor cannot compile): for the mini arch, the compiled step
 launches each of our Triton kernels as often as the layers call them, no more (no forward kernel recomputed in
 the backward, none copied around), and Inductor fuses the glue into its own kernels."""
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'compiled_kernels.py'
 
 
-def test_compiled_step_kernels_listed_without_a_gpu():
+def listing(*options, script=SCRIPT):
+    """The listing's stdout for the mini arch's det step at 64x64, ``options`` added."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    result = subprocess.run([sys.executable, str(SCRIPT), '--arch', 'mini', '--size', '64', '64'],
+    result = subprocess.run([sys.executable, str(script), '--arch', 'mini', '--size', '64', '64', *options],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def tables_of(stdout):
+    """The launches table and the statements table, each ``{row: (forward, backward, both)}``."""
     tables, rows = [], None
-    for line in result.stdout.splitlines():
+    for line in stdout.splitlines():
         cells = [cell.strip('* ') for cell in line.strip().strip('|').split('|')]
         if line.startswith('| ') and cells[1] == 'forward':
             rows = {}
             tables.append(rows)
         elif line.startswith('| ') and cells[1].isdigit():
             rows[cells[0]] = tuple(int(c) for c in cells[1:])
-    assert len(tables) == 2, result.stdout[-3000:]
-    rows, statements = tables
+    assert len(tables) == 2, stdout[-3000:]
+    return tables
+
+
+@pytest.fixture(scope='module')
+def checked_listing():
+    """The default listing (the backbones' compile contexts), every side-branch grouping in it checked by
+    ``side_branch_check.py``."""
+    return listing(script=Path(__file__).parent / 'side_branch_check.py')
+
+
+def test_compiled_step_kernels_listed_without_a_gpu(checked_listing):
+    rows, statements = tables_of(checked_listing)
     blocks = 5  # mini: depths 1, 1, 2, 1
     # Per block, forward / backward: three gated-norm launches (the layer's norm, out_norm, the FFN's norm)
     # and their backward; the modulated norm, the channel affinity and the two depthwise convs once each way;
@@ -44,12 +64,29 @@ def test_compiled_step_kernels_listed_without_a_gpu():
     # The compile-time line: under the backbones' compile context PyTorch analyses each distinct kernel and
     # argument set once, fewer than the launches of our kernels in the listing.
     ours = sum(row[2] for name, row in rows.items() if name.startswith('ours '))
-    calls, distinct = write_analyses(result.stdout)
+    calls, distinct = write_analyses(checked_listing)
     assert 0 < calls == distinct < ours
     # The wrappers' host work besides the launches: every launch is a statement, passing its arguments.
     assert statements['launches'] == total
     assert statements['launch arguments'][2] > statements['launches'][2]
     assert statements['statements'][2] >= total[2] + statements['buffer allocations'][2]
+
+
+def test_side_branch_kernels_launch_together_across_levels(checked_listing):
+    """``side_branch_combos`` (around every compiled forward): the kernels on the backward's side branches (bias
+    gradients' sums, the sums of our kernels' partials, the weight gradients' casts) are combined across topological
+    levels, which Inductor's own grouping never does. Every grouping Inductor asked for was checked
+    (``side_branch_check.py``: no node twice, no node beside its ancestor, nothing but Inductor's own kernels
+    downstream of a group across levels), and the step launches fewer kernels than with Inductor's grouping alone:
+    the same library and Triton kernels of ours, fewer generated ones."""
+    found = json.loads(re.search(r'^side-branch groups: (.*)$', checked_listing, re.M).group(1))
+    assert found['calls'] == 2 and found['across_levels'] > 0, found
+    grouped, _ = tables_of(checked_listing)
+    by_level, _ = tables_of(listing('--level-combos'))
+    for name in set(grouped) | set(by_level):
+        if not name.startswith('inductor ') and name != 'total':
+            assert grouped.get(name) == by_level.get(name), name
+    assert grouped['total'][0] <= by_level['total'][0] and grouped['total'][1] < by_level['total'][1]
 
 
 def write_analyses(stdout):
@@ -63,15 +100,10 @@ def test_kept_write_analyses_leave_the_compiled_wrappers_unchanged(tmp_path):
     """The backbones' compile context keeps PyTorch's analysis of our launches by kernel and arguments
     (``models/compiled.py``): the wrappers Inductor writes are the same as without it, line for line, for fewer
     analyses (without it, at least one per launch site)."""
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     wrappers, analyses = [], []
     for options in ([], ['--no-memo']):
         out = tmp_path / ('plain' if options else 'kept')
-        result = subprocess.run([sys.executable, str(SCRIPT), '--arch', 'mini', '--size', '64', '64', '--top', '1',
-                                 '--save-code', str(out), *options], capture_output=True, text=True, env=env,
-                                timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        analyses.append(write_analyses(result.stdout))
+        analyses.append(write_analyses(listing('--top', '1', '--save-code', str(out), *options)))
         # Inductor's cache folder (a fresh temporary one per run) is named in comments only.
         wrappers.append([re.sub(r'\S*/compiled_kernels_\w+/', '', (out / f'{phase}.py').read_text())
                          for phase in ('forward', 'backward')])
@@ -81,21 +113,14 @@ def test_kept_write_analyses_leave_the_compiled_wrappers_unchanged(tmp_path):
 
 
 def test_regional_listing_counts_each_stage_block_graph_per_block():
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    result = subprocess.run([sys.executable, str(SCRIPT), '--regional', '--arch', 'mini', '--size', '64', '64',
-                             '--top', '1'], capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert '4 block graphs for 5 blocks' in result.stdout, result.stdout[-2000:]
-    rows = {}
-    for line in result.stdout.splitlines():
-        cells = [cell.strip('* ') for cell in line.strip().strip('|').split('|')]
-        if line.startswith('| ours ') or line.startswith('| **total**'):
-            rows.setdefault(cells[0], tuple(int(c) for c in cells[1:]))
+    stdout = listing('--regional', '--top', '1')
+    assert '4 block graphs for 5 blocks' in stdout, stdout[-2000:]
+    rows, _ = tables_of(stdout)
     # Blocks only (the stem's and the stage norms run eagerly): three gated norms and two convs per block, each
     # of the four block graphs counted once per block of its stage.
     assert rows['ours _gated_norm_fwd_kernel'][:2] == (3 * 5, 0)
     assert rows['ours _dwconv_bwd_pre_kernel'][:2] == (0, 2 * 5)
-    timing = re.search(r'write analysis of user-defined Triton launches (\d+) s in (\d+) calls', result.stdout)
+    timing = re.search(r'write analysis of user-defined Triton launches (\d+) s in (\d+) calls', stdout)
     assert timing and int(timing.group(2)) > 0
 
 
