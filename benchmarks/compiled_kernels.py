@@ -3,6 +3,7 @@
     python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
                                           [--inductor-options '{"combo_kernels": false}'] [--top 25]
                                           [--save-code DIR] [--regional] [--no-memo] [--level-combos]
+                                          [--side-branch-span NODES]
 
 The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
 Python wrapper issues every launch, so their number sets the step time (README, #14). Counting them needs the
@@ -22,7 +23,10 @@ kernels by kind: pointwise, reduction, persistent reduction, foreach, a combo ke
 kernel name), every ``extern_kernels.*`` call one library launch (cuBLAS may launch two for a split-K matmul).
 Both graphs are compiled in the backbones' compile contexts (``models/compiled.py``); ``--level-combos`` leaves
 Inductor's own combo-kernel grouping (one topological level per group) in place of the side-branch groups, for
-the launches that grouping saves. Printed: launches by
+the launches that grouping saves, and ``--side-branch-span`` sets how far apart the members of one side-branch group
+may lie (Inductor's estimate of each graph's peak memory, before and after its combo kernels, is printed; its
+own memory gate on combo kernels, where the release has one, is an Inductor option:
+``combo_kernel_peak_memory_pct_threshold``, ``null`` for none). Printed: launches by
 kind for the forward and backward graphs; the wrappers' statements, each run in Python at every step (buffer
 allocations, tensor reinterpretations, input checks, the arguments the launches pass), a CPU proxy for the host
 work besides the launch count; and the generated kernels grouped by the ATen ops they were fused from
@@ -181,6 +185,36 @@ def to_cuda(gm):
     return gm
 
 
+@contextlib.contextmanager
+def combo_peaks_recorded(record):
+    """Inductor's own estimate of each compiled graph's peak memory (its memory planner's, from buffer sizes and
+    lifetimes in the schedule), before and after it forms combo kernels, appended to ``record`` as ``(before,
+    after)`` in bytes: a combo kernel takes its earliest member's place, and the kernels it pulls ahead keep buffers
+    alive longer. Patched in this process only."""
+    from torch._inductor import memory, scheduler
+    from torch._inductor.virtualized import V
+    from torch.utils._ordered_set import OrderedSet
+
+    original = scheduler.Scheduler.create_combo_kernel_nodes
+
+    def peak(sched):
+        estimate, _ = memory.prepare_planning_info(sched.nodes, sched.name_to_buf, sched.name_to_fused_node,
+                                                   OrderedSet(V.graph.graph_inputs.keys()),
+                                                   OrderedSet(V.graph.get_output_names()))
+        return estimate
+
+    def recorded(sched, *args, **kwargs):
+        before = peak(sched)
+        original(sched, *args, **kwargs)
+        record.append((before, peak(sched)))
+
+    scheduler.Scheduler.create_combo_kernel_nodes = recorded
+    try:
+        yield
+    finally:
+        scheduler.Scheduler.create_combo_kernel_nodes = original
+
+
 def compile_for_h200(graphs, cache_dir, inductor_options):
     """Inductor's wrapper source for each graph (forward, backward), from its cache directory."""
     import torch._inductor.config as inductor_config
@@ -276,6 +310,9 @@ def main(argv=None):
     parser.add_argument('--level-combos', action='store_true',
                         help='Inductor\'s own combo-kernel groups (one topological level each) instead of the '
                         'backbones\' side-branch groups (compiled.side_branch_combos)')
+    parser.add_argument('--side-branch-span', type=int, default=None, metavar='NODES',
+                        help='the side-branch groups\' span in scheduler nodes (default: '
+                        'compiled.SIDE_BRANCH_SPAN)')
     args = parser.parse_args(argv)
     if args.regional and (args.model != 'groupmamba' or args.save_code):
         parser.error('--regional compiles GroupMamba blocks, and writes no wrapper modules')
@@ -300,7 +337,11 @@ def main(argv=None):
         # --no-memo once per launch site and consumer, as plain torch.compile does.
         memo = contextlib.nullcontext() if args.no_memo else compiling_user_kernels()
         combos = contextlib.nullcontext() if args.level_combos else side_branch_combos()
-        with mutation_analysis_timed(analysis), memo, combos:
+        if args.side_branch_span is not None:
+            from mmgroupmamba.models import compiled
+            compiled.SIDE_BRANCH_SPAN = args.side_branch_span
+        peaks = []
+        with mutation_analysis_timed(analysis), memo, combos, combo_peaks_recorded(peaks):
             for module, input_shape, repeats in parts:
                 start = time.perf_counter()
                 graphs = trace_graphs(module, input_shape)
@@ -324,7 +365,9 @@ def main(argv=None):
     if args.regional:
         name += (f' compiled block by block ({len(parts)} block graphs for {sum(r for _, _, r in parts)} blocks; '
                  'stem, downsampling and stage norms eager, not counted)')
-    grouping = "Inductor's own (by level)" if args.level_combos else 'side branches grouped across levels'
+    from mmgroupmamba.models.compiled import SIDE_BRANCH_SPAN
+    grouping = ("Inductor's own (by level)" if args.level_combos
+                else f'side branches grouped across levels within {SIDE_BRANCH_SPAN} nodes')
     print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}, '
           f'combo kernels {grouping}; kernel launches in the compiled wrappers (fake H200)')
     kinds = sorted(set(counts[0][0]) | set(counts[1][0]), key=lambda k: -(counts[0][0][k] + counts[1][0][k]))
@@ -340,6 +383,9 @@ def main(argv=None):
     for kind in ('statements', 'launches', 'launch arguments', *(k for k, _ in STATEMENTS)):
         fwd, bwd = statements[0][kind], statements[1][kind]
         print(f'| {kind} | {fwd} | {bwd} | {fwd + bwd} |')
+    if peaks:
+        print("\nInductor's peak-memory estimate of each graph (MiB), before its combo kernels -> after: " +
+              ', '.join(f'{before / 2**20:.0f} -> {after / 2**20:.0f}' for before, after in peaks))
     print(f'\nCompile time on this CPU: tracing (Dynamo aside) {seconds["trace"]:.0f} s, Inductor '
           f'{seconds["inductor"]:.0f} s (its kernels are not compiled here); in both, the write analysis of '
           f'user-defined Triton launches {analysis["seconds"]:.0f} s in {analysis["calls"]} calls, for '

@@ -81,6 +81,9 @@ def test_side_branch_kernels_launch_together_across_levels(checked_listing):
     the same library and Triton kernels of ours, fewer generated ones."""
     found = json.loads(re.search(r'^side-branch groups: (.*)$', checked_listing, re.M).group(1))
     assert found['calls'] == 2 and found['across_levels'] > 0, found
+    # Inductor's estimate of each graph's peak memory, before and after its combo kernels, one pair per graph.
+    peaks = re.search(r"^Inductor's peak-memory estimate .*: (.*)$", checked_listing, re.M).group(1)
+    assert re.fullmatch(r'\d+ -> \d+, \d+ -> \d+', peaks), peaks
     grouped, _ = tables_of(checked_listing)
     by_level, _ = tables_of(listing('--level-combos'))
     for name in set(grouped) | set(by_level):

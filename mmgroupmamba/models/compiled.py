@@ -131,10 +131,10 @@ def _memoized(analysis):
 
 # How far apart in Inductor's schedule (in scheduler nodes) the members of one side-branch group may lie. A combo
 # kernel takes its earliest member's place, and Inductor then pulls the later members' producers ahead of the kernels
-# in between, so buffers those kernels read live longer. GroupMamba-T's det step (compiled_kernels.py, torch 2.14,
-# its combo memory gate off as older releases have none), launches and Inductor's peak estimate of the backward:
-# Inductor's grouping alone 1333, 2849 MiB; spans of 32 nodes 1154, +2 MiB; 64: 1131, +6; 128: 1118, +7; 256: 1117,
-# +7; unbounded 1115, +189 (groups reaching across stages).
+# in between, so buffers those kernels read live longer. GroupMamba-T's det step (`compiled_kernels.py
+# --side-branch-span N`, torch 2.14, its combo memory gate off as older releases have none), launches and Inductor's
+# peak estimate of the backward: Inductor's grouping alone 1333, 2849 MiB; a span of 64 nodes 1123, +5 MiB; 128:
+# 1096, +20; unbounded 1082, +297 (groups reaching across stages).
 SIDE_BRANCH_SPAN = 128
 
 
@@ -178,14 +178,16 @@ def side_branch_groups(scheduler):
             depth[node] = 1 + max((depth[p] for p in producers[node] if side[p]), default=-1)
     if not depth:
         return groups
-    # Streams and memory pools (torch 2.14 keeps each combo kernel within one of each).
+    # Reductions apart from pointwise kernels (Inductor partitions a group by its kernels' block dimensions, and
+    # a lone pointwise kernel in a group of reductions would launch alone), and streams and memory pools apart
+    # (torch 2.14 keeps each combo kernel within one of each).
     stream = getattr(scheduler, 'get_node_stream', lambda node: None)
     mempool = getattr(scheduler, 'node_to_mempool', {})
     open_groups, side_groups = {}, []
     for node in nodes:
         if not side[node]:
             continue
-        key = depth[node], stream(node), mempool.get(node)
+        key = depth[node], node.is_reduction(), stream(node), mempool.get(node)
         group = open_groups.get(key)
         if group is None or len(group) == config.combo_kernel_max_num_nodes or \
                 position[node] - position[group[0]] > SIDE_BRANCH_SPAN:
