@@ -58,12 +58,13 @@ def parse_ptxas(report):
     return registers, stores, loads
 
 
-NORM_FWD = dict(Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32', N='i32',
-                stride_y='i32', stride_z='i32', stride_o='i32', eps='fp32')
+NORM_FWD = dict(Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32',
+                Keep='*fp32', Total='*fp16', N='i32', HW='i32', stride_y='i32', stride_z='i32', stride_o='i32',
+                stride_t='i32', eps='fp32')
 NORM_BWD = dict(DOut='*fp16', Y='*fp16', Z='*fp16', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32', DY='*fp16',
-                DZ='*fp16', DWBPart='*fp32', Out='*fp16', N='i32', tiles_per_program='i32', stride_do='i32',
-                stride_y='i32', stride_z='i32', stride_dy='i32', stride_dz='i32', stride_o='i32', C='i32',
-                part_stride='i32')
+                DZ='*fp16', DWBPart='*fp32', Out='*fp16', DTotal='*fp16', Keep='*fp32', N='i32', HW='i32',
+                tiles_per_program='i32', stride_do='i32', stride_y='i32', stride_z='i32', stride_dy='i32',
+                stride_dz='i32', stride_o='i32', stride_dt='i32', C='i32', part_stride='i32')
 MOD_FWD = dict(Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Out='*fp16', Mean='*fp32', Rstd='*fp32',
                HW='i32', C='i32', C_VALID='i32', eps='fp32')
 MOD_BWD = dict(DOut='*fp16', Y='*fp16', X='*fp16', S='*fp32', W='*fp32', Bias='*fp32', Mean='*fp32', Rstd='*fp32',
@@ -84,16 +85,21 @@ def norm_rows():
     norm = triton_gated_norm
     for channels in DIMS:
         stored = stored_channels(channels)
-        for name, groups, gated in (('layer norm', 1, False), ('gated group norm', GROUPS, True)):
+        # The residual form: a block's residual add with stochastic depth, and the sum's gradient added backward.
+        for name, groups, gated, residual in (('layer norm', 1, False, False),
+                                              ('gated group norm', GROUPS, True, False),
+                                              ('residual layer norm', 1, False, True)):
             per_program, _ = norm._group_tiles(groups, None)
             layout = norm._layout_meta(channels, stored, stored, groups)
             for backward, fn, signature in ((False, norm._gated_norm_fwd_kernel, NORM_FWD),
                                             (True, norm._gated_norm_bwd_kernel, NORM_BWD)):
                 block_n, block_d, warps = norm._tiles(layout['D'])
                 constexprs = dict(GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n,
-                                  BLOCK_D=block_d, GATED=gated)
+                                  BLOCK_D=block_d, GATED=gated, HAS_KEEP=residual)
                 if backward:
-                    constexprs['STORE_OUT'] = True
+                    constexprs.update(STORE_OUT=True, ADD_DTOTAL=residual)
+                else:
+                    constexprs['RESIDUAL'] = residual
                 yield (f'{name} {"bwd" if backward else "fwd"}', channels,
                        f'block_n={block_n} groups/program={per_program}', fn, signature, constexprs, warps)
         for backward, fn, signature in ((False, norm._modulated_norm_fwd_kernel, MOD_FWD),

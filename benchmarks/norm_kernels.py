@@ -9,7 +9,10 @@ linear layer after it, as the fused layers ask):
   in, fp16 out;
 * ``gated``: the scan groups' ``out_norm`` (4 groups, each over C/4 channels) times SiLU of the gate ``z``, a
   column slice of the input projection's output; fp16;
-* ``modulated``: LayerNorm of ``y * x * scale`` (the channel-affinity modulation), fp16.
+* ``modulated``: LayerNorm of ``y * x * scale`` (the channel-affinity modulation), fp16;
+* ``residual``: the LayerNorm that does a residual add in its pass (``x + branch * keep``, stochastic depth's
+  per-image scale; the sum written too), and whose backward adds the sum's gradient from the next add and writes
+  the branch's; fp16. It replaces a ``layer`` norm and an ``addcmul`` (the add's pass, and two backward ones).
 
 For stages 1-4 at bs 128, 224x224 (``cls``) and at the detection step's bs 2, 800x1344 (``det``): the
 largest error against the PyTorch reference (fp32, two images' rows), then the forward and the backward
@@ -28,23 +31,26 @@ import torch
 from torch._library.triton import set_wrap_triton_enabled
 from triton.testing import do_bench_cudagraph
 
+from mmgroupmamba.kernels.gated_norm import residual_sum_reference
 from mmgroupmamba.kernels.reference import group_layer_norm_reference, modulated_layer_norm_reference
 from mmgroupmamba.kernels.triton_gated_norm import (
     gated_norm_backward,
     gated_norm_forward,
     modulated_norm_backward,
     modulated_norm_forward,
+    residual_norm_backward,
+    residual_norm_forward,
 )
 from scan_kernels import copy_bandwidth, log, rel_err
 
 DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
 MAPS = {'cls': [(128, s, s) for s in (56, 28, 14, 7)], 'det': [(2, h, w) for h, w in
                                                               ((200, 336), (100, 168), (50, 84), (25, 42))]}
-KINDS = ('layer', 'gated', 'modulated')
+KINDS = ('layer', 'gated', 'modulated', 'residual')
 # Bytes per element, minimal: forward (reads + writes), backward (reads dout and the inputs, writes the
 # input gradients and the recomputed output).
 BYTES = {'layer': (4 + 2, 2 + 4 + 4 + 2), 'gated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2),
-         'modulated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2)}
+         'modulated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2), 'residual': (2 + 2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2)}
 SWEEP = dict(block_n=(4, 8, 16, 32), num_warps=(4, 8), groups_per_program=(1, 4), tiles_per_program=(1, 4, 16))
 
 
@@ -60,6 +66,15 @@ def make(kind, batch, height, width, channels):
         return ((y, x, scale, weight, bias),
                 lambda **t: modulated_norm_forward(y, x, scale, weight, bias, 1e-5, **t),
                 lambda **t: modulated_norm_backward(dout, y, x, scale, weight, bias, *stats, True, **t))
+    if kind == 'residual':
+        x, branch = (torch.randn(shape, device='cuda', dtype=torch.float16) for _ in range(2))
+        keep = (torch.rand(batch, device='cuda') > 0.1).float() / 0.9
+        _, total, *stats = residual_norm_forward(x, branch, keep, weight, bias, 1e-5, torch.float16)
+        dtotal = torch.randn(shape, device='cuda', dtype=torch.float16)
+        return ((x, branch, keep, weight, bias),
+                lambda **t: residual_norm_forward(x, branch, keep, weight, bias, 1e-5, torch.float16, **t),
+                lambda **t: residual_norm_backward(dout, dtotal, total, keep, weight, bias, *stats, torch.float16,
+                                                   torch.float16, True, **t))
     if kind == 'layer':
         y, z, groups = torch.randn(shape, device='cuda'), None, 1
     else:
@@ -77,6 +92,10 @@ def forward_error(kind, inputs, out):
     if kind == 'modulated':
         y, x, scale, weight, bias = inputs
         ref = modulated_layer_norm_reference(y[:2].float(), x[:2].float(), scale[:2], weight, bias, 1e-5)
+    elif kind == 'residual':
+        x, branch, keep, weight, bias = inputs
+        total = residual_sum_reference(x[:2], branch[:2], keep[:2]).float()
+        ref = group_layer_norm_reference(total, None, weight, bias, 1, 1e-5, torch.float32)
     else:
         y, z, weight, bias, groups = inputs
         ref = group_layer_norm_reference(y[:2].float(), None if z is None else z[:2].float(), weight, bias, groups,
@@ -120,6 +139,8 @@ def run(sweep, sweep_shapes):
                     # alone: each forward tiling is timed once, its backward at each of them.
                     grid = {k: v for k, v in SWEEP.items()
                             if (kind == 'gated' or k != 'groups_per_program') and k != 'tiles_per_program'}
+                    if kind == 'residual':  # one group; its launchers take rows per tile and warps
+                        grid = {k: v for k, v in grid.items() if k in ('block_n', 'num_warps')}
                     walks = SWEEP['tiles_per_program']
                     for values in itertools.product(*grid.values()):
                         tiling = dict(zip(grid, values))

@@ -1,7 +1,8 @@
 """GroupMamba's fused ops: the selective scan, the gated group norm after it, the modulated LayerNorm, the
-depthwise conv + activation and the channel-affinity MLP. Each is a PyTorch custom op (``torch.library``,
-namespace ``mmgroupmamba``) with fake and autograd registrations, running a Triton kernel on CUDA tensors and
-a readable PyTorch reference (``reference.py``) elsewhere; ``dispatch.py`` says which.
+residual add with the LayerNorm after it, the depthwise conv + activation and the channel-affinity MLP. Each is a
+PyTorch custom op (``torch.library``, namespace ``mmgroupmamba``) with fake and autograd registrations, running a
+Triton kernel on CUDA tensors and a readable PyTorch reference (``reference.py``) elsewhere; ``dispatch.py`` says
+which.
 
 Installed as ``mmgroupmamba.kernels``.
 """
@@ -13,8 +14,9 @@ from .fused_linear import (
     gated_group_norm_linear,
     layer_norm_linear,
     modulated_layer_norm_linear,
+    residual_layer_norm_linear,
 )
-from .gated_norm import gated_group_norm, layer_norm, modulated_layer_norm
+from .gated_norm import gated_group_norm, layer_norm, modulated_layer_norm, residual_layer_norm
 from .reference import (
     channel_affinity_reference,
     depthwise_conv_act_reference,
@@ -30,4 +32,4 @@ __all__ = ['SCAN_DIRECTIONS', 'scan_order_index', 'linear_recurrence', 'selectiv
            'layer_norm', 'layer_norm_linear', 'depthwise_conv_act', 'depthwise_conv_act_reference',
            'depthwise_conv_act_linear', 'dwconv_act_forward', 'dwconv_act_backward', 'modulated_layer_norm',
            'modulated_layer_norm_linear', 'modulated_layer_norm_reference', 'channel_affinity',
-           'channel_affinity_reference']
+           'channel_affinity_reference', 'residual_layer_norm', 'residual_layer_norm_linear']

@@ -3,7 +3,8 @@
 Autograd would also keep the op's output, a full map, for the linear layer's weight gradient. Here the op's
 backward kernel recomputes that output from what it reads anyway (one extra write), so the pair keeps the op's
 inputs only. GroupMamba runs three such pairs per block: the gated group norm -> ``out_proj``, the modulated
-LayerNorm -> ``proj`` and the FFN's LayerNorm -> ``fc1``; and the FFN's depthwise conv + GELU -> ``fc2``, whose
+LayerNorm -> ``proj`` and the FFN's LayerNorm -> ``fc1`` (with the residual add before it:
+``residual_layer_norm_linear``); and the FFN's depthwise conv + GELU -> ``fc2``, whose
 8x-channel hidden maps are the largest activations of the model.
 
 Each pair is a ``torch.autograd.Function`` over the custom ops, which ``torch.compile`` traces into its graph;
@@ -19,6 +20,8 @@ from .gated_norm import (
     modulated_layer_norm_fwd,
     modulated_layer_norm_grads,
     promoted_dtype,
+    residual_layer_norm_fwd,
+    residual_layer_norm_grads,
 )
 
 
@@ -71,6 +74,35 @@ class GatedNormLinearFn(torch.autograd.Function):
 
         grad_lw, grad_lb, (dy, dz, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
         return dy, dz, dw, db, None, None, None, grad_lw, grad_lb, None
+
+
+class ResidualNormLinearFn(torch.autograd.Function):
+    """The residual add and the LayerNorm after it (``residual_layer_norm``), then the linear layer: ``(total,
+    out)``. The sum is an output (the next residual add reads it) and the norm's backward reads it."""
+
+    @staticmethod
+    def forward(ctx, x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias, cast_bias):
+        total, normed, mean, rstd = residual_layer_norm_fwd(x, branch, keep, weight, bias, eps, out_dtype,
+                                                            x.shape[-1])
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias, cast_bias)
+        ctx.save_for_backward(total, keep, weight, bias, mean, rstd, weight_c)
+        ctx.constants = (eps, out_dtype, branch.dtype)
+        ctx.set_materialize_grads(False)  # either output's gradient may be absent: no zero fill for it
+        return total, out
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_out):
+        *saved, weight_c = ctx.saved_tensors
+        if grad_out is None:  # only the sum was read on
+            dx, dbranch, *_ = residual_layer_norm_grads(None, grad_total, *saved, *ctx.constants, False)
+            return dx, dbranch, None, None, None, None, None, None, None, None
+
+        def recompute(grad_normed):
+            *grads, normed = residual_layer_norm_grads(grad_normed, grad_total, *saved, *ctx.constants, True)
+            return grads, normed
+
+        grad_lw, grad_lb, (dx, dbranch, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
+        return dx, dbranch, None, dw, db, None, None, grad_lw, grad_lb, None
 
 
 class ModulatedNormLinearFn(torch.autograd.Function):
@@ -136,6 +168,15 @@ def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, line
 def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None, cast_bias=None):
     """``F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)``."""
     return gated_group_norm_linear(x, None, weight, bias, 1, eps, linear_weight, linear_bias, out_dtype, cast_bias)
+
+
+def residual_layer_norm_linear(x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias=None,
+                               cast_bias=None):
+    """``(total, F.linear(normed, linear_weight, linear_bias))`` for ``(total, normed) = residual_layer_norm(x,
+    branch, keep, weight, bias, eps, out_dtype)``: a residual add, the norm after it and the linear layer after
+    that."""
+    return ResidualNormLinearFn.apply(x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias,
+                                      _cast_only(cast_bias, linear_bias))
 
 
 def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None, cast_bias=None):

@@ -38,7 +38,7 @@ def gated_group_norm_fwd(y: torch.Tensor, z: Optional[torch.Tensor], weight: tor
 
 
 @gated_group_norm_fwd.register_fake
-def _(y, z, weight, bias, groups, eps, out_dtype, out_channels):
+def _gated_fwd_fake(y, z, weight, bias, groups, eps, out_dtype, out_channels):
     out = torch.empty((*y.shape[:-1], out_channels), dtype=out_dtype, device=y.device)
     if use_triton(y):
         stats = y.new_empty((y.numel() // y.shape[-1], groups), dtype=torch.float32)
@@ -68,7 +68,7 @@ def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.
 
 
 @gated_group_norm_bwd.register_fake
-def _(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
+def _gated_bwd_fake(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
     out = torch.empty(dout.shape, dtype=out_dtype, device=y.device) if need_output else empty(y, out_dtype)
     dz = empty(y) if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
     return (torch.empty(y.shape, dtype=y.dtype, device=y.device), dz,
@@ -97,6 +97,107 @@ def _gated_backward(ctx, dout, _dmean, _drstd):
 
 
 gated_group_norm_fwd.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+def _per_image(t, keep):
+    """``t * keep`` for ``(B, ...)`` maps and one scale an image, ``keep`` ``(B,)``, in fp32 (fp64 for fp64 maps)."""
+    compute = reduced_dtype(t)
+    return t.to(compute) * keep.to(compute).view(-1, *([1] * (t.dim() - 1)))
+
+
+def residual_sum_reference(x, branch, keep):
+    """``x + branch * keep`` (``keep`` ``(B,)``, one scale an image; None: ``x + branch``), computed in fp32 (fp64
+    for fp64 maps) and stored in x's dtype, as the residual norm's kernel stores it."""
+    branch = branch.to(reduced_dtype(x)) if keep is None else _per_image(branch, keep)
+    return (x.to(reduced_dtype(x)) + branch).to(x.dtype)
+
+
+def _residual_fwd_reference(x, branch, keep, weight, bias, eps, out_dtype, out_channels):
+    with torch.no_grad():
+        total = residual_sum_reference(x, branch, keep)
+        out = _padded_group_norm_reference(total, None, weight, bias, 1, eps, out_dtype, out_channels)
+    return total.contiguous(), out.contiguous(), empty(x, torch.float32), empty(x, torch.float32)
+
+
+@fused_op('mmgroupmamba::residual_layer_norm_fwd', reference=_residual_fwd_reference)
+def residual_layer_norm_fwd(x: torch.Tensor, branch: torch.Tensor, keep: Optional[torch.Tensor], weight: torch.Tensor,
+                            bias: torch.Tensor, eps: float, out_dtype: torch.dtype, out_channels: int) -> tuple[
+                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(total, out, mean, rstd)``: ``total`` the residual sum ``x + branch * keep`` in x's dtype, ``out`` its
+    LayerNorm (``out_channels`` columns); statistics as for the gated norm."""
+    out, total, mean, rstd = triton_module('triton_gated_norm', x.device).residual_norm_forward(
+        x, branch, keep, weight, bias, eps, out_dtype, out_channels)
+    return total, out, mean, rstd
+
+
+@residual_layer_norm_fwd.register_fake
+def _(x, branch, keep, weight, bias, eps, out_dtype, out_channels):
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out, mean, rstd = _gated_fwd_fake(total, None, weight, bias, 1, eps, out_dtype, out_channels)
+    return total, out, mean, rstd
+
+
+def _residual_bwd_reference(dout, dtotal, total, keep, weight, bias, mean, rstd, eps, out_dtype, branch_dtype,
+                            need_output):
+    dx, _, dwb, out = _gated_bwd_reference(dout, total, None, weight, bias, mean, rstd, 1, eps, out_dtype,
+                                           need_output)
+    compute = reduced_dtype(total)
+    dx = dx.to(compute) if dtotal is None else dx.to(compute) + dtotal.to(compute)
+    dbranch = empty(total, branch_dtype) if keep is None else _per_image(dx, keep).to(branch_dtype)
+    return dx.to(total.dtype), dbranch.contiguous(), dwb, out
+
+
+@fused_op('mmgroupmamba::residual_layer_norm_bwd', reference=_residual_bwd_reference)
+def residual_layer_norm_bwd(dout: torch.Tensor, dtotal: Optional[torch.Tensor], total: torch.Tensor,
+                            keep: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                            rstd: torch.Tensor, eps: float, out_dtype: torch.dtype, branch_dtype: torch.dtype,
+                            need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dbranch, dwb, out)``: the skip input's gradient (the norm's plus ``dtotal``, the sum's gradient from
+    its other readers), the branch's (``dx * keep``; empty without ``keep``, where it is ``dx``), ``dwb`` as for
+    the gated norm, ``out`` empty unless ``need_output``."""
+    dx, dbranch, dwb, out = triton_module('triton_gated_norm', total.device).residual_norm_backward(
+        dout, dtotal, total, keep, weight, bias, mean, rstd, branch_dtype, out_dtype, need_output)
+    return (dx, (empty(total, branch_dtype) if dbranch is None else dbranch), dwb,
+            (out if need_output else empty(total, out_dtype)))
+
+
+@residual_layer_norm_bwd.register_fake
+def _(dout, dtotal, total, keep, weight, bias, mean, rstd, eps, out_dtype, branch_dtype, need_output):
+    dx, _, dwb, out = _gated_bwd_fake(dout, total, None, weight, bias, mean, rstd, 1, eps, out_dtype, need_output)
+    dbranch = empty(total, branch_dtype) if keep is None else torch.empty(
+        total.shape, dtype=branch_dtype, device=total.device)
+    return dx, dbranch, dwb, out
+
+
+def residual_layer_norm_grads(dout, dtotal, total, keep, weight, bias, mean, rstd, eps, out_dtype, branch_dtype,
+                              need_output):
+    """:func:`residual_layer_norm_bwd` with its outputs as the inputs' gradients: ``(dx, dbranch, dweight, dbias,
+    out or None)``; ``dout`` None (the norm's output unused) gives ``dtotal`` through and no weight gradients."""
+    if dout is None:
+        if dtotal is None:
+            return None, None, None, None, None
+        dbranch = dtotal.to(branch_dtype) if keep is None else _per_image(dtotal, keep).to(branch_dtype)
+        return dtotal, dbranch, None, None, None
+    dx, dbranch, (dw, db), out = residual_layer_norm_bwd(dout, dtotal, total, keep, weight, bias, mean, rstd, eps,
+                                                         out_dtype, branch_dtype, need_output)
+    if keep is None:  # the branch's gradient is the skip input's (itself where the dtypes agree)
+        dbranch = dx.to(branch_dtype)
+    return dx, dbranch, dw.to(weight.dtype), db.to(bias.dtype), (out if need_output else None)
+
+
+def _residual_setup(ctx, inputs, output):
+    x, branch, keep, weight, bias, eps, out_dtype, _ = inputs
+    ctx.save_for_backward(output[0], keep, weight, bias, output[2], output[3])
+    ctx.constants = (eps, out_dtype, branch.dtype)
+    ctx.set_materialize_grads(False)  # as the gated norm's; the sum's gradient may be absent too
+
+
+def _residual_backward(ctx, dtotal, dout, _dmean, _drstd):
+    dx, dbranch, dw, db, _ = residual_layer_norm_grads(dout, dtotal, *ctx.saved_tensors, *ctx.constants, False)
+    return dx, dbranch, None, dw, db, None, None, None
+
+
+residual_layer_norm_fwd.register_autograd(_residual_backward, setup_context=_residual_setup)
 
 
 def _padded_modulated_reference(y, x, scale, weight, bias, eps):
@@ -208,6 +309,20 @@ def layer_norm(x, weight, bias, eps, out_dtype=None, out_channels=None):
     that dtype saves a cast of the whole map (and keeps one copy of it for backward instead of two).
     """
     return gated_group_norm(x, None, weight, bias, 1, eps, out_dtype, out_channels)
+
+
+def residual_layer_norm(x, branch, keep, weight, bias, eps, out_dtype=None, out_channels=None):
+    """``(total, LayerNorm(total))`` of the residual sum ``total = x + branch * keep[:, None, None, None]``, in one
+    pass: a block's residual add (``keep``: stochastic depth's per-image scale, ``(B,)`` fp32, 0 for a dropped
+    branch; None where nothing drops) and the norm that reads its result next, so that the sum is not read back.
+
+    ``x`` and ``branch`` are ``(B, H, W, C)`` maps, compact or padded (``kernels/layout.py``); ``total`` is in x's
+    dtype, the normalised map in ``out_dtype`` (default x's) with ``out_channels`` columns (default x's). The
+    backward adds the sum's gradient from its other readers to the norm's inside the norm's kernel.
+    """
+    total, out, _, _ = residual_layer_norm_fwd(x, branch, keep, weight, bias, eps, out_dtype or x.dtype,
+                                               out_channels or x.shape[-1])
+    return total, out
 
 
 def modulated_layer_norm(y, x, scale, weight, bias, eps):

@@ -65,16 +65,27 @@ def _layout(g, offs, D, PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.cons
 
 
 @triton.jit
-def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z, stride_o, eps,
-                           GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
+def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, Keep, Total, N, HW, stride_y, stride_z, stride_o,
+                           stride_t, eps, GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
                            PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
+                           RESIDUAL: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """``RESIDUAL``: Z is a residual branch instead of a gate: the rows normalised are ``Y + Z * Keep[image]``
+    (``HW`` rows an image; ``Y + Z`` without ``HAS_KEEP``), rounded to Total's dtype and stored there."""
     offs = tl.arange(0, BLOCK_D)
     for i in tl.static_range(GROUPS_PER_PROGRAM):
         g = tl.program_id(1) * GROUPS_PER_PROGRAM + i
-        cols, valid, in_cols, _, out_cols, out_ok = _layout(g, offs, D, PERIOD, VALID, P_IN, P_OUT)
+        cols, valid, in_cols, in_ok, out_cols, out_ok = _layout(g, offs, D, PERIOD, VALID, P_IN, P_OUT)
         rows, row_ok, mask, rows64 = _row_tile(tl.program_id(0), N, valid, BLOCK_N)
         y = tl.load(Y + rows64 * stride_y + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            branch = tl.load(Z + rows64 * stride_z + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_KEEP:
+                branch = branch * tl.load(Keep + rows // HW, mask=row_ok, other=0.0)[:, None]
+            # Normalised as stored, so that the backward, which reads Total, sees the forward's rows.
+            total = (y + branch).to(Total.dtype.element_ty)
+            tl.store(Total + rows64 * stride_t + in_cols[None, :], total, mask=row_ok[:, None] & in_ok[None, :])
+            y = total.to(tl.float32)
         out, mean, rstd = _normalize(y, mask, W, Bias, cols, valid, (D // PERIOD) * VALID, eps)
         if GATED:
             z = tl.load(Z + rows64 * stride_z + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -87,15 +98,19 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, N, stride_y, stride_z
 
 # A loop count, not a size: one compiled kernel for every value.
 @triton.jit(do_not_specialize=['tiles_per_program'])
-def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out, N, tiles_per_program, stride_do,
-                           stride_y, stride_z, stride_dy, stride_dz, stride_o, C, part_stride,
-                           GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr,
-                           PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
-                           STORE_OUT: tl.constexpr):
+def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out, DTotal, Keep, N, HW,
+                           tiles_per_program, stride_do, stride_y, stride_z, stride_dy, stride_dz, stride_o,
+                           stride_dt, C, part_stride, GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+                           D: tl.constexpr, PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.constexpr,
+                           P_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
+                           STORE_OUT: tl.constexpr, ADD_DTOTAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     """Row tiles ``[pid * tiles_per_program, (pid + 1) * tiles_per_program)`` (fewer in the last program), in
     order; the group's columns of the weight and bias partial sums are this program's own. Pad columns of the
-    input's gradients get zeros, of the recomputed output too."""
+    input's gradients get zeros, of the recomputed output too.
+
+    For the residual form (the forward's ``RESIDUAL``; Y is the stored sum): ``ADD_DTOTAL`` adds the sum's
+    gradient from its other readers, DTotal, to the norm's before storing DY (the skip input's gradient), and
+    ``HAS_KEEP`` stores the branch's, ``DY * Keep[image]``, in DZ."""
     pid = tl.program_id(0)
     first = pid * tiles_per_program
     end = tl.minimum(first + tiles_per_program, tl.cdiv(N, BLOCK_N))
@@ -138,7 +153,13 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out
             mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / n_valid
             dy = tl.where(mask, (dy_hat - mean_dy_hat[:, None] - y_hat * mean_dy_hat_y_hat[:, None]) * rstd[:, None],
                           0.0)
+            if ADD_DTOTAL:
+                dy += tl.load(DTotal + rows64 * stride_dt + in_cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DY + rows64 * stride_dy + in_cols[None, :], dy.to(DY.dtype.element_ty), mask=in_mask)
+            if HAS_KEEP:
+                keep = tl.load(Keep + rows // HW, mask=row_ok, other=0.0)
+                tl.store(DZ + rows64 * stride_dz + in_cols[None, :], (dy * keep[:, None]).to(DZ.dtype.element_ty),
+                         mask=in_mask)
             dw += tl.sum(d_normed * y_hat, axis=0)
             db += tl.sum(d_normed, axis=0)
         # DWBPart is (2, C, programs): the weight's partial sums, then the bias's, part_stride apart; each
@@ -234,23 +255,46 @@ def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels=
     channels compact or padded (``kernels/layout.py``); ``out`` has ``out_channels`` columns (default: y's),
     zeros in its pad channels. ``block_n``, ``num_warps`` and ``groups_per_program`` force the tiling
     (``benchmarks/norm_kernels.py --sweep``)."""
+    out, _, mean, rstd = _norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels, block_n, num_warps,
+                                       groups_per_program)
+    return out, mean, rstd
+
+
+def residual_norm_forward(x, branch, keep, weight, bias, eps, out_dtype, out_channels=None, block_n=None,
+                          num_warps=None):
+    """``(total, out, mean, rstd)``: ``total = x + branch * keep[:, None, None, None]`` (a residual add with
+    stochastic depth's per-image scale ``keep``, ``(B,)`` fp32; None: ``x + branch``) in x's dtype, and the
+    LayerNorm of ``total`` as :func:`gated_norm_forward` gives it (one group, no gate), from one read of the
+    two maps ``(B, H, W, C)``, compact or padded."""
+    return _norm_forward(x, branch, weight, bias, 1, eps, out_dtype, out_channels, block_n, num_warps, None,
+                         residual=True, keep=keep)
+
+
+def _norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels, block_n, num_warps, groups_per_program,
+                  residual=False, keep=None):
     channels = y.shape[-1]
     out_channels = out_channels or channels
-    gated = z is not None
     y2 = _rows(y, channels)
-    z2 = _rows(z, channels) if gated else y2
+    z2 = _rows(z, channels) if z is not None else y2
     n = y2.shape[0]
     out = torch.empty((n, out_channels), dtype=out_dtype, device=y.device)
     mean = torch.empty((n, groups), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
+    total = torch.empty((n, channels), dtype=y.dtype, device=y.device) if residual else out
     layout = _layout_meta(weight.numel(), channels, out_channels, groups)
     block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, groups_per_program)
     wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n), group_programs)](
-        y2, z2, weight, bias, out, mean, rstd, n, y2.stride(0), z2.stride(0), out.stride(0), eps,
+        y2, z2, weight, bias, out, mean, rstd, mean if keep is None else keep, total, n,
+        _rows_per_image(y) if residual else n, y2.stride(0), z2.stride(0), out.stride(0), total.stride(0), eps,
         GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n, BLOCK_D=block_d,
-        GATED=gated, num_warps=num_warps)
-    return out.view(*y.shape[:-1], out_channels), mean, rstd
+        GATED=z is not None and not residual, RESIDUAL=residual, HAS_KEEP=keep is not None, num_warps=num_warps)
+    return (out.view(*y.shape[:-1], out_channels), (total.view(y.shape) if residual else None), mean, rstd)
+
+
+def _rows_per_image(t):
+    """Rows of one image of a ``(B, H, W, C)`` map (``H * W``), which a per-image scale is indexed by."""
+    return t.numel() // (t.shape[0] * t.shape[-1])
 
 
 def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output, block_n=None,
@@ -258,14 +302,34 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     """``(dy, dz or None, dwb, out or None)``: ``dwb`` the fp32 ``(2, C)`` weight and bias gradients, ``out``
     the recomputed forward output (dout's columns); tiling as in :func:`gated_norm_forward`, and
     ``tiles_per_program`` forces the row tiles each program walks."""
+    return _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output, block_n, num_warps,
+                          groups_per_program, tiles_per_program)
+
+
+def residual_norm_backward(dout, dtotal, total, keep, weight, bias, mean, rstd, branch_dtype, out_dtype, need_output,
+                           block_n=None, num_warps=None, tiles_per_program=None):
+    """``(dx, dbranch or None, dwb, out or None)`` of :func:`residual_norm_forward` from its saved ``total``:
+    ``dx`` the gradient of the skip input x (the norm's plus ``dtotal``, the sum's gradient from its other
+    readers; None: none), ``dbranch`` the branch's, ``dx * keep`` in ``branch_dtype`` (None without ``keep``:
+    ``dx`` itself is then the branch's gradient); ``dwb`` and ``out`` as in :func:`gated_norm_backward`."""
+    return _norm_backward(dout, total, None, weight, bias, mean, rstd, 1, out_dtype, need_output, block_n, num_warps,
+                          None, tiles_per_program, residual=True, dtotal=dtotal, keep=keep, branch_dtype=branch_dtype)
+
+
+def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output, block_n, num_warps,
+                   groups_per_program, tiles_per_program, residual=False, dtotal=None, keep=None, branch_dtype=None):
     shape, channels, out_channels = y.shape, y.shape[-1], dout.shape[-1]
     gated = z is not None
     y2 = _rows(y, channels)
     z2 = _rows(z, channels) if gated else y2
     n = y2.shape[0]
     dout2 = _rows(dout, out_channels)
+    dtotal2 = _rows(dtotal, channels) if dtotal is not None else y2
     dy = torch.empty((n, channels), dtype=y.dtype, device=y.device)
-    dz = torch.empty((n, channels), dtype=z.dtype, device=y.device) if gated else dy
+    if gated or keep is not None:
+        dz = torch.empty((n, channels), dtype=z.dtype if gated else branch_dtype, device=y.device)
+    else:
+        dz = dy
     out = torch.empty((n, out_channels), dtype=out_dtype, device=y.device) if need_output else dy
     valid = weight.numel()
     layout = _layout_meta(valid, channels, out_channels, groups)
@@ -277,12 +341,12 @@ def gated_norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype,
     # graph copies"). Programs innermost ("Partial sums' layout" above).
     dwb_part = torch.empty((2, valid, programs), dtype=torch.float32, device=y.device)
     wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
-        dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, n, tiles_per_program,
-        dout2.stride(0), y2.stride(0), z2.stride(0), dy.stride(0), dz.stride(0),
-        out.stride(0), valid, dwb_part.stride(0), GROUPS=groups, GROUPS_PER_PROGRAM=per_program,
-        **layout, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated, STORE_OUT=need_output,
-        num_warps=num_warps)
-    return (dy.view(shape), (dz.view(z.shape) if gated else None), dwb_part.sum(2),
+        dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, dtotal2, mean if keep is None else keep, n,
+        _rows_per_image(y) if residual else n, tiles_per_program, dout2.stride(0), y2.stride(0), z2.stride(0),
+        dy.stride(0), dz.stride(0), out.stride(0), dtotal2.stride(0), valid, dwb_part.stride(0), GROUPS=groups,
+        GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated,
+        STORE_OUT=need_output, ADD_DTOTAL=dtotal is not None, HAS_KEEP=keep is not None, num_warps=num_warps)
+    return (dy.view(shape), (dz.view(shape) if dz is not dy else None), dwb_part.sum(2),
             (out.view(*shape[:-1], out_channels) if need_output else None))
 
 

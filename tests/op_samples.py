@@ -9,6 +9,8 @@ from mmgroupmamba.kernels.gated_norm import (
     gated_group_norm_fwd,
     modulated_layer_norm_bwd,
     modulated_layer_norm_fwd,
+    residual_layer_norm_bwd,
+    residual_layer_norm_fwd,
 )
 from mmgroupmamba.kernels.scan import AUTO_TILING, selective_scan_bwd, selective_scan_fwd
 from scan_oracle import random_scan_inputs
@@ -35,10 +37,12 @@ def op_samples(gen, device='cpu'):
     w, b = draw(16, grad=True), draw(16, grad=True)
     w12, b12 = draw(12, grad=True), draw(12, grad=True)
     scale = draw(2, 16, grad=True, rand=True)
+    keep = torch.tensor([0.0, 1.25], device=device)  # stochastic depth's per-image scales: one image dropped
     with torch.no_grad():
         _, mean, rstd = gated_group_norm_fwd(y, z, w, b, 4, 1e-5, torch.float32, y.shape[-1])
         _, mmean, mrstd = modulated_layer_norm_fwd(y, x, scale, w, b, 1e-5)
         _, pmean, prstd = gated_group_norm_fwd(y, z, w12, b12, 4, 1e-5, torch.float32, 16)
+        total, _, rmean, rrstd = residual_layer_norm_fwd(x, y, keep, w, b, 1e-6, torch.float32, 16)
     dout = draw(2, 3, 4, 16)
     # The channel affinity of 16 channels through 3 hidden units (no power of 2), and a pooled map in bf16 as
     # under autocast.
@@ -61,13 +65,22 @@ def op_samples(gen, device='cpu'):
         (gated_group_norm_bwd, (dout, y, z, w, b, mean, rstd, 4, 1e-5, torch.float32, True)),
         (modulated_layer_norm_fwd, (y, x, scale, w, b, 1e-5)),
         (modulated_layer_norm_bwd, (dout, y, x, scale, w, b, mmean, mrstd, 1e-5, False)),
+        # The residual add before a LayerNorm: with stochastic depth's scales or without, read padded (12 channels
+        # in 16) and written compact, with the sum's gradient from other readers or without, the branch in bf16.
+        (residual_layer_norm_fwd, (x, y, keep, w, b, 1e-6, torch.float32, 16)),
+        (residual_layer_norm_fwd, (x, y, None, w, b, 1e-6, torch.float16, 16)),
+        (residual_layer_norm_fwd, (x, y.bfloat16(), keep, w12, b12, 1e-6, torch.float32, 12)),
+        (residual_layer_norm_bwd, (dout, draw(2, 3, 4, 16), total, keep, w, b, rmean, rrstd, 1e-6, torch.float32,
+                                   torch.bfloat16, True)),
+        (residual_layer_norm_bwd, (dout, None, total, None, w, b, rmean, rrstd, 1e-6, torch.float32, torch.float32,
+                                   False)),
         (channel_affinity_fwd, (pooled, *affinity_params)),
         (channel_affinity_bwd, (draw(2, 16), pooled, *affinity_params)),
     ]
 
 
 BACKWARD_OPS = (selective_scan_bwd, dwconv_act_bwd, gated_group_norm_bwd, modulated_layer_norm_bwd,
-                channel_affinity_bwd)
+                residual_layer_norm_bwd, channel_affinity_bwd)
 
 
 def opcheck_every_op(gen, device='cpu'):

@@ -49,6 +49,7 @@ def test_op_gradients_match_autograd_through_the_references():
         gated_group_norm_reference,
         modulated_layer_norm,
         modulated_layer_norm_reference,
+        residual_layer_norm,
         selective_scan,
         selective_scan_reference,
     )
@@ -68,6 +69,12 @@ def test_op_gradients_match_autograd_through_the_references():
         (modulated_layer_norm, modulated_layer_norm_reference, [y, x, scale, w, b], (1e-5,)),
         (depthwise_conv_act, depthwise_conv_act_reference, [x, conv_w, b], ('gelu',)),
         (channel_affinity, channel_affinity_reference, [pooled, fc1_w, fc1_b, fc2_w, b, scale[0, :1]], ()),
+        # Both outputs (the sum and its norm) at once; one image's branch dropped.
+        (lambda x, y, w, b, keep: torch.cat(residual_layer_norm(x, y, keep, w, b, 1e-5), -1),
+         lambda x, y, w, b, keep: residual_then_layer_norm(x, y * keep.view(-1, 1, 1, 1), w, b, 1e-5),
+         [x, y, w, b], (torch.tensor([0.0, 1.25], dtype=torch.float64),)),
+        (lambda x, y, w, b: torch.cat(residual_layer_norm(x, y, None, w, b, 1e-5), -1),
+         lambda x, y, w, b: residual_then_layer_norm(x, y, w, b, 1e-5), [x, y, w, b], ()),
     ]
     for op, reference, tensors, constants in cases:
         out = op(*tensors, *constants)
@@ -76,6 +83,12 @@ def test_op_gradients_match_autograd_through_the_references():
         expected = torch.autograd.grad(reference(*tensors, *constants), tensors, grad_out)
         for g, e in zip(ours, expected):
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def residual_then_layer_norm(x, branch, w, b, eps):
+    """The residual sum and its LayerNorm as plain ops, side by side along the channels."""
+    total = x + branch
+    return torch.cat([total, torch.nn.functional.layer_norm(total, total.shape[-1:], w, b, eps)], -1)
 
 
 def compiled_entries():

@@ -13,6 +13,8 @@ from mmgroupmamba.kernels import (
     layer_norm_linear,
     modulated_layer_norm,
     modulated_layer_norm_linear,
+    residual_layer_norm,
+    residual_layer_norm_linear,
 )
 from mmgroupmamba.kernels.layout import pad_groups, unpad_groups
 
@@ -377,3 +379,85 @@ def test_padded_maps_match_the_compact_reference(monkeypatch, impl, group_dims, 
             assert torch.equal(pad_channels_of(g, valid), torch.zeros_like(pad_channels_of(g, valid))), name
             g = unpad_groups(g, valid)
         assert rel_err(g, r) <= 1e-5, name
+
+
+def residual_case(gen, dtype, valid, stored, dropping):
+    """x, a branch (both ``(3, 4, 5, stored)``, ``valid`` channels padded as the model stores them, zeros in the
+    pad channels), the per-image keep scales (one image dropped) or None, and a LayerNorm's affine."""
+    maps = [pad_groups(torch.randn(3, 4, 5, valid, generator=gen) * 2 + 0.5, stored).to(dtype) for _ in range(2)]
+    keep = torch.tensor([1.25, 0.0, 1.25]) if dropping else None
+    return maps, keep, torch.randn(valid, generator=gen), torch.randn(valid, generator=gen)
+
+
+def plain_residual_norm(x, branch, keep, w, b, eps, out_channels):
+    """The sum and its LayerNorm as plain ops on the compact channels, in x's dtype as the fused op rounds."""
+    valid = w.numel()
+    total = x + (branch if keep is None else branch * keep.to(branch.dtype).view(-1, 1, 1, 1))
+    compact = unpad_groups(total, valid)
+    out = torch.nn.functional.layer_norm(compact, (valid,), w.to(total.dtype), b.to(total.dtype), eps)
+    return total, pad_groups(out, out_channels)
+
+
+@pytest.mark.parametrize('impl', ['triton', 'reference'])
+@pytest.mark.parametrize('valid, stored, out_channels', [(16, 16, 16), (12, 16, 16), (12, 16, 12)])
+@pytest.mark.parametrize('dropping', [True, False])
+@pytest.mark.parametrize('sum_read_on', [True, False])
+def test_residual_layer_norm_matches_float64(monkeypatch, impl, valid, stored, out_channels, dropping, sum_read_on):
+    """The residual add and the LayerNorm after it in one op: the sum and the normalised map (compact or padded,
+    zeros in pad channels) and every gradient, with the sum's gradient from other readers added inside the norm's
+    backward, or with the sum read by nothing else."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    gen = torch.Generator().manual_seed(valid + stored + out_channels + dropping)
+    (x, branch), keep, w, b = residual_case(gen, torch.float32, valid, stored, dropping)
+    tensors = [t.clone().requires_grad_() for t in (x, branch, w, b)]
+    total, out = residual_layer_norm(tensors[0], tensors[1], keep, tensors[2], tensors[3], 1e-5,
+                                     out_channels=out_channels)
+    dtotal = pad_groups(torch.randn(3, 4, 5, valid, generator=gen), stored) if sum_read_on else None
+    dout = pad_groups(torch.randn(3, 4, 5, valid, generator=gen), out_channels)
+    outputs = (total, out) if sum_read_on else (out, )
+    grads = torch.autograd.grad(outputs, tensors, (dtotal, dout) if sum_read_on else (dout, ))
+    exact = [t.detach().double().requires_grad_() for t in (x, branch, w, b)]
+    ref_total, ref_out = plain_residual_norm(*exact[:2], None if keep is None else keep.double(), *exact[2:], 1e-5,
+                                             out_channels)
+    ref_outputs = (ref_total, ref_out) if sum_read_on else (ref_out, )
+    ref_grads = torch.autograd.grad(ref_outputs, exact, tuple(g.double() for g in
+                                                              ((dtotal, dout) if sum_read_on else (dout, ))))
+    assert total.shape == x.shape and out.shape[-1] == out_channels
+    assert rel_err(total, ref_total) <= 1e-6 and rel_err(out, ref_out) <= 1e-5
+    if out_channels != valid:
+        assert torch.equal(pad_channels_of(out, valid), torch.zeros_like(pad_channels_of(out, valid)))
+    for name, g, r in zip(['dx', 'dbranch', 'dweight', 'dbias'], grads, ref_grads):
+        assert g.shape == r.shape and g.dtype == torch.float32, name
+        assert rel_err(g, r) <= 1e-5, (name, rel_err(g, r))
+    if keep is not None:  # a dropped image's branch gets no gradient
+        assert torch.equal(grads[1][1], torch.zeros_like(grads[1][1]))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+@pytest.mark.parametrize('dropping', [True, False])
+def test_residual_norm_then_linear_matches_reference(dtype, dropping):
+    """The residual add, the FFN's norm and fc1 as one pair: the sum, fc1's output and every gradient as the plain
+    ops' in float64, with the sum read on (the next residual add) and the norm's output not kept."""
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(3 + dropping)
+    (x, branch), keep, w, b = residual_case(gen, dtype, 16, 16, dropping)
+    lw, lb = torch.randn(24, 16, generator=gen).to(dtype), torch.randn(24, generator=gen)
+    tensors = [t.clone().requires_grad_() for t in (x, branch, w, b, lw, lb)]
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        total, out = residual_layer_norm_linear(tensors[0], tensors[1], keep, tensors[2], tensors[3], 1e-6, dtype,
+                                                tensors[4], tensors[5])
+    assert not [t for t in kept if t.numel() == x.numel() and t.data_ptr() != total.data_ptr()]
+    dtotal, dout = torch.randn(x.shape, generator=gen), torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((total, out), tensors, (dtotal.to(dtype), dout.to(dtype)))
+    exact = [t.detach().double().requires_grad_() for t in (x, branch, w, b, lw, lb)]
+    ref_total, normed = plain_residual_norm(*exact[:2], None if keep is None else keep.double(), *exact[2:4], 1e-6, 16)
+    ref_out = F.linear(normed, *exact[4:])
+    ref_grads = torch.autograd.grad((ref_total, ref_out), exact, (dtotal.double(), dout.double()))
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    assert total.dtype == out.dtype == dtype
+    assert rel_err(total, ref_total) <= tolerance and rel_err(out, ref_out) <= tolerance
+    for name, g, r, a in zip(['dx', 'dbranch', 'dweight', 'dbias', 'dlinear_weight', 'dlinear_bias'], grads,
+                             ref_grads, tensors):
+        assert g.dtype == a.dtype and g.shape == a.shape, name
+        assert rel_err(g, r) <= tolerance, (name, rel_err(g, r))
