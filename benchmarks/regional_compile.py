@@ -7,9 +7,10 @@ The backbone's ``compile`` option traces the whole backbone into one graph: on a
 to compile (fifteenth session), 40% of that in PyTorch's analysis of every launch site of our Triton kernels
 (``compiled_kernels.py``). Its 19 blocks come in four shapes, one per stage. Compiled block by block (PyTorch's
 regional compilation: each ``GroupMambaBlock``'s forward through a ``CompiledForward`` of its own, the stem,
-downsampling and stage norms eager), Dynamo traces one block per shape and reuses that graph for the stage's other
-blocks (their parameters are inputs, not constants), so Inductor compiles four block graphs and the analysis runs
-over four blocks' launch sites. The cost: each block call goes through a compiled region's guards and wrappers, and
+downsampling and stage norms eager), Dynamo traces a stage's first block and its second (which takes the first's
+FFN branch, still to be added in its input norm's pass) and reuses the second's graph for the stage's later blocks
+(their parameters are inputs, not constants), so Inductor compiles up to eight block graphs and the analysis runs
+over their launch sites. The cost: each block call goes through a compiled region's guards and wrappers, and
 nothing fuses across blocks. This script measures both sides for one mode per process (compiled code is cached per
 process): the first step's time (the compile), the steady step time, the graphs compiled, and the outputs and
 parameter gradients against the eager model's on the same input. ``--compile-options``: ``torch.compile`` arguments

@@ -267,7 +267,7 @@ def test_ffn_recomputing_backward_matches_plain_autograd(autocast):
         return ffn.fc2(F.gelu(F.conv2d(h, conv.weight, conv.bias, padding=1, groups=h.shape[1])).permute(0, 2, 3, 1))
 
     plain = grads(plain_ffn)
-    fused = grads(lambda t: ffn(t, norm))
+    fused = grads(lambda t: ffn(t, norm)[1])
     names = ['out', 'x', 'norm.weight', 'norm.bias'] + [n for n, _ in ffn.named_parameters()]
     for name, a, b in zip(names, fused, plain):
         assert a.dtype == b.dtype and a.shape == b.shape, name
@@ -586,3 +586,38 @@ def test_backbone_draws_every_blocks_stochastic_depth_masks_at_once():
         frozen(x)
     assert ops.names == ['aten.bernoulli.default']
     assert seen == [(False, True), (False, True), (True, False), (True, False)]
+
+
+@pytest.mark.parametrize('impl, channel_multiple', [('reference', 8), ('reference', 1), ('triton', 8)])
+def test_residual_adds_inside_the_norms_match_the_plain_block(impl, channel_multiple, monkeypatch):
+    """A stage adds each block's residual branches inside the norms that read the sums next (the FFN's norm, the
+    next block's input norm, the stage's norm): outputs and gradients in training with stochastic depth as the
+    plain block's (``x + DropPath(layer(x))``, ``x + DropPath(ffn(norm2(x)))``, each add apart) with the same
+    masks, padded (20 and 44 channels stored as 24 and 48, ``channel_multiple=8``) and not."""
+    from mmgroupmamba.models.groupmamba import GroupMambaBlock, add_dropped_branch
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    torch.manual_seed(0)
+    arch = dict(stem_hidden_dim=16, embed_dims=[20, 32, 44, 64], mlp_ratios=[2, 2, 2, 2], depths=[2, 1, 2, 1])
+    fused = GroupMamba(arch=arch, drop_path_rate=0.5, channel_multiple=channel_multiple).train()
+    plain = copy.deepcopy(fused)
+    for block in plain.modules():
+        if isinstance(block, GroupMambaBlock):
+            def apart(x, keep_masks, weights, residual, pending, block=block):
+                assert residual is None and pending  # nothing is left pending: a stage's next block gets None
+                attn_mask, mlp_mask = (None, None) if keep_masks is None else keep_masks
+                attn_weights, mlp_weights = weights  # built for the stage, in the stored channels
+                x = add_dropped_branch(x, block.attn(x, attn_weights), attn_mask)
+                return add_dropped_branch(x, block.mlp(x, block.norm2, mlp_weights)[1], mlp_mask), None
+            block.forward = apart
+    x = torch.randn(3, 3, 32, 32)
+    results = []
+    for model in (fused, plain):
+        torch.manual_seed(1)  # the same stochastic-depth masks
+        inp = x.clone().requires_grad_()
+        outs = model(inp)
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs)
+        results.append([*outs, *torch.autograd.grad(loss, [inp, *model.parameters()])])
+    torch.manual_seed(1)
+    assert bool((fused.keep_masks(x) == 0).any())  # the runs' masks: some branch of some image dropped
+    for i, (a, b) in enumerate(zip(*results)):  # some gradients are all zeros (a zero-initialised layer's)
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-8, i

@@ -156,8 +156,9 @@ def test_padded_model_under_autocast():
 
 
 def test_pad_channels_hold_zeros_and_state_dict_is_official():
-    """Every block of a padded stage outputs exact zeros in its pad channels; the state dict's keys and shapes
-    are the unpadded model's (the official ones)."""
+    """Every block of a padded stage outputs exact zeros in its pad channels (its map, and the FFN branch still to
+    be added to it: a stage leaves that add to the next norm); the state dict's keys and shapes are the unpadded
+    model's (the official ones)."""
     _, padded = twin_models()
     block_outputs = []
     for stage in (2, 3):
@@ -166,11 +167,12 @@ def test_pad_channels_hold_zeros_and_state_dict_is_official():
     with torch.no_grad():
         padded(torch.randn(2, 3, 40, 56))
     assert len(block_outputs) == 3
-    for stage, out in block_outputs:
+    for stage, (out, (branch, _)) in block_outputs:
         valid, stored = ODD_ARCH['embed_dims'][stage - 1], padded.stored_dims[stage - 1]
-        assert out.shape[-1] == stored
-        pads = out[..., pad_groups(torch.ones(valid), stored) == 0]
-        assert pads.numel() and torch.equal(pads, torch.zeros_like(pads))
+        for t in (out, branch):
+            assert t.shape[-1] == stored
+            pads = t[..., pad_groups(torch.ones(valid), stored) == 0]
+            assert pads.numel() and torch.equal(pads, torch.zeros_like(pads))
     plain = GroupMamba(ODD_ARCH, channel_multiple=1)
     assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
 

@@ -52,16 +52,17 @@ def selective_scan_flop_jit(inputs, outputs):
 SCAN_OP_NAME = f'prim::PythonOp.{CountedSelectiveScan.__name__}'
 
 
-def groupwise_forward(layer, x, weights=None):
+def groupwise_forward(layer, x, weights=None, normalized=False):
     """:class:`GroupMambaLayer` forward computed group by group with the official per-group ops (each group's
     weights a slice of the packed parameters), so that FLOPs are counted as the official model spends them.
     ``weights`` (what the block passes: its weights in the compute dtype) goes unused: FLOPs are counted in fp32
     on the parameters themselves. A padded layer's map (``kernels/layout.py``) is unpadded first and its
-    output padded again (zeros: no FLOPs)."""
+    output padded again (zeros: no FLOPs). ``normalized``: as the layer's (the block ran the input norm)."""
     x = unpad_groups(x, layer.Ds.numel())
     batch, height, width, dims = x.shape
     d = dims // NUM_GROUPS
-    x = layer.norm(x)
+    if not normalized:
+        x = layer.norm(x)
     affinity = torch.sigmoid(layer.fc2(F.relu(layer.fc1(x.mean((1, 2))))))
     conv, norm = layer.conv2d, layer.out_norm
     scan_inputs, gates = [], []
@@ -86,12 +87,15 @@ def groupwise_forward(layer, x, weights=None):
     return layer.pad(layer.proj(layer.norm(y)))
 
 
-def plain_ffn_forward(ffn, x, norm, weights=None):
+def plain_ffn_forward(ffn, x, norm, weights=None, residual=None):
     """:class:`ConvFFN` forward with plain ops (the fused op + linear pairs are single opaque nodes to a trace);
-    ``weights`` unused, as in :func:`groupwise_forward`."""
+    ``weights`` unused, as in :func:`groupwise_forward`; the pending residual added as a plain add (in evaluation,
+    where nothing drops)."""
+    if residual is not None:
+        x = x + residual[0]
     conv = ffn.dwconv.dwconv
     h = ffn.fc1(norm(unpad_groups(x, ffn.fc2.out_features))).permute(0, 3, 1, 2)
-    return ffn.pad(ffn.fc2(F.gelu(conv(h)).permute(0, 2, 3, 1)))
+    return x, ffn.pad(ffn.fc2(F.gelu(conv(h)).permute(0, 2, 3, 1)))
 
 
 @contextmanager

@@ -57,11 +57,11 @@ class CompiledForward:
                 self.options['options'] = {**defaults, **self.options.get('options', {})}
         self._compiled = None
 
-    def __call__(self, forward, *args):
+    def __call__(self, forward, *args, **kwargs):
         if self._compiled is None:
             self._compiled = torch.compile(forward, **self.options)
         with compiling_user_kernels(), side_branch_combos():
-            return self._compiled(*args)
+            return self._compiled(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         return CompiledForward(self.name, dict(self.options))

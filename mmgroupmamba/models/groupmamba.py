@@ -20,6 +20,8 @@ Layout::
           block4's tokens (before norm4) -> mean -> post_network (one ClassBlock) -> norm4
 
     block:  x = x + DropPath(GroupMambaLayer(x));   x = x + DropPath(ConvFFN(norm2(x)))
+            (each add done in the pass of the LayerNorm that reads the sum next: norm2, the next block's input
+            norm, the stage's norm; kernels.residual_layer_norm)
 
     GroupMambaLayer (C channels, 4 groups of d = C/4):
         x = LayerNorm(x)
@@ -71,6 +73,8 @@ from mmgroupmamba.kernels import (
     layer_norm,
     layer_norm_linear,
     modulated_layer_norm_linear,
+    residual_layer_norm,
+    residual_layer_norm_linear,
     selective_scan,
 )
 from mmgroupmamba.kernels.layout import (
@@ -279,10 +283,14 @@ def cast_together(params, dtype):
 
 def apply_layer_norm(norm, x, out_channels=None):
     """``norm(x)`` for an ``nn.LayerNorm`` over the last dim, through the blocks' LayerNorm kernel on CUDA, with
-    PyTorch's dtypes (fp32 out under autocast, x's dtype otherwise). ``x`` and the output (``out_channels``
-    columns, default x's) may be padded (``kernels/layout.py``): the stage boundaries pad and unpad here."""
-    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else None
-    return layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype, out_channels)
+    PyTorch's dtypes (:func:`_norm_dtype`). ``x`` and the output (``out_channels`` columns, default x's) may be
+    padded (``kernels/layout.py``): the stage boundaries pad and unpad here."""
+    return layer_norm(x, norm.weight, norm.bias, norm.eps, _norm_dtype(x), out_channels)
+
+
+def _norm_dtype(x):
+    """The dtype ``nn.LayerNorm`` gives for ``x``: fp32 under autocast, else None (x's own)."""
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) else None
 
 
 def _compute_dtype(x):
@@ -479,12 +487,14 @@ class GroupMambaLayer(nn.Module):
         """``t``'s ``dim`` of ``C`` channels laid out in the stored channels (itself where they are the same)."""
         return pad_groups(t, self.stored_dims, dim)
 
-    def forward(self, x, weights=None):
+    def forward(self, x, weights=None, normalized=False):
         """x: ``(B, H, W, C)`` -> ``(B, H, W, C)``, in the compute dtype (autocast's, or x's), C the stored
         channels. ``weights``: :meth:`forward_weights` in that dtype (:func:`build_forward_weights` builds them for
-        a stage's blocks together)."""
+        a stage's blocks together). ``normalized``: x is already ``self.norm``'s output (a block runs that norm
+        itself, with its pending residual add: :func:`add_layer_norm`)."""
         batch, height, width, stored = x.shape
-        x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
+        if not normalized:
+            x = layer_norm(x, self.norm.weight, self.norm.bias, self.norm.eps, _compute_dtype(x))
         if weights is None:
             if stored != self.Ds.numel():
                 raise ValueError(f'GroupMambaLayer: a padded layer ({self.Ds.numel()} channels stored as {stored}) '
@@ -573,17 +583,24 @@ class ConvFFN(nn.Module):
     def pad(self, t, dim=-1):
         return pad_groups(t, self.stored_dims, dim)
 
-    def forward(self, x, norm, weights=None):
-        """``fc2(gelu(dwconv(fc1(norm(x)))))``; x ``(B, H, W, C)``, C the stored channels; ``weights``:
-        :meth:`forward_weights` (:func:`build_forward_weights` builds them for a stage's blocks together)."""
+    def forward(self, x, norm, weights=None, residual=None):
+        """``(x, fc2(gelu(dwconv(fc1(norm(x))))))``, x ``(B, H, W, C)``, C the stored channels, after x's pending
+        residual add where there is one (``residual``: ``(branch, mask)``, ``x + DropPath(branch)`` added in the
+        norm's pass: :func:`add_layer_norm`; x itself comes back without one). ``weights``: :meth:`forward_weights`
+        (:func:`build_forward_weights` builds them for a stage's blocks together)."""
         dtype = _compute_dtype(x)
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_bias_param = weights or self.forward_weights(
             cast_together(self.matmul_params(), dtype), self.channel_params())
-        h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, self.fc1.bias,
-                              cast_bias=fc1_bias)
+        if residual is None:
+            h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, self.fc1.bias,
+                                  cast_bias=fc1_bias)
+        else:
+            branch, mask = residual
+            x, h = residual_layer_norm_linear(x, branch, _per_image(mask), norm.weight, norm.bias, norm.eps, dtype,
+                                              fc1_weight, self.fc1.bias, cast_bias=fc1_bias)
         conv = self.dwconv.dwconv
-        return depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, fc2_bias_param,
-                                         cast_bias=fc2_bias)
+        return x, depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, fc2_bias_param,
+                                            cast_bias=fc2_bias)
 
 
 class _AddDroppedBranch(torch.autograd.Function):
@@ -610,6 +627,28 @@ def add_dropped_branch(x, branch, mask):
     return x + branch if mask is None else _AddDroppedBranch.apply(x, branch, mask)
 
 
+def add_residual(x, residual):
+    """x after its pending residual add (``residual``: ``(branch, mask)``, :func:`add_dropped_branch`'s; None:
+    x), where no norm follows to do it in its pass."""
+    return x if residual is None else add_dropped_branch(x, *residual)
+
+
+def _per_image(mask):
+    """A block's keep mask ``(B, 1, 1, 1)`` as the fused residual norms read it, ``(B,)`` (None stays None)."""
+    return None if mask is None else mask.view(-1)
+
+
+def add_layer_norm(x, residual, norm, out_dtype=None, out_channels=None):
+    """``(x, norm(x))`` after x's pending residual add, ``x = x + DropPath(branch)`` for ``residual = (branch,
+    mask)`` (:func:`add_dropped_branch`'s), done in the norm's pass (``kernels.residual_layer_norm``: the sum is
+    written once and not read back); ``residual`` None: x as it is. ``norm`` an ``nn.LayerNorm``, the output in
+    ``out_dtype`` (default x's) with ``out_channels`` columns (default x's; see ``kernels.layer_norm``)."""
+    if residual is None:
+        return x, layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype, out_channels)
+    branch, mask = residual
+    return residual_layer_norm(x, branch, _per_image(mask), norm.weight, norm.bias, norm.eps, out_dtype, out_channels)
+
+
 def draw_keep_masks(keep_rates, batch):
     """Stochastic depth's masks for blocks of keep rates ``keep_rates`` ``(n,)`` (fp32), both branches of each,
     per image, in one draw: ``(n, 2, batch, 1, 1, 1)`` fp32, each 0 or 1 / its block's keep rate (the scale exact
@@ -620,7 +659,12 @@ def draw_keep_masks(keep_rates, batch):
 
 
 class GroupMambaBlock(nn.Module):
-    """``x + DropPath(GroupMambaLayer(x))``, then ``x + DropPath(ConvFFN(norm2(x)))``; channels-last."""
+    """``x + DropPath(GroupMambaLayer(x))``, then ``x + DropPath(ConvFFN(norm2(x)))``; channels-last.
+
+    Each residual add is done inside the pass of the norm that reads its sum next (:func:`add_layer_norm`): the
+    layer's add in ``norm2``'s, the FFN's in the next block's input norm or the stage's norm (a stage runs its
+    blocks with ``pending=True``). Apart, each add was a launch forward and two backward (the branch's scaled
+    gradient, and the sum of the gradients of the sum's two readers), and a pass over the map."""
 
     def __init__(self, dims, mlp_ratio, drop_path=0.0, with_cp=False, stored_dims=None, stored_parameters=None):
         super().__init__()
@@ -685,19 +729,27 @@ class GroupMambaBlock(nn.Module):
             return None, None
         return draw_keep_masks(torch.full((1, ), 1 - self.drop_path, device=x.device), x.shape[0])[0]
 
-    def _forward(self, x, keep_masks, weights=None):
+    def _forward(self, x, residual, keep_masks, weights=None):
         attn_weights, mlp_weights = weights or self._forward_weights(_compute_dtype(x))
         attn_mask, mlp_mask = self._keep_masks(x) if keep_masks is None else keep_masks
-        x = add_dropped_branch(x, self.attn(x, attn_weights), attn_mask)
-        return add_dropped_branch(x, self.mlp(x, self.norm2, mlp_weights), mlp_mask)
+        x, normed = add_layer_norm(x, residual, self.attn.norm, _compute_dtype(x))
+        x, branch = self.mlp(x, self.norm2, mlp_weights, (self.attn(normed, attn_weights, normalized=True), attn_mask))
+        return x, (branch, mlp_mask)
 
-    def forward(self, x, keep_masks=None, weights=None):
+    def forward(self, x, keep_masks=None, weights=None, residual=None, pending=False):
         """``keep_masks``: this block's ``(2, B, 1, 1, 1)`` rows of :func:`draw_keep_masks` (a backbone draws all
         its blocks' at once); None draws them here when the block drops branches. ``weights``: this block's of
-        :func:`stage_forward_weights`, or None to build its own."""
+        :func:`stage_forward_weights`, or None to build its own.
+
+        ``residual``: a previous block's FFN branch still to be added to x, ``(branch, mask)`` as returned with
+        ``pending=True``, or None. ``pending``: return ``(x, (branch, mask))``, the output with this block's own FFN
+        branch still to be added (by the norm that reads the sum next: :func:`add_layer_norm`), instead of the
+        sum."""
         if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._forward, x, keep_masks, weights, use_reentrant=False)
-        return self._forward(x, keep_masks, weights)
+            x, own = cp.checkpoint(self._forward, x, residual, keep_masks, weights, use_reentrant=False)
+        else:
+            x, own = self._forward(x, residual, keep_masks, weights)
+        return (x, own) if pending else add_residual(x, own)
 
 
 def stage_forward_weights(blocks, dtype):
@@ -961,17 +1013,19 @@ class GroupMamba(BaseModule):
         return self
 
     def forward_stage(self, i, x, keep_masks=None):
-        """Stage ``i`` (0-based) without its norm: downsampling (or the stem) and blocks, channels-last out, in
-        the stage's stored channels (``stored_dims[i]``). ``keep_masks``: :meth:`keep_masks`' (a block in training
-        mode reads its row), or None for each block to draw its own."""
+        """Stage ``i`` (0-based) without its norm: downsampling (or the stem) and blocks, channels-last, in the
+        stage's stored channels (``stored_dims[i]``). Returns ``(x, residual)``: the last block's output with its FFN
+        branch still to be added (``GroupMambaBlock``'s ``pending``), by the stage's norm. ``keep_masks``:
+        :meth:`keep_masks`' (a block in training mode reads its row), or None for each block to draw its own."""
         x = getattr(self, f'patch_embed{i + 1}')(x)
         blocks = getattr(self, f'block{i + 1}')
         weights = stage_forward_weights(blocks, _compute_dtype(x))
+        residual = None
         for block, row, block_weights in zip(blocks, self._mask_rows[i], weights):
             # A frozen stage's blocks stay in eval mode (_freeze_stages) and drop nothing.
-            x = block(x, keep_masks[row] if keep_masks is not None and row is not None and block.training else None,
-                      block_weights)
-        return x
+            masks = keep_masks[row] if keep_masks is not None and row is not None and block.training else None
+            x, residual = block(x, masks, block_weights, residual, pending=True)
+        return x, residual
 
     def keep_masks(self, x):
         """Every dropping block's stochastic-depth masks for the batch ``x``, in block order, from one draw
@@ -1003,12 +1057,12 @@ class GroupMamba(BaseModule):
         outs = []
         keep_masks = self.keep_masks(x)
         for i in range(self.num_stages):
-            x = self.forward_stage(i, x, keep_masks)
+            x, residual = self.forward_stage(i, x, keep_masks)
             if self.out_type == 'cls_token' and i == self.num_stages - 1:
-                return (self._class_token(unpad_groups(x, self.embed_dims[i])), )
+                return (self._class_token(unpad_groups(add_residual(x, residual), self.embed_dims[i])), )
             # The official model feeds the normalised map of stages 1-3 into the next stage; the norm writes it
-            # unpadded.
-            x = apply_layer_norm(getattr(self, f'norm{i + 1}'), x, self.embed_dims[i])
+            # unpadded, in PyTorch's dtype (apply_layer_norm), after the last block's pending residual add.
+            x = add_layer_norm(x, residual, getattr(self, f'norm{i + 1}'), _norm_dtype(x), self.embed_dims[i])[1]
             if i in self.out_indices:
                 outs.append(x.mean((1, 2)) if self.out_type == 'avg_featmap' else _to_nchw(x).contiguous())
         return tuple(outs)
