@@ -262,9 +262,9 @@ def gated_norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels=
 
 def residual_norm_forward(x, branch, keep, weight, bias, eps, out_dtype, out_channels=None, block_n=None,
                           num_warps=None):
-    """``(total, out, mean, rstd)``: ``total = x + branch * keep[:, None, None, None]`` (a residual add with
-    stochastic depth's per-image scale ``keep``, ``(B,)`` fp32; None: ``x + branch``) in x's dtype, and the
-    LayerNorm of ``total`` as :func:`gated_norm_forward` gives it (one group, no gate), from one read of the
+    """``(out, total, mean, rstd)``: ``total = x + branch * keep[:, None, None, None]`` (a residual add with
+    stochastic depth's per-image scale ``keep``, ``(B,)`` fp32; None: ``x + branch``) in x's dtype, and ``out``
+    the LayerNorm of ``total`` as :func:`gated_norm_forward` gives it (one group, no gate), from one read of the
     two maps ``(B, H, W, C)``, compact or padded."""
     return _norm_forward(x, branch, weight, bias, 1, eps, out_dtype, out_channels, block_n, num_warps, None,
                          residual=True, keep=keep)
