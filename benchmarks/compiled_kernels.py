@@ -2,8 +2,7 @@
 
     python benchmarks/compiled_kernels.py [--model groupmamba|swin] [--arch tiny] [--size 800 1344]
                                           [--inductor-options '{"combo_kernels": false}'] [--top 25]
-                                          [--save-code DIR] [--regional] [--no-memo] [--level-combos]
-                                          [--side-branch-span NODES]
+                                          [--save-code DIR] [--regional] [--no-memo]
 
 The compiled detection step (bs 2, 800x1344, AMP fp16, forward + backward) is bound by its host: Inductor's
 Python wrapper issues every launch, so their number sets the step time (README, #14). Counting them needs the
@@ -21,15 +20,12 @@ code Inductor generates, and GPU time is scarce; this script gets that code on t
 The wrappers' ``call()`` functions are then read: every ``.run(`` is one Triton launch (Inductor's generated
 kernels by kind: pointwise, reduction, persistent reduction, foreach, a combo kernel by its name's kind; ours by
 kernel name), every ``extern_kernels.*`` call one library launch (cuBLAS may launch two for a split-K matmul).
-Both graphs are compiled in the backbones' compile contexts (``models/compiled.py``); ``--level-combos`` leaves
-Inductor's own combo-kernel grouping (one topological level per group) in place of the side-branch groups, for
-the launches that grouping saves, and ``--side-branch-span`` sets how far apart the members of one side-branch group
-may lie (Inductor's estimate of each graph's peak memory, before and after its combo kernels, is printed; its
-own memory gate on combo kernels, where the release has one, is an Inductor option:
-``combo_kernel_peak_memory_pct_threshold``, ``null`` for none). Printed: launches by
-kind for the forward and backward graphs; the wrappers' statements, each run in Python at every step (buffer
+Both graphs are compiled in the backbones' compile context (``models/compiled.py``). Printed: launches by kind
+for the forward and backward graphs; the wrappers' statements, each run in Python at every step (buffer
 allocations, tensor reinterpretations, input checks, the arguments the launches pass), a CPU proxy for the host
-work besides the launch count; and the generated kernels grouped by the ATen ops they were fused from
+work besides the launch count; Inductor's estimate of each graph's peak memory, before and after its combo
+kernels (its memory gate on combo kernels, where the release has one, is an Inductor option:
+``combo_kernel_peak_memory_pct_threshold``); and the generated kernels grouped by the ATen ops they were fused from
 (Inductor's "Original ATen" comments), most frequent first.
 
 ``--regional`` compiles GroupMamba block by block instead (PyTorch's regional compilation, as
@@ -307,12 +303,6 @@ def main(argv=None):
     parser.add_argument('--no-memo', action='store_true',
                         help='compile without the backbones\' write-analysis memo (compiled.compiling_user_kernels): '
                         'PyTorch analyses every launch site of our Triton kernels anew')
-    parser.add_argument('--level-combos', action='store_true',
-                        help='Inductor\'s own combo-kernel groups (one topological level each) instead of the '
-                        'backbones\' side-branch groups (compiled.side_branch_combos)')
-    parser.add_argument('--side-branch-span', type=int, default=None, metavar='NODES',
-                        help='the side-branch groups\' span in scheduler nodes (default: '
-                        'compiled.SIDE_BRANCH_SPAN)')
     args = parser.parse_args(argv)
     if args.regional and (args.model != 'groupmamba' or args.save_code):
         parser.error('--regional compiles GroupMamba blocks, and writes no wrapper modules')
@@ -323,7 +313,7 @@ def main(argv=None):
         if args.inductor_options is None:
             from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
             args.inductor_options = dict(COMPILE_INDUCTOR_DEFAULTS) if args.model == 'groupmamba' else {}
-        from mmgroupmamba.models.compiled import compiling_user_kernels, side_branch_combos
+        from mmgroupmamba.models.compiled import compiling_user_kernels
         analysis = {}
         backbone = build(args.model, args.arch)
         # What is compiled, and how often each compiled graph runs in a step.
@@ -336,12 +326,8 @@ def main(argv=None):
         # write analyses timed are those PyTorch performs: with the memo, once per kernel and arguments' key; with
         # --no-memo once per launch site and consumer, as plain torch.compile does.
         memo = contextlib.nullcontext() if args.no_memo else compiling_user_kernels()
-        combos = contextlib.nullcontext() if args.level_combos else side_branch_combos()
-        if args.side_branch_span is not None:
-            from mmgroupmamba.models import compiled
-            compiled.SIDE_BRANCH_SPAN = args.side_branch_span
         peaks = []
-        with mutation_analysis_timed(analysis), memo, combos, combo_peaks_recorded(peaks):
+        with mutation_analysis_timed(analysis), memo, combo_peaks_recorded(peaks):
             for module, input_shape, repeats in parts:
                 start = time.perf_counter()
                 graphs = trace_graphs(module, input_shape)
@@ -365,11 +351,8 @@ def main(argv=None):
     if args.regional:
         name += (f' compiled block by block ({len(parts)} block graphs for {sum(r for _, _, r in parts)} blocks; '
                  'stem, downsampling and stage norms eager, not counted)')
-    from mmgroupmamba.models.compiled import SIDE_BRANCH_SPAN
-    grouping = ("Inductor's own (by level)" if args.level_combos
-                else f'side branches grouped across levels within {SIDE_BRANCH_SPAN} nodes')
-    print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}, '
-          f'combo kernels {grouping}; kernel launches in the compiled wrappers (fake H200)')
+    print(f'{name}, bs 2 at {args.size[0]}x{args.size[1]}, AMP fp16, Inductor options {args.inductor_options}; '
+          f'kernel launches in the compiled wrappers (fake H200)')
     kinds = sorted(set(counts[0][0]) | set(counts[1][0]), key=lambda k: -(counts[0][0][k] + counts[1][0][k]))
     print('| launches | forward | backward | both |')
     print('| --- | ---: | ---: | ---: |')

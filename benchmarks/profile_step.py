@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [--model T] [--swin] [--batch 128] [--size 224 224] [--rows 30]
                                       [--cuda-graph | --compile [MODE]] [--dynamic] [--compile-options JSON]
-                                      [--drop-path-rate 0.2] [--take-turns DIR N] [--level-combos]
+                                      [--drop-path-rate 0.2] [--take-turns DIR N]
 
 GroupMamba of size ``--model`` (``--swin``: the Swin Transformer of that size), built as ``backbone_speed.py``
 builds its rows (``build_backbones``), so that a compiled row finds the compile caches that run (or its warm-ups)
@@ -12,10 +12,6 @@ backbone through ``torch.compile`` (GroupMamba's ``compile`` option; default mod
 static sizes unless ``--dynamic``; ``--compile-options`` as in ``backbone_speed.py``) and adds the host side: the
 top CPU ops of the profiled step, and the launches in the wrappers Inductor generated for it, by kind (its
 kernels by pointwise / reduction / persistent reduction, ours by name, library calls; ``wrapper_code.py``).
-
-``--level-combos`` (with ``--compile``): Inductor's combo kernels grouped by topological level only, as Inductor
-groups them by itself, instead of the backbones' side-branch groups (``models/compiled.py``); beside a process
-without it, an A/B of the grouping in one call.
 
 ``--take-turns DIR N`` lets N such processes compile side by side and then time and profile one at a time: each
 waits after its first step until all N have compiled, then holds a lock in DIR while it measures (a compile or a
@@ -27,7 +23,6 @@ cuDNN, PyTorch's own elementwise, reduction and copy kernels, fills): launches a
 """
 import argparse
 import collections
-import contextlib
 import fcntl
 import json
 import os
@@ -70,27 +65,21 @@ def family_table(kernels):
     return '\n'.join(lines)
 
 
-def take_turn(directory, processes):
-    """Waits until ``processes`` processes have called this with ``directory``, then takes its lock: held until
-    this process exits."""
+def announce_ready(directory):
+    """Counts this process as compiled among those taking turns in ``directory`` (once per process)."""
     os.makedirs(directory, exist_ok=True)
     open(os.path.join(directory, f'ready.{os.getpid()}'), 'w').close()
+
+
+def take_turn(directory, processes):
+    """Waits until ``processes`` processes have announced themselves in ``directory``, then takes its lock: held
+    until this process exits."""
+    announce_ready(directory)
     while sum(name.startswith('ready.') for name in os.listdir(directory)) < processes:
         time.sleep(1)
     lock = open(os.path.join(directory, 'lock'), 'w')
     fcntl.flock(lock, fcntl.LOCK_EX)
     return lock
-
-
-def level_combos_only():
-    """Compiled forwards in this process group Inductor's combo kernels by topological level alone, as Inductor
-    does by itself, instead of by ``compiled.side_branch_groups``: one side of an A/B in one call. The grouping is
-    not part of Inductor's cache key, so this process gets an Inductor cache of its own (Triton's is shared: the
-    kernels are the same or new)."""
-    from mmgroupmamba.models import compiled
-    compiled.side_branch_combos = contextlib.nullcontext
-    os.environ['TORCHINDUCTOR_CACHE_DIR'] = os.environ.get('TORCHINDUCTOR_CACHE_DIR', '/tmp/torchinductor') + \
-        '_level_combos'
 
 
 def main():
@@ -112,17 +101,9 @@ def main():
                         help='compile beside N-1 other processes given DIR, then measure one at a time')
     parser.add_argument('--sync-debug', action='store_true',
                         help='also list the operations of one step that wait for the GPU (set_sync_debug_mode)')
-    parser.add_argument('--level-combos', action='store_true',
-                        help='with --compile: Inductor\'s own combo-kernel groups (one topological level each) '
-                        'instead of the backbones\' side-branch groups, in an Inductor cache of its own')
     args = parser.parse_args()
-    if args.level_combos:
-        if not args.compile:
-            parser.error('--level-combos is a choice of the compiled step')
-        level_combos_only()
     torch.backends.cudnn.benchmark = True
     suffix = ' +graphs' if args.cuda_graph else ' +compile' if args.compile else ''
-    label = ' (level combos)' if args.level_combos else ''
     options = dict(args.compile_options)
     if args.compile:
         options.setdefault('dynamic', args.dynamic)
@@ -136,12 +117,19 @@ def main():
     step = backbone_step(model, torch.randn(args.batch, 3, *args.size, device='cuda'))
 
     start = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
+    try:
+        step()
+        torch.cuda.synchronize()
+    except BaseException:
+        # A process that fails to compile still counts as ready, so that the others time their turns instead of
+        # waiting for it until the call's timeout (the twenty-seventh session's second call lost its whole trio).
+        if args.take_turns:
+            announce_ready(args.take_turns[0])
+        raise
     print(f'first step (compiles with --compile) {time.perf_counter() - start:.1f} s', flush=True)
     if args.take_turns:
         turn = take_turn(args.take_turns[0], int(args.take_turns[1]))  # noqa: F841 (held until exit)
-        print(f'{name}{suffix}{label}: measuring from {time.strftime("%H:%M:%S")}', flush=True)
+        print(f'{name}{suffix}: measuring from {time.strftime("%H:%M:%S")}', flush=True)
     # backbone_speed's timing: one full garbage collection before the timed steps (a compile leaves about a
     # million objects), and any collection inside them printed: two processes with the same compiled kernels
     # timed without it took 35.2 and 46.1 ms in one call (twenty-fourth session), and a collection of that garbage
@@ -181,12 +169,12 @@ def main():
     if args.compile:
         print(events.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=60))
         print('dynamo counters:', {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v})
-    print(f'{name}{suffix}{label} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
+    print(f'{name}{suffix} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms, GPU kernels {kernel_ms:.1f} ms in {launches} launches', flush=True)
     if args.take_turns:
         # With the start's line above, shows that the turns did not overlap (in the twenty-fourth session's call
         # they ran one after another, 1-2 s each).
-        print(f'{name}{suffix}{label}: measured until {time.strftime("%H:%M:%S")}', flush=True)
+        print(f'{name}{suffix}: measured until {time.strftime("%H:%M:%S")}', flush=True)
     if args.compile:
         # Last, after the measurements: it reads Inductor's code cache, private to PyTorch and not the same in every
         # release (the GPU image's is older than this project's), and must not cost the lines above.

@@ -6,8 +6,6 @@ what Inductor receives, without Inductor's C++ code generation (minutes per grap
 itself is exercised on the GPU (benchmarks/check_gpu.py, benchmarks/backbone_speed.py --compile).
 """
 import copy
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -320,37 +318,3 @@ def test_write_analysis_is_kept_by_kernel_and_arguments_inside_the_compile_conte
     assert functorch_config.force_non_lazy_backward_lowering == lazy
     analyse(N=3, BLOCK=16)
     assert len(calls) == 9  # outside the context, PyTorch's own behaviour: no cache
-
-
-def test_side_branch_grouping_is_inductors_only_inside_the_compile_context(monkeypatch):
-    """``side_branch_combos`` (around every compiled forward) gives Inductor's combo-kernel grouping to
-    ``side_branch_groups`` and restores Inductor's own on exit, also when the compiled call raises; a nested context
-    leaves it in place. ``profile_step.py --level-combos`` takes the context out of this process for an A/B, with an
-    Inductor cache of its own. What the grouping does to a compiled step is ``test_compiled_kernels.py``'s."""
-    from torch._inductor.scheduler import ForeachKernelSchedulerNode
-
-    from mmgroupmamba.models import compiled
-
-    def grouping():
-        return ForeachKernelSchedulerNode.__dict__['group_algorithm_for_combo_kernels']
-
-    inductors = grouping()
-    assert inductors is not compiled.side_branch_groups
-    with pytest.raises(RuntimeError, match='inside'):
-        with compiled.side_branch_combos():
-            assert grouping() is compiled.side_branch_groups
-            with compiled.side_branch_combos():
-                assert grouping() is compiled.side_branch_groups
-            assert grouping() is compiled.side_branch_groups
-            raise RuntimeError('inside')
-    assert grouping() is inductors
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-    monkeypatch.setattr(compiled, 'side_branch_combos', compiled.side_branch_combos)
-    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', '/tmp/inductor_cache')
-    sys.modules.pop('profile_step', None)
-    import profile_step
-    profile_step.level_combos_only()
-    with compiled.side_branch_combos():
-        assert grouping() is inductors
-    assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == '/tmp/inductor_cache_level_combos'

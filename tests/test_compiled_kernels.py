@@ -3,7 +3,6 @@ without a GPU. Run in its own process (it answers torch's device queries as an H
 turns on Triton's interpreter, whose kernels Inductor cannot compile): for the mini arch, the compiled step
 launches each of our Triton kernels as often as the layers call them, no more (no forward kernel recomputed in
 the backward, none copied around), and Inductor fuses the glue into its own kernels."""
-import json
 import os
 import re
 import subprocess
@@ -15,10 +14,10 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'compiled_kernels.py'
 
 
-def listing(*options, script=SCRIPT):
+def listing(*options):
     """The listing's stdout for the mini arch's det step at 64x64, ``options`` added."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    result = subprocess.run([sys.executable, str(script), '--arch', 'mini', '--size', '64', '64', *options],
+    result = subprocess.run([sys.executable, str(SCRIPT), '--arch', 'mini', '--size', '64', '64', *options],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -39,14 +38,13 @@ def tables_of(stdout):
 
 
 @pytest.fixture(scope='module')
-def checked_listing():
-    """The default listing (the backbones' compile contexts), every side-branch grouping in it checked by
-    ``side_branch_check.py``."""
-    return listing(script=Path(__file__).parent / 'side_branch_check.py')
+def default_listing():
+    """The default listing (the backbones' compile context)."""
+    return listing()
 
 
-def test_compiled_step_kernels_listed_without_a_gpu(checked_listing):
-    rows, statements = tables_of(checked_listing)
+def test_compiled_step_kernels_listed_without_a_gpu(default_listing):
+    rows, statements = tables_of(default_listing)
     blocks = 5  # mini: depths 1, 1, 2, 1
     # Per block, forward / backward: three gated-norm launches (the layer's norm, out_norm, the FFN's norm)
     # and their backward; the modulated norm, the channel affinity and the two depthwise convs once each way;
@@ -64,32 +62,15 @@ def test_compiled_step_kernels_listed_without_a_gpu(checked_listing):
     # The compile-time line: under the backbones' compile context PyTorch analyses each distinct kernel and
     # argument set once, fewer than the launches of our kernels in the listing.
     ours = sum(row[2] for name, row in rows.items() if name.startswith('ours '))
-    calls, distinct = write_analyses(checked_listing)
+    calls, distinct = write_analyses(default_listing)
     assert 0 < calls == distinct < ours
     # The wrappers' host work besides the launches: every launch is a statement, passing its arguments.
     assert statements['launches'] == total
     assert statements['launch arguments'][2] > statements['launches'][2]
     assert statements['statements'][2] >= total[2] + statements['buffer allocations'][2]
-
-
-def test_side_branch_kernels_launch_together_across_levels(checked_listing):
-    """``side_branch_combos`` (around every compiled forward): the kernels on the backward's side branches (bias
-    gradients' sums, the sums of our kernels' partials, the weight gradients' casts) are combined across topological
-    levels, which Inductor's own grouping never does. Every grouping Inductor asked for was checked
-    (``side_branch_check.py``: no node twice, no node beside its ancestor, nothing but Inductor's own kernels
-    downstream of a group across levels), and the step launches fewer kernels than with Inductor's grouping alone:
-    the same library and Triton kernels of ours, fewer generated ones."""
-    found = json.loads(re.search(r'^side-branch groups: (.*)$', checked_listing, re.M).group(1))
-    assert found['calls'] == 2 and found['across_levels'] > 0, found
-    # Inductor's estimate of each graph's peak memory, before and after its combo kernels, one pair per graph.
-    peaks = re.search(r"^Inductor's peak-memory estimate .*: (.*)$", checked_listing, re.M).group(1)
-    assert re.fullmatch(r'\d+ -> \d+, \d+ -> \d+', peaks), peaks
-    grouped, _ = tables_of(checked_listing)
-    by_level, _ = tables_of(listing('--level-combos'))
-    for name in set(grouped) | set(by_level):
-        if not name.startswith('inductor ') and name != 'total':
-            assert grouped.get(name) == by_level.get(name), name
-    assert grouped['total'][0] <= by_level['total'][0] and grouped['total'][1] < by_level['total'][1]
+    # Inductor's peak-memory estimate of each graph, before and after its combo kernels, one pair per graph.
+    peaks = re.search(r"^Inductor's peak-memory estimate .*: (.*)$", default_listing, re.M)
+    assert peaks and re.fullmatch(r'\d+ -> \d+, \d+ -> \d+', peaks.group(1)), default_listing[-2000:]
 
 
 def write_analyses(stdout):

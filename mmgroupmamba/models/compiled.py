@@ -60,7 +60,7 @@ class CompiledForward:
     def __call__(self, forward, *args, **kwargs):
         if self._compiled is None:
             self._compiled = torch.compile(forward, **self.options)
-        with compiling_user_kernels(), side_branch_combos():
+        with compiling_user_kernels():
             return self._compiled(*args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -129,74 +129,6 @@ def _memoized(analysis):
     return memoized
 
 
-# How far apart in Inductor's schedule (in scheduler nodes) the members of one side-branch group may lie. A combo
-# kernel takes its earliest member's place, and Inductor then pulls the later members' producers ahead of the kernels
-# in between, so buffers those kernels read live longer. GroupMamba-T's det step (`compiled_kernels.py
-# --side-branch-span N`, torch 2.14, its combo memory gate off as older releases have none), launches and Inductor's
-# peak estimate of the backward: Inductor's grouping alone 1333, 2849 MiB; a span of 64 nodes 1123, +5 MiB; 128:
-# 1096, +20; unbounded 1082, +297 (groups reaching across stages).
-SIDE_BRANCH_SPAN = 128
-
-
-def side_branch_groups(scheduler):
-    """Inductor's combo-kernel groups, with the kernels on a backward's side branches grouped across levels.
-
-    Inductor combines kernels of one topological level only (nodes whose inputs are ready together). A backbone's
-    backward is a chain of blocks, so the kernels that branch off the chain (the bias gradients' reductions, the
-    sums of our Triton kernels' per-program partials, the casts and concatenations of the weight gradients) sit on
-    levels of their own and launch one by one: 347 of the 1545 kernels of GroupMamba-T's det-step backward. Their
-    results reach only the graph's outputs (through more of them), so nothing on the chain waits for them: here
-    they are grouped by their distance from the chain (two kernels at one distance never depend on each other),
-    ``combo_kernel_max_num_nodes`` at a time and within ``SIDE_BRANCH_SPAN`` nodes of the schedule. Every other
-    kernel keeps Inductor's own group; Inductor still filters each group and, where its release has the gate,
-    rejects a group that would raise the peak memory.
-    """
-    from torch._inductor import config
-    from torch._inductor.scheduler import ExternKernelSchedulerNode, ForeachKernelSchedulerNode, NopKernelSchedulerNode
-
-    groups = ForeachKernelSchedulerNode._default_group_nodes_for_combo_kernels(scheduler)
-    nodes = list(scheduler.nodes)
-    position = {node: i for i, node in enumerate(nodes)}
-    owner = {name: node for node in nodes for name in node.get_buffer_names()}
-    producers = {node: {owner[dep.name] for dep in node.unmet_dependencies if dep.name in owner} - {node}
-                 for node in nodes}
-    users = {node: [] for node in nodes}
-    for node in nodes:
-        for producer in producers[node]:
-            users[producer].append(node)
-    # Candidates: the kernels Inductor's own grouping considered (it leaves out CPU kernels and those it must not
-    # combine) that it generates itself (not library calls, our Triton kernels or templates).
-    library = (ExternKernelSchedulerNode, NopKernelSchedulerNode)
-    candidates = {node for group in groups for node in group
-                  if not isinstance(node, library) and not node.is_template()}
-    side = {}
-    for node in reversed(nodes):  # each node's users come after it
-        side[node] = node in candidates and all(side[user] for user in users[node])
-    depth = {}
-    for node in nodes:
-        if side[node]:
-            depth[node] = 1 + max((depth[p] for p in producers[node] if side[p]), default=-1)
-    if not depth:
-        return groups
-    # Reductions apart from pointwise kernels (Inductor partitions a group by its kernels' block dimensions, and
-    # a lone pointwise kernel in a group of reductions would launch alone), and streams and memory pools apart
-    # (torch 2.14 keeps each combo kernel within one of each).
-    stream = getattr(scheduler, 'get_node_stream', lambda node: None)
-    mempool = getattr(scheduler, 'node_to_mempool', {})
-    open_groups, side_groups = {}, []
-    for node in nodes:
-        if not side[node]:
-            continue
-        key = depth[node], node.is_reduction(), stream(node), mempool.get(node)
-        group = open_groups.get(key)
-        if group is None or len(group) == config.combo_kernel_max_num_nodes or \
-                position[node] - position[group[0]] > SIDE_BRANCH_SPAN:
-            group = open_groups[key] = []
-            side_groups.append(group)
-        group.append(node)
-    return [[node for node in group if not side[node]] for group in groups] + side_groups
-
-
 @contextlib.contextmanager
 def compiling_user_kernels():
     """While a compiled forward runs (and compiles, when Dynamo decides to): PyTorch's write analysis of user-defined
@@ -225,22 +157,3 @@ def compiling_user_kernels():
             setattr(triton_kernel_wrap, name, _memoized(original))
             stack.callback(setattr, triton_kernel_wrap, name, original)
         yield
-
-
-@contextlib.contextmanager
-def side_branch_combos():
-    """While a compiled forward runs (and compiles): Inductor's combo kernels (``combo_kernels``, on in GroupMamba's
-    Inductor defaults) grouped by :func:`side_branch_groups` instead of by level alone. Inductor's own grouping is
-    restored on exit; a release without that hook is left alone."""
-    from torch._inductor.scheduler import ForeachKernelSchedulerNode
-
-    grouping = ForeachKernelSchedulerNode.__dict__.get('group_algorithm_for_combo_kernels')
-    if (grouping is None or grouping is side_branch_groups
-            or not hasattr(ForeachKernelSchedulerNode, '_default_group_nodes_for_combo_kernels')):
-        yield
-        return
-    ForeachKernelSchedulerNode.group_algorithm_for_combo_kernels = side_branch_groups
-    try:
-        yield
-    finally:
-        ForeachKernelSchedulerNode.group_algorithm_for_combo_kernels = grouping
