@@ -25,6 +25,7 @@ import argparse
 import collections
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -34,7 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from backbone_speed import NAMES, backbone_step, build_backbones, timed
-from wrapper_code import launch_table, loaded_wrappers
+from wrapper_code import launch_table, loaded_wrapper_modules, static_launch_table
 
 # Kernel families, first match wins: where a step's launches come from (eager and compiled steps differ).
 FAMILIES = (
@@ -63,6 +64,37 @@ def family_table(kernels):
     lines = ['| kernel family | launches | GPU ms |', '| --- | ---: | ---: |']
     lines += [f'| {family} | {launches[family]} | {ms[family]:.2f} |' for family, _ in launches.most_common()]
     return '\n'.join(lines)
+
+
+class StaticLaunchBypasses(logging.Handler):
+    """Collects Inductor's reasons for launching a kernel through Triton's launcher instead of its static one
+    (logged at INFO where the parent process loads the kernel), while attached to Inductor's autotuner logger; that
+    logger's records stop there meanwhile (its INFO lines would otherwise print through torch's handlers)."""
+
+    LOGGER = 'torch._inductor.runtime.triton_heuristics'
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reasons = collections.Counter()
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith('Bypassing StaticallyLaunched'):
+            self.reasons[message] += 1
+
+    def __enter__(self):
+        logger = logging.getLogger(self.LOGGER)
+        self._saved = logger.level, logger.propagate
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        logger = logging.getLogger(self.LOGGER)
+        logger.removeHandler(self)
+        logger.setLevel(self._saved[0])
+        logger.propagate = self._saved[1]
 
 
 def announce_ready(directory):
@@ -117,8 +149,10 @@ def main():
     step = backbone_step(model, torch.randn(args.batch, 3, *args.size, device='cuda'))
 
     start = time.perf_counter()
+    bypasses = StaticLaunchBypasses()
     try:
-        step()
+        with bypasses:
+            step()
         torch.cuda.synchronize()
     except BaseException:
         # A process that fails to compile still counts as ready, so that the others time their turns instead of
@@ -179,11 +213,17 @@ def main():
         # Last, after the measurements: it reads Inductor's code cache, private to PyTorch and not the same in every
         # release (the GPU image's is older than this project's), and must not cost the lines above.
         try:
-            table = launch_table(loaded_wrappers())
+            wrappers = loaded_wrapper_modules()
+            table = launch_table([source for _, source in wrappers])
+            static = static_launch_table([module for module, _ in wrappers])
         except (AttributeError, ImportError, ValueError) as error:
-            table = f'not read: {type(error).__name__}: {error}'
+            table = static = f'not read: {type(error).__name__}: {error}'
         print('launches in the compiled wrappers (graphs in the order Inductor loaded them, forward first):')
         print(table)
+        print('the wrappers\' Triton kernels by launcher (each kernel once, however often it launches):')
+        print(static)
+        for reason, count in bypasses.reasons.most_common():
+            print(f'  {count} x {reason}')
 
 
 if __name__ == '__main__':

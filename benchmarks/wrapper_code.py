@@ -69,19 +69,54 @@ def wrapper_statements(source):
     return counts
 
 
-def loaded_wrappers():
-    """The sources of the wrapper modules Inductor has loaded in this process, in the order it loaded them (a
-    compiled graph's forward before its backward). Inductor's kernel modules (no ``call()``) are left out."""
+def loaded_wrapper_modules():
+    """``[(module, source)]``: the wrapper modules Inductor has loaded in this process, in the order it loaded them
+    (a compiled graph's forward before its backward). Inductor's kernel modules (no ``call()``) are left out."""
     from torch._inductor.codecache import PyCodeCache
 
-    sources = []
+    found = []
     for module in PyCodeCache.modules:
         path = getattr(module, '__file__', None)
         if path and Path(path).is_file():
             source = Path(path).read_text()
             if 'def call(' in source:
-                sources.append(source)
-    return sources
+                found.append((module, source))
+    return found
+
+
+def loaded_wrappers():
+    """The sources of :func:`loaded_wrapper_modules`."""
+    return [source for _, source in loaded_wrapper_modules()]
+
+
+def static_launch_table(modules):
+    """Markdown: the Triton kernels the wrapper ``modules`` launch (Inductor's generated ones and ours), by whether
+    every compiled variant of each goes through Inductor's static launcher (a C++ launch from the cubin) or some
+    through Triton's own Python launcher, which costs more host time a launch. Read from each kernel's autotuner:
+    the classes of its compile results (``StaticTritonCompileResult`` or not, as Inductor's own
+    ``is_statically_launchable`` tests them); an autotuner holding none is counted as unknown.
+    ``static_launch_user_defined_triton_kernels`` asks for ours to go through the static launcher; Inductor logs
+    why it bypasses a kernel at INFO (``torch._inductor.runtime.triton_heuristics``; or set
+    ``TORCHINDUCTOR_STRICT_STATIC_CUDA_LAUNCHER=1`` to raise there instead)."""
+    columns = ('static launcher', 'Triton launcher', 'unknown')
+    counts = collections.Counter()
+    for module in modules:
+        for name, value in vars(module).items():
+            results = getattr(value, 'compile_results', None)
+            if results is None or not hasattr(value, 'launchers'):
+                continue  # not an autotuner
+            owner = 'inductor' if re.match(r'triton_(poi|red|per|for|tem)_', name) else 'ours'
+            if not results:
+                column = 'unknown'
+            elif all(type(r).__name__.startswith('Static') for r in results):
+                column = 'static launcher'
+            else:
+                column = 'Triton launcher'
+            counts[owner, column] += 1
+    lines = ['| kernels | ' + ' | '.join(columns) + ' |', '| --- |' + ' ---: |' * len(columns)]
+    for owner in ('inductor', 'ours'):
+        lines.append(f'| {owner} | ' + ' | '.join(str(counts[owner, c]) for c in columns) + ' |')
+    return '\n'.join(lines)
 
 
 def launch_table(sources):

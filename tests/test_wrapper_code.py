@@ -1,12 +1,13 @@
 """``benchmarks/wrapper_code.py``: the launches of Inductor's wrapper modules by kind, from a wrapper's source
 (``compiled_kernels.py``) and from the wrappers a real compile loaded (``profile_step.py --compile``)."""
 import sys
+import types
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from wrapper_code import launch_table, launches, loaded_wrappers  # noqa: E402
+from wrapper_code import launch_table, launches, loaded_wrappers, static_launch_table  # noqa: E402
 
 WRAPPER = '''
 class Runner:
@@ -40,3 +41,30 @@ def test_the_wrappers_of_a_real_compile_are_found():
     sources = loaded_wrappers()[before:]
     assert len(sources) == 1 and 'def call(' in sources[0]
     assert 'sin' in sources[0]
+
+
+class StaticTritonCompileResult:  # the class names Inductor's compile results go by
+    pass
+
+
+class TritonCompileResult:
+    pass
+
+
+class Autotuner:
+    def __init__(self, *results):
+        self.compile_results, self.launchers = list(results), []
+
+
+def test_kernels_are_counted_by_launcher():
+    """Each autotuner of a wrapper module once: static where every compile result is Inductor's static one,
+    Triton's launcher where any is not, unknown where it holds none; other globals are not kernels."""
+    module = types.SimpleNamespace(
+        triton_poi_fused_add_0=Autotuner(StaticTritonCompileResult()),
+        triton_red_fused_sum_1=Autotuner(StaticTritonCompileResult(), TritonCompileResult()),
+        _scan_fwd_kernel_3=Autotuner(TritonCompileResult()),
+        _dwconv_fwd_kernel_0=Autotuner(),
+        async_compile=object(), empty_strided_cuda=len)
+    backward = types.SimpleNamespace(_scan_bwd_kernel_1=Autotuner(StaticTritonCompileResult()))
+    table = static_launch_table([module, backward])
+    assert table.splitlines()[2:] == ['| inductor | 1 | 1 | 0 |', '| ours | 1 | 1 | 1 |']
