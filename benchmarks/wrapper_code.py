@@ -84,11 +84,6 @@ def loaded_wrapper_modules():
     return found
 
 
-def loaded_wrappers():
-    """The sources of :func:`loaded_wrapper_modules`."""
-    return [source for _, source in loaded_wrapper_modules()]
-
-
 def static_launch_table(modules):
     """Markdown: the Triton kernels the wrapper ``modules`` launch (Inductor's generated ones and ours), by whether
     every compiled variant of each goes through Inductor's static launcher (a C++ launch from the cubin) or some

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'compiled_kernels.py'
 
 
@@ -37,13 +35,8 @@ def tables_of(stdout):
     return tables
 
 
-@pytest.fixture(scope='module')
-def default_listing():
-    """The default listing (the backbones' compile context)."""
-    return listing()
-
-
-def test_compiled_step_kernels_listed_without_a_gpu(default_listing):
+def test_compiled_step_kernels_listed_without_a_gpu():
+    default_listing = listing()  # in the backbones' compile context
     rows, statements = tables_of(default_listing)
     blocks = 5  # mini: depths 1, 1, 2, 1
     # Per block, forward / backward: three gated-norm launches (the layer's norm, out_norm, the FFN's norm)

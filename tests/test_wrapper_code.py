@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from wrapper_code import launch_table, launches, loaded_wrappers, static_launch_table  # noqa: E402
+from wrapper_code import launch_table, launches, loaded_wrapper_modules, static_launch_table  # noqa: E402
 
 WRAPPER = '''
 class Runner:
@@ -35,10 +35,10 @@ def test_the_wrappers_of_a_real_compile_are_found():
     """A function compiled by Inductor (here for the CPU) leaves its wrapper among the loaded ones, with a call()
     that launches its kernel."""
     torch._dynamo.reset()
-    before = len(loaded_wrappers())
+    before = len(loaded_wrapper_modules())
     compiled = torch.compile(lambda x: torch.sin(x) * 3 + 1, backend='inductor')
     compiled(torch.randn(16))
-    sources = loaded_wrappers()[before:]
+    sources = [source for _, source in loaded_wrapper_modules()[before:]]
     assert len(sources) == 1 and 'def call(' in sources[0]
     assert 'sin' in sources[0]
 
