@@ -6,6 +6,8 @@ what Inductor receives, without Inductor's C++ code generation (minutes per grap
 itself is exercised on the GPU (benchmarks/check_gpu.py, benchmarks/backbone_speed.py --compile).
 """
 import copy
+import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,43 @@ def test_inductor_defaults_reach_torch_compile_and_yield_to_the_callers_options(
                                   'static_launch_user_defined_triton_kernels': True, 'strict_output_strides': True}
     assert 'options' not in GroupMamba(arch=golden['arch_cfg'], compile=dict(backend='aot_eager'))._compiled.options
     assert CompiledForward('SwinTransformer', {}).options['options'] == {'strict_output_strides': True}
+
+
+@pytest.mark.parametrize('static', [True, False])
+def test_compile_workers_are_told_to_launch_our_kernels_statically(static, monkeypatch):
+    """Asked for static launches of our kernels, the first compile sets the environment variable Inductor's
+    compile workers read when they start (they get no other way to it); not where the option is off, nor over
+    the user's own setting; and where the workers are already running, it warns that they cannot honour it."""
+    from types import SimpleNamespace
+
+    from torch._inductor.async_compile import AsyncCompile
+
+    from mmgroupmamba.models.compiled import STATIC_USER_KERNELS, STATIC_USER_KERNELS_ENV, CompiledForward
+
+    pool_started = []
+    monkeypatch.setattr(AsyncCompile, 'process_pool',
+                        SimpleNamespace(cache_info=lambda: SimpleNamespace(currsize=len(pool_started))))
+    monkeypatch.setattr(torch, 'compile', lambda forward, **options: forward)
+
+    def first_call():
+        CompiledForward('GroupMamba', {}, {STATIC_USER_KERNELS: static})(lambda x: x + 1, torch.zeros(1))
+
+    monkeypatch.delenv(STATIC_USER_KERNELS_ENV, raising=False)
+    first_call()
+    assert os.environ.get(STATIC_USER_KERNELS_ENV) == ('1' if static else None)
+    monkeypatch.setenv(STATIC_USER_KERNELS_ENV, '0')
+    first_call()
+    assert os.environ[STATIC_USER_KERNELS_ENV] == '0'
+    monkeypatch.delenv(STATIC_USER_KERNELS_ENV)
+    pool_started.append(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        first_call()
+    assert STATIC_USER_KERNELS_ENV not in os.environ
+    assert [str(w.message) for w in caught if STATIC_USER_KERNELS_ENV in str(w.message)] == (
+        [f"GroupMamba: Inductor's compile workers started before this compile without {STATIC_USER_KERNELS_ENV}=1, "
+         "so they launch its Triton kernels through Triton's Python launcher (more host time a launch); set it in "
+         "the environment to launch them statically"] if static else [])
 
 
 def test_a_compile_mode_becomes_inductor_options_beside_the_defaults(golden):

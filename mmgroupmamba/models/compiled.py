@@ -1,6 +1,8 @@
 """A module's forward run through ``torch.compile``, compiled on first use (the backbones' ``compile`` option)."""
 import contextlib
 import copy
+import os
+import warnings
 
 import torch
 
@@ -59,6 +61,8 @@ class CompiledForward:
 
     def __call__(self, forward, *args, **kwargs):
         if self._compiled is None:
+            if self.options.get('options', {}).get(STATIC_USER_KERNELS):
+                static_user_kernels_in_compile_workers(self.name)
             self._compiled = torch.compile(forward, **self.options)
         with compiling_user_kernels():
             return self._compiled(*args, **kwargs)
@@ -68,6 +72,33 @@ class CompiledForward:
 
     def __getstate__(self):
         return {**self.__dict__, '_compiled': None}
+
+
+STATIC_USER_KERNELS = 'static_launch_user_defined_triton_kernels'
+STATIC_USER_KERNELS_ENV = 'TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS'
+
+
+def static_user_kernels_in_compile_workers(name):
+    """Make Inductor's compile workers honour ``static_launch_user_defined_triton_kernels``.
+
+    Whether a kernel is launched statically is decided where it is compiled, and Inductor compiles in a pool of
+    worker processes, to which it forwards only ``use_static_triton_launcher`` of the options a ``torch.compile``
+    call patches in (torch 2.11-2.14, ``async_compile.AsyncCompile.triton``). Asked through ``options`` alone, our
+    kernels still went through Triton's Python launcher on the GPU (``benchmarks/profile_step.py --compile``'s
+    launcher table, README, twenty-eighth session). The workers read the option from its environment variable when
+    they start, and the pool starts at the process's first Inductor compile: so the variable is set here, before
+    that, unless the user set it. A pool already running keeps what it started with: then say so."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    if STATIC_USER_KERNELS_ENV in os.environ:  # the user's choice, either way
+        return
+    pool_started = AsyncCompile.process_pool.cache_info().currsize > 0
+    if pool_started:
+        warnings.warn(f'{name}: Inductor\'s compile workers started before this compile without '
+                      f'{STATIC_USER_KERNELS_ENV}=1, so they launch its Triton kernels through Triton\'s Python '
+                      f'launcher (more host time a launch); set it in the environment to launch them statically')
+        return
+    os.environ[STATIC_USER_KERNELS_ENV] = '1'
 
 
 # PyTorch's analysis of which arguments a user-defined Triton launch writes, by release: torch 2.14 names it
