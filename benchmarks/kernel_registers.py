@@ -89,8 +89,8 @@ def norm_rows():
         for name, groups, gated, residual in (('layer norm', 1, False, False),
                                               ('gated group norm', GROUPS, True, False),
                                               ('residual layer norm', 1, False, True)):
-            per_program, _ = norm._group_tiles(groups, None)
             layout = norm._layout_meta(channels, stored, stored, groups)
+            per_program, _ = norm._group_tiles(groups, layout['D'], None)
             for backward, fn, signature in ((False, norm._gated_norm_fwd_kernel, NORM_FWD),
                                             (True, norm._gated_norm_bwd_kernel, NORM_BWD)):
                 block_n, block_d, warps = norm._tiles(layout['D'])

@@ -55,7 +55,7 @@ KINDS = ('layer', 'gated', 'modulated', 'residual')
 # input gradients and the recomputed output).
 BYTES = {'layer': (4 + 2, 2 + 4 + 4 + 2), 'gated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2),
          'modulated': (2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2), 'residual': (2 + 2 + 2 + 2, 2 + 2 + 2 + 2 + 2 + 2)}
-SWEEP = dict(block_n=(4, 8, 16, 32), num_warps=(4, 8), groups_per_program=(1, 4), tiles_per_program=(1, 4, 16))
+SWEEP = dict(block_n=(None, 4, 8, 16, 32), num_warps=(4, 8), groups_per_program=(1, 2, 4), tiles_per_program=(1, 4, 16))
 
 
 def make(kind, batch, height, width, channels):
@@ -128,14 +128,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--sweep', action='store_true')
     parser.add_argument('--sweep-shapes', nargs='+', default=['det s3', 'det s4', 'cls s3'])
+    parser.add_argument('--sweep-kinds', nargs='+', default=list(KINDS), choices=KINDS,
+                        help='the norms swept (each tiling compiles anew: a sweep of all four takes minutes)')
     args = parser.parse_args(argv)
     # The launchers are called directly, outside the ops: launch as the ops' eager path does, without
     # torch.library's tracing wrapper around each launch.
     with set_wrap_triton_enabled(False):
-        run(args.sweep, args.sweep_shapes)
+        run(args.sweep, args.sweep_shapes, args.sweep_kinds)
 
 
-def run(sweep, sweep_shapes):
+def run(sweep, sweep_shapes, sweep_kinds):
     bandwidth = copy_bandwidth()
     log(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s')
     log('| norm | shape | B x H x W x C | max rel err (fwd) | fwd ms | fwd %BW | bwd ms | bwd %BW |')
@@ -154,7 +156,7 @@ def run(sweep, sweep_shapes):
                     layout += f' as {stored_channels(channels)}'
                 log(f'| {kind} | {name} | {layout} | {err:.1e} | {fwd:.3f} | {fwd_bw:.0%} '
                     f'| {bwd:.3f} | {bwd_bw:.0%} |')
-                if sweep and name in sweep_shapes:
+                if sweep and name in sweep_shapes and kind in sweep_kinds:
                     # Groups per program only where there are groups. Row tiles per program are the backward's
                     # alone: each forward tiling is timed once, its backward at each of them.
                     grid = {k: v for k, v in SWEEP.items()

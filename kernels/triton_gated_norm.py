@@ -188,10 +188,20 @@ def _tiles(group_dims, block_n=None, num_warps=None):
     return block_n, block_d, num_warps or 4
 
 
-def _group_tiles(groups, groups_per_program):
-    """``(groups_per_program, programs along the grid's second axis)``; one group a program by default (the
-    groups unrolled in one program added up their registers)."""
-    per_program = 1 if groups_per_program is None else groups_per_program
+# The narrowest piece of a row one program normalises by default. Groups of 16 channels (GroupMamba's stage 1)
+# are 32-byte row pieces: one group a program ran the H200's stage-1 gated norm at 29-37 % of copy bandwidth, all
+# four groups of a row in one program at about twice that (kernels/README.md, "The norm kernels timed").
+MIN_PROGRAM_CHANNELS = 64
+
+
+def _group_tiles(groups, group_dims, groups_per_program):
+    """``(groups_per_program, programs along the grid's second axis)``. By default a program takes the fewest
+    groups that cover ``MIN_PROGRAM_CHANNELS`` of a row (one group of 64 or more channels: groups unrolled in
+    one program add up their registers, and at stage 3's 87 channels one group a program timed faster)."""
+    if groups_per_program is None:
+        groups_per_program = next(p for p in range(1, groups + 1)
+                                  if groups % p == 0 and (p * group_dims >= MIN_PROGRAM_CHANNELS or p == groups))
+    per_program = groups_per_program
     if groups % per_program:
         raise ValueError(f'groups_per_program={per_program} must divide groups={groups}')
     return per_program, groups // per_program
@@ -283,7 +293,7 @@ def _norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels, bloc
     total = torch.empty((n, channels), dtype=y.dtype, device=y.device) if residual else out
     layout = _layout_meta(weight.numel(), channels, out_channels, groups)
     block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps)
-    per_program, group_programs = _group_tiles(groups, groups_per_program)
+    per_program, group_programs = _group_tiles(groups, layout['D'], groups_per_program)
     wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n), group_programs)](
         y2, z2, weight, bias, out, mean, rstd, mean if keep is None else keep, total, n,
         _rows_per_image(y) if residual else n, y2.stride(0), z2.stride(0), out.stride(0), total.stride(0), eps,
@@ -334,7 +344,10 @@ def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need
     valid = weight.numel()
     layout = _layout_meta(valid, channels, out_channels, groups)
     block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps)
-    per_program, group_programs = _group_tiles(groups, groups_per_program)
+    per_program, group_programs = _group_tiles(groups, layout['D'], groups_per_program)
+    if per_program > 1 and tiles_per_program is None:
+        # Several groups a program walked slower than one tile a program (H200 sweep, kernels/README.md).
+        tiles_per_program = 1
     tiles_per_program, programs = _backward_walk(cdiv(n, block_n), group_programs, y.device, tiles_per_program)
     # Weight and bias partial sums in one buffer, one reduction for both. The kernel gets the buffer itself, not
     # views of it: torch.compile would clone each view and scatter it back (kernels/README.md, "What a compiled
