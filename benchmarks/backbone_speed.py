@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from mmengine.hub import get_config
 
 import mmgroupmamba  # noqa: F401  (registers GroupMamba)
-from mmgroupmamba.models.compiled import CompiledForward
+from mmgroupmamba.models.compiled import STATIC_USER_KERNELS, CompiledForward, static_user_kernels_in_compile_workers
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
@@ -161,6 +161,10 @@ def build_backbones(models, modes, drop_path_rate, compile_options=None, groupma
                     options = dict(compile_options or {})
                     model = (CompiledBackbone(DET_MODELS.build(cfg), **{'fullgraph': False, **options}) if swin
                              else DET_MODELS.build(dict(cfg, compile=options or True)))
+                    if not swin and model._compiled.options.get('options', {}).get(STATIC_USER_KERNELS):
+                        # Now, before any row compiles: Swin's rows come first and would start Inductor's compile
+                        # workers without it (models/compiled.py).
+                        static_user_kernels_in_compile_workers(name)
                 backbones[name + mode] = (model, channels)
     return backbones
 

@@ -1,5 +1,6 @@
 """``benchmarks/backbone_speed.py`` builds, for each GroupMamba size, the Swin Transformer of that size, and takes
 each row's ratios to it (the timing itself runs on a GPU only)."""
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,23 @@ def test_groupmamba_options_reach_groupmamba_only():
     backbones = build_backbones(['T'], [''], 0.1, groupmamba_options={'channel_multiple': 1})
     assert backbones['GroupMamba-T'][0].stored_dims == [64, 128, 348, 448]
     assert build_backbones(['T'], [''], 0.1)['GroupMamba-T'][0].stored_dims == [64, 128, 352, 448]
+
+
+def test_compiled_rows_ask_for_static_launches_before_any_row_compiles(monkeypatch):
+    """Swin's compiled row runs first and would start Inductor's compile workers without the variable that lets
+    them launch GroupMamba's kernels statically: building the rows sets it, unless a row's options turn that off."""
+    from types import SimpleNamespace
+
+    from torch._inductor.async_compile import AsyncCompile
+
+    from mmgroupmamba.models.compiled import STATIC_USER_KERNELS, STATIC_USER_KERNELS_ENV
+
+    monkeypatch.setattr(AsyncCompile, 'process_pool', SimpleNamespace(cache_info=lambda: SimpleNamespace(currsize=0)))
+    monkeypatch.delenv(STATIC_USER_KERNELS_ENV, raising=False)
+    build_backbones(['T'], [' +compile'], 0.1, compile_options={'options': {STATIC_USER_KERNELS: False}})
+    assert STATIC_USER_KERNELS_ENV not in os.environ
+    assert list(build_backbones(['T'], [' +compile'], 0.1)) == ['Swin-T +compile', 'GroupMamba-T +compile']
+    assert os.environ[STATIC_USER_KERNELS_ENV] == '1'
 
 
 def test_every_detection_row_is_timed_before_any_is_profiled(monkeypatch):
