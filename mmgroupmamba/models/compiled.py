@@ -92,7 +92,10 @@ def static_user_kernels_in_compile_workers(name):
 
     if STATIC_USER_KERNELS_ENV in os.environ:  # the user's choice, either way
         return
-    pool_started = AsyncCompile.process_pool.cache_info().currsize > 0
+    # The pool is made once, by a cached function (torch 2.11-2.14); a release without that cache is taken as
+    # not started, and the variable is set: at worst to no effect.
+    cache_info = getattr(AsyncCompile.process_pool, 'cache_info', None)
+    pool_started = cache_info is not None and cache_info().currsize > 0
     if pool_started:
         warnings.warn(f'{name}: Inductor\'s compile workers started before this compile without '
                       f'{STATIC_USER_KERNELS_ENV}=1, so they launch its Triton kernels through Triton\'s Python '
