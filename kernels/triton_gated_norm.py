@@ -201,10 +201,9 @@ def _group_tiles(groups, group_dims, groups_per_program):
     if groups_per_program is None:
         groups_per_program = next(p for p in range(1, groups + 1)
                                   if groups % p == 0 and (p * group_dims >= MIN_PROGRAM_CHANNELS or p == groups))
-    per_program = groups_per_program
-    if groups % per_program:
-        raise ValueError(f'groups_per_program={per_program} must divide groups={groups}')
-    return per_program, groups // per_program
+    if groups % groups_per_program:
+        raise ValueError(f'groups_per_program={groups_per_program} must divide groups={groups}')
+    return groups_per_program, groups // groups_per_program
 
 
 # Partial sums' layout. The backward kernels store their per-program partial sums of the weight (bias, scale)
