@@ -93,7 +93,7 @@ def norm_rows():
             per_program, _ = norm._group_tiles(groups, layout['D'], None)
             for backward, fn, signature in ((False, norm._gated_norm_fwd_kernel, NORM_FWD),
                                             (True, norm._gated_norm_bwd_kernel, NORM_BWD)):
-                block_n, block_d, warps = norm._tiles(layout['D'])
+                block_n, block_d, warps = norm._tiles(layout['D'], groups_per_program=per_program)
                 constexprs = dict(GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n,
                                   BLOCK_D=block_d, GATED=gated, HAS_KEEP=residual)
                 if backward:

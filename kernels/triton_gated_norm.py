@@ -180,11 +180,14 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out
 TILE_ELEMENTS = 2048
 
 
-def _tiles(group_dims, block_n=None, num_warps=None):
-    """``(block_n, block_d, num_warps)``: rows of a tile, its padded group width, warps; either can be forced."""
+def _tiles(group_dims, block_n=None, num_warps=None, groups_per_program=1):
+    """``(block_n, block_d, num_warps)``: rows of a tile, its padded group width, warps; either can be forced. By
+    default a program's tile holds ``TILE_ELEMENTS`` elements however many groups it takes: the H100 sweep of the
+    twenty-ninth session timed four stage-1 groups a program at 128 rows (8192 elements) 1.8x slower forward than
+    at 32 rows (kernels/README.md, "The norm kernels timed")."""
     block_d = next_power_of_2(group_dims)
     if block_n is None:
-        block_n = max(1, min(128, TILE_ELEMENTS // block_d))
+        block_n = max(1, min(128, TILE_ELEMENTS // (block_d * groups_per_program)))
     return block_n, block_d, num_warps or 4
 
 
@@ -291,8 +294,8 @@ def _norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels, bloc
     rstd = torch.empty_like(mean)
     total = torch.empty((n, channels), dtype=y.dtype, device=y.device) if residual else out
     layout = _layout_meta(weight.numel(), channels, out_channels, groups)
-    block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, layout['D'], groups_per_program)
+    block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps, per_program)
     wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n), group_programs)](
         y2, z2, weight, bias, out, mean, rstd, mean if keep is None else keep, total, n,
         _rows_per_image(y) if residual else n, y2.stride(0), z2.stride(0), out.stride(0), total.stride(0), eps,
@@ -342,8 +345,8 @@ def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need
     out = torch.empty((n, out_channels), dtype=out_dtype, device=y.device) if need_output else dy
     valid = weight.numel()
     layout = _layout_meta(valid, channels, out_channels, groups)
-    block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps)
     per_program, group_programs = _group_tiles(groups, layout['D'], groups_per_program)
+    block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps, per_program)
     if per_program > 1 and tiles_per_program is None:
         # Several groups a program walked slower than one tile a program (H200 sweep, kernels/README.md).
         tiles_per_program = 1

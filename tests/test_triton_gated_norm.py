@@ -116,6 +116,20 @@ def test_groups_per_program_must_divide_the_groups():
         gated_norm_forward(y, z, w, b, 4, 1e-5, torch.float32, groups_per_program=3)
 
 
+@pytest.mark.parametrize('group_dims, groups, expected', [
+    (16, 4, (4, 32)),   # stage 1: four groups a program, 32 rows of 64 channels
+    (32, 4, (2, 32)),   # stage 2: two groups a program
+    (87, 4, (1, 16)),   # stage 3 compact: one group of 128 padded columns
+    (64, 1, (1, 32)),   # a LayerNorm over 64 channels
+])
+def test_default_tiles_hold_the_same_elements_however_many_groups_a_program_takes(group_dims, groups, expected):
+    from mmgroupmamba.kernels.triton_gated_norm import TILE_ELEMENTS, _group_tiles, _tiles
+    per_program, _ = _group_tiles(groups, group_dims, None)
+    block_n, block_d, _ = _tiles(group_dims, groups_per_program=per_program)
+    assert (per_program, block_n) == expected
+    assert block_n * block_d * per_program == TILE_ELEMENTS
+
+
 def gated_backward_matches_float64(rows, group_dims, gated, **tiling):
     """The gated norm's backward launcher (4 groups, ``tiling`` forced) against autograd through the float64
     reference: the recomputed output, dy, dz and the weight and bias gradients."""
