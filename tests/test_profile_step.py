@@ -30,3 +30,13 @@ def test_a_turn_starts_once_every_process_announced_itself(tmp_path):
     lock = take_turn(str(tmp_path), 2)
     assert (tmp_path / 'lock').exists() and not lock.closed
     lock.close()
+
+
+def test_host_times_start_every_step_with_the_gpu_idle():
+    """Each timed step comes after a synchronisation and the last is waited for: the calls alternate sync, step,
+    and end with a sync; one time per step."""
+    from profile_step import host_times
+    calls = []
+    times = host_times(lambda: calls.append('step'), lambda: calls.append('sync'), repeats=3)
+    assert calls == ['sync', 'step'] * 3 + ['sync']
+    assert len(times) == 3 and all(t >= 0 for t in times)
