@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [--model T] [--swin] [--batch 128] [--size 224 224] [--rows 30]
                                       [--cuda-graph | --compile [MODE]] [--dynamic] [--compile-options JSON]
-                                      [--drop-path-rate 0.2] [--take-turns DIR N]
+                                      [--drop-path-rate 0.2] [--take-turns DIR N] [--cprofile ROWS]
 
 GroupMamba of size ``--model`` (``--swin``: the Swin Transformer of that size), built as ``backbone_speed.py``
 builds its rows (``build_backbones``), so that a compiled row finds the compile caches that run (or its warm-ups)
@@ -17,16 +17,23 @@ kernels by pointwise / reduction / persistent reduction, ours by name, library c
 waits after its first step until all N have compiled, then holds a lock in DIR while it measures (a compile or a
 timing beside a timing spoils it: benchmarks/README.md).
 
+``--cprofile ROWS`` also lists, within the turn, the ROWS functions with the most own host time over three steps
+(cProfile): for a compiled step, the wrappers' own Python against the launchers, tensor reinterpretations,
+allocations and input checks they call.
+
 A step whose wall time is well above its summed kernel time is bound by the host (Python, dispatch and
 launches), not by the GPU. The kernels are also summed by family (hand-written Triton, Inductor's, GEMMs,
 cuDNN, PyTorch's own elementwise, reduction and copy kernels, fills): launches and GPU time of each.
 """
 import argparse
 import collections
+import cProfile
 import fcntl
+import io
 import json
 import logging
 import os
+import pstats
 import re
 import statistics
 import time
@@ -119,6 +126,24 @@ def host_times(step, synchronize, repeats=5):
     return times
 
 
+def host_functions(step, synchronize, rows, steps=3):
+    """The ``rows`` functions that ``steps`` steps spend most host time in, by their own time (cProfile), as
+    text. For a compiled step: the wrappers' ``call`` functions' own Python against what they call, each a
+    function of its own (the launchers, ``reinterpret_tensor``, the allocations, the input checks), which the
+    wrappers' statement counts (``compiled_kernels.py``) cannot weigh. cProfile adds its own cost to every
+    Python call: compare the rows with each other and with another model's, not with the timed steps."""
+    synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats('tottime').print_stats(rows)
+    return text.getvalue()
+
+
 def take_turn(directory, processes):
     """Waits until ``processes`` processes have announced themselves in ``directory``, then takes its lock: held
     until this process exits."""
@@ -147,6 +172,8 @@ def main():
                         help='GroupMamba constructor arguments, as in backbone_speed.py')
     parser.add_argument('--take-turns', nargs=2, metavar=('DIR', 'N'),
                         help='compile beside N-1 other processes given DIR, then measure one at a time')
+    parser.add_argument('--cprofile', type=int, default=0, metavar='ROWS',
+                        help='also list the ROWS functions with the most own host time over 3 steps (cProfile)')
     parser.add_argument('--sync-debug', action='store_true',
                         help='also list the operations of one step that wait for the GPU (set_sync_debug_mode)')
     args = parser.parse_args()
@@ -215,6 +242,9 @@ def main():
     if args.compile:
         print(events.table(sort_by='self_cpu_time_total', row_limit=args.rows, max_name_column_width=60))
         print('dynamo counters:', {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v})
+    if args.cprofile:
+        print(f'{name}{suffix}: host time by function over 3 steps (cProfile, own time):')
+        print(host_functions(step, torch.cuda.synchronize, args.cprofile))
     host_ms, low, high = statistics.median(host_steps_ms), min(host_steps_ms), max(host_steps_ms)
     print(f'{name}{suffix} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms (median of {len(host_steps_ms)} steps, {low:.1f}-{high:.1f}), GPU kernels '

@@ -40,3 +40,17 @@ def test_host_times_start_every_step_with_the_gpu_idle():
     times = host_times(lambda: calls.append('step'), lambda: calls.append('sync'), repeats=3)
     assert calls == ['sync', 'step'] * 3 + ['sync']
     assert len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_host_functions_lists_the_steps_own_functions_by_own_time():
+    """The profiled steps' functions come back as cProfile's table, the step's own function among them, called
+    once per step."""
+    from profile_step import host_functions
+
+    def a_step_function():
+        return sum(range(1000))
+
+    text = host_functions(a_step_function, lambda: None, rows=5, steps=3)
+    assert 'a_step_function' in text and 'Ordered by: internal time' in text
+    row = next(line for line in text.splitlines() if 'a_step_function' in line)
+    assert row.split()[0] == '3'
