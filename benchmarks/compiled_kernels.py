@@ -211,6 +211,13 @@ def combo_peaks_recorded(record):
         scheduler.Scheduler.create_combo_kernel_nodes = original
 
 
+def wrapper_files(cache_dir):
+    """The Python modules in Inductor's code cache: ``<cache_dir>/<two characters of the hash>/<hash>.py``.
+    Not a recursive walk: Triton's compile workers create and remove temporary directories under
+    ``<cache_dir>/triton`` while it runs, and a walk that lists one of them just before it goes fails."""
+    return set(Path(cache_dir).glob('??/*.py'))
+
+
 def compile_for_h200(graphs, cache_dir, inductor_options):
     """Inductor's wrapper source for each graph (forward, backward), from its cache directory."""
     import torch._inductor.config as inductor_config
@@ -224,7 +231,7 @@ def compile_for_h200(graphs, cache_dir, inductor_options):
         setattr(inductor_config, key, value)
     sources = []
     for index, (gm, inputs) in enumerate(graphs):
-        before = set(Path(cache_dir).rglob('*.py'))
+        before = wrapper_files(cache_dir)
         with FakeTensorMode(allow_non_fake_inputs=True):
             cuda_inputs = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='cuda')
                            if isinstance(t, torch.Tensor) else t for t in inputs]
@@ -232,7 +239,7 @@ def compile_for_h200(graphs, cache_dir, inductor_options):
             compile_fx_inner(to_cuda(gm), cuda_inputs, is_backward=index == 1)
         except Exception as exc:  # loading the compiled kernels needs a driver; the code is written by then
             print(f'graph {index}: compiled, then stopped without a GPU: {exc!r:.300}', file=sys.stderr)
-        wrappers = [p for p in set(Path(cache_dir).rglob('*.py')) - before if 'def call(' in p.read_text()]
+        wrappers = [p for p in wrapper_files(cache_dir) - before if 'def call(' in p.read_text()]
         if len(wrappers) != 1:
             raise RuntimeError(f'graph {index}: expected one wrapper module, found {len(wrappers)}')
         sources.append(wrappers[0].read_text())
