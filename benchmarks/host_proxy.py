@@ -13,11 +13,18 @@ forward + backward, bf16 autocast standing in for CUDA fp16, drop path 0.2) on t
 * our Triton kernels (through Triton's interpreter, ``MMGM_KERNELS=triton``: the GPU path's launchers, tiling
   choices and glue) are not run: each launch returns at once and is counted.
 
-It prints the best and the median step time of each model (one process each, in turn) and GroupMamba's ratio
-to Swin. What it leaves out: the CUDA launch itself and the caching allocator (about 5-10 us a launch on the GPU
-host), and Triton's own launcher for our kernels; what it adds: the CPU's compute, which at these sizes is
-mostly the matmuls' fixed cost (tens of us each, for GroupMamba and Swin alike). So read it as an A/B of host
-work between two versions of the code or two models on one machine, not as a GPU prediction.
+It prints the best and the median step time of each model (one process each, in turn), GroupMamba's ratio
+to Swin, and the ATen operators each step calls from Python or from autograd's engine (``torch.profiler``, one
+step after the timed ones; the operators those call inside ATen are not counted). That count is the eager
+step's host work in a number that does not vary with the machine: on GPU hosts each such call costs microseconds
+of dispatch whether or not it launches a kernel (views, reshapes, casts that change nothing, allocations), and
+the eager det step's ratio to Swin-T has followed it (twenty-seventh session: 175.4 against 67.8 ms, 2.59x, for
+about 1640 launches each; this script counts 7323 operators against 2566 at 9030dff, 2.85x).
+
+What it leaves out: the CUDA launch itself and the caching allocator (about 5-10 us a launch on the GPU host),
+and Triton's own launcher for our kernels; what it adds: the CPU's compute, which at these sizes is mostly the
+matmuls' fixed cost (tens of us each, for GroupMamba and Swin alike). So read the times as an A/B of host work
+between two versions of the code or two models on one machine, not as a GPU prediction.
 """
 import argparse
 import os
@@ -51,7 +58,8 @@ BUILDERS = {'GroupMamba-T': narrow_groupmamba, 'Swin-T': narrow_swin}
 
 
 def measure(name, steps, size, fp32):
-    """``(best s, median s, our launches per step)`` of ``name``'s eager training step, in this process."""
+    """``(best s, median s, our launches per step, ATen operators per step)`` of ``name``'s eager training step,
+    in this process."""
     import torch
     import triton.runtime.interpreter as interpreter
 
@@ -80,7 +88,18 @@ def measure(name, steps, size, fp32):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times), launches[0] / steps
+    return min(times), statistics.median(times), launches[0] / steps, operators_called(step)
+
+
+def operators_called(step):
+    """The ATen operators one call of ``step`` calls from outside ATen: from Python (the models' code, ours,
+    PyTorch's modules) or from autograd's engine (the backward of PyTorch's own operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events()
+               if e.name.startswith('aten::') and (e.cpu_parent is None or not e.cpu_parent.name.startswith('aten::')))
 
 
 def main():
@@ -92,8 +111,7 @@ def main():
     parser.add_argument('--one', help=argparse.SUPPRESS)  # the child process measuring one model
     args = parser.parse_args()
     if args.one:
-        best, median, launches = measure(args.one, args.steps, args.size, args.fp32)
-        print(f'RESULT {best} {median} {launches}')
+        print('RESULT', *measure(args.one, args.steps, args.size, args.fp32))
         return
     # One process per model: Triton's interpreter must be chosen before Triton is imported, and neither model's
     # warm state (allocator, caches) should reach the other's.
@@ -103,15 +121,16 @@ def main():
         command = [sys.executable, __file__, '--one', name, '--steps', str(args.steps), '--size', *map(str, args.size)]
         result = subprocess.run(command + (['--fp32'] if args.fp32 else []), capture_output=True, text=True, env=env,
                                 check=True)
-        best, median, launches = (float(v) for v in result.stdout.split('RESULT ')[-1].split())
-        rows[name] = (best, median, launches)
+        rows[name] = tuple(float(v) for v in result.stdout.split('RESULT ')[-1].split())
     print(f'eager training step on the CPU, quarter widths, bs 2 at {args.size[0]}x{args.size[1]}, '
           f'{"fp32" if args.fp32 else "bf16 autocast"}, our Triton launches skipped')
-    print('| model | best ms | median ms | our launches skipped | x Swin-T (median) |')
-    print('| --- | ---: | ---: | ---: | ---: |')
-    for name, (best, median, launches) in rows.items():
-        ratio = f'{median / rows["Swin-T"][1]:.2f}' if 'Swin-T' in rows else ''
-        print(f'| {name} | {best * 1e3:.1f} | {median * 1e3:.1f} | {launches:.0f} | {ratio} |')
+    print('| model | best ms | median ms | our launches skipped | x Swin-T (median) | ATen operators | x Swin-T |')
+    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+    for name, (best, median, launches, operators) in rows.items():
+        swin = rows.get('Swin-T')
+        ratios = (f'{median / swin[1]:.2f}', f'{operators / swin[3]:.2f}') if swin else ('', '')
+        print(f'| {name} | {best * 1e3:.1f} | {median * 1e3:.1f} | {launches:.0f} | {ratios[0]} | {operators:.0f} '
+              f'| {ratios[1]} |')
 
 
 if __name__ == '__main__':
