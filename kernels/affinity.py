@@ -6,7 +6,7 @@ elsewhere.
 import torch
 
 from .dispatch import triton_module
-from .ops_util import fused_op, reduced_dtype, reference_grads
+from .ops_util import cast, fused_op, reduced_dtype, reference_grads
 from .reference import channel_affinity_dtype, channel_affinity_reference
 
 
@@ -67,7 +67,7 @@ def param_grads(dparams, params):
     dtype where it differs)."""
     fc1_weight = params[0]
     parts = dparams.split(param_grad_sizes(fc1_weight.shape[1], fc1_weight.shape[0]))
-    return [g.view(p.shape).to(p.dtype) for g, p in zip(parts, params)]
+    return [cast(g.view(p.shape), p.dtype) for g, p in zip(parts, params)]
 
 
 def _affinity_setup(ctx, inputs, output):

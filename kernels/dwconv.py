@@ -4,7 +4,7 @@ custom ops ``mmgroupmamba::dwconv_act_fwd`` / ``..._bwd``: Triton on CUDA tensor
 import torch
 
 from .dispatch import triton_module
-from .ops_util import empty, fused_op, reduced_dtype, reference_grads
+from .ops_util import cast, empty, fused_op, reduced_dtype, reference_grads
 from .reference import check_dwconv_activation, depthwise_conv_act_reference
 
 
@@ -52,7 +52,7 @@ def _(dout, x, weight, bias, activation, need_output):
 def split_param_grads(dparams, weight, bias):
     """``dparams`` -> the weight and bias gradients in their parameters' shapes and dtypes."""
     channels = bias.shape[0]
-    return dparams[:9 * channels].view(weight.shape).to(weight.dtype), dparams[9 * channels:].to(bias.dtype)
+    return cast(dparams[:9 * channels].view(weight.shape), weight.dtype), cast(dparams[9 * channels:], bias.dtype)
 
 
 def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False):

@@ -23,6 +23,7 @@ from .gated_norm import (
     residual_layer_norm_fwd,
     residual_layer_norm_grads,
 )
+from .ops_util import cast
 
 
 def _compute_dtype(t):
@@ -36,22 +37,22 @@ def _linear_forward(ctx, out, weight, bias, cast_bias):
     the bias already in that dtype (cast with other parameters in one launch), or None to cast it here; the
     gradient goes to ``bias`` either way, reduced in fp32."""
     dtype = _compute_dtype(out)
-    weight_c = weight.to(dtype)
+    weight_c = cast(weight, dtype)
     ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
     if bias is not None and cast_bias is None:
-        cast_bias = bias.to(dtype)
-    return F.linear(out.to(dtype), weight_c, cast_bias), weight_c
+        cast_bias = cast(bias, dtype)
+    return F.linear(cast(out, dtype), weight_c, cast_bias), weight_c
 
 
 def _linear_backward(ctx, grad_out, weight_c, recompute):
     """The linear layer's gradients; ``recompute(grad_op_out)`` runs the op's backward and returns its input
     gradients and its recomputed output."""
-    grad_out2 = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_c.dtype)
+    grad_out2 = cast(grad_out.reshape(-1, grad_out.shape[-1]), weight_c.dtype)
     grad_op_out = (grad_out2 @ weight_c).view(*grad_out.shape[:-1], weight_c.shape[1])
     grads, op_out = recompute(grad_op_out)
     weight_dtype, bias_dtype = ctx.param_dtypes
-    grad_weight = (grad_out2.t() @ op_out.reshape(-1, op_out.shape[-1]).to(weight_c.dtype)).to(weight_dtype)
-    grad_bias = None if bias_dtype is None else grad_out2.sum(0, dtype=torch.float32).to(bias_dtype)
+    grad_weight = cast(grad_out2.t() @ cast(op_out.reshape(-1, op_out.shape[-1]), weight_c.dtype), weight_dtype)
+    grad_bias = None if bias_dtype is None else cast(grad_out2.sum(0, dtype=torch.float32), bias_dtype)
     return grad_weight, grad_bias, grads
 
 
@@ -140,7 +141,7 @@ class ConvActLinearFn(torch.autograd.Function):
         h, conv_weight, conv_bias, weight_c = ctx.saved_tensors
 
         def recompute(grad_hidden):
-            dh, dw, db, hidden = dwconv_act_backward(grad_hidden.to(h.dtype), h, conv_weight, conv_bias,
+            dh, dw, db, hidden = dwconv_act_backward(cast(grad_hidden, h.dtype), h, conv_weight, conv_bias,
                                                      ctx.activation, True)
             return (dh, dw, db), hidden
 

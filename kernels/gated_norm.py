@@ -8,7 +8,7 @@ import torch
 
 from .dispatch import triton_module, use_triton
 from .layout import pad_groups, unpad_groups
-from .ops_util import empty, fused_op, reduced_dtype, reference_grads
+from .ops_util import cast, empty, fused_op, reduced_dtype, reference_grads
 from .reference import group_layer_norm_reference, modulated_layer_norm_reference
 
 
@@ -80,7 +80,7 @@ def gated_group_norm_grads(dout, y, z, weight, bias, mean, rstd, groups, eps, ou
     dbias, out or None)``."""
     dy, dz, (dw, db), out = gated_group_norm_bwd(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype,
                                                  need_output)
-    return (dy, (dz if z is not None else None), dw.to(weight.dtype), db.to(bias.dtype),
+    return (dy, (dz if z is not None else None), cast(dw, weight.dtype), cast(db, bias.dtype),
             (out if need_output else None))
 
 
@@ -176,13 +176,13 @@ def residual_layer_norm_grads(dout, dtotal, total, keep, weight, bias, mean, rst
     if dout is None:
         if dtotal is None:
             return None, None, None, None, None
-        dbranch = dtotal.to(branch_dtype) if keep is None else _per_image(dtotal, keep).to(branch_dtype)
+        dbranch = cast(dtotal, branch_dtype) if keep is None else cast(_per_image(dtotal, keep), branch_dtype)
         return dtotal, dbranch, None, None, None
     dx, dbranch, (dw, db), out = residual_layer_norm_bwd(dout, dtotal, total, keep, weight, bias, mean, rstd, eps,
                                                          out_dtype, branch_dtype, need_output)
     if keep is None:  # the branch's gradient is the skip input's (itself where the dtypes agree)
-        dbranch = dx.to(branch_dtype)
-    return dx, dbranch, dw.to(weight.dtype), db.to(bias.dtype), (out if need_output else None)
+        dbranch = cast(dx, branch_dtype)
+    return dx, dbranch, cast(dw, weight.dtype), cast(db, bias.dtype), (out if need_output else None)
 
 
 def _residual_setup(ctx, inputs, output):
@@ -258,7 +258,7 @@ def modulated_layer_norm_grads(dout, y, x, scale, weight, bias, mean, rstd, eps,
     dbias, out or None)``."""
     dy, dx, dscale, (dw, db), out = modulated_layer_norm_bwd(dout, y, x, scale, weight, bias, mean, rstd, eps,
                                                              need_output)
-    return dy, dx, dscale, dw.to(weight.dtype), db.to(bias.dtype), (out if need_output else None)
+    return dy, dx, dscale, cast(dw, weight.dtype), cast(db, bias.dtype), (out if need_output else None)
 
 
 def _modulated_setup(ctx, inputs, output):

@@ -151,6 +151,13 @@ def next_power_of_2(n):
     return n + 1
 
 
+def cast(t, dtype):
+    """``t.to(dtype)``, without the call where ``t`` is already in ``dtype``: most of the backward's casts
+    change nothing (an fp32 gradient for an fp32 parameter), and each call still passes PyTorch's dispatcher, a
+    microsecond or more of the eager step's host time (``benchmarks/host_proxy.py`` counts them)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def reduced_dtype(t):
     """The dtype of the gradients the kernels reduce over many elements (weights, biases): fp32, or fp64 for
     fp64 inputs."""

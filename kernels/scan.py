@@ -8,7 +8,7 @@ without graph breaks and with symbolic sizes; on CUDA its Triton launches become
 import torch
 
 from .dispatch import triton_module, use_triton
-from .ops_util import empty, fused_op, reduced_dtype, reference_grads
+from .ops_util import cast, empty, fused_op, reduced_dtype, reference_grads
 from .reference import selective_scan_reference
 
 # Tiling knobs, forward then backward: (block_t, block_c, num_warps, chunk_len, stages); 0 = the heuristics'
@@ -122,9 +122,9 @@ def _scan_backward(ctx, dy, _dstates):
     du, ddelta, dADb, dBC = selective_scan_bwd(dy, *saved, *ctx.hw, ctx.tiling)
     dA_logs, dD, dbias = dADb
     # B and C come as slices of one projection, in one dtype: one cast for both (none where it is fp32).
-    dB, dC = dBC.to(torch.promote_types(B.dtype, C.dtype))
-    return (du, ddelta, dA_logs.to(A_logs.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype),
-            dbias.to(delta_bias.dtype), None, None, None, None)
+    dB, dC = cast(dBC, torch.promote_types(B.dtype, C.dtype))
+    return (du, ddelta, cast(dA_logs, A_logs.dtype), cast(dB, B.dtype), cast(dC, C.dtype), cast(dD, D.dtype),
+            cast(dbias, delta_bias.dtype), None, None, None, None)
 
 
 selective_scan_fwd.register_autograd(_scan_backward, setup_context=_setup_scan_context)

@@ -22,7 +22,7 @@ from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
 from .layout import GROUPS, group_widths
-from .ops_util import cdiv, next_power_of_2, size_hint
+from .ops_util import cast, cdiv, next_power_of_2, size_hint
 
 
 @triton.jit
@@ -484,7 +484,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
         hw, channels, valid, tiles_per_program, parts.stride(0), **_modulated_layout(channels, valid),
         BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, num_warps=num_warps)
     per_image = parts.sum(3)
-    return dy, dx, per_image[0].to(scale.dtype), per_image[1:].sum(1), (out if need_output else None)
+    return dy, dx, cast(per_image[0], scale.dtype), per_image[1:].sum(1), (out if need_output else None)
 
 
 KERNEL = _gated_norm_fwd_kernel  # what dispatch.kernels_interpreted inspects
