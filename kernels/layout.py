@@ -103,39 +103,68 @@ class _GatherStored(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, index, inverse, offsets, shapes, cast_count, dtype, *params):
-        compact = torch.cat([params[0].new_zeros(1)] + [p.reshape(-1) for p in params])  # element 0: the zero
+        compact = torch.cat([params[0].new_zeros(1)] + [as_flat(p) for p in params])  # element 0: the zero
         stored = compact.index_select(0, index)
         cast_end = offsets[cast_count] if cast_count < len(offsets) else stored.numel()
         cast = stored[:cast_end].to(dtype)
         ctx.set_materialize_grads(False)  # an output that gets no gradient (a cast bias) costs nothing then
         ctx.save_for_backward(inverse)
         ctx.param_shapes = [p.shape for p in params]
-        ctx.layout = (offsets, shapes, cast_count, stored.numel(), stored.dtype, cast.dtype)
-        return tuple((cast if i < cast_count else stored)[start:start + math.prod(shape)].view(shape)
-                     for i, (start, shape) in enumerate(zip(offsets, shapes)))
+        # Each stored tensor is followed by a gap up to the next one's aligned start.
+        gaps = [end - start - math.prod(shape)
+                for shape, start, end in zip(shapes, offsets, offsets[1:] + [stored.numel()])]
+        ctx.layout = (shapes, gaps, cast_count, stored.dtype, cast.dtype)
+        kept = (split_with_gaps(stored[cast_end:], shapes[cast_count:], gaps[cast_count:])
+                if cast_count < len(offsets) else [])
+        return (*split_with_gaps(cast, shapes[:cast_count], gaps[:cast_count]), *kept)
 
     @staticmethod
     def backward(ctx, *grads):
         inverse, = ctx.saved_tensors
-        offsets, shapes, cast_count, size, source_dtype, cast_dtype = ctx.layout
+        shapes, gaps, cast_count, source_dtype, cast_dtype = ctx.layout
         # The stored buffer's gradient, concatenated with unfilled pieces where nothing is read back (pad
         # channels, gaps, outputs without a gradient): one concatenation per dtype, one cast.
-        ends = offsets[1:] + [size]
-        pieces = [[], []]
-        for i, (grad, start, end, shape) in enumerate(zip(grads, offsets, ends, shapes)):
-            numel = math.prod(shape)
-            part = pieces[0] if i < cast_count else pieces[1]
-            if grad is None:
-                part.append(inverse.new_empty(end - start, dtype=source_dtype))
-            else:
-                part += [grad.reshape(-1), grad.new_empty(end - start - numel)]
+        unfilled = {dtype: inverse.new_empty(max(math.prod(s) + gap for s, gap in zip(shapes, gaps)), dtype=dtype)
+                    for dtype in {source_dtype, cast_dtype}}
+
+        def pieces(grads, shapes, gaps, dtype):
+            flat = [unfilled[dtype][:math.prod(s)] if g is None else as_flat(g) for g, s in zip(grads, shapes)]
+            return with_gaps(flat, gaps, unfilled[dtype])
+        cast = pieces(grads[:cast_count], shapes[:cast_count], gaps[:cast_count], cast_dtype)
+        kept = pieces(grads[cast_count:], shapes[cast_count:], gaps[cast_count:], source_dtype)
         if cast_dtype == source_dtype:
-            pieces = [[], pieces[0] + pieces[1]]
-        cast = [torch.cat(pieces[0]).to(source_dtype)] if pieces[0] else []
-        stored = torch.cat(cast + pieces[1]) if pieces[1] else cast[0]
+            cast, kept = [], cast + kept
+        cast = [torch.cat(cast).to(source_dtype)] if cast else []
+        stored = torch.cat(cast + kept) if kept else cast[0]
         compact = stored.index_select(0, inverse).split([s.numel() for s in ctx.param_shapes])
-        return (None, ) * 6 + tuple(None if grad is None else part.view(s)
+        return (None, ) * 6 + tuple(None if grad is None else (part if len(s) == 1 else part.view(s))
                                     for grad, part, s in zip(grads, compact, ctx.param_shapes))
+
+
+# Helpers for tensors laid out one after another in one buffer, each followed by a gap (alignment padding, pad
+# channels), as the parameters are at every eager step, each way. They keep the per-tensor work to what changes
+# a shape, since each view, flatten or slice is a dispatcher call of the step (benchmarks/host_proxy.py counts
+# them): 1-D tensors are neither flattened nor viewed, gaps of no elements get no piece, and one split cuts a
+# buffer.
+def as_flat(t):
+    """``t.reshape(-1)``, without the call for a tensor that is 1-D already."""
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+def with_gaps(pieces, gaps, filler):
+    """1-D ``pieces``, each followed by ``gap`` elements of the 1-D ``filler`` where ``gap`` is not zero: the list
+    to concatenate."""
+    return [part for piece, gap in zip(pieces, gaps) for part in ((piece, filler[:gap]) if gap else (piece,))]
+
+
+def split_with_gaps(buffer, shapes, gaps):
+    """The tensors of ``shapes`` laid out in the 1-D ``buffer`` as :func:`with_gaps` lays them out: views of it."""
+    sizes, first = [], []
+    for shape, gap in zip(shapes, gaps):
+        first.append(len(sizes))
+        sizes += [math.prod(shape), gap] if gap else [math.prod(shape)]
+    pieces = buffer.split(sizes)
+    return [pieces[i] if len(shape) == 1 else pieces[i].view(shape) for i, shape in zip(first, shapes)]
 
 
 class StoredParameters(torch.nn.Module):

@@ -80,10 +80,13 @@ from mmgroupmamba.kernels import (
 from mmgroupmamba.kernels.layout import (
     CHANNEL_MULTIPLE,
     StoredParameters,
+    as_flat,
     pad_blocks,
     pad_groups,
+    split_with_gaps,
     stored_channels,
     unpad_groups,
+    with_gaps,
 )
 from mmgroupmamba.kernels.ops_util import traced
 from mmgroupmamba.models.compiled import CompiledForward
@@ -245,12 +248,11 @@ class _CastTogether(torch.autograd.Function):
     def forward(ctx, dtype, pads, *params):
         # The padding only places the next part; its values are never read, so it is left unfilled.
         padding = params[0].new_empty(max(pads))
-        flat = torch.cat([piece for p, pad in zip(params, pads) for piece in (p.flatten(), padding[:pad])])
+        flat = torch.cat(with_gaps([as_flat(p) for p in params], pads, padding))
         ctx.set_materialize_grads(False)  # a part that gets no gradient costs a zero fill only then
         ctx.dtype, ctx.source_dtype, ctx.device, ctx.pads = dtype, flat.dtype, flat.device, pads
         ctx.shapes = [p.shape for p in params]
-        sizes = [n for p, pad in zip(params, pads) for n in (p.numel(), pad)]
-        return tuple(part.view_as(p) for part, p in zip(flat.to(dtype).split(sizes)[::2], params))
+        return tuple(split_with_gaps(flat.to(dtype), ctx.shapes, pads))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -258,14 +260,11 @@ class _CastTogether(torch.autograd.Function):
         # the padding, and its parameter gets None from here.
         unfilled = torch.empty(max(s.numel() + pad for s, pad in zip(ctx.shapes, ctx.pads)), dtype=ctx.dtype,
                                device=ctx.device)
-        pieces = []
-        for grad, shape, pad in zip(grads, ctx.shapes, ctx.pads):
-            pieces += [unfilled[:shape.numel()] if grad is None else grad.flatten(), unfilled[:pad]]
+        pieces = [unfilled[:shape.numel()] if grad is None else as_flat(grad) for grad, shape in zip(grads, ctx.shapes)]
         # The same layout as forward's: every gradient starts as aligned as the buffer of its own it replaces.
-        flat = torch.cat(pieces).to(ctx.source_dtype)
-        sizes = [n for shape, pad in zip(ctx.shapes, ctx.pads) for n in (shape.numel(), pad)]
-        return None, None, *(None if grad is None else part.view(shape)
-                             for grad, part, shape in zip(grads, flat.split(sizes)[::2], ctx.shapes))
+        flat = torch.cat(with_gaps(pieces, ctx.pads, unfilled)).to(ctx.source_dtype)
+        return None, None, *(None if grad is None else part
+                             for grad, part in zip(grads, split_with_gaps(flat, ctx.shapes, ctx.pads)))
 
 
 def cast_together(params, dtype):
