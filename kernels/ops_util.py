@@ -64,10 +64,20 @@ def traced(args):
     return not all(type(a) in _PLAIN_TENSOR_TYPES or not isinstance(a, torch.Tensor) for a in args)
 
 
+# The argument types of a plain eager call: plain tensors and the other types the ops' schemas take. Any other
+# type (a tensor subclass, a symbolic size) sends the call through the op.
+_PLAIN_ARG_TYPES = frozenset(_PLAIN_TENSOR_TYPES + (int, float, bool, str, list, torch.dtype, type(None)))
+
+
 def _plain_eager(args):
-    """Whether a call with ``args`` is plain eager work that nothing watches: not :func:`traced`, and no
-    dispatch or torch-function mode at all (counters too must see the op)."""
-    return not (traced(args) or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled())
+    """Whether a call with ``args`` is plain eager work that nothing watches: not compiled, under no torch.func
+    transform, no dispatch mode (tracing's fake, proxy and functional modes are on that stack too; counters too
+    must see the op) and no torch-function mode, and every argument of a type in ``_PLAIN_ARG_TYPES``. What
+    :func:`traced` asks and more, in C calls only: it is asked at every eager call of every fused op, and a
+    Python loop over the arguments cost about a microsecond a call."""
+    return not (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+                or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or not _PLAIN_ARG_TYPES.issuperset(map(type, args)))
 
 
 class FusedOp:
