@@ -19,7 +19,10 @@ step after the timed ones; the operators those call inside ATen are not counted)
 step's host work in a number that does not vary with the machine: on GPU hosts each such call costs microseconds
 of dispatch whether or not it launches a kernel (views, reshapes, casts that change nothing, allocations), and
 the eager det step's ratio to Swin-T has followed it (twenty-seventh session: 175.4 against 67.8 ms, 2.59x, for
-about 1640 launches each; this script counts 7323 operators against 2566 at 9030dff, 2.85x).
+about 1640 launches each; this script counts 7323 operators against 2566 at 9030dff, 2.85x). But those
+operators take about Swin-T's time on the CPU (thirtieth session): the step's excess is the Python around them,
+so the script also counts the calls one step makes from Python (functions and built-ins, as cProfile counts
+them, in one more step), the other machine-independent measure of that work.
 
 What it leaves out: the CUDA launch itself and the caching allocator (about 5-10 us a launch on the GPU host),
 and Triton's own launcher for our kernels; what it adds: the CPU's compute, which at these sizes is mostly the
@@ -58,8 +61,8 @@ BUILDERS = {'GroupMamba-T': narrow_groupmamba, 'Swin-T': narrow_swin}
 
 
 def measure(name, steps, size, fp32):
-    """``(best s, median s, our launches per step, ATen operators per step)`` of ``name``'s eager training step,
-    in this process."""
+    """``(best s, median s, our launches per step, ATen operators per step, Python calls per step)`` of
+    ``name``'s eager training step, in this process."""
     import torch
     import triton.runtime.interpreter as interpreter
 
@@ -88,7 +91,18 @@ def measure(name, steps, size, fp32):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times), launches[0] / steps, operators_called(step)
+    return min(times), statistics.median(times), launches[0] / steps, operators_called(step), python_calls(step)
+
+
+def python_calls(step):
+    """The function calls, Python functions and built-ins alike, that one call of ``step`` makes (cProfile's
+    count)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(step)
+    return pstats.Stats(profiler).total_calls
 
 
 def operators_called(step):
@@ -124,13 +138,14 @@ def main():
         rows[name] = tuple(float(v) for v in result.stdout.split('RESULT ')[-1].split())
     print(f'eager training step on the CPU, quarter widths, bs 2 at {args.size[0]}x{args.size[1]}, '
           f'{"fp32" if args.fp32 else "bf16 autocast"}, our Triton launches skipped')
-    print('| model | best ms | median ms | our launches skipped | x Swin-T (median) | ATen operators | x Swin-T |')
-    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
-    for name, (best, median, launches, operators) in rows.items():
+    print('| model | best ms | median ms | our launches skipped | x Swin-T (median) | ATen operators | x Swin-T '
+          '| Python calls | x Swin-T |')
+    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+    for name, (best, median, launches, operators, calls) in rows.items():
         swin = rows.get('Swin-T')
-        ratios = (f'{median / swin[1]:.2f}', f'{operators / swin[3]:.2f}') if swin else ('', '')
+        ratios = [f'{mine / swin[i]:.2f}' if swin else '' for mine, i in ((median, 1), (operators, 3), (calls, 4))]
         print(f'| {name} | {best * 1e3:.1f} | {median * 1e3:.1f} | {launches:.0f} | {ratios[0]} | {operators:.0f} '
-              f'| {ratios[1]} |')
+              f'| {ratios[1]} | {calls:.0f} | {ratios[2]} |')
 
 
 if __name__ == '__main__':
