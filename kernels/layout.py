@@ -124,18 +124,20 @@ class _GatherStored(torch.autograd.Function):
         shapes, gaps, cast_count, source_dtype, cast_dtype = ctx.layout
         # The stored buffer's gradient, concatenated with unfilled pieces where nothing is read back (pad
         # channels, gaps, outputs without a gradient): one concatenation per dtype, one cast.
-        unfilled = {dtype: inverse.new_empty(max(math.prod(s) + gap for s, gap in zip(shapes, gaps)), dtype=dtype)
-                    for dtype in {source_dtype, cast_dtype}}
+        filler_size = max(math.prod(s) + gap for s, gap in zip(shapes, gaps))
 
         def pieces(grads, shapes, gaps, dtype):
-            flat = [unfilled[dtype][:math.prod(s)] if g is None else as_flat(g) for g, s in zip(grads, shapes)]
-            return with_gaps(flat, gaps, unfilled[dtype])
-        cast = pieces(grads[:cast_count], shapes[:cast_count], gaps[:cast_count], cast_dtype)
-        kept = pieces(grads[cast_count:], shapes[cast_count:], gaps[cast_count:], source_dtype)
+            # The unfilled places are slices of one buffer, made only where a place needs it.
+            needed = any(gaps) or any(g is None for g in grads)
+            filler = inverse.new_empty(filler_size, dtype=dtype) if needed else None
+            flat = [filler[:math.prod(s)] if g is None else as_flat(g) for g, s in zip(grads, shapes)]
+            return with_gaps(flat, gaps, filler)
+        cast_part = pieces(grads[:cast_count], shapes[:cast_count], gaps[:cast_count], cast_dtype)
+        kept_part = pieces(grads[cast_count:], shapes[cast_count:], gaps[cast_count:], source_dtype)
         if cast_dtype == source_dtype:
-            cast, kept = [], cast + kept
-        cast = [torch.cat(cast).to(source_dtype)] if cast else []
-        stored = torch.cat(cast + kept) if kept else cast[0]
+            cast_part, kept_part = [], cast_part + kept_part
+        cast_back = [torch.cat(cast_part).to(source_dtype)] if cast_part else []
+        stored = torch.cat(cast_back + kept_part) if kept_part else cast_back[0]
         compact = stored.index_select(0, inverse).split([s.numel() for s in ctx.param_shapes])
         return (None, ) * 6 + tuple(None if grad is None else (part if len(s) == 1 else part.view(s))
                                     for grad, part, s in zip(grads, compact, ctx.param_shapes))
