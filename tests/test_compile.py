@@ -360,3 +360,32 @@ def test_write_analysis_is_kept_by_kernel_and_arguments_inside_the_compile_conte
     assert functorch_config.force_non_lazy_backward_lowering == lazy
     analyse(N=3, BLOCK=16)
     assert len(calls) == 9  # outside the context, PyTorch's own behaviour: no cache
+
+
+def test_compiled_concatenations_do_not_grow_with_the_stage_depth(fresh_dynamo):
+    """Inductor lowers a concatenation to one pointwise kernel whose elements test every piece in turn: the
+    stage-wide weight cast of a 21-block stage (GroupMamba-B) made one with 336 pieces, 95 ms of a 159 ms det step
+    on an H100. Traced, the weights are cast a block at a time, so the largest concatenation in the forward and
+    backward graphs is the same for a stage of 2 blocks and of 6."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def largest_concatenation(depth):
+        graphs = []
+
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm)
+
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        arch = dict(stem_hidden_dim=8, embed_dims=[16, 16, 32, 32], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, depth, 1])
+        model = GroupMamba(arch=arch, compile=dict(backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))).train()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(torch.randn(1, 3, 64, 64))
+        sum(o.float().sum() for o in out).backward()
+        assert len(graphs) == 2  # the forward graph, then the backward graph
+        return max(len(node.args[0]) for gm in graphs for node in gm.graph.nodes
+                   if node.target is torch.ops.aten.cat.default)
+
+    assert largest_concatenation(6) == largest_concatenation(2)

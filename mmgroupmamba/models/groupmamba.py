@@ -763,7 +763,8 @@ def stage_forward_weights(blocks, dtype):
 def build_forward_weights(blocks, dtype):
     """``(attn_weights, mlp_weights)`` of each of ``blocks`` (blocks of one stage: the same shapes), what
     :meth:`GroupMambaLayer.forward` and :meth:`ConvFFN.forward` read: the matmul weights cast to ``dtype`` in one
-    cast for all the blocks (a padded stage: laid out in the stored channels by one gather a block), and the
+    cast for all the blocks (traced by torch.compile: one a block; a padded stage: laid out in the stored channels
+    by one gather a block), and the
     groups' block-diagonal projections of all the blocks built together (:class:`_BlockDiagonalProjections`).
     Built per block, a training step launched about 7 kernels forward and 6 backward a block for this; per stage,
     GroupMamba-T's eager step launches 127 fewer (``benchmarks/launch_count.py --arch tiny``: 1652 -> 1525 under
@@ -773,7 +774,13 @@ def build_forward_weights(blocks, dtype):
     mlp = [b.mlp.matmul_params() for b in blocks]
     channel = [b.attn.channel_params() + b.mlp.channel_params() for b in blocks]
     n, k, c = len(blocks), len(attn[0]), len(first.attn.channel_params())
-    if first.stored_parameters is None:
+    if first.stored_parameters is None and traced(attn[0]):
+        # A block at a time: Inductor lowers a concatenation to one pointwise kernel whose every element tests
+        # each piece in turn (the compiled backbone's force_pointwise_cat). For a whole stage of GroupMamba-B (21
+        # blocks, 336 pieces with the gaps) that kernel took 95 ms of a 159 ms det step on an H100; a block's
+        # pieces make kernels that its combo kernels launch together, the launches of the step as many as before.
+        cast = [cast_together(a + f, dtype) for a, f in zip(attn, mlp)]
+    elif first.stored_parameters is None:
         flat = cast_together([p for a, f in zip(attn, mlp) for p in a + f], dtype)
         step = len(flat) // n
         cast = [flat[i * step:(i + 1) * step] for i in range(n)]
