@@ -147,11 +147,10 @@ SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', du_ptr='*fp16', 
 
 def scan_rows(sms=132):
     """The same for the scan's forward and backward (their main pass) at bs 128, 224x224, and the main passes of
-    the split scan of the detection step's first stage (bs 2, 800x1344), whose programs first compose the
+    the split scans of the detection step's four stages (bs 2, 800x1344), whose programs first compose the
     summaries of the chunks before theirs; on the stored channels."""
-    side_det = (200, 336)
     cases = [(128, side * side, stored_channels(channels), False) for channels, side in zip(DIMS, (56, 28, 14, 7))]
-    cases.append((2, side_det[0] * side_det[1], DIMS[0], True))
+    cases += [(2, (200 >> i) * (336 >> i), stored_channels(channels), True) for i, channels in enumerate(DIMS)]
     for batch, length, channels, split in cases:
         config = triton_scan._config_for(batch, length, channels, sms, ((None, None),) * 5)
         for backward, passed in ((False, config.fwd), (True, config.bwd)):

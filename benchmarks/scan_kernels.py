@@ -1,7 +1,7 @@
 """Check and time the Triton selective scan on a GPU against the card's copy bandwidth and the reference.
 
     python benchmarks/scan_kernels.py [--dtypes fp32,bf16] [--skip-checks] [--sweep] [--sweep-dtypes fp32]
-                                      [--carry-forms] [--chunk-sweep] [--skip-table]
+                                      [--carry-forms] [--chunk-sweep] [--skip-table] [--shapes NAME ...]
 
 Steps: (1) copy bandwidth of the card (large device-to-device copy, bytes read + written); (2) correctness of
 forward and all gradients against the float64 reference on small odd shapes and on each benchmark shape at
@@ -26,7 +26,7 @@ import time
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from mmgroupmamba.kernels import selective_scan, selective_scan_reference, triton_scan
 
@@ -42,6 +42,13 @@ SHAPES = [  # name, batch, (H, W), channels
     ('stage3', 128, (14, 14), 348),
     ('stage4', 128, (7, 7), 448),
     ('det', 2, (200, 336), 64),
+]
+# The other stages of the detection step (bs 2 at 800x1344), with the channels the model stores (stage 3 padded to
+# 352): their scans are split into many short chunks, where the stage shapes above run unsplit.
+DETECTION_SHAPES = [
+    ('det s2', 2, (100, 168), 128),
+    ('det s3', 2, (50, 84), 352),
+    ('det s4', 2, (25, 42), 448),
 ]
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 NAMES = ['u', 'delta', 'A_logs', 'B', 'C', 'D', 'delta_bias']
@@ -151,14 +158,14 @@ def time_pair(fn_fwd, inp, dy, rep=100):
     return fwd, bwd
 
 
-def bench_shapes(dtypes, bandwidth):
+def bench_shapes(dtypes, bandwidth, shapes):
     log('== timings (median ms; %BW = minimal bytes / time / copy bandwidth)')
     rows = []
     header = (f'{"shape":7} {"dtype":5} {"batch":>5} {"HxW":>8} {"ch":>4} | {"fwd ms":>7} {"fwd %BW":>7} '
               f'{"ref ms":>8} {"x":>6} | {"bwd ms":>7} {"bwd %BW":>7} {"ref ms":>8} {"x":>6} | config')
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        for name, batch, hw, ch in SHAPES:
+        for name, batch, hw, ch in shapes:
             length = hw[0] * hw[1]
             inp = make_inputs(batch, hw, ch, dtype, DEVICE, 1, requires_grad=True)
             dy = torch.randn(batch, length, ch, device=DEVICE, dtype=dtype)
@@ -180,29 +187,32 @@ def bench_shapes(dtypes, bandwidth):
         log(row)
 
 
-def launcher_cases(dtypes, seed):
+def launcher_cases(dtypes, seed, shapes):
     """For each dtype and shape: ``(name, dtype_name, hw, inp, args, dy)``, ``args`` the launchers' inputs."""
     for dtype_name in dtypes:
-        for name, batch, hw, ch in SHAPES:
+        for name, batch, hw, ch in shapes:
             torch.cuda.empty_cache()
             inp = make_inputs(batch, hw, ch, DTYPES[dtype_name], DEVICE, seed)
             yield name, dtype_name, hw, inp, [inp[n] for n in NAMES] + [hw], torch.randn_like(inp['u'])
 
 
 def time_launchers(args, dy, cfg, rep=40):
-    """Median ms of the forward launcher (states kept, as in training) and of the backward launcher."""
-    f = do_bench(lambda: triton_scan.scan_forward(*args, cfg, save_states=True), warmup=10, rep=rep,
-                 return_mode='median')
+    """Median ms of the forward launcher (states kept, as in training) and of the backward launcher, each replayed
+    from a CUDA graph: the kernels alone. Timed as called, the small shapes' launchers measure the host's Python
+    (about 0.1 ms forward and 0.2 backward at the detection step's stage 4, whatever the split: thirty-first
+    session), not the kernels the compiled and graphed steps run."""
+    f = do_bench_cudagraph(lambda: triton_scan.scan_forward(*args, cfg, save_states=True), rep=rep,
+                           return_mode='median')
     _, states = triton_scan.scan_forward(*args, cfg, save_states=True)
-    b = do_bench(lambda: triton_scan.scan_backward(dy, *args, states, cfg), warmup=10, rep=rep,
-                 return_mode='median')
+    b = do_bench_cudagraph(lambda: triton_scan.scan_backward(dy, *args, states, cfg), rep=rep,
+                           return_mode='median')
     return f, b
 
 
-def sweep(dtypes):
+def sweep(dtypes, shapes):
     """Time the forward and backward kernels alone over a grid of tilings (launchers, no autograd)."""
     log('== sweep: median ms of the kernels for each tiling')
-    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 2):
+    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 2, shapes):
         batch, _, ch = inp['u'].shape
         per_group = ch // 4
         block_cs = sorted({min(16, triton_next(per_group)), min(32, triton_next(per_group))})
@@ -266,12 +276,12 @@ def _with_carry_form(composed, fn):
         triton_scan.wrap_triton = saved
 
 
-def carry_forms(dtypes):
+def carry_forms(dtypes, shapes):
     """Median ms of the forward and backward launchers at the default tiling, main pass in each carry form."""
     log('== carry forms: main pass with the carry composed from summaries (HAS_HIN/HAS_GIN=True) or started '
         'at zero (False); median ms, results compared bitwise')
     ok = True
-    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 3):
+    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 3, shapes):
         cfg = triton_scan.choose_config(inp['u'])
         length = hw[0] * hw[1]
         if max(cfg.fwd.n_chunks(length), cfg.bwd.n_chunks(length)) > 1:
@@ -292,14 +302,16 @@ def carry_forms(dtypes):
     return ok
 
 
-def chunk_sweep(dtypes):
-    """Median ms of the forward and backward launchers at the default tiles, the sequence in 1-16 chunks."""
+def chunk_sweep(dtypes, shapes):
+    """Median ms of the forward and backward launchers at the default tiles, the sequence in 1-16 chunks and in
+    chunks of 1, 2, 4 and 8 of the forward's tiles (the detection shapes split into hundreds)."""
     log('== chunk sweep: median ms of the launchers, default tiles, sequence split into n chunks')
-    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 4):
+    for name, dtype_name, hw, inp, args, dy in launcher_cases(dtypes, 4, shapes):
         length = hw[0] * hw[1]
         default = triton_scan.choose_config(inp['u'])
+        by_tiles = {math.ceil(length / (tiles * default.fwd.block_t)) for tiles in (1, 2, 4, 8)}
         cells = []
-        for n in (None, 1, 2, 4, 8, 16):
+        for n in (None, *sorted({1, 2, 4, 8, 16} | by_tiles)):
             cfg = default if n is None else triton_scan.choose_config(inp['u'], chunk_len=math.ceil(length / n))
             if n is not None and cfg.fwd.n_chunks(length) != n:
                 continue  # fewer chunks than asked: a chunk is at least a tile
@@ -321,10 +333,15 @@ def main(argv=None):
     parser.add_argument('--skip-checks', action='store_true')
     parser.add_argument('--carry-forms', action='store_true')
     parser.add_argument('--chunk-sweep', action='store_true')
+    names = [shape[0] for shape in SHAPES + DETECTION_SHAPES]
+    parser.add_argument('--shapes', nargs='+', choices=names, default=[shape[0] for shape in SHAPES],
+                        metavar='NAME', help=f'the shapes of steps (4) and after, of {names}; default the first '
+                        f'{len(SHAPES)}')
     parser.add_argument('--skip-table', action='store_true', help='leave out step (4), the timings against the '
                         'reference')
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(',')
+    shapes = [shape for shape in SHAPES + DETECTION_SHAPES if shape[0] in args.shapes]
     if not torch.cuda.is_available():
         sys.exit('scan_kernels.py needs a CUDA GPU')
     props = torch.cuda.get_device_properties(0)
@@ -337,18 +354,18 @@ def main(argv=None):
         ok &= correctness(dtypes)
         ok &= determinism()
     if not args.skip_table:
-        bench_shapes(dtypes, bandwidth)
+        bench_shapes(dtypes, bandwidth, shapes)
     if args.carry_forms:
         with set_wrap_triton_enabled(False):  # the launchers called directly, as the op's eager path calls them
-            ok &= carry_forms(dtypes)
+            ok &= carry_forms(dtypes, shapes)
     if args.chunk_sweep:
         with set_wrap_triton_enabled(False):
-            chunk_sweep(dtypes)
+            chunk_sweep(dtypes, shapes)
     if args.sweep:
         # The sweep calls the launchers directly, outside the op: launch as the op's eager path does, without
         # torch.library's tracing wrapper around each launch (it multiplies the host's cost per launch).
         with set_wrap_triton_enabled(False):
-            sweep(args.sweep_dtypes.split(','))
+            sweep(args.sweep_dtypes.split(','), shapes)
     log('checks passed' if ok else 'CHECKS FAILED')
     return 0 if ok else 1
 
