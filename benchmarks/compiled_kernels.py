@@ -25,8 +25,10 @@ for the forward and backward graphs; the wrappers' statements, each run in Pytho
 allocations, tensor reinterpretations, input checks, the arguments the launches pass), a CPU proxy for the host
 work besides the launch count; Inductor's estimate of each graph's peak memory, before and after its combo
 kernels (its memory gate on combo kernels, where the release has one, is an Inductor option:
-``combo_kernel_peak_memory_pct_threshold``); and the generated kernels grouped by the ATen ops they were fused from
-(Inductor's "Original ATen" comments), most frequent first.
+``combo_kernel_peak_memory_pct_threshold``); the generated kernels grouped by the ATen ops they were fused from
+(Inductor's "Original ATen" comments), most frequent first; and the pointwise kernels whose elements issue the most
+loads, which a launch count cannot show (a concatenation of many pieces: GroupMamba-B's 378-piece one took 95 ms of
+a det step on an H100, README's thirty-first session).
 
 ``--regional`` compiles GroupMamba block by block instead (PyTorch's regional compilation, as
 ``regional_compile.py`` runs it): one block per stage is traced and compiled at its det-size map, and its
@@ -53,8 +55,9 @@ os.environ['MMGM_KERNELS'] = 'triton'
 
 import torch  # noqa: E402
 
-from wrapper_code import STATEMENTS, launches, wrapper_statements  # noqa: E402
+from wrapper_code import STATEMENTS, launches, widest_elements, wrapper_statements  # noqa: E402
 
+WIDEST_ROWS = 5
 H200 = dict(name='NVIDIA H200', major=9, minor=0, multi_processor_count=132, total_memory=143771336704,
             warp_size=32, max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536,
             max_threads_per_block=1024, shared_memory_per_block=49152, shared_memory_per_block_optin=232448,
@@ -328,6 +331,7 @@ def main(argv=None):
                  else [(backbone, (2, 3, *args.size), 1)])
         counts = [(collections.Counter(), collections.Counter()) for _ in range(2)]
         statements = [collections.Counter() for _ in range(2)]
+        widest = [[], []]
         seconds = collections.Counter()
         # Compiled in the backbones' compile contexts, as their ``compile`` option runs, unless told otherwise. The
         # write analyses timed are those PyTorch performs: with the memo, once per kernel and arguments' key; with
@@ -348,6 +352,7 @@ def main(argv=None):
                     for counter, found in zip(counts[phase], (by_kind, by_origin)):
                         counter.update({key: n * repeats for key, n in found.items()})
                     statements[phase].update({key: n * repeats for key, n in wrapper_statements(source).items()})
+                    widest[phase] += widest_elements(source, WIDEST_ROWS)
         if args.save_code:
             Path(args.save_code).mkdir(parents=True, exist_ok=True)
             for phase, source in zip(('forward', 'backward'), sources):
@@ -384,6 +389,11 @@ def main(argv=None):
         print(f'\n{phase}: Inductor kernels by the ATen ops they fuse (top {args.top})')
         for origin, n in by_origin.most_common(args.top):
             print(f'  {n:4d}  {origin}')
+    for phase, found in zip(('forward', 'backward'), widest):
+        print(f'\n{phase}: pointwise kernels by the loads each element issues, most load instructions first (a '
+              f'concatenation of N pieces issues N: wrapper_code.widest_elements)')
+        for loads, elements, kernel in sorted(found, key=lambda f: -f[0] * f[1])[:WIDEST_ROWS]:
+            print(f'  {loads:4d} loads x {elements:>10d} elements  {kernel}')
 
 
 if __name__ == '__main__':

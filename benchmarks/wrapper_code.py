@@ -69,6 +69,28 @@ def wrapper_statements(source):
     return counts
 
 
+KERNEL_SOURCE = re.compile(r"^(triton_\w+) = async_compile\.triton\('\w+', '''(.*?)'''", re.S | re.M)
+ELEMENTS = re.compile(r'^\s*xnumel = (\d+)\s*$', re.M)
+
+
+def widest_elements(source, top):
+    """The ``top`` pointwise kernels (or combo sub-kernels) of a wrapper module whose elements each issue the most
+    loads, as ``(loads, elements, kernel name)``, most load instructions (loads x elements) first. Inductor writes a
+    concatenation of N pieces as one pointwise kernel that, for every element, tests each piece and issues its
+    masked load: a stage-wide concatenation of GroupMamba-B's weights (336 pieces) took 95 ms of a 159 ms det
+    step that way (README, thirty-first session). The launch count does not show such a kernel; this does. Each
+    sub-kernel of a combo kernel starts at its own ``xnumel = N``; sizes that are symbolic are left out."""
+    found = []
+    for name, body in KERNEL_SOURCE.findall(source):
+        if not name.startswith('triton_poi_'):
+            continue
+        starts = [m.start() for m in ELEMENTS.finditer(body)] + [len(body)]
+        for start, end in zip(starts, starts[1:]):
+            section = body[start:end]
+            found.append((section.count('tl.load('), int(ELEMENTS.match(section).group(1)), name))
+    return sorted(found, key=lambda f: -f[0] * f[1])[:top]
+
+
 def loaded_wrapper_modules():
     """``[(module, source)]``: the wrapper modules Inductor has loaded in this process, in the order it loaded them
     (a compiled graph's forward before its backward). Inductor's kernel modules (no ``call()``) are left out."""

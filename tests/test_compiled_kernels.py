@@ -64,6 +64,10 @@ def test_compiled_step_kernels_listed_without_a_gpu():
     # Inductor's peak-memory estimate of each graph, before and after its combo kernels, one pair per graph.
     peaks = re.search(r"^Inductor's peak-memory estimate .*: (.*)$", default_listing, re.M)
     assert peaks and re.fullmatch(r'\d+ -> \d+, \d+ -> \d+', peaks.group(1)), default_listing[-2000:]
+    # The pointwise kernels whose elements issue the most loads, each graph's (wrapper_code.widest_elements).
+    for phase in ('forward', 'backward'):
+        section = default_listing.split(f'\n{phase}: pointwise kernels by the loads each element issues')[1]
+        assert re.match(r'[^\n]*\n +\d+ loads x +\d+ elements  triton_poi_', section), section[:500]
 
 
 def write_analyses(stdout):

@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from wrapper_code import launch_table, launches, loaded_wrapper_modules, static_launch_table  # noqa: E402
+from wrapper_code import (  # noqa: E402
+    launch_table,
+    launches,
+    loaded_wrapper_modules,
+    static_launch_table,
+    widest_elements,
+)
 
 WRAPPER = '''
 class Runner:
@@ -68,3 +74,42 @@ def test_kernels_are_counted_by_launcher():
     backward = types.SimpleNamespace(_scan_bwd_kernel_1=Autotuner(StaticTritonCompileResult()))
     table = static_launch_table([module, backward])
     assert table.splitlines()[2:] == ['| inductor | 1 | 1 | 0 |', '| ours | 1 | 1 | 1 |']
+
+
+KERNELS = """
+triton_poi_fused_cat_0 = async_compile.triton('triton_poi_fused_cat_0', '''
+@triton.jit
+def triton_poi_fused_cat_0(in_ptr0, in_ptr1, in_ptr2, out_ptr0, xnumel, XBLOCK : tl.constexpr):
+    xnumel = 1000
+    tmp0 = tl.load(in_ptr0 + x0, tmp1 & xmask, other=0.0)
+    tmp2 = tl.load(in_ptr1 + x0, tmp3 & xmask, other=0.0)
+    tmp4 = tl.load(in_ptr2 + x0, tmp5 & xmask, other=0.0)
+''', device_str='cuda')
+
+triton_poi_fused_1 = async_compile.triton('triton_poi_fused_1', '''
+@triton.jit
+def triton_poi_fused_1(in_ptr0, in_ptr1, out_ptr0, out_ptr1, XBLOCK : tl.constexpr):
+    pid = tl.program_id(0)
+    if pid % 2 == 0:
+        xnumel = 5000
+        tmp0 = tl.load(in_ptr0 + x0, xmask)
+    elif pid % 2 == 1:
+        xnumel = 10
+        tmp1 = tl.load(in_ptr1 + x0, xmask)
+        tmp2 = tl.load(in_ptr1 + x1, xmask)
+''', device_str='cuda')
+
+triton_red_fused_sum_2 = async_compile.triton('triton_red_fused_sum_2', '''
+def triton_red_fused_sum_2(in_ptr0, out_ptr0, xnumel, r0_numel, XBLOCK : tl.constexpr):
+    xnumel = 100000
+    tmp0 = tl.load(in_ptr0 + x0, xmask)
+''', device_str='cuda')
+"""
+
+
+def test_widest_elements_reads_each_combo_sub_kernel_and_skips_reductions():
+    """A concatenation of three pieces loads three times an element; a combo kernel's sub-kernels are counted
+    apart (one load over 5000 elements, two over 10), and reductions are left out."""
+    assert widest_elements(KERNELS, 5) == [(1, 5000, 'triton_poi_fused_1'), (3, 1000, 'triton_poi_fused_cat_0'),
+                                           (2, 10, 'triton_poi_fused_1')]
+    assert widest_elements(KERNELS, 1) == [(1, 5000, 'triton_poi_fused_1')]

@@ -776,9 +776,10 @@ def build_forward_weights(blocks, dtype):
     n, k, c = len(blocks), len(attn[0]), len(first.attn.channel_params())
     if first.stored_parameters is None and traced(attn[0]):
         # A block at a time: Inductor lowers a concatenation to one pointwise kernel whose every element tests
-        # each piece in turn (the compiled backbone's force_pointwise_cat). For a whole stage of GroupMamba-B (21
-        # blocks, 336 pieces with the gaps) that kernel took 95 ms of a 159 ms det step on an H100; a block's
-        # pieces make kernels that its combo kernels launch together, the launches of the step as many as before.
+        # each piece in turn (the compiled backbone's force_pointwise_cat). A whole stage of GroupMamba-B (21
+        # blocks) made such kernels of 336 pieces forward and 378 backward (the gradients, with the projections'
+        # diagonal blocks), the backward one 95 ms of a 159 ms det step on an H100. A block's pieces make kernels
+        # that Inductor's combo kernels launch together, the launches of the step as many as before.
         cast = [cast_together(a + f, dtype) for a, f in zip(attn, mlp)]
     elif first.stored_parameters is None:
         flat = cast_together([p for a, f in zip(attn, mlp) for p in a + f], dtype)
