@@ -764,8 +764,8 @@ def build_forward_weights(blocks, dtype):
     """``(attn_weights, mlp_weights)`` of each of ``blocks`` (blocks of one stage: the same shapes), what
     :meth:`GroupMambaLayer.forward` and :meth:`ConvFFN.forward` read: the matmul weights cast to ``dtype`` in one
     cast for all the blocks (traced by torch.compile: one a block; a padded stage: laid out in the stored channels
-    by one gather a block), and the
-    groups' block-diagonal projections of all the blocks built together (:class:`_BlockDiagonalProjections`).
+    by one gather a block), and the groups' block-diagonal projections of all the blocks built together
+    (:class:`_BlockDiagonalProjections`).
     Built per block, a training step launched about 7 kernels forward and 6 backward a block for this; per stage,
     GroupMamba-T's eager step launches 127 fewer (``benchmarks/launch_count.py --arch tiny``: 1652 -> 1525 under
     autocast), its compiled det step 44 fewer (``benchmarks/compiled_kernels.py``: 1377 -> 1333)."""
