@@ -1,7 +1,8 @@
 """Check and time the Triton selective scan on a GPU against the card's copy bandwidth and the reference.
 
     python benchmarks/scan_kernels.py [--dtypes fp32,bf16] [--skip-checks] [--sweep] [--sweep-dtypes fp32]
-                                      [--carry-forms] [--chunk-sweep] [--skip-table] [--shapes NAME ...]
+                                      [--carry-forms] [--chunk-sweep] [--stages N ...] [--skip-table]
+                                      [--shapes NAME ...]
 
 Steps: (1) copy bandwidth of the card (large device-to-device copy, bytes read + written); (2) correctness of
 forward and all gradients against the float64 reference on small odd shapes and on each benchmark shape at
@@ -209,6 +210,20 @@ def time_launchers(args, dy, cfg, rep=40):
     return f, b
 
 
+def time_stages(name, dtype_name, inp, args, dy, depths=(1, 2, 3, 4)):
+    """The default tiling with the tile loop software-pipelined (Triton's num_stages) ``depths`` deep."""
+    for stages in depths:
+        cfg = triton_scan.choose_config(inp['u'], stages=stages)
+        f, b = time_launchers(args, dy, cfg)
+        log(f'  {name} {dtype_name} default tiling, stages={stages}: fwd {f:.4f} bwd {b:.4f} | {cfg}')
+
+
+def stages_only(dtypes, shapes, depths):
+    log(f'== default tilings, pipelined {depths} stages deep: median ms of the kernels (replayed)')
+    for name, dtype_name, _, inp, args, dy in launcher_cases(dtypes, 2, shapes):
+        time_stages(name, dtype_name, inp, args, dy, depths)
+
+
 def sweep(dtypes, shapes):
     """Time the forward and backward kernels alone over a grid of tilings (launchers, no autograd)."""
     log('== sweep: median ms of the kernels for each tiling')
@@ -216,12 +231,11 @@ def sweep(dtypes, shapes):
         batch, _, ch = inp['u'].shape
         per_group = ch // 4
         block_cs = sorted({min(16, triton_next(per_group)), min(32, triton_next(per_group))})
-        chunks = [None] if batch > 8 else [512, 1024, 2048]
+        # At a detection batch the launchers' own split (chunks from the tile and the program count) is swept;
+        # --chunk-sweep times other splits of the default tiles.
+        chunks = [None]
         best = {}
-        # The default tiling with the tile loop software-pipelined (Triton's num_stages) 1 to 4 deep.
-        for stages in (1, 2, 3, 4):
-            f, b = time_launchers(args, dy, triton_scan.choose_config(inp['u'], stages=stages))
-            log(f'  {name} {dtype_name} default tiling, stages={stages}: fwd {f:.4f} bwd {b:.4f}')
+        time_stages(name, dtype_name, inp, args, dy)
         for bc in block_cs:
             for bt in (32, 64, 128, 256):
                 for per_thread in (8, 16):  # elements of a tile per thread
@@ -333,6 +347,8 @@ def main(argv=None):
     parser.add_argument('--skip-checks', action='store_true')
     parser.add_argument('--carry-forms', action='store_true')
     parser.add_argument('--chunk-sweep', action='store_true')
+    parser.add_argument('--stages', type=int, nargs='+', metavar='N', help='time the default tilings with the '
+                        'tile loop pipelined N stages deep (--sweep starts with 1 2 3 4)')
     names = [shape[0] for shape in SHAPES + DETECTION_SHAPES]
     parser.add_argument('--shapes', nargs='+', choices=names, default=[shape[0] for shape in SHAPES],
                         metavar='NAME', help=f'the shapes of steps (4) and after, of {names}; default the first '
@@ -361,6 +377,9 @@ def main(argv=None):
     if args.chunk_sweep:
         with set_wrap_triton_enabled(False):
             chunk_sweep(dtypes, shapes)
+    if args.stages:
+        with set_wrap_triton_enabled(False):
+            stages_only(dtypes, shapes, args.stages)
     if args.sweep:
         # The sweep calls the launchers directly, outside the op: launch as the op's eager path does, without
         # torch.library's tracing wrapper around each launch (it multiplies the host's cost per launch).

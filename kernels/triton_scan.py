@@ -57,12 +57,18 @@ def _position(t, g, L, H, W):
 
 @triton.jit
 def _softplus(z):
-    # softplus(z) = max(z, 0) + log1p(exp(-|z|)), with log1p written accurately via log(w) * e / (w - 1)
-    # (Goldberg's trick) because a plain log(1 + e) loses all digits of a small e.
+    return _softplus_sigmoid(z)[0]  # the compiler drops the unused sigmoid
+
+
+@triton.jit
+def _softplus_sigmoid(z):
+    """softplus(z) and sigmoid(z), its derivative, from one exp: with e = exp(-|z|), sigmoid(z) is 1 / (1 + e)
+    for z >= 0 and e / (1 + e) below. softplus(z) = max(z, 0) + log1p(e), with log1p written accurately via
+    log(w) * e / (w - 1) (Goldberg's trick) because a plain log(1 + e) loses all digits of a small e."""
     e = tl.exp(-tl.abs(z))
     w = 1.0 + e
     log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
-    return tl.maximum(z, 0.0) + log1p
+    return tl.maximum(z, 0.0) + log1p, tl.where(z >= 0.0, 1.0, e) / w
 
 
 @triton.jit
@@ -81,6 +87,24 @@ def _program_block(n_cblocks, K, BLOCK_C: tl.constexpr):
 def _row(tile, rows, r):
     # Row r of a (BLOCK_T, BLOCK_C) tile as a (BLOCK_C,) vector; the masked sum adds exact zeros only.
     return tl.sum(tl.where(rows[:, None] == r, tile, 0.0), axis=0)
+
+
+@triton.jit
+def _add2(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
+
+
+@triton.jit
+def _add4(a1, b1, c1, d1, a2, b2, c2, d2):
+    return a1 + a2, b1 + b2, c1 + c2, d1 + d2
+
+
+@triton.jit
+def _two_rows(tile1, tile2, rows, r):
+    """Row r of two tiles, in one reduction: a tile's rows are spread over warps, so every reduction over them
+    is a round trip through shared memory with its barriers, and one reduction of a tuple makes one trip."""
+    at = rows[:, None] == r
+    return tl.reduce((tl.where(at, tile1, 0.0), tl.where(at, tile2, 0.0)), 0, _add2)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -191,12 +215,13 @@ def _scan_fwd_kernel(
         a_cum, x_cum = tl.associative_scan((a, x), 0, _compose)
         hs = a_cum * h[None, :] + x_cum
         if SUMMARY:
-            decay = decay * _row(a_cum, rows, BLOCK_T - 1)
+            tile_decay, h = _two_rows(a_cum, hs, rows, BLOCK_T - 1)
+            decay = decay * tile_decay
         else:
             Ct = tl.load(C_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
             y = Ct[:, None] * hs + D[None, :] * u
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
-        h = _row(hs, rows, BLOCK_T - 1)
+            h = _row(hs, rows, BLOCK_T - 1)
         if SAVE_STATES:
             # hs row t is the state entering step t+1: keep it where t+1 is a checkpoint step (inside this
             # chunk; the next chunk's program writes its own first one). The checkpoint stride is the
@@ -276,15 +301,15 @@ def _scan_bwd_kernel(
         Ct = tl.load(C_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
         r_cum, q_cum = tl.associative_scan((a_next, Ct[:, None] * dy), 0, _compose, reverse=True)
         dh = r_cum * carry[None, :] + q_cum
-        carry = _row(dh, rows, 0)
         if SUMMARY:
-            decay = decay * _row(r_cum, rows, 0)
+            tile_decay, carry = _two_rows(r_cum, dh, rows, 0)
+            decay = decay * tile_decay
         else:
             u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
             dt_raw = (tl.load(dt_ptr + dt_base + (pos[:, None] * dt_stride + ch[None, :]), mask=mask, other=0.0)
                       .to(tl.float32) + bias[None, :])
             Bt = tl.load(B_ptr + bc_off + pos * bc_stride, mask=tmask, other=0.0).to(tl.float32)
-            dt = _softplus(dt_raw)
+            dt, sig = _softplus_sigmoid(dt_raw)
             a = tl.where(mask, tl.exp(dt * A[None, :]), 1.0)
             Bu = Bt[:, None] * u
             x = dt * Bu
@@ -295,15 +320,17 @@ def _scan_bwd_kernel(
             ah = h - x  # a_t h_{t-1}
             du = D[None, :] * dy + dh * dt * Bt[:, None]
             ddt = dh * (Bu + A[None, :] * ah)
-            sig = 1.0 / (1.0 + tl.exp(-dt_raw))
             ddt_raw = tl.where(mask, ddt * sig, 0.0)
             tl.store(du_ptr + off, du.to(du_ptr.dtype.element_ty), mask=mask)
             tl.store(ddt_ptr + off, ddt_raw.to(ddt_ptr.dtype.element_ty), mask=mask)
-            dA_acc += tl.sum(tl.where(mask, dh * dt * ah, 0.0), axis=0)
-            dD_acc += tl.sum(dy * u, axis=0)
-            dbias_acc += tl.sum(ddt_raw, axis=0)
-            dB_t = tl.sum(tl.where(mask, dh * dt * u, 0.0), axis=1)
-            dC_t = tl.sum(tl.where(mask, dy * h, 0.0), axis=1)
+            # The carry and the three sums over steps in one reduction, the two sums over channels in another.
+            carry, dA_t, dD_t, dbias_t = tl.reduce(
+                (tl.where(rows[:, None] == 0, dh, 0.0), tl.where(mask, dh * dt * ah, 0.0), dy * u, ddt_raw),
+                0, _add4)
+            dA_acc += dA_t
+            dD_acc += dD_t
+            dbias_acc += dbias_t
+            dB_t, dC_t = tl.reduce((tl.where(mask, dh * dt * u, 0.0), tl.where(mask, dy * h, 0.0)), 1, _add2)
             tl.store(dBC_ptr + dbc_off + pos * 4, dB_t, mask=tmask)
             tl.store(dBC_ptr + bc_part_stride + dbc_off + pos * 4, dC_t, mask=tmask)
     if SUMMARY:
