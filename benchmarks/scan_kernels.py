@@ -237,7 +237,7 @@ def sweep(dtypes, shapes):
         best = {}
         time_stages(name, dtype_name, inp, args, dy)
         for bc in block_cs:
-            for bt in (32, 64, 128, 256):
+            for bt in (16, 32, 64, 128, 256):  # 16: fewer levels of each cross-thread scan
                 for per_thread in (8, 16):  # elements of a tile per thread
                     nw = bt * bc // (32 * per_thread)
                     if nw not in (1, 2, 4, 8) or bt > 2 * triton_next(hw[0] * hw[1]):
