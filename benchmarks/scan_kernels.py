@@ -2,7 +2,7 @@
 
     python benchmarks/scan_kernels.py [--dtypes fp32,bf16] [--skip-checks] [--sweep] [--sweep-dtypes fp32]
                                       [--carry-forms] [--chunk-sweep] [--stages N ...] [--skip-table]
-                                      [--shapes NAME ...]
+                                      [--versus FILE] [--shapes NAME ...]
 
 Steps: (1) copy bandwidth of the card (large device-to-device copy, bytes read + written); (2) correctness of
 forward and all gradients against the float64 reference on small odd shapes and on each benchmark shape at
@@ -21,7 +21,9 @@ launchers split only where batch x groups x channel blocks cannot fill the GPU; 
 reads the inputs again, and more programs to hide each tile's latency).
 """
 import argparse
+import importlib.util
 import math
+import statistics
 import sys
 import time
 
@@ -197,17 +199,48 @@ def launcher_cases(dtypes, seed, shapes):
             yield name, dtype_name, hw, inp, [inp[n] for n in NAMES] + [hw], torch.randn_like(inp['u'])
 
 
-def time_launchers(args, dy, cfg, rep=40):
+def time_launchers(args, dy, cfg, rep=40, module=triton_scan):
     """Median ms of the forward launcher (states kept, as in training) and of the backward launcher, each replayed
     from a CUDA graph: the kernels alone. Timed as called, the small shapes' launchers measure the host's Python
     (about 0.1 ms forward and 0.2 backward at the detection step's stage 4, whatever the split: thirty-first
-    session), not the kernels the compiled and graphed steps run."""
-    f = do_bench_cudagraph(lambda: triton_scan.scan_forward(*args, cfg, save_states=True), rep=rep,
+    session), not the kernels the compiled and graphed steps run. ``module``: the launchers' module (another
+    version's, for ``--versus``)."""
+    f = do_bench_cudagraph(lambda: module.scan_forward(*args, cfg, save_states=True), rep=rep,
                            return_mode='median')
-    _, states = triton_scan.scan_forward(*args, cfg, save_states=True)
-    b = do_bench_cudagraph(lambda: triton_scan.scan_backward(dy, *args, states, cfg), rep=rep,
+    _, states = module.scan_forward(*args, cfg, save_states=True)
+    b = do_bench_cudagraph(lambda: module.scan_backward(dy, *args, states, cfg), rep=rep,
                            return_mode='median')
     return f, b
+
+
+def load_version(path):
+    """Another version of ``triton_scan.py`` (e.g. ``git show REV:kernels/triton_scan.py > FILE``) as a module of
+    the installed package, so that its relative imports resolve as the installed file's do."""
+    spec = importlib.util.spec_from_file_location(f'{triton_scan.__package__}._versus_triton_scan', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def versus(dtypes, shapes, other, rounds=3):
+    """The installed kernels against ``other``'s, default tilings, in alternating rounds: the results compared
+    (forward output and every gradient, largest relative difference) and the median ms of each, kernels alone."""
+    log(f'== versus {other.__file__}: default tilings, {rounds} alternating rounds, median ms of the kernels')
+    for name, dtype_name, _, inp, args, dy in launcher_cases(dtypes, 5, shapes):
+        versions = {'installed': triton_scan, 'other': other}
+        results = {}
+        for label, module in versions.items():
+            cfg = module.choose_config(inp['u'])
+            y, states = module.scan_forward(*args, cfg, save_states=True)
+            results[label] = (y, *module.scan_backward(dy, *args, states, cfg))
+        diff = max(rel_err(a, b) for a, b in zip(results['other'], results['installed']))
+        times = {label: [] for label in versions}
+        for _ in range(rounds):
+            for label, module in versions.items():
+                times[label].append(time_launchers(args, dy, module.choose_config(inp['u']), module=module))
+        (fi, bi), (fo, bo) = ([statistics.median(t[k] for t in times[label]) for k in (0, 1)] for label in versions)
+        log(f'  {name:7} {dtype_name:5} fwd {fi:.4f} installed / {fo:.4f} other ({fo / fi:.3f}x) | bwd {bi:.4f} / '
+            f'{bo:.4f} ({bo / bi:.3f}x) | largest difference {diff:.1e}')
 
 
 def time_stages(name, dtype_name, inp, args, dy, depths=(1, 2, 3, 4)):
@@ -349,6 +382,8 @@ def main(argv=None):
     parser.add_argument('--chunk-sweep', action='store_true')
     parser.add_argument('--stages', type=int, nargs='+', metavar='N', help='time the default tilings with the '
                         'tile loop pipelined N stages deep (--sweep starts with 1 2 3 4)')
+    parser.add_argument('--versus', metavar='FILE', help='time the installed kernels against another version of '
+                        'triton_scan.py (default tilings, kernels alone, alternating rounds)')
     names = [shape[0] for shape in SHAPES + DETECTION_SHAPES]
     parser.add_argument('--shapes', nargs='+', choices=names, default=[shape[0] for shape in SHAPES],
                         metavar='NAME', help=f'the shapes of steps (4) and after, of {names}; default the first '
@@ -377,6 +412,9 @@ def main(argv=None):
     if args.chunk_sweep:
         with set_wrap_triton_enabled(False):
             chunk_sweep(dtypes, shapes)
+    if args.versus:
+        with set_wrap_triton_enabled(False):
+            versus(dtypes, shapes, load_version(args.versus))
     if args.stages:
         with set_wrap_triton_enabled(False):
             stages_only(dtypes, shapes, args.stages)
