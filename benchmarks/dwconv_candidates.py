@@ -1,9 +1,9 @@
 """Time other designs of the 3x3 depthwise conv + activation against the shipped row-walk kernels, in one process.
 
-    python benchmarks/dwconv_candidates.py [--shapes det s1] [--designs walk tile onepass inductor]
+    python benchmarks/dwconv_candidates.py [--shapes det s1] [--designs walk tile inductor]
 
 The shipped kernels (kernels/triton_dwconv.py) walk each program down up to 64 rows and reach about 40 % of copy
-bandwidth forward and 25 % backward on an H200 (kernels/README.md), against the 70 % #15 asks. Four designs,
+bandwidth forward and 25 % backward on an H200 (kernels/README.md), against the 70 % #15 asks. Three designs,
 each checked against the fp32 reference first, then timed as CUDA-graph replays (the kernels alone), forward and
 backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
 
@@ -13,21 +13,17 @@ backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
   shifted input blocks directly (the shifts hit cache lines its neighbours and its own other taps load), so
   many small programs keep more bytes in flight than a few long walks. The backward's pre-activation pass walks
   ``steps`` blocks down so that its weight-gradient partial sums stay few;
-- ``onepass`` (backward only): the pre-activation gradient and the transposed conv in one walk, so that
-  ``d_pre`` (a map the size of the input, written then read back whole by the shipped backward) stays in
-  registers: a program's strip of columns overlaps its neighbours' by two, it computes ``d_pre`` on all of them
-  and ``dx`` on the inner ones, taking each ``d_pre`` row's neighbours across columns with ``tl.gather``. Two
-  of the backward's six map-sized transfers and one launch fewer, for two recomputed columns a strip and two
-  rows a walk. Timed against the shipped backward with the recomputed output written (the FFN's use) where the
-  activation is GELU;
 - ``inductor``: the conv written as nine shifted slices of the zero-padded map, compiled by torch.compile
   (``dynamic=False``): what Inductor makes of it on its own, forward and backward.
 
 ``tile`` and ``inductor`` were both slower than the walk on an H200 (kernels/README.md, "Longer walks" and
-after); they stay here to be re-measured on other cards and releases. Another, ``rowsum`` (the walk's backward
+after); they stay here to be re-measured on other cards and releases. A fourth, ``rowsum`` (the walk's backward
 summing its weight-gradient products per row), was 2-8x slower at every setting and has been removed (it is in
-this file at commit 7359b5c). On the CPU (``TRITON_INTERPRET=1``, ``--device cpu``) only the checks run, at
-small shapes.
+this file at commit 7359b5c). A fifth, ``onepass`` (the pre-activation gradient and the transposed conv in one
+walk, so that ``d_pre`` never goes to memory: 4 map-sized transfers instead of 6), took 1.35-1.6x the shipped
+backward at every shape, its best of nine tilings each, on an H100 (thirty-third session: 0.713 against 0.451 ms at
+the detection step's FFN conv), and has been removed (it is in this file at commit c70ba6b). On the CPU
+(``TRITON_INTERPRET=1``, ``--device cpu``) only the checks run, at small shapes.
 """
 import argparse
 import functools
@@ -49,8 +45,6 @@ from mmgroupmamba.kernels.triton_dwconv import (
     _NO_ACT,
     _activation,
     _activation_grad,
-    _load_taps,
-    _load_weight_taps,
     _store_param_partials,
     _tile_coords,
     choose_tiles,
@@ -70,11 +64,6 @@ WALK_GRID = [(16, 16, 64), (32, 16, 64), (64, 16, 64), (8, 16, 64), (16, 8, 128)
 # (block_h, block_w, block_c, num_warps) of the tile forward; the backward uses the same with `steps`.
 TILE_GRID = [(2, 8, 64, 4), (4, 8, 64, 4), (4, 8, 64, 8), (8, 8, 64, 8), (2, 16, 64, 4), (4, 16, 64, 8),
              (4, 4, 128, 4), (4, 8, 128, 8), (2, 8, 32, 2)]
-# (rows, block_w, block_c, num_warps, stages) of the one-pass backward: strips of block_w columns give block_w - 2.
-ONEPASS_GRID = [(64, 16, 32, 4, 1), (32, 16, 32, 4, 1), (16, 16, 32, 4, 1), (64, 16, 64, 4, 1), (64, 16, 64, 8, 1),
-                (64, 32, 16, 4, 1), (64, 32, 32, 4, 1), (64, 16, 32, 4, 3), (64, 16, 32, 2, 1)]
-# On the CPU, strips and walks small enough that the small shapes take several of each.
-ONEPASS_CPU_GRID = [(4, 4, 16, 1, 1), (3, 8, 8, 1, 1), (64, 16, 32, 4, 1)]
 BWD_TILE_GRID = [(2, 4, 64, 4, 8), (2, 8, 64, 4, 8), (2, 8, 64, 4, 16), (1, 8, 64, 4, 16), (2, 4, 128, 4, 8),
                  (4, 4, 64, 4, 8), (2, 8, 64, 8, 8)]
 
@@ -218,141 +207,6 @@ def tile_backward(dout, x, weight, bias, activation, fwd_tiles, bwd_tiles):
     return dx, part.sum(1)
 
 
-@triton.jit
-def _pre_grad(al, am, ar, hl, hm, hr, bl, bm, br, dout, w00, w01, w02, w10, w11, w12, w20, w21, w22, bias,
-              ACT: tl.constexpr):
-    """The pre-activation of one row from the input rows above, here and below (three taps each), and its
-    gradient ``dout * act'(pre)``."""
-    pre = (bias + al * w00 + am * w01 + ar * w02 + hl * w10 + hm * w11 + hr * w12
-           + bl * w20 + bm * w21 + br * w22)
-    return pre, dout * _activation_grad(pre, ACT)
-
-
-@triton.jit
-def _shifted_taps(d, to_left, to_right, wa, wb, wc):
-    """One kernel row's taps applied to a d_pre row for the transposed conv: ``wa`` to the column on the right,
-    ``wb`` to the same column, ``wc`` to the column on the left."""
-    return wa * tl.gather(d, to_right, 0) + wb * d + wc * tl.gather(d, to_left, 0)
-
-
-@triton.jit
-def _onepass_bwd_kernel(X, Wt, Bias, DOut, DX, Out, Part, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
-                        stride_xb, stride_xh, stride_xw, stride_db, stride_dh, stride_dw,
-                        ACT: tl.constexpr, NEED_OUT: tl.constexpr, STAGES: tl.constexpr, BLOCK_W: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """The whole backward in one walk: the pre-activation gradient of each row and, one row behind it, the
-    transposed conv of those gradients into ``dx``, so that ``d_pre`` never goes to memory. A program's strip of
-    ``BLOCK_W`` columns overlaps its neighbours' by two: it computes ``d_pre`` on all of them and ``dx`` (and the
-    weight-gradient sums, and ``Out``) on the ``BLOCK_W - 2`` inside, whose neighbours across columns are then in
-    its own registers (``tl.gather`` one column either way); it also computes the ``d_pre`` rows just above and
-    below its rows."""
-    # The walk kernels' program order; their strips of BLOCK_W columns become strips of BLOCK_W - 2 with a halo.
-    tile, b, h0, h_end, strip_w, c, _, _, _ = _tile_coords(H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W,
-                                                           BLOCK_C)
-    j = tl.arange(0, BLOCK_W)
-    w = (strip_w // BLOCK_W) * (BLOCK_W - 2) - 1 + j
-    c_ok = (c < C)[None, :]
-    left_ok = ((w >= 1) & (w <= W))[:, None] & c_ok
-    mid_ok = ((w >= 0) & (w < W))[:, None] & c_ok
-    right_ok = ((w >= -1) & (w + 1 < W))[:, None] & c_ok
-    inside = mid_ok & ((j >= 1) & (j <= BLOCK_W - 2))[:, None]
-    to_left = tl.broadcast_to(tl.maximum(j - 1, 0)[:, None], (BLOCK_W, BLOCK_C))
-    to_right = tl.broadcast_to(tl.minimum(j + 1, BLOCK_W - 1)[:, None], (BLOCK_W, BLOCK_C))
-    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, False)
-    bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
-    x_base = X + b.to(tl.int64) * stride_xb
-    x_offs = (w * stride_xw)[:, None] + c[None, :]
-    d_base = DOut + b.to(tl.int64) * stride_db
-    d_offs = (w * stride_dw)[:, None] + c[None, :]
-    o_base = b.to(tl.int64) * H * W * C  # DX and Out are contiguous (B, H, W, C)
-    o_offs = (w * C)[:, None] + c[None, :]
-
-    # d_pre of row r enters dx of rows r + 1 (kernel row 0), r (row 1) and r - 1 (row 2): two partial sums roll
-    # down with the walk, `acc` for the dx row finished by the next d_pre row, `nxt` for the one after.
-    # d_pre of row h0 - 1 first (zero outside the map: dout is loaded as 0 there): it enters dx of row h0 only.
-    al, am, ar = _load_taps(x_base, h0 - 2, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    hl, hm, hr = _load_taps(x_base, h0 - 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    bl, bm, br = _load_taps(x_base, h0, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    dout = tl.load(d_base + tl.cast(h0 - 1, tl.int64) * stride_dh + d_offs, mask=mid_ok & (h0 >= 1),
-                   other=0.0).to(tl.float32)
-    _, d = _pre_grad(al, am, ar, hl, hm, hr, bl, bm, br, dout, w00, w01, w02, w10, w11, w12, w20, w21, w22,
-                     bias, ACT)
-    acc = _shifted_taps(d, to_left, to_right, w20, w21, w22)
-    # Row h0: the walk's first own row.
-    al, am, ar = hl, hm, hr
-    hl, hm, hr = bl, bm, br
-    bl, bm, br = _load_taps(x_base, h0 + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    dout = tl.load(d_base + tl.cast(h0, tl.int64) * stride_dh + d_offs, mask=mid_ok, other=0.0).to(tl.float32)
-    pre, d = _pre_grad(al, am, ar, hl, hm, hr, bl, bm, br, dout, w00, w01, w02, w10, w11, w12, w20, w21, w22,
-                       bias, ACT)
-    if NEED_OUT:
-        tl.store(Out + o_base + tl.cast(h0, tl.int64) * W * C + o_offs,
-                 _activation(pre, ACT).to(Out.dtype.element_ty), mask=inside)
-    acc += _shifted_taps(d, to_left, to_right, w10, w11, w12)
-    nxt = _shifted_taps(d, to_left, to_right, w20, w21, w22)
-    own = tl.where(inside, d, 0.0)  # each d_pre element enters the parameter sums in one program only
-    g00 = own * al
-    g01 = own * am
-    g02 = own * ar
-    g10 = own * hl
-    g11 = own * hm
-    g12 = own * hr
-    g20 = own * bl
-    g21 = own * bm
-    g22 = own * br
-    gb = own
-    for h in tl.range(h0, h_end, num_stages=STAGES):
-        # d_pre of row h + 1 finishes dx of row h (the walk's last, row h_end, is computed for that only).
-        al, am, ar = hl, hm, hr
-        hl, hm, hr = bl, bm, br
-        bl, bm, br = _load_taps(x_base, h + 2, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-        dout = tl.load(d_base + tl.cast(h + 1, tl.int64) * stride_dh + d_offs, mask=mid_ok & (h + 1 < H),
-                       other=0.0).to(tl.float32)
-        pre, d = _pre_grad(al, am, ar, hl, hm, hr, bl, bm, br, dout, w00, w01, w02, w10, w11, w12, w20, w21,
-                           w22, bias, ACT)
-        own_row = inside & (h + 1 < h_end)
-        if NEED_OUT:
-            tl.store(Out + o_base + tl.cast(h + 1, tl.int64) * W * C + o_offs,
-                     _activation(pre, ACT).to(Out.dtype.element_ty), mask=own_row)
-        own = tl.where(own_row, d, 0.0)
-        g00 += own * al
-        g01 += own * am
-        g02 += own * ar
-        g10 += own * hl
-        g11 += own * hm
-        g12 += own * hr
-        g20 += own * bl
-        g21 += own * bm
-        g22 += own * br
-        gb += own
-        dl = tl.gather(d, to_left, 0)
-        dr = tl.gather(d, to_right, 0)
-        dx = acc + w00 * dr + w01 * d + w02 * dl
-        tl.store(DX + o_base + tl.cast(h, tl.int64) * W * C + o_offs, dx.to(DX.dtype.element_ty), mask=inside)
-        acc = nxt + w10 * dr + w11 * d + w12 * dl
-        nxt = w20 * dr + w21 * d + w22 * dl
-    _store_param_partials(Part, tile, tl.num_programs(0) // n_cb, c, C, tl.sum(g00, axis=0),
-                          tl.sum(g01, axis=0), tl.sum(g02, axis=0), tl.sum(g10, axis=0), tl.sum(g11, axis=0),
-                          tl.sum(g12, axis=0), tl.sum(g20, axis=0), tl.sum(g21, axis=0), tl.sum(g22, axis=0),
-                          tl.sum(gb, axis=0))
-
-
-def onepass_backward(dout, x, weight, bias, activation, tiles, need_output=False):
-    """``(dx, dparams, out)`` as the walk's ``dwconv_act_backward``, in one launch and one sum."""
-    rows, block_w, block_c, num_warps, stages = tiles
-    batch, height, width, channels = x.shape
-    n_cb, n_wb, n_rb = cdiv(channels, block_c), cdiv(width, block_w - 2), cdiv(height, rows)
-    dx = torch.empty_like(x)
-    out = torch.empty_like(x) if need_output else dx
-    part = torch.empty((10 * channels, batch * n_rb * n_wb), dtype=torch.float32, device=x.device)
-    _onepass_bwd_kernel[(batch * n_rb * n_wb * n_cb,)](
-        x, weight.reshape(-1, 9), bias, dout, dx, out, part, height, width, channels, n_cb, n_wb, n_rb, rows,
-        x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        ACT=_ACT_CODES[activation], NEED_OUT=need_output, STAGES=stages, BLOCK_W=block_w, BLOCK_C=block_c,
-        num_warps=num_warps)
-    return dx, part.sum(1), (out if need_output else None)
-
-
 def shifted_sum_conv(x, weight, bias, activation):
     """The conv as nine shifted slices of the zero-padded map: plain tensor ops for Inductor to fuse."""
     height, width = x.shape[1:3]
@@ -391,31 +245,22 @@ def tile_results(x, weight, bias, dout, activation, fwd_tiles, bwd_tiles):
     return (out, dx, *split_param_grads(dparams, weight, bias))
 
 
-def onepass_results(x, weight, bias, dout, activation, tiles):
-    dx, dparams, out = onepass_backward(dout, x, weight, bias, activation, tiles, need_output=True)
-    return (out, dx, *split_param_grads(dparams, weight, bias))
-
-
-def candidate_settings(designs, onepass_grid):
-    """``(label, results)`` for every setting of the hand-written ``designs`` (``tile``, ``onepass``):
-    ``results(*tensors, activation)`` gives (out, dx, dweight, dbias)."""
+def candidate_settings():
+    """``(label, results)`` for every tile setting: ``results(*tensors, activation)`` gives
+    (out, dx, dweight, dbias)."""
     settings = []
-    if 'tile' in designs:
-        for fwd_tiles, bwd_tiles in zip(TILE_GRID, BWD_TILE_GRID * 2):
-            settings.append((f'tile {fwd_tiles} / {bwd_tiles}', functools.partial(
-                tile_results, fwd_tiles=fwd_tiles, bwd_tiles=bwd_tiles)))
-    if 'onepass' in designs:
-        for tiles in onepass_grid:
-            settings.append((f'onepass {tiles}', functools.partial(onepass_results, tiles=tiles)))
+    for fwd_tiles, bwd_tiles in zip(TILE_GRID, BWD_TILE_GRID * 2):
+        settings.append((f'tile {fwd_tiles} / {bwd_tiles}', functools.partial(
+            tile_results, fwd_tiles=fwd_tiles, bwd_tiles=bwd_tiles)))
     return settings
 
 
-def check_candidates(shapes, device, dtype, bound, designs, onepass_grid=ONEPASS_GRID):
-    """Every setting of the hand-written designs against the fp32 reference; raises naming the first that is off."""
+def check_candidates(shapes, device, dtype, bound):
+    """Every tile setting against the fp32 reference; raises naming the first that is off."""
     for name, (batch, height, width, channels, activation) in shapes.items():
         tensors = inputs(min(batch, 2), height, width, channels, device, dtype)
         want = expected(*tensors, activation)
-        for label, results in candidate_settings(designs, onepass_grid):
+        for label, results in candidate_settings():
             err = errors(results(*tensors, activation), want)
             print(f'check {name} {label}: max rel err {err:.1e}', flush=True)
             if not err < bound:
@@ -456,19 +301,6 @@ def time_tiles(tensors, activation):
     return rows
 
 
-def time_onepass(tensors, activation):
-    """The one-pass backward against the shipped one, both writing the recomputed output where the FFN asks for
-    it (the GELU convs)."""
-    x, weight, bias, dout = tensors
-    need = activation == 'gelu'
-    rows = [(f'walk shipped backward{" (+out)" if need else ""}', None,
-             bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation, need_output=need)))]
-    for tiles in ONEPASS_GRID:
-        rows.append((f'onepass {tiles}{" (+out)" if need else ""}', None,
-                     bench(lambda: onepass_backward(dout, x, weight, bias, activation, tiles, need_output=need))))
-    return rows
-
-
 def time_inductor(tensors, activation):
     x, weight, bias, dout = tensors
     forward = torch.compile(shifted_sum_conv, dynamic=False)
@@ -487,7 +319,7 @@ def time_inductor(tensors, activation):
     return [(f'inductor (max rel err {err:.1e}; backward from calls)', fwd, both - fwd)]
 
 
-DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'onepass': time_onepass, 'inductor': time_inductor}
+DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'inductor': time_inductor}
 
 
 def main(argv=None):
@@ -500,7 +332,7 @@ def main(argv=None):
     if args.device == 'cpu':
         if os.environ.get('TRITON_INTERPRET') != '1':
             sys.exit('on the CPU the kernels run in Triton\'s interpreter: set TRITON_INTERPRET=1')
-        check_candidates(CPU_SHAPES, 'cpu', torch.float32, 1e-5, args.designs, ONEPASS_CPU_GRID)
+        check_candidates(CPU_SHAPES, 'cpu', torch.float32, 1e-5)
         return
     # Launchers are called directly: without torch.library's tracing wrapper, as the ops' eager path launches.
     with set_wrap_triton_enabled(False):
@@ -508,8 +340,8 @@ def main(argv=None):
 
 
 def run(args):
-    if {'tile', 'onepass'} & set(args.designs):
-        check_candidates({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3, args.designs)
+    if 'tile' in args.designs:
+        check_candidates({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3)
     bandwidth = copy_bandwidth()
     print(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16 maps; CUDA-graph '
           'replays, median ms (% of copy bandwidth: forward reads x and writes out, backward reads x and dout and '
