@@ -311,8 +311,9 @@ def main(argv=None):
                         help='GroupMamba compiled block by block: one block per stage traced and compiled, its '
                         'launches counted once per block of the stage (stem, downsampling and norms left out)')
     parser.add_argument('--no-memo', action='store_true',
-                        help='compile without the backbones\' write-analysis memo (compiled.compiling_user_kernels): '
-                        'PyTorch analyses every launch site of our Triton kernels anew')
+                        help='compile outside the backbones\' compile context (compiled.compile_context): '
+                        'PyTorch analyses every launch site of our Triton kernels anew, and traces the modules\' '
+                        'floats as symbolic inputs (a restart of the analysis where our ops specialise them)')
     args = parser.parse_args(argv)
     if args.regional and (args.model != 'groupmamba' or args.save_code):
         parser.error('--regional compiles GroupMamba blocks, and writes no wrapper modules')
@@ -323,7 +324,7 @@ def main(argv=None):
         if args.inductor_options is None:
             from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
             args.inductor_options = dict(COMPILE_INDUCTOR_DEFAULTS) if args.model == 'groupmamba' else {}
-        from mmgroupmamba.models.compiled import compiling_user_kernels
+        from mmgroupmamba.models.compiled import compile_context
         analysis = {}
         backbone = build(args.model, args.arch)
         # What is compiled, and how often each compiled graph runs in a step.
@@ -335,8 +336,8 @@ def main(argv=None):
         seconds = collections.Counter()
         # Compiled in the backbones' compile contexts, as their ``compile`` option runs, unless told otherwise. The
         # write analyses timed are those PyTorch performs: with the memo, once per kernel and arguments' key; with
-        # --no-memo once per launch site and consumer, as plain torch.compile does.
-        memo = contextlib.nullcontext() if args.no_memo else compiling_user_kernels()
+        # --no-memo once per launch site and consumer, as plain torch.compile does (floats symbolic too).
+        memo = contextlib.nullcontext() if args.no_memo else compile_context()
         peaks = []
         with mutation_analysis_timed(analysis), memo, combo_peaks_recorded(peaks):
             for module, input_shape, repeats in parts:

@@ -40,7 +40,7 @@ from gradient_check import Comparison  # noqa: E402
 def compile_blocks(backbone, options):
     """Compiles each ``GroupMambaBlock`` of ``backbone`` on its own, as the backbone's ``compile`` option compiles
     the whole (a ``CompiledForward`` per block: the same ``torch.compile`` arguments and Inductor defaults, and the
-    same compile context, ``compiled.compiling_user_kernels``)."""
+    same compile context, ``compiled.compile_context``)."""
     for module in backbone.modules():
         if isinstance(module, GroupMambaBlock):
             module.forward = functools.partial(

@@ -152,12 +152,18 @@ def test_compiled_pooled_out_types_match_eager(golden, out_type, fresh_dynamo):
 
 def test_new_input_sizes_reuse_the_compiled_graph(golden, fresh_dynamo):
     """Three sizes, one graph: sizes are symbolic (dynamic=True), so detection batches of new sizes do not
-    each compile anew."""
+    each compile anew. And that graph is traced once: the modules' floats (norms' eps, drop-path rates) are
+    constants from the start, where symbolic floats that our ops then specialise made Dynamo restart its whole
+    analysis (compiled.compile_context)."""
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
+    clear_compilation_metrics()
     model = golden_model(golden, compile=dict(backend='aot_eager')).train()
     for hw in [(64, 96), (72, 88), (96, 64)]:
         x = torch.randn(2, 3, *hw, requires_grad=True)
         sum(o.sum() for o in model(x)).backward()
     assert compiled_entries() == 1
+    metrics = get_compilation_metrics()
+    assert metrics and [m.restart_reasons for m in metrics] == [set()] * len(metrics)
 
 
 def test_compile_under_autocast(golden, fresh_dynamo):
@@ -306,7 +312,7 @@ def test_compiled_projections_match_eager(fresh_dynamo):
 
 
 def test_write_analysis_is_kept_by_kernel_and_arguments_inside_the_compile_context(monkeypatch):
-    """``compiling_user_kernels`` (around every compiled forward): PyTorch's analysis of which arguments a Triton
+    """``compile_context`` (around every compiled forward): PyTorch's analysis of which arguments a Triton
     launch writes runs once per kernel and arguments' key (sizes symbolic or not, tensors by dtype, an autotuner by
     the kernel in it), each caller gets its own copy, real tensors are not keyed, and on exit PyTorch's function
     and the backward's lazy lowering are as they were. The analysis itself, counted here by a stand-in, is
@@ -337,7 +343,7 @@ def test_write_analysis_is_kept_by_kernel_and_arguments_inside_the_compile_conte
         return getattr(triton_kernel_wrap, name)(kernel, {'X': x, 'Out': out, 'C': 8, **kwargs}, {})
 
     lazy = functorch_config.force_non_lazy_backward_lowering
-    with compiled.compiling_user_kernels():
+    with compiled.compile_context():
         assert functorch_config.force_non_lazy_backward_lowering
         first = analyse(N=sympy.Symbol('s0'))
         again = analyse(N=sympy.Symbol('s1'))  # another symbolic size: the TTIR sees one placeholder for both
