@@ -34,6 +34,9 @@ det_sizes="--image-size 320 --aspect-ratios 1.333 1.5 1 0.75 0.667"
 seg_iters=${SEG_ITERS:-200}
 seg_warmup=$(( seg_iters >= 20 ? seg_iters / 10 : 1 ))
 step_timeout=${STEP_TIMEOUT:-0}
+# Dynamo says when it compiles a graph again (a new size that broke a guard, a grad-mode change), so the compiled
+# runs' logs show whether one compile served every batch size; run() passes those lines on as they come.
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
 mmdet_cfgs=$(python3 -c "import mmdet, os; print(os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs'))")
 
 det_data_options() {
