@@ -409,22 +409,32 @@ def _pair(value):
 
 
 def _pass_config(batch, length, channels, sms, block_t, block_c, num_warps, chunk_len, stages, backward):
-    # Defaults from the tiling sweep of benchmarks/scan_kernels.py on an H100 (README.md). The kernels are bound by the
-    # per-tile scan work (shuffles, barriers), not by DRAM, so short tiles with 8-16 elements per thread
+    # Defaults from the tiling sweeps of benchmarks/scan_kernels.py on an H100 (README.md). The kernels are bound by
+    # the per-tile scan work (shuffles, barriers), not by DRAM, so short tiles with 8-16 elements per thread
     # and many resident programs won; see README.md for the numbers.
     per_group = channels // GROUPS
+    # Too few batch x groups x channel-block programs to fill the GPU (the detection step's batch of 2): the
+    # sequence is split into chunks below, so programs are many whatever the tile. There tiles of 512 elements
+    # measured fastest (thirty-third session, kernels/README.md): 16 channels by 32 steps where a group's channels
+    # are a multiple of 16, else 32 by 16 (stage 3's 88), the forward in two warps and the backward in one.
+    split_regime = batch * GROUPS * cdiv(per_group, 16) < 2 * sms
     if block_c is None:
-        if backward:
+        if split_regime:
+            block_c = 16 if per_group % 16 == 0 else 32
+        elif backward:
             block_c = 32 if (per_group % 32 == 0 or per_group % 16) else 16
         else:
             block_c = 32 if per_group % 32 == 0 else 16
         block_c = min(block_c, next_power_of_2(per_group))
     if block_t is None:
-        block_t = 64 if length >= 2048 else 32
+        block_t = 512 // block_c if split_regime else (64 if length >= 2048 else 32)
         block_t = max(1, min(block_t, next_power_of_2(length)))
     if num_warps is None:
-        per_thread = 16 if backward and per_group % 16 == 0 else 8
-        num_warps = min(8, max(1, block_t * block_c // (32 * per_thread)))
+        if split_regime:
+            num_warps = 1 if backward else 2
+        else:
+            per_thread = 16 if backward and per_group % 16 == 0 else 8
+            num_warps = min(8, max(1, block_t * block_c // (32 * per_thread)))
     if chunk_len is None:
         programs = batch * GROUPS * cdiv(per_group, block_c)
         chunk_len = length

@@ -79,6 +79,22 @@ def test_fp32_matches_float64_oracle(hw, channels, tiling):
     assert max(errors.values()) <= 1e-5, errors
 
 
+@pytest.mark.parametrize('channels', [64, 96])
+def test_detection_defaults_match_float64_oracle(channels):
+    """The tilings picked for a GPU at a detection batch, run in the interpreter: with an H100's 132
+    multiprocessors, batch 2 gives too few programs, so the sequence is split and the short tiles of that regime
+    are used (at 96 channels, 24 a group, not a multiple of 16 as stage 3's 88 is not: tiles 32 channels wide and
+    16 steps long, so the forward saves a state every 16 steps)."""
+    hw = (9, 17)
+    length = hw[0] * hw[1]
+    cfg = triton_scan._config_for(2, length, channels, 132, ((None, None),) * 5)
+    assert cfg.fwd.n_chunks(length) > 1 and cfg.bwd.n_chunks(length) > 1, cfg
+    tiling = {name: (getattr(cfg.fwd, name), getattr(cfg.bwd, name))
+              for name in ('block_t', 'block_c', 'num_warps', 'chunk_len')}
+    errors = compare_with_oracle(hw, channels, **tiling)
+    assert max(errors.values()) <= 1e-5, errors
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('split', [False, True])
 def test_low_precision_inputs(dtype, split):
