@@ -13,7 +13,8 @@
 # CompileBackboneHook), seg (UperNet 160k, GroupMamba-T), ddp (the det run on 2 GPUs with --launcher pytorch;
 # compare it with det), ddp_graph (the same with the CUDA-graph config), ddp_compile (the ddp run with the
 # backbone compiled: --cfg-options model.backbone.compile=True), det_compile_graphs and swin_compile_graphs
-# (det_compile and swin_compile in torch.compile's mode='reduce-overhead', benchmarks/configs/). Each run's log and a
+# (det_compile and swin_compile in torch.compile's mode='reduce-overhead', benchmarks/configs/), det_compile_fixed and
+# swin_compile_fixed (training batches padded to seven sizes, each compiled for: benchmarks/configs/). Each run's log and a
 # summary table (benchmarks/summarize_logs.py) go to OUT_DIR.
 # Sizes: DET_IMAGES training images (default 300; one epoch at 2 images per GPU), SEG_ITERS (default 200);
 # STEP_TIMEOUT (seconds, default none) stops a run that takes longer, keeping its log. DET_VALIDATE=0 leaves out
@@ -102,6 +103,12 @@ for step in "$@"; do
     det_compile) det_run det_groupmamba_t_compiled configs/mmdet/mask_rcnn_groupmamba_t.py \
       --cfg-options model.backbone.compile=True;;
     swin_compile) det_run det_swin_t_compiled benchmarks/configs/mask_rcnn_swin_t_compiled_backbone.py --amp;;
+    # The two with training batches padded to seven fixed sizes and compiled for each (dynamic=False): mmdet's
+    # Swin-T did not get through its first step with dynamic sizes (README, thirty-fourth session).
+    det_compile_fixed) det_run det_groupmamba_t_compiled_fixed \
+      benchmarks/configs/mask_rcnn_groupmamba_t_compiled_fixed_sizes.py;;
+    swin_compile_fixed) det_run det_swin_t_compiled_fixed \
+      benchmarks/configs/mask_rcnn_swin_t_compiled_fixed_sizes.py --amp;;
     # The same two with torch.compile's mode='reduce-overhead' (CUDA graphs recorded per batch size).
     det_compile_graphs) det_run det_groupmamba_t_compiled_graphs \
       benchmarks/configs/mask_rcnn_groupmamba_t_compiled_graphs.py;;

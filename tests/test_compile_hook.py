@@ -126,3 +126,28 @@ def test_the_reduce_overhead_pair_of_configs():
     backbone = MODELS.build(dict(Config.fromfile(str(configs / 'mask_rcnn_groupmamba_t_compiled_graphs.py'))
                                  .model.backbone, init_cfg=None))
     assert backbone._compiled.options['options']['triton.cudagraphs']
+
+
+def test_the_fixed_size_pair_of_configs():
+    """benchmarks/configs' fixed-size pair (gpu_e2e.sh's det_compile_fixed and swin_compile_fixed): both pad their
+    training batches to the CUDA-graph config's seven sizes, and compile their backbones once per size."""
+    from pathlib import Path
+
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    root = Path(__file__).parents[1]
+    graphs = Config.fromfile(str(root / 'configs/mmdet/mask_rcnn_groupmamba_t_cuda_graph.py'))
+    swin = Config.fromfile(str(root / 'benchmarks/configs/mask_rcnn_swin_t_compiled_fixed_sizes.py'))
+    groupmamba = Config.fromfile(str(root / 'benchmarks/configs/mask_rcnn_groupmamba_t_compiled_fixed_sizes.py'))
+    assert swin.model.data_preprocessor.batch_augments == graphs.model.data_preprocessor.batch_augments
+    assert swin.custom_hooks == [dict(type='CompileBackboneHook', options=dict(fullgraph=False, dynamic=False))]
+    assert groupmamba.model.backbone.pop('compile') == dict(dynamic=False)
+    assert groupmamba.model.backbone.pop('cuda_graph') is False and graphs.model.backbone.pop('cuda_graph') is True
+    assert groupmamba.model == graphs.model
+    init_default_scope(swin.default_scope)
+    detector = MODELS.build(swin.model)
+    assert type(detector.backbone).__name__ == 'SwinTransformer'
+    assert [type(a).__name__ for a in detector.data_preprocessor.batch_augments] == ['BatchPadToFixedSizes']
+    assert HOOKS.build(swin.custom_hooks[0]).options == dict(fullgraph=False, dynamic=False)
