@@ -35,9 +35,10 @@ det_sizes="--image-size 320 --aspect-ratios 1.333 1.5 1 0.75 0.667"
 seg_iters=${SEG_ITERS:-200}
 seg_warmup=$(( seg_iters >= 20 ? seg_iters / 10 : 1 ))
 step_timeout=${STEP_TIMEOUT:-0}
-# Every run logs each 10 iterations the mean time of those 10 (log_processor.window_size=10): the configs' window of
-# 50 made each logged time a mean over the last 50, so in a 60-iteration compiled run the minutes of the first
-# iterations' compile stayed in every logged time (thirty-fourth session: median 5.0 s/iter logged, 0.11 measured).
+# Every run logs each 10 iterations the mean time of those 10: the configs' window of 50 made each logged time a
+# mean over the last 50, so in a 60-iteration compiled run the minutes of the first iterations' compile stayed in
+# every logged time (thirty-fourth session: median 5.0 s/iter logged, 0.11 measured).
+log_options="default_hooks.logger.interval=10 log_processor.window_size=10"
 # Dynamo says when it compiles a graph again (a new size that broke a guard, a grad-mode change), so the compiled
 # runs' logs show whether one compile served every batch size; run() passes those lines on as they come.
 export TORCH_LOGS=${TORCH_LOGS:-recompiles}
@@ -46,7 +47,7 @@ mmdet_cfgs=$(python3 -c "import mmdet, os; print(os.path.join(os.path.dirname(mm
 det_data_options() {
   local opts=(model.backbone.init_cfg=None train_cfg.max_epochs=$det_iters_epochs train_cfg.val_interval=1
               train_cfg.val_begin=$(( ${DET_VALIDATE:-1} ? 1 : 2 ))
-              default_hooks.logger.interval=10 log_processor.window_size=10 default_hooks.checkpoint.interval=1)
+              $log_options default_hooks.checkpoint.interval=1)
   for split in train val test; do
     local file=train; [ $split = train ] || file=val
     opts+=("${split}_dataloader.dataset.data_root=$det_data/"
@@ -121,7 +122,7 @@ for step in "$@"; do
         --work-dir "$work/seg_groupmamba_t" --cfg-options model.backbone.init_cfg=None \
         train_dataloader.dataset.data_root="$seg_data" val_dataloader.dataset.data_root="$seg_data" \
         test_dataloader.dataset.data_root="$seg_data" train_cfg.max_iters=$seg_iters train_cfg.val_interval=$seg_iters \
-        default_hooks.checkpoint.interval=$seg_iters default_hooks.logger.interval=10 log_processor.window_size=10 \
+        default_hooks.checkpoint.interval=$seg_iters $log_options \
         param_scheduler.0.end=$seg_warmup param_scheduler.1.begin=$seg_warmup param_scheduler.1.end=$seg_iters
       summaries+=("$work/seg_groupmamba_t");;
     ddp) det_run ddp_2gpu configs/mmdet/mask_rcnn_groupmamba_t.py --launcher pytorch --gpus 2;;
