@@ -151,3 +151,26 @@ def test_the_fixed_size_pair_of_configs():
     assert type(detector.backbone).__name__ == 'SwinTransformer'
     assert [type(a).__name__ for a in detector.data_preprocessor.batch_augments] == ['BatchPadToFixedSizes']
     assert HOOKS.build(swin.custom_hooks[0]).options == dict(fullgraph=False, dynamic=False)
+    # Built here, the detectors find BatchPadToFixedSizes because this process imported mmgroupmamba.det already;
+    # `mim train` imports only what the config's custom_imports name (the Swin config once lacked the module).
+    for config in ('mask_rcnn_swin_t_compiled_fixed_sizes.py', 'mask_rcnn_groupmamba_t_compiled_fixed_sizes.py'):
+        _build_data_preprocessor_in_fresh_process(root / 'benchmarks/configs' / config)
+
+
+def _build_data_preprocessor_in_fresh_process(config):
+    import subprocess
+    import sys
+
+    script = '''import sys
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.utils import import_modules_from_strings
+cfg = Config.fromfile(sys.argv[1])
+import_modules_from_strings(**cfg.custom_imports)
+init_default_scope(cfg.default_scope)
+from mmdet.registry import MODELS
+print([type(a).__name__ for a in MODELS.build(cfg.model.data_preprocessor).batch_augments])
+'''
+    result = subprocess.run([sys.executable, '-c', script, str(config)], capture_output=True, text=True, cwd='/')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "['BatchPadToFixedSizes']"
