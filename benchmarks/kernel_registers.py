@@ -1,6 +1,6 @@
 """Registers and spills of the Triton kernels' default tilings, compiled for sm_90 on the CPU (no GPU needed).
 
-    python benchmarks/kernel_registers.py [--arch 90] [--kernels norm dwconv scan]
+    python benchmarks/kernel_registers.py [--arch 90] [--kernels norm dwconv scan affinity]
 
 Each kernel is compiled by Triton for the target (``triton.compile`` with a ``GPUTarget``) at the tilings its
 launcher picks for GroupMamba-T's shapes, and its PTX assembled by the ptxas that ships with Triton
@@ -19,8 +19,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mmgroupmamba.kernels import triton_dwconv, triton_gated_norm, triton_scan
+from mmgroupmamba.kernels import triton_affinity, triton_dwconv, triton_gated_norm, triton_scan
 from mmgroupmamba.kernels.layout import stored_channels
+from mmgroupmamba.kernels.ops_util import cdiv
 
 DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
 GROUPS = 4
@@ -169,16 +170,43 @@ def scan_rows(sms=132):
                        SCAN_BWD if backward else SCAN_FWD, constexprs, passed.num_warps)
 
 
+AFFINITY_FWD = dict(Pooled='*fp16', W1='*fp32', B1='*fp32', W2='*fp32', B2='*fp32', Skip='*fp32', Scale='*fp32',
+                    C='i32', R='i32')
+AFFINITY_BWD = dict(DScale='*fp32', Pooled='*fp16', W1='*fp32', B1='*fp32', W2='*fp32', B2='*fp32', Skip='*fp32',
+                    DPooled='*fp16', Partials='*fp32', batch='i32', images_per_program='i32', C='i32', R='i32')
+
+
+def affinity_rows(sms=132):
+    """The same for the channel affinity (``R = C // 16`` hidden units) on the stages' own channels: the layer
+    pools its map back to them before the op (348 at stage 3, not the 352 stored). The forward (one program per
+    image) once per stage; the backward at bs 2 (detection) and 128 (classification), both one image a program on
+    132 multiprocessors, which Triton's launcher passes as the constant 1, and at bs 256, two a program, as a
+    runtime count."""
+    for channels in DIMS:
+        units = channels // 16
+        block_c, block_r, forward_warps, backward_warps = triton_affinity._blocks(channels, units)
+        yield ('affinity fwd', channels, f'block_c={block_c} block_r={block_r}', triton_affinity._affinity_fwd_kernel,
+               AFFINITY_FWD, dict(BLOCK_C=block_c, BLOCK_R=block_r), forward_warps)
+        for batch in (2, 128, 256):
+            per_program = cdiv(batch, sms)
+            constexprs = dict(BLOCK_R=block_r, CHUNK_C=triton_affinity.CHUNK_C)
+            if per_program == 1:
+                constexprs['images_per_program'] = 1
+            yield (f'affinity bwd (bs {batch})', channels,
+                   f'block_r={block_r} chunk_c={triton_affinity.CHUNK_C} images/program={per_program}',
+                   triton_affinity._affinity_bwd_kernel, AFFINITY_BWD, constexprs, backward_warps)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--arch', type=int, default=90)
-    parser.add_argument('--kernels', nargs='+', choices=('norm', 'dwconv', 'scan'),
-                        default=['norm', 'dwconv', 'scan'])
+    parser.add_argument('--kernels', nargs='+', choices=('norm', 'dwconv', 'scan', 'affinity'),
+                        default=['norm', 'dwconv', 'scan', 'affinity'])
     args = parser.parse_args(argv)
     print(f'Triton {triton.__version__}, sm_{args.arch}')
     print('| kernel | channels | tiling | warps | registers | spill stores B | spill loads B | shared B |')
     print('| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |')
-    rows = {'norm': norm_rows, 'dwconv': dwconv_rows, 'scan': scan_rows}
+    rows = {'norm': norm_rows, 'dwconv': dwconv_rows, 'scan': scan_rows, 'affinity': affinity_rows}
     for family in args.kernels:
         for name, channels, tiling, fn, signature, constexprs, warps in rows[family]():
             stages = constexprs.get('STAGES', 3)

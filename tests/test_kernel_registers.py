@@ -1,6 +1,7 @@
-"""``benchmarks/kernel_registers.py``: the norm kernels' default tilings, compiled for sm_90 on the CPU (Triton's
-bundled ptxas), spill no registers; their earlier tiles spilled up to 1.9 KB a thread in the backward. The
-script runs in its own process: conftest.py turns on Triton's interpreter, whose kernels do not compile."""
+"""``benchmarks/kernel_registers.py``: the norm and channel-affinity kernels' default tilings, compiled for sm_90 on
+the CPU (Triton's bundled ptxas), spill no registers; the norms' earlier tiles spilled up to 1.9 KB a thread in
+the backward, the affinity's whole-tile backward 1.7 KB. The script runs in its own process: conftest.py turns
+on Triton's interpreter, whose kernels do not compile."""
 import os
 import subprocess
 import sys
@@ -24,14 +25,33 @@ def test_parse_ptxas_reads_registers_and_spills():
                        .replace('255 registers', '87 registers')) == (87, 0, 0)
 
 
-@pytest.mark.skipif(not Path(PTXAS).exists(), reason='this Triton ships no ptxas')
-def test_default_norm_tilings_do_not_spill():
+def register_rows(family):
+    """The table rows of ``kernel_registers.py --kernels family``, run without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / 'kernel_registers.py'), '--kernels', 'norm'],
+    result = subprocess.run([sys.executable, str(BENCHMARKS / 'kernel_registers.py'), '--kernels', family],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][2:]
-    assert len(rows) == 4 * 8  # 4 stage widths x 4 norms (the residual form too) x forward and backward
+    return [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][2:]
+
+
+def assert_no_spills(rows):
     for kernel, channels, tiling, warps, registers, stores, loads, shared in rows:
         assert 0 < int(registers) <= 255
         assert (int(stores), int(loads)) == (0, 0), f'{kernel} at {channels} channels ({tiling}): spills'
+
+
+@pytest.mark.skipif(not Path(PTXAS).exists(), reason='this Triton ships no ptxas')
+def test_default_norm_tilings_do_not_spill():
+    rows = register_rows('norm')
+    assert len(rows) == 4 * 8  # 4 stage widths x 4 norms (the residual form too) x forward and backward
+    assert_no_spills(rows)
+
+
+@pytest.mark.skipif(not Path(PTXAS).exists(), reason='this Triton ships no ptxas')
+def test_affinity_kernels_do_not_spill():
+    rows = register_rows('affinity')
+    # 4 stage widths x (the forward, the backward at bs 2, 128 and 256)
+    assert len(rows) == 4 * 4
+    assert {row[0].strip() for row in rows} == {'affinity fwd', 'affinity bwd (bs 2)', 'affinity bwd (bs 128)',
+                                                'affinity bwd (bs 256)'}
+    assert_no_spills(rows)
