@@ -42,6 +42,18 @@ def assert_close_fp32(got, expected, what=''):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=what)
 
 
+def assert_matches(got, expected):
+    """The scale and every gradient (:func:`value_and_grads`) as the reference's, in its dtypes and shapes."""
+    assert (expected[3] != 0).any()  # the ReLU passed some gradient: the backward's whole path was checked
+    for name, g, e in zip(('scale', 'pooled', 'fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias', 'skip_scale'),
+                          got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        if g.dtype == torch.bfloat16:  # dpooled, rounded to bf16 from fp32 values within 1e-5 of each other
+            torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2 * e.abs().max().item(), msg=name)
+        else:
+            assert_close_fp32(g, e, name)
+
+
 def unfused(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
     """What GroupMambaLayer ran before the op (in fp32: the parameters' dtype)."""
     return skip_scale * torch.sigmoid(F.linear(F.relu(F.linear(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias))
@@ -55,14 +67,36 @@ def test_triton_matches_the_reference(shape, pooled_dtype, monkeypatch):
     got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(1))
     expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(1))
     assert got[0].dtype == torch.float32 and got[0].shape == shape[:2]
-    assert (expected[3] != 0).any()  # the ReLU passed some gradient: the backward's whole path was checked
-    for name, g, e in zip(('scale', 'pooled', 'fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias', 'skip_scale'),
-                          got, expected):
-        assert g.dtype == e.dtype and g.shape == e.shape, name
-        if g.dtype == torch.bfloat16:  # dpooled, rounded to bf16 from fp32 values within 1e-5 of each other
-            torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2 * e.abs().max().item(), msg=name)
-        else:
-            assert_close_fp32(g, e, name)
+    assert_matches(got, expected)
+
+
+def test_triton_backward_sums_chunks_and_images_per_program(monkeypatch):
+    """The backward walks the channels in chunks and sums each program's images in its row of partial sums: 200
+    channels are four chunks, the last one partial, and a batch of 9 is 3 programs of 3 images under the
+    interpreter (4 "multiprocessors"), so that later images add to the row the first stored."""
+    from mmgroupmamba.kernels import triton_affinity
+
+    batch, channels, units = 9, 200, 12
+    assert channels > 3 * triton_affinity.CHUNK_C and channels % triton_affinity.CHUNK_C
+    grids = []
+    wrap = triton_affinity.wrap_triton
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            if self.kernel is triton_affinity._affinity_bwd_kernel:
+                grids.append(grid)
+            return wrap(self.kernel)[grid]
+
+    monkeypatch.setattr(triton_affinity, 'wrap_triton', Recorded)
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+    inputs = affinity_inputs(batch, channels, units, torch.Generator().manual_seed(7))
+    got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(8))
+    expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(8))
+    assert grids == [(3,)]
+    assert_matches(got, expected)
 
 
 @pytest.mark.parametrize('impl', ['reference', 'triton'])
