@@ -15,6 +15,9 @@ LayerNorm kernel and our depthwise conv + SiLU, as GroupMamba's stage 1 runs the
   Triton and the reference, our launcher's tiling and allocations, then Triton's launch);
 * ``jit run``: the same kernel through ``JITFunction.run`` alone, with the arguments our launcher passed, recorded
   once (Triton's argument binding and specialisation, its cache lookup, the launch);
+* ``keyed run``: what a lean launch path of our own would pay: the arguments' specialisation recomputed in Python
+  (:func:`specialization_key`: each tensor's dtype and 16-byte alignment, each integer's being 1, a multiple of
+  16 and within 32 bits), the compiled kernel looked up by it in a dict, then launched as below;
 * ``compiled run``: the kernel Triton compiled for those arguments, launched by its ``CompiledKernel.run`` with
   the arguments bound once (the driver's launch call alone: what a launch path that knew its kernel would pay).
 
@@ -63,6 +66,24 @@ def bound_values(kernel, args, kwargs):
     return tuple(bound.arguments.values())
 
 
+def specialization_key(values, constexprs):
+    """What Triton specialises a compiled kernel on, for argument values ``values``, as a hashable tuple: the
+    values at the indices ``constexprs`` themselves; a tensor's dtype and whether its address is 16-byte aligned;
+    an integer's being 1, a multiple of 16 and within 32 bits; a float by its type; bools, strings and None by
+    themselves."""
+    key = []
+    for i, value in enumerate(values):
+        if i in constexprs:
+            key.append(value)
+        elif isinstance(value, torch.Tensor):
+            key.append((value.dtype, value.data_ptr() % 16 == 0))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            key.append((value == 1, value % 16 == 0, -2**31 <= value < 2**31))
+        else:
+            key.append(value if isinstance(value, (bool, str, type(None))) else type(value))
+    return tuple(key)
+
+
 def grid_3d(grid):
     return tuple(grid) + (1,) * (3 - len(grid))
 
@@ -74,10 +95,17 @@ class LaunchPaths:
         self.kernel, self.args, self.kwargs, self.grid = kernel, args, kwargs, grid
         self.compiled = kernel.run(*args, grid=grid, warmup=False, **kwargs)
         self.values = bound_values(kernel, args, kwargs)
+        self.constexprs = frozenset(i for i, param in enumerate(kernel.params) if param.is_constexpr)
+        self.keyed = {specialization_key(self.values, self.constexprs): self.compiled}
         self.stream = driver.active.get_current_stream(driver.active.get_current_device())
 
     def jit_run(self):
         self.kernel.run(*self.args, grid=self.grid, warmup=False, **self.kwargs)
+
+    def keyed_run(self):
+        c = self.keyed[specialization_key(self.values, self.constexprs)]
+        g0, g1, g2 = grid_3d(self.grid)
+        c.run(g0, g1, g2, self.stream, c.function, c.packed_metadata, None, None, None, *self.values)
 
     def compiled_run(self):
         g0, g1, g2 = grid_3d(self.grid)
@@ -139,11 +167,12 @@ def main():
             paths = LaunchPaths(*launches[0])
             # The recorded launch writes into the op's output buffer: zeroed, then written again by each path,
             # it must equal a fresh call of the op.
-            for check in (paths.jit_run, paths.compiled_run):
+            for check in (paths.jit_run, paths.keyed_run, paths.compiled_run):
                 expected.zero_()
                 check()
                 torch.testing.assert_close(expected, ours(), rtol=0, atol=0, msg=f'{name}: {check.__name__}')
-            rows = [('torch', theirs), ('op', ours), ('jit run', paths.jit_run), ('compiled run', paths.compiled_run)]
+            rows = [('torch', theirs), ('op', ours), ('jit run', paths.jit_run), ('keyed run', paths.keyed_run),
+                    ('compiled run', paths.compiled_run)]
             timed = [(path, *host_us(fn, args.calls, args.repeats)) for path, fn in rows]
             print(f'| {name} | torch | {timed[0][1]:.1f} | {timed[0][2]:.1f} | |')
             # From the op down, each row strips one layer off the path: what that layer cost.

@@ -2,11 +2,12 @@
 import sys
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from launch_overhead import bound_values, grid_3d  # noqa: E402
+from launch_overhead import bound_values, grid_3d, specialization_key  # noqa: E402
 
 
 @triton.jit
@@ -26,3 +27,18 @@ def test_grids_are_padded_to_three_dimensions():
     assert grid_3d((5, )) == (5, 1, 1)
     assert grid_3d((5, 2)) == (5, 2, 1)
     assert grid_3d((5, 2, 3)) == (5, 2, 3)
+
+
+def test_specialization_keys_follow_what_triton_specialises_on():
+    """Constexprs by value; tensors by dtype and 16-byte alignment; integers by being 1, a multiple of 16 and
+    within 32 bits: two launches differing only elsewhere get the same key."""
+    base = torch.zeros(64, dtype=torch.float16)
+    constexprs = frozenset({3})
+    key = specialization_key((base, 32, 1.5, 64), constexprs)
+    assert specialization_key((torch.zeros(64, dtype=torch.float16), 48, 2.5, 64), constexprs) == key
+    assert specialization_key((base[1:], 32, 1.5, 64), constexprs) != key  # 2 bytes in: not 16-byte aligned
+    assert specialization_key((base.float(), 32, 1.5, 64), constexprs) != key
+    assert specialization_key((base, 33, 1.5, 64), constexprs) != key
+    assert specialization_key((base, 1, 1.5, 64), constexprs) != specialization_key((base, 17, 1.5, 64), constexprs)
+    assert specialization_key((base, 2**32, 1.5, 64), constexprs) != key
+    assert specialization_key((base, 32, 1.5, 128), constexprs) != key  # a constexpr by its value
