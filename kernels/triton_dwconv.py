@@ -112,6 +112,13 @@ def _load_weight_taps(Wt, c, C, FLIP: tl.constexpr):
 
 
 @triton.jit
+def _zero_sums(BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A walk's ten fp32 gradient sums per element (the nine taps', then the bias's), zeroed."""
+    zero = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    return zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+
+
+@triton.jit
 def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
                        stride_xb, stride_xh, stride_xw, stride_ob, stride_oh, stride_ow,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, PREFETCH: tl.constexpr,
@@ -174,16 +181,7 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     # Products accumulate per element and are reduced over columns once, after the walk.
     al, am, ar = _load_taps(x_base, h0 - 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
     hl, hm, hr = _load_taps(x_base, h0, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    g00 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g01 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g02 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g10 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g11 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g12 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g20 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g21 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    g22 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    gb = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = _zero_sums(BLOCK_W, BLOCK_C)
     # PREFETCH loads the next input row and dout row one step ahead of their use (see choose_tiles).
     # Masked-out elements get dout = 0, hence d_pre = 0, and add nothing to the sums.
     last = tl.minimum(H, h_end + 1)
