@@ -55,22 +55,14 @@ def _load_weights(W1, B1, W2, B2, cols, units, col_ok, unit_ok, C, R):
 
 
 @triton.jit
-def _bottleneck(pooled, w1, b1, w2t, b2):
-    """One image's pre-activation of the hidden units ``(R,)``, the hidden units, and the gate ``(C,)``."""
-    pre = tl.sum(w1 * pooled[None, :], axis=1) + b1
-    hidden = tl.maximum(pre, 0.0)
-    gate = tl.sigmoid(tl.sum(w2t * hidden[:, None], axis=0) + b2)
-    return pre, hidden, gate
-
-
-@triton.jit
 def _affinity_fwd_kernel(Pooled, W1, B1, W2, B2, Skip, Scale, C, R,
                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     image = tl.program_id(0)
     cols, units, col_ok, unit_ok = _tile_offsets(C, R, BLOCK_C, BLOCK_R)
     w1, w2t, b1, b2 = _load_weights(W1, B1, W2, B2, cols, units, col_ok, unit_ok, C, R)
     pooled = tl.load(Pooled + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _, _, gate = _bottleneck(pooled, w1, b1, w2t, b2)
+    hidden = tl.maximum(tl.sum(w1 * pooled[None, :], axis=1) + b1, 0.0)  # (R,)
+    gate = tl.sigmoid(tl.sum(w2t * hidden[:, None], axis=0) + b2)  # (C,)
     skip = tl.load(Skip).to(tl.float32)
     tl.store(Scale + image * C + cols, (skip * gate).to(Scale.dtype.element_ty), mask=col_ok)
 
