@@ -14,15 +14,7 @@ backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
   many small programs keep more bytes in flight than a few long walks. The backward's pre-activation pass walks
   ``steps`` blocks down so that its weight-gradient partial sums stay few;
 - ``inductor``: the conv written as nine shifted slices of the zero-padded map, compiled by torch.compile
-  (``dynamic=False``): what Inductor makes of it on its own, forward and backward;
-- ``split``: the backward's pre-activation pass without the weight gradient, then the weight gradient in a walk
-  of its own. The shipped pass carries nine input taps and ten fp32 gradient sums through its walk (158-202
-  registers a thread, tiles of 512 elements) and ran at about a quarter of copy bandwidth on an H100, where the
-  forward's walk ran at 60 % (thirty-fifth session: the detection step's stage-1 FFN conv, 343 us backward
-  pre-activation pass against 76 us forward, for twice the bytes). Here the pre-activation pass rolls two
-  partial sums down as the forward does (tiles of the forward's 1024 elements) and writes ``d_pre``; the
-  weight-gradient walk then reads the input and ``d_pre`` again (two map reads more than the shipped
-  backward), rolling ``d_pre``'s rows instead of the input's taps. The forward is the shipped one.
+  (``dynamic=False``): what Inductor makes of it on its own, forward and backward.
 
 ``tile`` and ``inductor`` were both slower than the walk on an H200 (kernels/README.md, "Longer walks" and
 after); they stay here to be re-measured on other cards and releases. A fourth, ``rowsum`` (the walk's backward
@@ -30,8 +22,11 @@ summing its weight-gradient products per row), was 2-8x slower at every setting 
 this file at commit 7359b5c). A fifth, ``onepass`` (the pre-activation gradient and the transposed conv in one
 walk, so that ``d_pre`` never goes to memory: 4 map-sized transfers instead of 6), took 1.35-1.6x the shipped
 backward at every shape, its best of nine tilings each, on an H100 (thirty-third session: 0.713 against 0.451 ms at
-the detection step's FFN conv), and has been removed (it is in this file at commit c70ba6b). On the CPU
-(``TRITON_INTERPRET=1``, ``--device cpu``) only the checks run, at small shapes.
+the detection step's FFN conv), and has been removed (it is in this file at commit c70ba6b). A sixth, ``split``
+(the pre-activation pass without the weight gradient, then the weight gradient in a walk of its own), was timed
+on an H100 on 2026-12-06 and lost to the shipped backward (whole backward 0.508 against 0.448 ms at the detection
+step's FFN conv, 1.460 against 1.298 at stage 1's; kernels/README.md); it has been removed (it is in this file at
+commit 3e17f9b). On the CPU (``TRITON_INTERPRET=1``, ``--device cpu``) only the checks run, at small shapes.
 """
 import argparse
 import functools
@@ -53,14 +48,8 @@ from mmgroupmamba.kernels.triton_dwconv import (
     _NO_ACT,
     _activation,
     _activation_grad,
-    _conv_launch,
-    _grid,
-    _load_taps,
-    _load_weight_taps,
     _store_param_partials,
-    _taps,
     _tile_coords,
-    _zero_sums,
     choose_tiles,
     dwconv_act_backward,
     dwconv_act_forward,
@@ -80,9 +69,6 @@ TILE_GRID = [(2, 8, 64, 4), (4, 8, 64, 4), (4, 8, 64, 8), (8, 8, 64, 8), (2, 16,
              (4, 4, 128, 4), (4, 8, 128, 8), (2, 8, 32, 2)]
 BWD_TILE_GRID = [(2, 4, 64, 4, 8), (2, 8, 64, 4, 8), (2, 8, 64, 4, 16), (1, 8, 64, 4, 16), (2, 4, 128, 4, 8),
                  (4, 4, 64, 4, 8), (2, 8, 64, 8, 8)]
-# (block_w, block_c, rows) of the split design's weight-gradient walk, None for choose_tiles' backward tiling; its
-# pre-activation pass takes the forward's tiling.
-SPLIT_GRID = [None, (8, 64, 64), (16, 64, 64), (8, 128, 64), (16, 32, 64), (8, 64, 32)]
 
 
 @triton.jit
@@ -224,127 +210,6 @@ def tile_backward(dout, x, weight, bias, activation, fwd_tiles, bwd_tiles):
     return dx, part.sum(1)
 
 
-@triton.jit
-def _split_pre_kernel(X, Wt, Bias, DOut, DPre, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
-                      stride_xb, stride_xh, stride_xw, stride_db, stride_dh, stride_dw,
-                      ACT: tl.constexpr, NEED_OUT: tl.constexpr, STAGES: tl.constexpr, BLOCK_W: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    """``d_pre = dout * act'(pre)`` (and ``act(pre)`` with NEED_OUT), ``pre`` recomputed by the forward's walk."""
-    _, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
-        H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
-    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, False)
-    bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
-    x_base = X + b.to(tl.int64) * stride_xb
-    x_offs = (w * stride_xw)[:, None] + c[None, :]
-    d_base = DOut + b.to(tl.int64) * stride_db
-    d_offs = (w * stride_dw)[:, None] + c[None, :]
-    p_base = b.to(tl.int64) * H * W * C  # DPre and Out are contiguous (B, H, W, C)
-    p_offs = (w * C)[:, None] + c[None, :]
-    xl, xm, xr = _load_taps(x_base, h0 - 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    acc = xl * w00 + xm * w01 + xr * w02
-    xl, xm, xr = _load_taps(x_base, h0, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-    acc += xl * w10 + xm * w11 + xr * w12
-    nxt = xl * w00 + xm * w01 + xr * w02
-    for h in tl.range(h0, h_end, num_stages=STAGES):
-        xl, xm, xr = _load_taps(x_base, h + 1, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-        pre = acc + xl * w20 + xm * w21 + xr * w22 + bias
-        dout = tl.load(d_base + tl.cast(h, tl.int64) * stride_dh + d_offs, mask=mid_ok, other=0.0).to(tl.float32)
-        row = p_base + tl.cast(h, tl.int64) * W * C + p_offs
-        tl.store(DPre + row, (dout * _activation_grad(pre, ACT)).to(DPre.dtype.element_ty), mask=mid_ok)
-        if NEED_OUT:
-            tl.store(Out + row, _activation(pre, ACT).to(Out.dtype.element_ty), mask=mid_ok)
-        acc = nxt + xl * w10 + xm * w11 + xr * w12
-        nxt = xl * w00 + xm * w01 + xr * w02
-
-
-@triton.jit
-def _split_wgrad_kernel(X, DPre, Part, H, W, C, n_cb, n_wb, n_rb, rows_per_prog, stride_xb, stride_xh, stride_xw,
-                        STAGES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The weight and bias gradients' partial sums of this program's output rows. Input row i meets d_pre rows
-    i + 1 (kernel row 0), i (row 1) and i - 1 (row 2): the walk loads one input row (three column taps) and one
-    d_pre row a step and rolls the two d_pre rows before it."""
-    tile, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
-        H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
-    x_base = X + b.to(tl.int64) * stride_xb
-    x_offs = (w * stride_xw)[:, None] + c[None, :]
-    p_base = DPre + b.to(tl.int64) * H * W * C
-    p_offs = (w * C)[:, None] + c[None, :]
-    g00, g01, g02, g10, g11, g12, g20, g21, g22, gb = _zero_sums(BLOCK_W, BLOCK_C)
-    # d_pre rows i - 1, i and i + 1 for the first input row i = h0 - 1; rows outside [h0, h_end) belong to the
-    # neighbouring walks (or are the padding) and count as zero here.
-    above = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    here = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    below = tl.load(p_base + tl.cast(h0, tl.int64) * W * C + p_offs, mask=mid_ok, other=0.0).to(tl.float32)
-    for i in tl.range(h0 - 1, h_end + 1, num_stages=STAGES):
-        xl, xm, xr = _load_taps(x_base, i, H, stride_xh, stride_xw, x_offs, left_ok, mid_ok, right_ok)
-        g00 += below * xl
-        g01 += below * xm
-        g02 += below * xr
-        g10 += here * xl
-        g11 += here * xm
-        g12 += here * xr
-        g20 += above * xl
-        g21 += above * xm
-        g22 += above * xr
-        gb += here
-        above = here
-        here = below
-        below = tl.load(p_base + tl.cast(i + 2, tl.int64) * W * C + p_offs, mask=mid_ok & (i + 2 < h_end),
-                        other=0.0).to(tl.float32)
-    _store_param_partials(Part, tile, tl.num_programs(0) // n_cb, c, C, tl.sum(g00, axis=0), tl.sum(g01, axis=0),
-                          tl.sum(g02, axis=0), tl.sum(g10, axis=0), tl.sum(g11, axis=0), tl.sum(g12, axis=0),
-                          tl.sum(g20, axis=0), tl.sum(g21, axis=0), tl.sum(g22, axis=0), tl.sum(gb, axis=0))
-
-
-def split_pre(dout, x, weight, bias, activation, need_output=False):
-    """The split design's pre-activation pass: ``(d_pre, output or None)``, with the forward's tiling
-    (``need_output`` as in ``dwconv_act_backward``)."""
-    batch, height, width, channels = x.shape
-    d_pre = torch.empty_like(x)
-    out = torch.empty_like(x) if need_output else None
-    block_w, block_c, rows, num_warps, _, stages = choose_tiles(x)
-    n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
-    _split_pre_kernel[(programs,)](
-        x, _taps(weight), bias, dout, d_pre, d_pre if out is None else out, height, width, channels, n_cb, n_wb,
-        n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        ACT=_ACT_CODES[activation], NEED_OUT=need_output, STAGES=stages, BLOCK_W=block_w, BLOCK_C=block_c,
-        num_warps=num_warps)
-    return d_pre, out
-
-
-def split_wgrad(x, d_pre, wgrad_tiles=None):
-    """The split design's weight-gradient walk: the ``(10 * C, tiles)`` partial sums. ``wgrad_tiles``:
-    ``(block_w, block_c, rows)`` forced, or None for the shipped backward's tiling."""
-    batch, height, width, channels = x.shape
-    forced = {} if wgrad_tiles is None else dict(zip(('block_w', 'block_c', 'rows'), wgrad_tiles))
-    block_w, block_c, rows, num_warps, _, stages = choose_tiles(x, backward=True, **forced)
-    n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
-    part = torch.empty((10 * channels, programs // n_cb), dtype=torch.float32, device=x.device)
-    _split_wgrad_kernel[(programs,)](
-        x, d_pre, part, height, width, channels, n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2),
-        STAGES=stages, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
-    return part
-
-
-def split_backward(dout, x, weight, bias, activation, wgrad_tiles=None, need_output=False):
-    """``(dx, dparams, output or None)`` as the shipped ``dwconv_act_backward``, in three launches and one sum:
-    the pre-activation pass, the weight-gradient walk, the partial sums' reduction, the transposed conv (the
-    shipped one, with the forward's tiling)."""
-    d_pre, out = split_pre(dout, x, weight, bias, activation, need_output)
-    dparams = split_wgrad(x, d_pre, wgrad_tiles).sum(1)
-    dx = torch.empty_like(x)
-    _conv_launch(d_pre, _taps(weight), bias, dx, _NO_ACT, False, True, choose_tiles(x))
-    return dx, dparams, out
-
-
-def split_results(x, weight, bias, dout, activation, wgrad_tiles):
-    """(out, dx, dweight, dbias); ``out`` is the pre-activation pass's recomputed output (the FFN's backward
-    asks for it), which must equal the forward's."""
-    dx, dparams, out = split_backward(dout, x, weight, bias, activation, wgrad_tiles, need_output=True)
-    torch.testing.assert_close(out, dwconv_act_forward(x, weight, bias, activation))
-    return (out, dx, *split_param_grads(dparams, weight, bias))
-
-
 def shifted_sum_conv(x, weight, bias, activation):
     """The conv as nine shifted slices of the zero-padded map: plain tensor ops for Inductor to fuse."""
     height, width = x.shape[1:3]
@@ -383,7 +248,7 @@ def tile_results(x, weight, bias, dout, activation, fwd_tiles, bwd_tiles):
     return (out, dx, *split_param_grads(dparams, weight, bias))
 
 
-CHECKED_DESIGNS = ('tile', 'split')  # the designs with kernels of their own, checked against the reference
+CHECKED_DESIGNS = ('tile', )  # the designs with kernels of their own, checked against the reference
 
 
 def candidate_settings(designs=CHECKED_DESIGNS):
@@ -394,9 +259,6 @@ def candidate_settings(designs=CHECKED_DESIGNS):
         for fwd_tiles, bwd_tiles in zip(TILE_GRID, BWD_TILE_GRID * 2):
             settings.append((f'tile {fwd_tiles} / {bwd_tiles}', functools.partial(
                 tile_results, fwd_tiles=fwd_tiles, bwd_tiles=bwd_tiles)))
-    if 'split' in designs:
-        for wgrad_tiles in SPLIT_GRID:
-            settings.append((f'split {wgrad_tiles}', functools.partial(split_results, wgrad_tiles=wgrad_tiles)))
     return settings
 
 
@@ -464,28 +326,7 @@ def time_inductor(tensors, activation):
     return [(f'inductor (max rel err {err:.1e}; backward from calls)', fwd, both - fwd)]
 
 
-def time_split(tensors, activation):
-    """The shipped backward, then the split design's two new kernels alone and its whole backward at each
-    weight-gradient tiling (the pre-activation pass alone is timed once: its tiling is the forward's). Both
-    backwards write the recomputed output where the model's does: the FFN's conv (GELU), for ``fc2``'s weight
-    gradient."""
-    x, weight, bias, dout = tensors
-    need = activation == 'gelu'
-    d_pre, _ = split_pre(dout, x, weight, bias, activation, need)
-    rows = [(f'split: the shipped backward (baseline; output written: {need})', None,
-             bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation, need))),
-            (f'split: pre-activation pass alone, tiles {choose_tiles(x)[:3]}', None,
-             bench(lambda: split_pre(dout, x, weight, bias, activation, need)))]
-    for wgrad_tiles in SPLIT_GRID:
-        label = wgrad_tiles or choose_tiles(x, backward=True)[:3]
-        rows.append((f'split: weight-gradient walk alone, tiles {label}', None,
-                     bench(lambda: split_wgrad(x, d_pre, wgrad_tiles))))
-        rows.append((f'split: whole backward, tiles {label}', None,
-                     bench(lambda: split_backward(dout, x, weight, bias, activation, wgrad_tiles, need))))
-    return rows
-
-
-DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'inductor': time_inductor, 'split': time_split}
+DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'inductor': time_inductor}
 
 
 def main(argv=None):

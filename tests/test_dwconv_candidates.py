@@ -1,6 +1,5 @@
-"""``benchmarks/dwconv_candidates.py``: the candidate designs it times (tiles without a walk, the backward split in
-two walks) and the shifted-slice formulation Inductor compiles give the reference's conv and gradients (Triton
-interpreter)."""
+"""``benchmarks/dwconv_candidates.py``: the candidate design with kernels of its own (tiles without a walk) and the
+shifted-slice formulation Inductor compiles give the reference's conv and gradients (Triton interpreter)."""
 import sys
 from pathlib import Path
 
@@ -21,16 +20,6 @@ def test_tile_kernels_match_the_reference(capsys):
     dwconv_candidates.check_candidates({'small': (2, 9, 13, 24, 'gelu')}, 'cpu', torch.float32, 1e-5, ('tile', ))
     out = capsys.readouterr().out
     assert out.count('check small tile') == len(dwconv_candidates.TILE_GRID)
-
-
-@pytest.mark.parametrize('activation', ['silu', 'gelu'])
-def test_split_kernels_match_the_reference(capsys, activation):
-    # The shipped backward tiling walks one row a program at this size (4 interpreted multiprocessors); the
-    # forced ones walk all 9 rows in one: both ends of the walk's d_pre rows are exercised.
-    shape = {'small': (2, 9, 13, 24, activation)}
-    dwconv_candidates.check_candidates(shape, 'cpu', torch.float32, 1e-5, ('split', ))
-    out = capsys.readouterr().out
-    assert out.count('check small split') == len(dwconv_candidates.SPLIT_GRID)
 
 
 @pytest.mark.parametrize('activation', ['silu', 'gelu'])
