@@ -1,6 +1,7 @@
 """GPU correctness of GroupMamba with the Triton kernels, before any timing.
 
-    python benchmarks/check_gpu.py [--compile] [--amp-steps 1000] [--bf16-steps 300] [--amp-cuda-graph]
+    python benchmarks/check_gpu.py [--compile [static|dynamic]] [--compile-options JSON] [--amp-steps 1000]
+                                   [--bf16-steps 300] [--amp-cuda-graph]
 
 1. The golden official outputs (``../shared/golden`` or ``--golden``), fp32 on the GPU (TF32 off): <= 1e-4.
 2. GroupMamba-T on the GPU, Triton path against the PyTorch reference path (``MMGM_KERNELS=reference``):
@@ -9,7 +10,8 @@
    sizes; ``static``: one size, ``dynamic=False``) against eager, fp32 and AMP fp16, three input
    sizes: outputs and every gradient (under AMP the loss scaled as GradScaler scales it, and each gradient
    judged against eager fp32 beside eager AMP's: ``gradient_check.py``), and the number of compiled graphs
-   (one per grad/AMP signature, not per size).
+   (one per grad/AMP signature, not per size). ``--compile-options``: torch.compile arguments over those, as
+   ``backbone_speed.py`` takes them (e.g. ``'{"options": {"cpp_wrapper": true}}'``: Inductor's C++ wrapper).
 3. CUDA graphs (``cuda_graph=True``) against eager, from the same weights: AdamW training steps under AMP
    over two alternating input sizes (losses, parameters, BatchNorm statistics), an eval forward, stochastic
    depth drawing fresh masks per replay, two forwards before one backward (the eager fallback), and
@@ -23,6 +25,7 @@ Every check runs, also after one has failed; the script then exits non-zero nami
 import argparse
 import copy
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -104,13 +107,15 @@ def check_opcheck():
     print('opcheck on CUDA: every op passes', flush=True)
 
 
-def check_compile(dynamic, sizes=((2, 160, 224), (2, 192, 160), (1, 224, 288))):
-    """compile=True (Inductor, GroupMamba's Inductor defaults; ``dynamic``: symbolic sizes, one graph) against
-    eager: outputs and gradients in fp32 and under AMP fp16, and (dynamic) new sizes reuse the compiled graph."""
+def check_compile(dynamic, options=None, sizes=((2, 160, 224), (2, 192, 160), (1, 224, 288))):
+    """compile=True (Inductor, GroupMamba's Inductor defaults, ``options`` over them; ``dynamic``: symbolic sizes,
+    one graph) against eager: outputs and gradients in fp32 and under AMP fp16, and (dynamic) new sizes reuse the
+    compiled graph."""
     torch.manual_seed(0)
     eager = GroupMamba(arch='tiny').cuda().train()
     compiled = copy.deepcopy(eager)
-    compiled._compiled = CompiledForward('GroupMamba', dict(dynamic=dynamic), COMPILE_INDUCTOR_DEFAULTS)
+    compiled._compiled = CompiledForward('GroupMamba', {**(options or {}), 'dynamic': dynamic},
+                                         COMPILE_INDUCTOR_DEFAULTS)
     if not dynamic:
         sizes = sizes[:1]
     for autocast in (False, True):
@@ -238,7 +243,14 @@ def main():
     parser.add_argument('--amp-cuda-graph', action='store_true')
     parser.add_argument('--compile', choices=('static', 'dynamic'), nargs='?', const='dynamic', default=None,
                         help='also check compile=True against eager (static: one size, dynamic=False)')
+    parser.add_argument('--compile-options', type=json.loads, default={},
+                        help='torch.compile arguments for --compile (JSON), e.g. '
+                        '\'{"options": {"cpp_wrapper": true}}\'')
     args = parser.parse_args()
+    if args.compile_options and not args.compile:
+        parser.error('--compile-options is for the --compile check: give --compile static or --compile dynamic')
+    if 'dynamic' in args.compile_options:
+        parser.error('--compile-options: give dynamic by --compile static|dynamic, not in the options')
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the comparisons
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name())
@@ -247,7 +259,8 @@ def main():
               ('padded against unpadded', check_padded_matches_unpadded)]
     if args.compile:
         checks += [('opcheck', check_opcheck),
-                   ('compiled against eager', functools.partial(check_compile, args.compile == 'dynamic'))]
+                   ('compiled against eager', functools.partial(check_compile, args.compile == 'dynamic',
+                                                                args.compile_options))]
     checks.append(('CUDA graphs', check_cuda_graphs_with_tf32))
     for steps, dtype in ((args.amp_steps, torch.float16), (args.bf16_steps, torch.bfloat16)):
         if steps:

@@ -1,11 +1,12 @@
-"""``benchmarks/check_gpu.py`` runs every check even after one fails (its checks themselves need a GPU)."""
+"""``benchmarks/check_gpu.py`` runs every check even after one fails, and refuses options it would not use (its
+checks themselves need a GPU)."""
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from check_gpu import run_checks  # noqa: E402
+from check_gpu import main, run_checks  # noqa: E402
 
 
 def test_a_failing_check_does_not_hide_the_next_and_a_bug_stops_the_run():
@@ -27,3 +28,15 @@ def test_a_failing_check_does_not_hide_the_next_and_a_bug_stops_the_run():
 
     with pytest.raises(KeyError):
         run_checks([('broken', broken), ('graphs', passes)])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--compile-options', '{"options": {"cpp_wrapper": true}}'], 'is for the --compile check'),
+    (['--compile', 'static', '--compile-options', '{"dynamic": true}'], 'give dynamic by --compile'),
+])
+def test_compile_options_are_refused_where_they_would_be_ignored(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, 'argv', ['check_gpu.py', *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
