@@ -13,6 +13,11 @@ LayerNorm kernel and our depthwise conv + SiLU, as GroupMamba's stage 1 runs the
 * ``torch``: PyTorch's op for the same work (``F.layer_norm``; the conv by ``F.conv2d`` + ``F.silu``, two launches);
 * ``op``: our op as eager code calls it (``kernels.layer_norm``: the fused op's fast path, the dispatch between
   Triton and the reference, our launcher's tiling and allocations, then Triton's launch);
+* ``launcher``: our launcher called directly (``triton_gated_norm.gated_norm_forward``,
+  ``triton_dwconv.dwconv_act_forward``), with ``wrap_triton`` off as the op's fast path has it: its tiling,
+  allocations and the arguments it builds, then Triton's launch. ``op`` less this row is the fused op's fast path
+  and the dispatch; this row less ``jit run`` is the launcher's own work (thirty-sixth session: the two together
+  cost 29-39 us a launch on an H100 host);
 * ``jit run``: the same kernel through ``JITFunction.run`` alone, with the arguments our launcher passed, recorded
   once (Triton's argument binding and specialisation, its cache lookup, the launch);
 * ``keyed run``: what a lean launch path of our own would pay: the arguments' specialisation recomputed in Python
@@ -32,10 +37,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch._library.triton import set_wrap_triton_enabled
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-from mmgroupmamba.kernels import depthwise_conv_act, layer_norm
+from mmgroupmamba.kernels import depthwise_conv_act, layer_norm, triton_dwconv, triton_gated_norm
 
 
 def record_launches(fn):
@@ -131,7 +137,8 @@ def host_us(fn, calls, repeats):
 
 
 def cases(device):
-    """``(name, our op, PyTorch's op)`` on stage-1-like maps of 64 channels, 2x8x8, fp16."""
+    """``(name, our op, our launcher, PyTorch's op)`` on stage-1-like maps of 64 channels, 2x8x8, fp16; the launcher
+    called as the op calls it, returning the op's output first."""
     x = torch.randn(2, 8, 8, 64, device=device, dtype=torch.float16)
     norm_weight = torch.randn(64, device=device)
     norm_bias = torch.randn(64, device=device)
@@ -141,8 +148,10 @@ def cases(device):
     conv_weight_h, conv_bias_h = conv_weight.half(), conv_bias.half()
     return [
         ('layer_norm (64 channels)', lambda: layer_norm(x, norm_weight, norm_bias, 1e-5),
+         lambda: triton_gated_norm.gated_norm_forward(x, None, norm_weight, norm_bias, 1, 1e-5, x.dtype, 64)[0],
          lambda: F.layer_norm(x, (64, ), norm_weight.half(), norm_bias.half(), 1e-5)),
         ('depthwise conv + SiLU (64 channels)', lambda: depthwise_conv_act(x, conv_weight, conv_bias, 'silu'),
+         lambda: triton_dwconv.dwconv_act_forward(x, conv_weight, conv_bias, 'silu'),
          lambda: F.silu(F.conv2d(x_nchw, conv_weight_h, conv_bias_h, padding=1, groups=64))),
     ]
 
@@ -159,20 +168,23 @@ def main():
           f'{args.repeats} x {args.calls} calls')
     print('| case | path | host us | GPU us | host us of this layer (this row less the next) |')
     print('| --- | --- | ---: | ---: | ---: |')
-    with torch.no_grad():
-        for name, ours, theirs in cases(device):
+    # wrap_triton off for every row, as the op's fast path turns it off for its launcher (the op row pays for that
+    # switch itself): the launcher row then launches as it does inside the op.
+    with torch.no_grad(), set_wrap_triton_enabled(False):
+        for name, ours, launcher, theirs in cases(device):
             expected, launches = record_launches(ours)
             if len(launches) != 1:
                 raise RuntimeError(f'{name}: expected one Triton launch, recorded {len(launches)}')
             paths = LaunchPaths(*launches[0])
+            torch.testing.assert_close(launcher(), expected, rtol=0, atol=0, msg=f'{name}: launcher')
             # The recorded launch writes into the op's output buffer: zeroed, then written again by each path,
             # it must equal a fresh call of the op.
             for check in (paths.jit_run, paths.keyed_run, paths.compiled_run):
                 expected.zero_()
                 check()
                 torch.testing.assert_close(expected, ours(), rtol=0, atol=0, msg=f'{name}: {check.__name__}')
-            rows = [('torch', theirs), ('op', ours), ('jit run', paths.jit_run), ('keyed run', paths.keyed_run),
-                    ('compiled run', paths.compiled_run)]
+            rows = [('torch', theirs), ('op', ours), ('launcher', launcher), ('jit run', paths.jit_run),
+                    ('keyed run', paths.keyed_run), ('compiled run', paths.compiled_run)]
             timed = [(path, *host_us(fn, args.calls, args.repeats)) for path, fn in rows]
             print(f'| {name} | torch | {timed[0][1]:.1f} | {timed[0][2]:.1f} | |')
             # From the op down, each row strips one layer off the path: what that layer cost.

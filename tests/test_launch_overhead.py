@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from launch_overhead import bound_values, grid_3d, specialization_key  # noqa: E402
+from launch_overhead import bound_values, cases, grid_3d, specialization_key  # noqa: E402
 
 
 @triton.jit
@@ -42,3 +42,12 @@ def test_specialization_keys_follow_what_triton_specialises_on():
     assert specialization_key((base, 1, 1.5, 64), constexprs) != specialization_key((base, 17, 1.5, 64), constexprs)
     assert specialization_key((base, 2**32, 1.5, 64), constexprs) != key
     assert specialization_key((base, 32, 1.5, 128), constexprs) != key  # a constexpr by its value
+
+
+def test_each_case_launcher_gives_the_op_output(monkeypatch):
+    """The launcher row times what the op runs: called as in ``cases``, each launcher returns the op's output
+    (through Triton's interpreter on the CPU)."""
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+    with torch.no_grad():
+        for name, ours, launcher, _ in cases(torch.device('cpu')):
+            torch.testing.assert_close(launcher(), ours(), rtol=0, atol=0, msg=name)
