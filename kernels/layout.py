@@ -98,49 +98,63 @@ def stored_index(layouts, align):
 
 
 class _GatherStored(torch.autograd.Function):
-    """Parameters laid out in their stored channels by one gather, the first ``cast_count`` then cast together
-    to ``dtype``; backward, one gather back (each compact element has one stored place)."""
+    """The parameters of ``n`` blocks of the same shapes laid out in their stored channels by one gather, each
+    block's first ``cast_count`` then cast together to ``dtype``; backward, one gather back (each compact element
+    has one stored place). ``params``: the blocks' parameters one block after another, as are the outputs."""
 
     @staticmethod
     def forward(ctx, index, inverse, offsets, shapes, cast_count, dtype, *params):
-        compact = torch.cat([params[0].new_zeros(1)] + [as_flat(p) for p in params])  # element 0: the zero
-        stored = compact.index_select(0, index)
-        cast_end = offsets[cast_count] if cast_count < len(offsets) else stored.numel()
-        cast = stored[:cast_end].to(dtype)
+        per_block = len(shapes)
+        blocks = len(params) // per_block
+        # A row per block, its element 0 the zero that index reads at pad channels and gaps: one gather of all rows.
+        zero = params[0].new_zeros(1)
+        compact = torch.cat([t for b in range(blocks)
+                             for t in [zero] + [as_flat(p) for p in params[b * per_block:(b + 1) * per_block]]])
+        stored = compact.view(blocks, -1).index_select(1, index)
+        cast_end = offsets[cast_count] if cast_count < len(offsets) else stored.shape[1]
+        cast = stored[:, :cast_end].to(dtype)
         ctx.set_materialize_grads(False)  # an output that gets no gradient (a cast bias) costs nothing then
         ctx.save_for_backward(inverse)
-        ctx.param_shapes = [p.shape for p in params]
+        ctx.param_shapes = [p.shape for p in params[:per_block]]
         # Each stored tensor is followed by a gap up to the next one's aligned start.
         gaps = [end - start - math.prod(shape)
-                for shape, start, end in zip(shapes, offsets, offsets[1:] + [stored.numel()])]
+                for shape, start, end in zip(shapes, offsets, offsets[1:] + [stored.shape[1]])]
         ctx.layout = (shapes, gaps, cast_count, stored.dtype, cast.dtype)
-        kept = (split_with_gaps(stored[cast_end:], shapes[cast_count:], gaps[cast_count:])
-                if cast_count < len(offsets) else [])
-        return (*split_with_gaps(cast, shapes[:cast_count], gaps[:cast_count]), *kept)
+        kept = cast_count < len(shapes)
+        return tuple(t for b in range(blocks)
+                     for t in split_with_gaps(cast[b], shapes[:cast_count], gaps[:cast_count])
+                     + (split_with_gaps(stored[b, cast_end:], shapes[cast_count:], gaps[cast_count:]) if kept else []))
 
     @staticmethod
     def backward(ctx, *grads):
         inverse, = ctx.saved_tensors
         shapes, gaps, cast_count, source_dtype, cast_dtype = ctx.layout
-        # The stored buffer's gradient, concatenated with unfilled pieces where nothing is read back (pad
-        # channels, gaps, outputs without a gradient): one concatenation per dtype, one cast.
+        per_block = len(shapes)
+        blocks = len(grads) // per_block
+        # The stored rows' gradient, concatenated with unfilled pieces where nothing is read back (pad channels,
+        # gaps, outputs without a gradient): one concatenation per dtype (and one of the two), one cast.
         filler_size = max(math.prod(s) + gap for s, gap in zip(shapes, gaps))
 
-        def pieces(grads, shapes, gaps, dtype):
-            # The unfilled places are slices of one buffer, made only where a place needs it.
-            needed = any(gaps) or any(g is None for g in grads)
+        def rows(first, last, dtype):
+            # Parameters [first, last) of every block, as rows; the unfilled places are slices of one buffer, made
+            # only where a place needs it.
+            block_grads = [grads[b * per_block + first:b * per_block + last] for b in range(blocks)]
+            needed = any(gaps[first:last]) or any(g is None for bg in block_grads for g in bg)
             filler = inverse.new_empty(filler_size, dtype=dtype) if needed else None
-            flat = [filler[:math.prod(s)] if g is None else as_flat(g) for g, s in zip(grads, shapes)]
-            return with_gaps(flat, gaps, filler)
-        cast_part = pieces(grads[:cast_count], shapes[:cast_count], gaps[:cast_count], cast_dtype)
-        kept_part = pieces(grads[cast_count:], shapes[cast_count:], gaps[cast_count:], source_dtype)
-        if cast_dtype == source_dtype:
-            cast_part, kept_part = [], cast_part + kept_part
-        cast_back = [torch.cat(cast_part).to(source_dtype)] if cast_part else []
-        stored = torch.cat(cast_back + kept_part) if kept_part else cast_back[0]
-        compact = stored.index_select(0, inverse).split([s.numel() for s in ctx.param_shapes])
+            flat = [filler[:math.prod(s)] if g is None else as_flat(g)
+                    for bg in block_grads for g, s in zip(bg, shapes[first:last])]
+            return torch.cat(with_gaps(flat, gaps[first:last] * blocks, filler)).view(blocks, -1)
+
+        spans = ([(0, per_block, source_dtype)] if cast_dtype == source_dtype
+                 else [(0, cast_count, cast_dtype), (cast_count, per_block, source_dtype)])
+        parts = [rows(first, last, dtype).to(source_dtype) for first, last, dtype in spans if last > first]
+        stored = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        compact = stored.index_select(1, inverse)
+        sizes = [math.prod(s) for s in ctx.param_shapes]
         return (None, ) * 6 + tuple(None if grad is None else (part if len(s) == 1 else part.view(s))
-                                    for grad, part, s in zip(grads, compact, ctx.param_shapes))
+                                    for b in range(blocks)
+                                    for grad, part, s in zip(grads[b * per_block:(b + 1) * per_block],
+                                                             compact[b].split(sizes), ctx.param_shapes))
 
 
 # Helpers for tensors laid out one after another in one buffer, each followed by a gap (alignment padding, pad
@@ -169,6 +183,13 @@ def split_with_gaps(buffer, shapes, gaps):
     return [pieces[i] if len(shape) == 1 else pieces[i].view(shape) for i, shape in zip(first, shapes)]
 
 
+def _distinct(params):
+    """``params`` with each repeat of a tensor replaced by a view of it. A block reads a parameter both cast and as
+    it is (a bias: cast for the forward, fp32 for its gradient) and gives it twice; torch.compile traces no
+    Function that gets one tensor twice."""
+    return [p.view_as(p) if any(p is q for q in params[:i]) else p for i, p in enumerate(params)]
+
+
 class StoredParameters(torch.nn.Module):
     """Lays a fixed set of parameters out in their stored channels at every call, in one gather: a padded stage's
     block would otherwise pad each parameter it reads on its own, about 25 launches a training step (forward and
@@ -191,12 +212,13 @@ class StoredParameters(torch.nn.Module):
         self.register_buffer('index', index, persistent=False)
         self.register_buffer('inverse', inverse, persistent=False)
 
-    def forward(self, cast_params, kept_params, dtype):
-        """``cast_params`` stored and cast to ``dtype``, ``kept_params`` stored: two lists of tensors."""
-        params = list(cast_params) + list(kept_params)
-        # A parameter read both cast and as it is (a bias: cast for the forward, fp32 for its gradient) is given
-        # twice; torch.compile traces no Function that gets one tensor twice, so the second is a view of it.
-        params = [p.view_as(p) if any(p is q for q in params[:i]) else p for i, p in enumerate(params)]
+    def forward(self, blocks, dtype):
+        """For ``blocks``, a list of ``(cast_params, kept_params)`` (one block's, or a stage's blocks' whose
+        parameters have this module's shapes): ``cast_params`` stored and cast to ``dtype``, ``kept_params`` stored,
+        as a list of ``(cast, kept)`` lists of tensors, all in one gather each way."""
+        params = [p for cast_params, kept_params in blocks for p in _distinct(list(cast_params) + list(kept_params))]
         stored = _GatherStored.apply(self.index, self.inverse, self.offsets, self.shapes, self.cast_count, dtype,
                                      *params)
-        return list(stored[:self.cast_count]), list(stored[self.cast_count:])
+        per_block = len(self.shapes)
+        return [(list(stored[b:b + self.cast_count]), list(stored[b + self.cast_count:b + per_block]))
+                for b in range(0, len(stored), per_block)]

@@ -60,7 +60,8 @@ def test_stored_parameters_are_the_pads_in_one_gather_each_way(dtype):
     layouts = [(p.shape, pad) for p, pad in zip((square, matrix, bias, unused), pads)]
     stored = StoredParameters(layouts[:3], layouts[2:], align=8)
     with OpCounter() as forward_ops:
-        (square_s, matrix_s, bias_s), (bias_kept, unused_s) = stored([square, matrix, bias], [bias, unused], dtype)
+        [((square_s, matrix_s, bias_s), (bias_kept, unused_s))] = stored([([square, matrix, bias], [bias, unused])],
+                                                                         dtype)
     expected = [pad(p.detach()) for p, pad in zip((square, matrix, bias, bias, unused), pads[:3] + pads[2:])]
     got = (square_s, matrix_s, bias_s, bias_kept, unused_s)
     for i, (g, e) in enumerate(zip(got, expected)):
@@ -81,6 +82,42 @@ def test_stored_parameters_are_the_pads_in_one_gather_each_way(dtype):
     for name, g, e in zip(('square', 'matrix', 'bias'), grads, (square.grad, matrix.grad, bias.grad)):
         assert torch.equal(g, e), name
     assert unused.grad is None
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
+def test_several_blocks_share_one_gather_and_get_what_each_gets_alone(dtype):
+    """A stage's blocks (parameters of the same shapes) go through one gather each way: each block's stored
+    tensors, and its parameters' gradients, as when it is gathered alone; one whose outputs get no gradient gets
+    None."""
+    torch.manual_seed(0)
+    pads = [functools.partial(pad_groups, stored=16), lambda t: pad_blocks(t, 4, 12),
+            functools.partial(pad_groups, stored=16)]
+    shapes = ((5, 3, 12), (3, 9), (12, ))
+    stored = StoredParameters([(s, pad) for s, pad in zip(shapes[:2], pads[:2])], [(shapes[2], pads[2])], align=8)
+    blocks = [[torch.randn(s).requires_grad_() for s in shapes] for _ in range(3)]
+    probes = [[torch.randn(pad(torch.zeros(s)).shape) for s, pad in zip(shapes, pads)] for _ in blocks]
+
+    def gathered(groups):
+        """The blocks gathered in calls of ``groups`` blocks: every stored tensor, and every parameter's
+        gradient for a loss that reads all but the second block's first output."""
+        outputs = []
+        with OpCounter() as forward_ops:
+            for i in range(0, len(blocks), groups):
+                outputs += stored([(p[:2], p[2:]) for p in blocks[i:i + groups]], dtype)
+        assert forward_ops.ops.count('index_select') == len(blocks) // groups
+        flat = [t for cast, kept in outputs for t in cast + kept]
+        loss = sum((t.float() * w).sum() for i, (t, w) in enumerate(zip(flat, [w for ws in probes for w in ws]))
+                   if i != 3)
+        grads = torch.autograd.grad(loss, [p for ps in blocks for p in ps], allow_unused=True)
+        return flat, grads
+
+    (alone, alone_grads), (together, together_grads) = gathered(1), gathered(3)
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    assert [t.dtype for t in together[:3]] == [dtype, dtype, torch.float32]
+    assert together_grads[3] is None and all(g is not None for i, g in enumerate(together_grads) if i != 3)
+    for a, b in zip(alone_grads, together_grads):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
 def test_a_stages_blocks_share_one_gather_index():

@@ -3,6 +3,7 @@ block-diagonal build for all of a stage's blocks, the same tensors and gradients
 import pytest
 import torch
 
+from mmgroupmamba.kernels import layout
 from mmgroupmamba.models import groupmamba
 from mmgroupmamba.models.groupmamba import GroupMamba, stage_forward_weights
 
@@ -33,18 +34,24 @@ def test_a_stage_builds_what_each_block_builds(stage, dtype):
 
 
 def test_a_training_step_builds_projections_once_per_stage(monkeypatch):
-    builds = []
+    builds, gathers = [], []
     apply = groupmamba._BlockDiagonalProjections.apply
     monkeypatch.setattr(groupmamba._BlockDiagonalProjections, 'apply',
                         lambda *weights: builds.append(weights[0].shape[0]) or apply(*weights))
+    gather = layout._GatherStored.apply
+    monkeypatch.setattr(layout._GatherStored, 'apply', lambda *args: gathers.append(len(args)) or gather(*args))
     model = GroupMamba(arch='tiny', drop_path_rate=0.1).train()
     image = torch.randn(1, 3, 64, 64)
     sum(out.sum() for out in model(image)).backward()
     assert builds == list(model.arch['depths']), builds  # one build a stage, of all its blocks
+    per_block = len(model.block3[0].weight_params())
+    assert gathers == [6 + model.arch['depths'][2] * per_block]  # stage 3, padded: one gather, all its blocks
     builds.clear()
+    gathers.clear()
     with torch.no_grad():
         model.eval()(image)
     assert builds == [1] * sum(model.arch['depths'])  # no gradient: each block builds, then keeps, its own
+    assert len(gathers) == model.arch['depths'][2]
 
 
 def test_no_gradient_leaves_each_block_its_own():

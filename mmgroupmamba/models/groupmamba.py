@@ -671,7 +671,8 @@ class GroupMambaBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dims, eps=STAGE_NORM_EPS)
         self.mlp = ConvFFN(dims, int(dims * mlp_ratio), stored_dims)
         # A padded block (kernels/layout.py) lays its parameters out in the stored channels by one gather each
-        # way. The gather's index depends on the shapes only: a stage's blocks share one (`stored_parameters`).
+        # way, a training step's for all of the stage's blocks together (build_forward_weights). The gather's index
+        # depends on the shapes only: a stage's blocks share one (`stored_parameters`).
         if stored_parameters is None and self.attn.stored_dims != dims:
             (attn_matmul, attn_channel), (mlp_matmul, mlp_channel) = (self.attn.stored_layouts(),
                                                                       self.mlp.stored_layouts())
@@ -763,9 +764,9 @@ def stage_forward_weights(blocks, dtype):
 def build_forward_weights(blocks, dtype):
     """``(attn_weights, mlp_weights)`` of each of ``blocks`` (blocks of one stage: the same shapes), what
     :meth:`GroupMambaLayer.forward` and :meth:`ConvFFN.forward` read: the matmul weights cast to ``dtype`` in one
-    cast for all the blocks (traced by torch.compile: one a block; a padded stage: laid out in the stored channels
-    by one gather a block), and the groups' block-diagonal projections of all the blocks built together
-    (:class:`_BlockDiagonalProjections`).
+    cast for all the blocks (a padded stage: laid out in the stored channels and cast by one gather for all the
+    blocks; traced by torch.compile, either one a block), and the groups' block-diagonal projections of all the
+    blocks built together (:class:`_BlockDiagonalProjections`).
     Built per block, a training step launched about 7 kernels forward and 6 backward a block for this; per stage,
     GroupMamba-T's eager step launches 127 fewer (``benchmarks/launch_count.py --arch tiny``: 1652 -> 1525 under
     autocast), its compiled det step 44 fewer (``benchmarks/compiled_kernels.py``: 1377 -> 1333)."""
@@ -774,19 +775,23 @@ def build_forward_weights(blocks, dtype):
     mlp = [b.mlp.matmul_params() for b in blocks]
     channel = [b.attn.channel_params() + b.mlp.channel_params() for b in blocks]
     n, k, c = len(blocks), len(attn[0]), len(first.attn.channel_params())
-    if first.stored_parameters is None and traced(attn[0]):
-        # A block at a time: Inductor lowers a concatenation to one pointwise kernel whose every element tests
-        # each piece in turn (the compiled backbone's force_pointwise_cat). A whole stage of GroupMamba-B (21
-        # blocks) made such kernels of 336 pieces forward and 378 backward (the gradients, with the projections'
-        # diagonal blocks), the backward one 95 ms of a 159 ms det step on an H100. A block's pieces make kernels
-        # that Inductor's combo kernels launch together, the launches of the step as many as before.
-        cast = [cast_together(a + f, dtype) for a, f in zip(attn, mlp)]
-    elif first.stored_parameters is None:
-        flat = cast_together([p for a, f in zip(attn, mlp) for p in a + f], dtype)
-        step = len(flat) // n
-        cast = [flat[i * step:(i + 1) * step] for i in range(n)]
+    # Traced by torch.compile, a block at a time: Inductor lowers a concatenation to one pointwise kernel whose
+    # every element tests each piece in turn (the compiled backbone's force_pointwise_cat). A whole stage of
+    # GroupMamba-B (21 blocks) made such kernels of 336 pieces forward and 378 backward (the gradients, with the
+    # projections' diagonal blocks), the backward one 95 ms of a 159 ms det step on an H100. A block's pieces make
+    # kernels that Inductor's combo kernels launch together, the launches of the step as many as before.
+    calls = [[i] for i in range(n)] if traced(attn[0]) else [list(range(n))]
+    if first.stored_parameters is None:
+        cast = []
+        for call in calls:
+            flat = cast_together([p for i in call for p in attn[i] + mlp[i]], dtype)
+            step = len(flat) // len(call)
+            cast += [flat[j * step:(j + 1) * step] for j in range(len(call))]
     else:
-        cast, channel = zip(*(b.stored_parameters(a + f, ch, dtype) for b, a, f, ch in zip(blocks, attn, mlp, channel)))
+        # A padded stage: its blocks' parameters laid out in the stored channels, and cast, by one gather.
+        cast, channel = zip(*(stored for call in calls
+                              for stored in first.stored_parameters([(attn[i] + mlp[i], channel[i]) for i in call],
+                                                                    dtype)))
     # The groups' scan weights, (n, G, ...) each; one block's as views (a stack of one would copy).
     stacked = [cast[0][j].unsqueeze(0) if n == 1 else torch.stack([params[j] for params in cast]) for j in range(4)]
     projections = zip(*(w.unbind(0) for w in _BlockDiagonalProjections.apply(*stacked)))
