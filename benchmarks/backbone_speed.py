@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import time
 
 import torch
@@ -93,6 +94,13 @@ class CompiledBackbone(torch.nn.Module):
 
 
 MODES = ('', ' +graphs', ' +compile')
+
+
+def allocator_setting():
+    """The caching allocator's setting the process runs under (``PYTORCH_CUDA_ALLOC_CONF``, read by PyTorch when
+    CUDA starts), for the tables' headers: reserved memory depends on it (README, thirty-sixth session: expandable
+    segments took GroupMamba-B's compiled step from 22.8 to 19.9 GiB reserved)."""
+    return f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF') or '(unset)'}"
 
 
 def backbone_step(backbone, images):
@@ -368,7 +376,8 @@ def main():
             results.setdefault(name, {}).update(det_ms=ms, launches=launches)
 
     print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
-          f'AdamW {args.adamw}, steps {args.steps}, GroupMamba options {args.groupmamba_options}; ratios to '
+          f'AdamW {args.adamw}, steps {args.steps}, GroupMamba options {args.groupmamba_options}, '
+          f'{allocator_setting()}; ratios to '
           + (args.against if args.against else 'the Swin of the same size in the same mode'))
     print('| model | train img/s | x Swin | infer img/s | x Swin | train peak reserved GiB | x Swin '
           '| (allocated GiB) | (in graph pools GiB) | det step ms (bs2 800x1344) | x Swin | launches per det step '

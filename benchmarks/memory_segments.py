@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from backbone_speed import MODES, Classifier, build_backbones
+from backbone_speed import MODES, Classifier, allocator_setting, build_backbones
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 
 OWN_CODE = ('mmgroupmamba', 'kernels', 'mmdet', 'mmcv', 'benchmarks')
@@ -118,7 +118,8 @@ def main():
                 by_place[place] += size
             print(f'{label} by place (MiB): ' + '; '.join(f'{p}: {s / 2**20:.0f}' for p, s in by_place.most_common(8)))
         torch.cuda.empty_cache()
-    print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16')
+    print(f'\n{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, AMP fp16, '
+          f'{allocator_setting()}')
 
 
 if __name__ == '__main__':

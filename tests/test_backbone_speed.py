@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 import backbone_speed  # noqa: E402
-from backbone_speed import baseline, build_backbones, swin_config  # noqa: E402
+from backbone_speed import allocator_setting, baseline, build_backbones, swin_config  # noqa: E402
 
 
 def test_each_row_is_compared_with_the_swin_of_its_size_in_its_mode():
@@ -94,3 +94,10 @@ def test_garbage_collections_are_counted_and_timed():
     assert collected['runs'][2] == 1 and collected['runs'][0] == 1 and collected['seconds'] > 0
     gc.collect()
     assert collected['runs'] == [1, 0, 1]  # the callback is gone after the block
+
+
+def test_the_tables_name_the_allocator_setting(monkeypatch):
+    monkeypatch.delenv('PYTORCH_CUDA_ALLOC_CONF', raising=False)
+    assert allocator_setting() == 'PYTORCH_CUDA_ALLOC_CONF=(unset)'
+    monkeypatch.setenv('PYTORCH_CUDA_ALLOC_CONF', 'expandable_segments:True')
+    assert allocator_setting() == 'PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True'
