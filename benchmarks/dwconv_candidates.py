@@ -248,26 +248,22 @@ def tile_results(x, weight, bias, dout, activation, fwd_tiles, bwd_tiles):
     return (out, dx, *split_param_grads(dparams, weight, bias))
 
 
-CHECKED_DESIGNS = ('tile', )  # the designs with kernels of their own, checked against the reference
-
-
-def candidate_settings(designs=CHECKED_DESIGNS):
-    """``(label, results)`` for every setting of ``designs``: ``results(*tensors, activation)`` gives
+def candidate_settings():
+    """``(label, results)`` for every tile setting: ``results(*tensors, activation)`` gives
     (out, dx, dweight, dbias)."""
     settings = []
-    if 'tile' in designs:
-        for fwd_tiles, bwd_tiles in zip(TILE_GRID, BWD_TILE_GRID * 2):
-            settings.append((f'tile {fwd_tiles} / {bwd_tiles}', functools.partial(
-                tile_results, fwd_tiles=fwd_tiles, bwd_tiles=bwd_tiles)))
+    for fwd_tiles, bwd_tiles in zip(TILE_GRID, BWD_TILE_GRID * 2):
+        settings.append((f'tile {fwd_tiles} / {bwd_tiles}', functools.partial(
+            tile_results, fwd_tiles=fwd_tiles, bwd_tiles=bwd_tiles)))
     return settings
 
 
-def check_candidates(shapes, device, dtype, bound, designs=CHECKED_DESIGNS):
-    """Every setting of ``designs`` against the fp32 reference; raises naming the first that is off."""
+def check_candidates(shapes, device, dtype, bound):
+    """Every tile setting against the fp32 reference; raises naming the first that is off."""
     for name, (batch, height, width, channels, activation) in shapes.items():
         tensors = inputs(min(batch, 2), height, width, channels, device, dtype)
         want = expected(*tensors, activation)
-        for label, results in candidate_settings(designs):
+        for label, results in candidate_settings():
             err = errors(results(*tensors, activation), want)
             print(f'check {name} {label}: max rel err {err:.1e}', flush=True)
             if not err < bound:
@@ -347,9 +343,8 @@ def main(argv=None):
 
 
 def run(args):
-    checked = [design for design in args.designs if design in CHECKED_DESIGNS]
-    if checked:
-        check_candidates({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3, checked)
+    if 'tile' in args.designs:
+        check_candidates({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3)
     bandwidth = copy_bandwidth()
     print(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16 maps; CUDA-graph '
           'replays, median ms (% of copy bandwidth: forward reads x and writes out, backward reads x and dout and '

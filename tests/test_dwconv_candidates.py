@@ -17,7 +17,7 @@ def triton_kernels(monkeypatch):
 
 def test_tile_kernels_match_the_reference(capsys):
     # Two images, 9 rows, 13 columns, 24 channels: every setting leaves partial blocks on each axis.
-    dwconv_candidates.check_candidates({'small': (2, 9, 13, 24, 'gelu')}, 'cpu', torch.float32, 1e-5, ('tile', ))
+    dwconv_candidates.check_candidates({'small': (2, 9, 13, 24, 'gelu')}, 'cpu', torch.float32, 1e-5)
     out = capsys.readouterr().out
     assert out.count('check small tile') == len(dwconv_candidates.TILE_GRID)
 
