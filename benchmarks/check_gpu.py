@@ -1,7 +1,7 @@
 """GPU correctness of GroupMamba with the Triton kernels, before any timing.
 
     python benchmarks/check_gpu.py [--compile [static|dynamic]] [--compile-options JSON] [--amp-steps 1000]
-                                   [--bf16-steps 300] [--amp-cuda-graph]
+                                   [--bf16-steps 300] [--amp-cuda-graph] [--only CHECK [CHECK ...]]
 
 1. The golden official outputs (``../shared/golden`` or ``--golden``), fp32 on the GPU (TF32 off): <= 1e-4.
 2. GroupMamba-T on the GPU, Triton path against the PyTorch reference path (``MMGM_KERNELS=reference``):
@@ -20,7 +20,9 @@
    (bs 2, 800x1344), with random weights re-drawn every 100 steps: the loss and every gradient must stay
    finite. ``--amp-cuda-graph`` runs them replayed from CUDA graphs (the same kernels, without the host's launch cost).
 
-Every check runs, also after one has failed; the script then exits non-zero naming the failed ones.
+Every check runs, also after one has failed; the script then exits non-zero naming the failed ones. ``--only``
+runs the checks named (``golden``, ``reference``, ``padded``, ``opcheck``, ``compile``, ``graphs``, ``steps``)
+and no others.
 """
 import argparse
 import copy
@@ -234,6 +236,10 @@ def check_amp_steps(steps, dtype, cuda_graph, interval=100):
           'gradients finite')
 
 
+# What --only names each check by.
+CHECK_KEYS = ('golden', 'reference', 'padded', 'opcheck', 'compile', 'graphs', 'steps')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--golden', default=str(Path(__file__).resolve().parents[1].parent / 'shared' / 'golden'
@@ -246,26 +252,37 @@ def main():
     parser.add_argument('--compile-options', type=json.loads, default={},
                         help='torch.compile arguments for --compile (JSON), e.g. '
                         '\'{"options": {"cpp_wrapper": true}}\'')
+    parser.add_argument('--only', nargs='+', choices=CHECK_KEYS, metavar='CHECK',
+                        help=f'run these checks only (of {", ".join(CHECK_KEYS)}): a call whose time is short '
+                        'spends it on the checks a change needs')
     args = parser.parse_args()
     if args.compile_options and not args.compile:
         parser.error('--compile-options is for the --compile check: give --compile static or --compile dynamic')
     if 'dynamic' in args.compile_options:
         parser.error('--compile-options: give dynamic by --compile static|dynamic, not in the options')
+    unavailable = [key for key in args.only or () if (key in ('opcheck', 'compile') and not args.compile)
+                   or (key == 'steps' and not (args.amp_steps or args.bf16_steps))]
+    if unavailable:
+        parser.error(f'--only {" ".join(unavailable)}: opcheck and compile need --compile, steps needs --amp-steps '
+                     'or --bf16-steps')
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the comparisons
     torch.backends.cuda.matmul.allow_tf32 = False
     print(torch.cuda.get_device_name())
-    checks = [('golden', functools.partial(check_golden, args.golden)),
-              ('Triton against the reference', check_against_reference),
-              ('padded against unpadded', check_padded_matches_unpadded)]
+    checks = [('golden', 'golden', functools.partial(check_golden, args.golden)),
+              ('reference', 'Triton against the reference', check_against_reference),
+              ('padded', 'padded against unpadded', check_padded_matches_unpadded)]
     if args.compile:
-        checks += [('opcheck', check_opcheck),
-                   ('compiled against eager', functools.partial(check_compile, args.compile == 'dynamic',
-                                                                args.compile_options))]
-    checks.append(('CUDA graphs', check_cuda_graphs_with_tf32))
+        checks += [('opcheck', 'opcheck', check_opcheck),
+                   ('compile', 'compiled against eager', functools.partial(check_compile, args.compile == 'dynamic',
+                                                                           args.compile_options))]
+    checks.append(('graphs', 'CUDA graphs', check_cuda_graphs_with_tf32))
     for steps, dtype in ((args.amp_steps, torch.float16), (args.bf16_steps, torch.bfloat16)):
         if steps:
-            checks.append((f'{steps} {dtype} steps',
+            checks.append(('steps', f'{steps} {dtype} steps',
                            functools.partial(check_amp_steps, steps, dtype, args.amp_cuda_graph)))
+    if args.only:
+        checks = [check for check in checks if check[0] in args.only]
+    checks = [(name, check) for _, name, check in checks]
     failures = run_checks(checks)
     if failures:
         sys.exit(f'{len(failures)} of {len(checks)} checks failed: ' + '; '.join(name for name, _ in failures))

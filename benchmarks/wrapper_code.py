@@ -137,7 +137,12 @@ def static_launch_table(modules):
 
 
 def launch_table(sources):
-    """Markdown: the launches of each wrapper in ``sources`` by kind (as :func:`launches` names them), most first."""
+    """Markdown: the launches of each wrapper in ``sources`` by kind (as :func:`launches` names them), most first.
+    Raises ValueError for no sources: a table of zeros would read as a step without launches, where the
+    likelier cause is a graph compiled with ``cpp_wrapper=True``, whose wrapper is C++ and not read here."""
+    if not sources:
+        raise ValueError('no Python wrapper to read (with cpp_wrapper=True Inductor generates its wrapper in C++, '
+                         'which this listing does not read)')
     counts = [launches(source)[0] for source in sources]
     kinds = sorted(set().union(*counts), key=lambda k: -sum(c[k] for c in counts))
     lines = ['| launches | ' + ' | '.join(f'graph {i + 1}' for i in range(len(counts))) + ' | all |',

@@ -33,6 +33,8 @@ def test_a_failing_check_does_not_hide_the_next_and_a_bug_stops_the_run():
 @pytest.mark.parametrize('argv, message', [
     (['--compile-options', '{"options": {"cpp_wrapper": true}}'], 'is for the --compile check'),
     (['--compile', 'static', '--compile-options', '{"dynamic": true}'], 'give dynamic by --compile'),
+    (['--only', 'golden', 'compile'], '--only compile: opcheck and compile need --compile'),
+    (['--compile', '--only', 'steps'], '--only steps:'),
 ])
 def test_compile_options_are_refused_where_they_would_be_ignored(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(sys, 'argv', ['check_gpu.py', *argv])
@@ -40,3 +42,17 @@ def test_compile_options_are_refused_where_they_would_be_ignored(monkeypatch, ca
         main()
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_only_runs_the_checks_named(monkeypatch):
+    import check_gpu
+    ran = []
+    monkeypatch.setattr(check_gpu.torch.cuda, 'get_device_name', lambda: 'a card')
+    # main() turns TF32 off for its comparisons: restored after the test.
+    monkeypatch.setattr(check_gpu.torch.backends.cudnn, 'allow_tf32', check_gpu.torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(check_gpu.torch.backends.cuda.matmul, 'allow_tf32',
+                        check_gpu.torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(check_gpu, 'run_checks', lambda checks: ran.extend(name for name, _ in checks) or [])
+    monkeypatch.setattr(sys, 'argv', ['check_gpu.py', '--compile', 'static', '--only', 'compile', 'graphs'])
+    main()
+    assert ran == ['compiled against eager', 'CUDA graphs']

@@ -4,6 +4,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
@@ -35,6 +36,12 @@ def test_launches_are_named_by_kind_and_fused_ops():
     table = launch_table([WRAPPER, WRAPPER.replace('extern_kernels.mm(buf1, primals_1, out=buf2)\n', '')])
     assert '| extern_kernels.mm | 1 | 0 | 1 |' in table
     assert table.splitlines()[-1] == '| **total** | **4** | **3** | **7** |'
+
+
+def test_no_wrapper_is_an_error_not_an_empty_table():
+    """With Inductor's C++ wrapper no Python wrapper is loaded; the listing must say so, not print zero launches."""
+    with pytest.raises(ValueError, match='cpp_wrapper'):
+        launch_table([])
 
 
 def test_the_wrappers_of_a_real_compile_are_found():
