@@ -260,14 +260,6 @@ def main():
         parser.error('--compile-options is for the --compile check: give --compile static or --compile dynamic')
     if 'dynamic' in args.compile_options:
         parser.error('--compile-options: give dynamic by --compile static|dynamic, not in the options')
-    unavailable = [key for key in args.only or () if (key in ('opcheck', 'compile') and not args.compile)
-                   or (key == 'steps' and not (args.amp_steps or args.bf16_steps))]
-    if unavailable:
-        parser.error(f'--only {" ".join(unavailable)}: opcheck and compile need --compile, steps needs --amp-steps '
-                     'or --bf16-steps')
-    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the comparisons
-    torch.backends.cuda.matmul.allow_tf32 = False
-    print(torch.cuda.get_device_name())
     checks = [('golden', 'golden', functools.partial(check_golden, args.golden)),
               ('reference', 'Triton against the reference', check_against_reference),
               ('padded', 'padded against unpadded', check_padded_matches_unpadded)]
@@ -281,8 +273,15 @@ def main():
             checks.append(('steps', f'{steps} {dtype} steps',
                            functools.partial(check_amp_steps, steps, dtype, args.amp_cuda_graph)))
     if args.only:
+        unavailable = sorted(set(args.only) - {key for key, _, _ in checks})
+        if unavailable:
+            parser.error(f'--only {" ".join(unavailable)}: opcheck and compile need --compile, steps needs '
+                         '--amp-steps or --bf16-steps')
         checks = [check for check in checks if check[0] in args.only]
     checks = [(name, check) for _, name, check in checks]
+    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 for the comparisons
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(torch.cuda.get_device_name())
     failures = run_checks(checks)
     if failures:
         sys.exit(f'{len(failures)} of {len(checks)} checks failed: ' + '; '.join(name for name, _ in failures))
