@@ -74,7 +74,7 @@ def _(u, delta, A_logs, B, C, D, delta_bias, height, width, tiling, save_states)
         bwd_block_t = tiling[len(TILING_KEYS)]
         stride = ts.state_stride(bwd_block_t) if bwd_block_t else ts.STATE_STRIDE
         batch, length, channels = u.shape
-        states = u.new_empty((batch, (length + stride - 1) // stride, channels), dtype=torch.float32)
+        states = u.new_empty((batch, (length + stride - 1) // stride * channels), dtype=torch.float32)
     else:
         states = empty(u, torch.float32)
     return torch.empty_like(u, memory_format=torch.contiguous_format), states

@@ -486,7 +486,10 @@ def scan_forward(u, delta, A_logs, B, C, D, delta_bias, hw, cfg, save_states):
     dummy = torch.empty(1, **f32)
     y = torch.empty_like(u)
     n_states, n_chunks = cfg.n_states(length), fc.n_chunks(length)
-    states = torch.empty(batch, n_states, channels, **f32) if save_states else dummy
+    # One row of checkpoints per image, (batch, n_states * channels): no dimension is the checkpoint count
+    # alone, which is 1 for short sequences (a stage-4 map of <= 32 tokens). Traced with symbolic sizes, such a
+    # dimension's contiguity makes torch.compile guard on it being 1, and compile again when a new size flips it.
+    states = torch.empty(batch, n_states * channels, **f32) if save_states else dummy
     grid_x = fc.programs(batch)
     common = (length, height, width, channels, cfg.per_group, B.stride(1), delta.stride(1), fc.n_cblocks,
               fc.chunk_len, n_chunks, n_states)
