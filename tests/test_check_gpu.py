@@ -33,7 +33,7 @@ def test_a_failing_check_does_not_hide_the_next_and_a_bug_stops_the_run():
 @pytest.mark.parametrize('argv, message', [
     (['--compile-options', '{"options": {"cpp_wrapper": true}}'], 'is for the --compile check'),
     (['--compile', 'static', '--compile-options', '{"dynamic": true}'], 'give dynamic by --compile'),
-    (['--only', 'golden', 'compile'], '--only compile: opcheck and compile need --compile'),
+    (['--only', 'golden', 'compile'], '--only compile: opcheck, compile and compile-amp need --compile'),
     (['--compile', '--only', 'steps'], '--only steps:'),
 ])
 def test_compile_options_are_refused_where_they_would_be_ignored(monkeypatch, capsys, argv, message):
@@ -55,4 +55,8 @@ def test_only_runs_the_checks_named(monkeypatch):
     monkeypatch.setattr(check_gpu, 'run_checks', lambda checks: ran.extend(name for name, _ in checks) or [])
     monkeypatch.setattr(sys, 'argv', ['check_gpu.py', '--compile', 'static', '--only', 'compile', 'graphs'])
     main()
-    assert ran == ['compiled against eager', 'CUDA graphs']
+    assert ran == ['compiled against eager, fp32', 'CUDA graphs']
+    ran.clear()
+    monkeypatch.setattr(sys, 'argv', ['check_gpu.py', '--compile', '--only', 'compile-amp'])
+    main()
+    assert ran == ['compiled against eager, AMP fp16']
