@@ -76,3 +76,61 @@ def test_amp_bounds_take_eager_error_over_a_parameter_kind():
     assert bounds['block4.0.attn.skip_scale'] == gradient_check.FP32_FLOOR
     assert bounds['block3.0.attn.Ds'] == gradient_check.AMP_FACTOR * 4e-3
     assert bounds['norm3.weight'] == gradient_check.FP32_FLOOR
+
+
+class Cancelling(nn.Module):
+    """A gradient that fp32's rounding alone moves by percents: ``offset_scale``'s is a sum over ``h + 1e4``
+    (rounded to 1e-3 in fp32) whose 1e4 cancels under an alternating loss. ``split`` adds the offset in two halves,
+    a different rounding of the same maths (as a compiled graph may order its sums)."""
+
+    def __init__(self, split=False):
+        super().__init__()
+        self.linear = nn.Linear(16, 32)
+        self.offset_scale = nn.Parameter(torch.ones(1))
+        self.split = split
+
+    def forward(self, x):
+        h = self.linear(x)
+        shifted = (h + 5e3) + 5e3 if self.split else h + 1e4
+        return [h * 1e-6, self.offset_scale * shifted * 1e-6]
+
+
+def alternating_loss(outs):
+    return sum((o.float() * torch.tensor([1.0, -1.0]).repeat(o.shape[-1] // 2)).mean() for o in outs)
+
+
+@pytest.fixture
+def cancelling_models():
+    torch.manual_seed(0)
+    model = Cancelling()
+    other = Cancelling(split=True)
+    other.load_state_dict(model.state_dict())
+    return model, other, torch.randn(64, 16)
+
+
+def test_fp32_bound_widens_for_a_gradient_fp32_cannot_resolve(cancelling_models):
+    """Two roundings of one sum differ by more than the fp32 bound (1e-3) where fp32 itself is percents from fp64:
+    the bound is then a multiple of that error, named in the result; a model wrong elsewhere still fails."""
+    eager, other, images = cancelling_models
+    result = Comparison(eager, other, images, amp=False, loss_fn=alternating_loss)
+    assert result.errs['offset_scale'] > 1e-3, result.errs
+    noise = result.ill_conditioned['offset_scale']
+    assert set(result.ill_conditioned) == {'offset_scale'} and noise > 1e-3
+    assert result.fp32_bound('offset_scale') == gradient_check.FP32_NOISE_FACTOR * noise
+    assert result.fp32_bound('linear.weight') == 1e-3
+    assert result.ok(), str(result)
+    assert 'most offset_scale' in str(result)
+    with torch.no_grad():
+        other.linear.weight.mul_(1.01)
+    assert not Comparison(eager, other, images, amp=False, loss_fn=alternating_loss).ok()
+
+
+def test_amp_leaves_out_what_fp32_cannot_resolve(cancelling_models):
+    """Under AMP a gradient that fp32 moves by more than ILL_CONDITIONED from fp64 is named, not judged; the others
+    are judged as before."""
+    eager, other, images = cancelling_models
+    result = Comparison(eager, other, images, amp=True, loss_fn=alternating_loss)
+    assert 'offset_scale' in result.ill_conditioned and 'offset_scale' not in result.against_fp32
+    assert set(result.against_fp32) == {'linear.weight', 'linear.bias'}
+    assert result.ok(), str(result)
+    assert '(not judged under AMP), most offset_scale' in str(result)
