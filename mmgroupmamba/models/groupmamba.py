@@ -90,6 +90,7 @@ from mmgroupmamba.kernels.layout import (
 )
 from mmgroupmamba.kernels.ops_util import traced
 from mmgroupmamba.models.compiled import CompiledForward
+from mmgroupmamba.models.conv import OpaqueConv2d
 from mmgroupmamba.models.cuda_graph import CudaGraphs
 from mmgroupmamba.models.inputs import check_image_batch
 
@@ -831,7 +832,9 @@ class ClassBlock(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Three convs (7x7 s2, 3x3, 3x3) with BN and ReLU, then a 3x3 s2 projection and LayerNorm: /4."""
+    """Three convs (7x7 s2, 3x3, 3x3) with BN and ReLU, then a 3x3 s2 projection and LayerNorm: /4. The convs
+    here and in :class:`Downsample` are :class:`OpaqueConv2d`, so that a compiled backbone keeps its sizes
+    symbolic on torch 2.14."""
 
     def __init__(self, in_channels, hidden_dims, out_dims, norm_cfg, stored_dims=None):
         super().__init__()
@@ -839,13 +842,13 @@ class ConvStem(nn.Module):
         layers = []
         for i, kernel in enumerate((7, 3, 3)):
             layers += [
-                nn.Conv2d(in_channels if i == 0 else hidden_dims, hidden_dims, kernel, stride=2 if i == 0 else 1,
-                          padding=kernel // 2, bias=False),
+                OpaqueConv2d(in_channels if i == 0 else hidden_dims, hidden_dims, kernel, stride=2 if i == 0 else 1,
+                             padding=kernel // 2, bias=False),
                 build_norm_layer(norm_cfg, hidden_dims)[1],
                 nn.ReLU(inplace=True),
             ]
         self.conv = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(hidden_dims, out_dims, 3, stride=2, padding=1)
+        self.proj = OpaqueConv2d(hidden_dims, out_dims, 3, stride=2, padding=1)
         self.norm = nn.LayerNorm(out_dims)
 
     def forward(self, x):
@@ -860,7 +863,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_dims, out_dims, stored_dims=None):
         super().__init__()
-        self.proj = nn.Conv2d(in_dims, out_dims, 3, stride=2, padding=1)
+        self.proj = OpaqueConv2d(in_dims, out_dims, 3, stride=2, padding=1)
         self.norm = nn.LayerNorm(out_dims)
         self.stored_dims = stored_dims or out_dims  # as ConvStem's
 
