@@ -184,21 +184,27 @@ def compile_context():
     pure function of :func:`_analysis_key`, so it is kept by that key, within this context only (PyTorch's
     function is restored on exit, and a release without it is left alone). The backward is lowered with the
     forward (``force_non_lazy_backward_lowering``, where the release has it) so that its analyses fall inside the
-    context too; AOTAutograd otherwise lowers it at the first backward, outside any code of ours."""
+    context too; AOTAutograd otherwise lowers it at the first backward, outside any code of ours.
+
+    Sizes: Dynamo's duck sizing gives equal sizes one symbol, so a square first input (height == width) compiled
+    a graph guarded on ``H == W`` and the next non-square input compiled another (CPU, README thirty-ninth
+    session). No op here needs the two equal: each size gets its own symbol (``use_duck_shape`` off)."""
     from torch._dynamo import config as dynamo_config
     from torch._functorch import config as functorch_config
     from torch._higher_order_ops import triton_kernel_wrap
+    from torch.fx.experimental import _config as shape_config
 
     name = next((n for n in _WRITE_ANALYSES if hasattr(triton_kernel_wrap, n)), None)
     original = getattr(triton_kernel_wrap, name) if name else None
     with contextlib.ExitStack() as stack:
         # Set and restored by hand: a config's patch() costs about 17 us a call here, this 2. A release without
         # the setting is left alone.
-        for config, setting in ((dynamo_config, 'specialize_float'),
-                                (functorch_config, 'force_non_lazy_backward_lowering')):
+        for config, setting, value in ((dynamo_config, 'specialize_float', True),
+                                       (functorch_config, 'force_non_lazy_backward_lowering', True),
+                                       (shape_config, 'use_duck_shape', False)):
             if hasattr(config, setting):
                 stack.callback(setattr, config, setting, getattr(config, setting))
-                setattr(config, setting, True)
+                setattr(config, setting, value)
         if original is not None and not hasattr(original, 'memoizes'):
             setattr(triton_kernel_wrap, name, _memoized(original))
             stack.callback(setattr, triton_kernel_wrap, name, original)
