@@ -10,14 +10,17 @@ torch 2.11 compiled one graph for three sizes with plain convs (thirty-ninth ses
 
 :class:`OpaqueConv2d` runs its convolution through a custom op, ``mmgroupmamba::conv2d``, whose backward is a
 second one calling ``aten.convolution_backward``: Inductor sees two extern calls with the same kernels, and no
-lowering evaluates their strides. Plain eager calls skip the ops (a custom op's dispatch costs the host tens of
-microseconds a call: ``kernels/ops_util.py``) and run ``nn.Conv2d``'s own forward, the same ATen convolution.
+lowering evaluates their strides. Calls that are run rather than traced (``kernels.ops_util.traced``, as the fused
+ops decide it) skip the ops (a custom op's dispatch costs the host tens of microseconds a call) and run
+``nn.Conv2d``'s own forward, the same ATen convolution.
 """
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mmgroupmamba.kernels.ops_util import traced
 
 
 @torch.library.custom_op('mmgroupmamba::conv2d', mutates_args=())
@@ -81,7 +84,8 @@ class OpaqueConv2d(nn.Conv2d):
                              "padding_mode='zeros' with padding given in pixels")
 
     def _conv_forward(self, x, weight, bias):
-        if not torch.compiler.is_compiling():
+        # Traced (torch.compile, export, fake or proxy tensors, as the fused ops decide it): the op.
+        if not traced((x, weight, bias)):
             return super()._conv_forward(x, weight, bias)
         device = x.device.type
         if torch.is_autocast_enabled(device):
