@@ -30,12 +30,14 @@ to 2e-4 at 2x160x224); compiled AMP 4.6e-2 from eager fp32 there against eager A
 as much as a dynamic one. Such a gradient is judged in fp32 instead, where the compiled gradient may be
 ``FP32_NOISE_FACTOR`` times fp32's own error from eager (or 1e-3, whichever is larger).
 """
-import contextlib
 import copy
 import os
 import re
+from unittest import mock
 
 import torch
+
+from mmgroupmamba.kernels.dispatch import IMPL_ENV
 
 LOSS_SCALE = 2.0 ** 16
 # A compiled AMP gradient may be this many times further from eager fp32 than eager AMP's (the sixteenth session
@@ -71,25 +73,11 @@ def fp32_errors(grads_fp32, grads_fp64):
     return {n: rel_err(g, grads_fp64[n]) for n, g in grads_fp32.items() if grads_fp64[n].norm() > 0}
 
 
-@contextlib.contextmanager
-def reference_kernels():
-    """The fused ops on their PyTorch reference path (``MMGM_KERNELS=reference``), which computes in any dtype: the
-    fp64 gradients are the model's maths, not its Triton kernels'."""
-    previous = os.environ.get('MMGM_KERNELS')
-    os.environ['MMGM_KERNELS'] = 'reference'
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop('MMGM_KERNELS')
-        else:
-            os.environ['MMGM_KERNELS'] = previous
-
-
 def fp64_grads(model, images, loss_fn=None):
     """Parameter gradients of an fp64 copy of ``model`` (eager, the reference path), fp32 as the others are."""
     model64 = copy.deepcopy(model).double()
-    with reference_kernels():
+    # The reference path computes in any dtype: the fp64 gradients are the model's maths, not its Triton kernels'.
+    with mock.patch.dict(os.environ, {IMPL_ENV: 'reference'}):
         return outputs_and_grads(model64, images.double(), False, loss_fn=loss_fn)[1]
 
 

@@ -6,7 +6,9 @@ the gradients' strides by evaluating them to integers (``get_stride_order(guard_
 symbolic size behind a stride becomes a guard on its value, and an input of a new size compiles the whole
 backbone again (one graph per size on the CPU: README, thirty-eighth and thirty-ninth sessions). Nothing in that
 code depends on the device, and on CUDA the lowering then falls back to ATen's kernel anyway. The lent GPU image's
-torch 2.11 compiled one graph for three sizes with plain convs (thirty-ninth session).
+torch 2.11 compiled one graph for three sizes with plain convs (thirty-ninth session). Inductor's
+``force_layout_optimization``, which takes the lowering's other branch, still compiled three graphs for three
+sizes (CPU, ``conv_backward_guard.py``'s conv cases).
 
 :class:`OpaqueConv2d` runs its convolution through a custom op, ``mmgroupmamba::conv2d``, whose backward is a
 second one calling ``aten.convolution_backward``: Inductor sees two extern calls with the same kernels, and no
