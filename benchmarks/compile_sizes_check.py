@@ -2,13 +2,15 @@
 on the CPU: outputs and parameter gradients of one step per size, and how many graphs Dynamo compiled.
 
     python benchmarks/compile_sizes_check.py [--arch mini] [--sizes 2x64x64 1x96x64 2x80x112]
-                                             [--compile-options JSON]
+                                             [--compile-options JSON] [--amp]
 
 The Triton kernels do not run here (reference path; Inductor generates C++), so this checks what Dynamo,
 AOTAutograd and Inductor do with the graph and its recompiles: the order of the sizes matters (duck sizing
 specialises equal sizes, batch 1 is specialised, each guard failure compiles another graph). Fp32, no
 stochastic depth; the loss weights every output element differently. The worst parameters are printed with their
-relative error, gradient norm and largest entry.
+relative error, gradient norm and largest entry. ``--amp`` instead judges each size under fp16 autocast as
+``check_gpu.py --only compile-amp`` does on the GPU (``gradient_check.Comparison``: both AMP runs against eager
+fp32, gradients that fp32 itself cannot resolve left to fp32), and fails where that check would.
 """
 import argparse
 import copy
@@ -17,6 +19,7 @@ import time
 
 import torch
 
+from gradient_check import Comparison
 from mmgroupmamba import GroupMamba
 from mmgroupmamba.models.compiled import CompiledForward
 from mmgroupmamba.models.groupmamba import COMPILE_INDUCTOR_DEFAULTS
@@ -28,16 +31,23 @@ def main():
     parser.add_argument('--sizes', nargs='+', default=['2x64x64', '1x96x64', '2x80x112'], help='BxHxW')
     parser.add_argument('--compile-options', type=json.loads, default={})
     parser.add_argument('--worst', type=int, default=4)
+    parser.add_argument('--amp', action='store_true', help="fp16 autocast, judged as check_gpu.py's AMP check")
     args = parser.parse_args()
     torch.manual_seed(0)
     eager = GroupMamba(arch=args.arch).train()
     compiled = copy.deepcopy(eager)
     # GroupMamba's own compile option, wired as check_gpu.py wires it.
     compiled._compiled = CompiledForward('GroupMamba', args.compile_options, COMPILE_INDUCTOR_DEFAULTS)
-    print(f'{args.arch}, fp32, compile options {compiled._compiled.options}')
+    print(f'{args.arch}, {"AMP fp16" if args.amp else "fp32"}, compile options {compiled._compiled.options}')
     for size in args.sizes:
         batch, height, width = (int(n) for n in size.split('x'))
         x = torch.randn(batch, 3, height, width)
+        if args.amp:
+            start = time.perf_counter()
+            result = Comparison(eager, compiled, x, amp=True)
+            print(f'{size} (AMP fp16, {time.perf_counter() - start:.0f} s): {result}')
+            assert result.ok(), result
+            continue
         results = []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
