@@ -30,12 +30,12 @@ os.environ['MMGM_KERNELS'] = 'triton'
 
 import torch  # noqa: E402
 from torch._library.custom_ops import OPDEFS  # noqa: E402
-from torch.library import wrap_triton  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 from mmgroupmamba import GroupMamba  # noqa: E402
 from mmgroupmamba.kernels import dispatch  # noqa: E402
 from mmgroupmamba.kernels.layout import CHANNEL_MULTIPLE, stored_channels  # noqa: E402
+from mmgroupmamba.kernels.ops_util import launchable  # noqa: E402
 from mmgroupmamba.models.groupmamba import GroupMambaBlock  # noqa: E402
 
 # Allocations: no kernel, and what they return holds nothing yet (a kernel it is passed to writes it).
@@ -115,7 +115,7 @@ class LaunchWalker(TorchDispatchMode):
 
     @contextlib.contextmanager
     def triton_launches(self, modules, run=True):
-        """Walks the launches of ``modules``' ``wrap_triton(kernel)[grid](...)`` calls while active; ``run``:
+        """Walks the launches of ``modules``' ``launchable(kernel)[grid](...)`` calls while active; ``run``:
         whether the kernels then run (through the interpreter). Left out, their outputs hold no data, which no
         shape and hence no later launch depends on: the walk is the same, in seconds instead of minutes."""
         walker = self
@@ -136,17 +136,20 @@ class LaunchWalker(TorchDispatchMode):
                     if not run:
                         return None
                     with _disable_current_modes():  # the interpreter's host copies are no device work
-                        return wrap_triton(self.kernel)[grid](*args, **kwargs)
+                        return launchable(self.kernel)[grid](*args, **kwargs)
 
                 return launch
 
         for module in modules:
-            module.wrap_triton = Walked
+            if module.launchable is not launchable:
+                raise RuntimeError(f'{module.__name__}.launchable is not ops_util.launchable: its launches would '
+                                   'not be walked')
+            module.launchable = Walked
         try:
             yield
         finally:
             for module in modules:
-                module.wrap_triton = wrap_triton
+                module.launchable = launchable
 
 
 class LaunchCounter(LaunchWalker):

@@ -313,14 +313,14 @@ class _CarryFormForced:
 
 def _with_carry_form(composed, fn):
     """``fn()`` with the scan's main passes forced into the composed-carry form (``composed``) or the zero-start
-    form: the launchers' ``wrap_triton`` (a no-op in eager launches) swapped for one that sets the flag."""
+    form: the launchers' ``launchable`` (the kernel itself in eager launches) swapped for one that sets the flag."""
     flags = {triton_scan._scan_fwd_kernel: 'HAS_HIN', triton_scan._scan_bwd_kernel: 'HAS_GIN'}
-    saved = triton_scan.wrap_triton
-    triton_scan.wrap_triton = lambda kernel: _CarryFormForced(kernel, flags[kernel], composed)
+    saved = triton_scan.launchable
+    triton_scan.launchable = lambda kernel: _CarryFormForced(kernel, flags[kernel], composed)
     try:
         return fn()
     finally:
-        triton_scan.wrap_triton = saved
+        triton_scan.launchable = saved
 
 
 def carry_forms(dtypes, shapes):

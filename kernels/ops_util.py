@@ -3,7 +3,8 @@ import contextlib
 import functools
 
 import torch
-from torch._library.triton import set_wrap_triton_enabled
+from torch._library.triton import is_wrap_triton_enabled, wrap_triton_enabled
+from torch.library import wrap_triton
 
 from .dispatch import interpreter_requested, use_triton
 
@@ -89,8 +90,8 @@ class FusedOp:
     therefore run the same implementation directly: as it is where no gradient is needed, else through an
     ``autograd.Function`` made of the ``setup_context`` and ``backward`` given to :meth:`register_autograd`, the
     formula the op itself registers. The results are those of the op, bit for bit. As inside the op
-    (``triton_op``'s own backend function does the same), the launchers' ``wrap_triton`` then hands back the
-    plain Triton kernels: left on, every launch would go through the higher-order op meant for tracing (on an
+    (``triton_op``'s own backend function does the same), wrapping is off, so the launchers' ``launchable`` hands
+    back the plain Triton kernels: left on, every launch would go through the higher-order op meant for tracing (on an
     H200 host that made each fast call 2.5x slower than the dispatcher it skips, and the eager det step 1.8x).
     Every other call (torch.compile, opcheck, fake tensors, dispatch modes such as benchmarks/launch_count.py's
     counter) goes through the op, ``self.op`` (the ``CustomOpDef``), which they need."""
@@ -121,15 +122,29 @@ class FusedOp:
     def __call__(self, *args):
         if not _plain_eager(args):
             return self.op(*args)
-        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
-            with set_wrap_triton_enabled(False):
-                return self._implementation(*args)
-        if self._autograd_function is None:
-            # An op without a formula (the backward ops, under double backward): the op's outputs then raise
-            # at backward, where the implementation's would silently carry no gradient.
-            return self.op(*args)
-        with set_wrap_triton_enabled(False):
-            return self._autograd_function.apply(*args)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if self._autograd_function is None:
+                # An op without a formula (the backward ops, under double backward): the op's outputs then raise
+                # at backward, where the implementation's would silently carry no gradient.
+                return self.op(*args)
+            run = self._autograd_function.apply
+        else:
+            run = self._implementation
+        # wrap_triton off for the launchers, as torch.library.set_wrap_triton_enabled(False) turns it off, without
+        # that context manager's generator (2-3 us a call on the CPU, every fused op's eager call pays it).
+        enabled = is_wrap_triton_enabled()
+        wrap_triton_enabled.value = False
+        try:
+            return run(*args)
+        finally:
+            wrap_triton_enabled.value = enabled
+
+
+def launchable(kernel):
+    """``torch.library.wrap_triton(kernel)``: the kernel itself where wrapping is off (the fused ops' eager calls,
+    :class:`FusedOp`), without ``wrap_triton``'s own checks of the kernel's type, which cost about 5 us a launch
+    on the CPU; the traceable wrapper where it is on (torch.compile, opcheck)."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
 
 
 def size_hint(n):

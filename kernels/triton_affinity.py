@@ -25,11 +25,10 @@ inputs instead of the forward keeping them.
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .affinity import param_grad_sizes
 from .dispatch import multiprocessors
-from .ops_util import cdiv, next_power_of_2, reduced_dtype, size_hint
+from .ops_util import cdiv, launchable, next_power_of_2, reduced_dtype, size_hint
 from .reference import channel_affinity_dtype
 
 
@@ -182,7 +181,7 @@ def affinity_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_sc
     pooled = pooled.contiguous()
     scale = torch.empty((batch, channels), dtype=channel_affinity_dtype(pooled), device=pooled.device)
     block_c, block_r, warps, _ = _blocks(channels, units)
-    wrap_triton(_affinity_fwd_kernel)[(batch,)](
+    launchable(_affinity_fwd_kernel)[(batch,)](
         pooled, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias, skip_scale, scale,
         channels, units, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps)
     return scale
@@ -208,7 +207,7 @@ def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     partials = torch.empty((programs, sum(param_grad_sizes(channels, units))), dtype=reduced_dtype(pooled),
                            device=pooled.device)
     _, block_r, _, warps = _blocks(channels, units)
-    wrap_triton(_affinity_bwd_kernel)[(programs,)](
+    launchable(_affinity_bwd_kernel)[(programs,)](
         dscale.contiguous(), pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, dpooled, partials,
         batch, images_per_program, channels, units, BLOCK_R=block_r, CHUNK_C=CHUNK_C, num_warps=warps)
     return dpooled, partials.sum(0)

@@ -26,10 +26,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
-from .ops_util import cdiv, next_power_of_2, size_hint
+from .ops_util import cdiv, launchable, next_power_of_2, size_hint
 from .reference import check_dwconv_activation
 
 _ACT_CODES = {'silu': 1, 'gelu': 2}
@@ -335,7 +334,7 @@ def _conv_launch(x, taps, bias, out, act, has_bias, flip, tiles):
     block_w, block_c, rows, num_warps, prefetch, stages = tiles
     batch, height, width, channels = x.shape
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
-    wrap_triton(_dwconv_fwd_kernel)[(programs,)](
+    launchable(_dwconv_fwd_kernel)[(programs,)](
         x, taps, bias, out, height, width, channels, n_cb, n_wb, n_rb, rows,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         ACT=act, HAS_BIAS=has_bias, FLIP=flip, PREFETCH=prefetch, STAGES=stages, BLOCK_W=block_w,
@@ -376,7 +375,7 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
     part = torch.empty((10 * channels, programs // n_cb), dtype=torch.float32, device=x.device)
     if d_pre.numel():
-        wrap_triton(_dwconv_bwd_pre_kernel)[(programs,)](
+        launchable(_dwconv_bwd_pre_kernel)[(programs,)](
             x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, STAGES=stages,

@@ -18,11 +18,10 @@ layer's channel-affinity modulation and its output LayerNorm, in one pass and wi
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
 from .layout import GROUPS, group_widths
-from .ops_util import cast, cdiv, next_power_of_2, size_hint
+from .ops_util import cast, cdiv, launchable, next_power_of_2, size_hint
 
 
 @triton.jit
@@ -296,7 +295,7 @@ def _norm_forward(y, z, weight, bias, groups, eps, out_dtype, out_channels, bloc
     layout = _layout_meta(weight.numel(), channels, out_channels, groups)
     per_program, group_programs = _group_tiles(groups, layout['D'], groups_per_program)
     block_n, block_d, num_warps = _tiles(layout['D'], block_n, num_warps, per_program)
-    wrap_triton(_gated_norm_fwd_kernel)[(cdiv(n, block_n), group_programs)](
+    launchable(_gated_norm_fwd_kernel)[(cdiv(n, block_n), group_programs)](
         y2, z2, weight, bias, out, mean, rstd, mean if keep is None else keep, total, n,
         _rows_per_image(y) if residual else n, y2.stride(0), z2.stride(0), out.stride(0), total.stride(0), eps,
         GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -355,7 +354,7 @@ def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need
     # views of it: torch.compile would clone each view and scatter it back (kernels/README.md, "What a compiled
     # graph copies"). Programs innermost ("Partial sums' layout" above).
     dwb_part = torch.empty((2, valid, programs), dtype=torch.float32, device=y.device)
-    wrap_triton(_gated_norm_bwd_kernel)[(programs, group_programs)](
+    launchable(_gated_norm_bwd_kernel)[(programs, group_programs)](
         dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, dtotal2, mean if keep is None else keep, n,
         _rows_per_image(y) if residual else n, tiles_per_program, dout2.stride(0), y2.stride(0), z2.stride(0),
         dy.stride(0), dz.stride(0), out.stride(0), dtotal2.stride(0), valid, dwb_part.stride(0), GROUPS=groups,
@@ -456,7 +455,7 @@ def modulated_norm_forward(y, x, scale, weight, bias, eps, block_n=None, num_war
     mean = torch.empty((batch * hw,), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
     block_n, block_c, num_warps = _tiles(channels, block_n, num_warps)
-    wrap_triton(_modulated_norm_fwd_kernel)[(cdiv(hw, block_n), batch)](
+    launchable(_modulated_norm_fwd_kernel)[(cdiv(hw, block_n), batch)](
         y, x, scale, weight, bias, out, mean, rstd, hw, channels, valid, eps, **_modulated_layout(channels, valid),
         BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps)
     return out, mean, rstd
@@ -479,7 +478,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     # gated_norm_backward), programs innermost ("Partial sums' layout"): one reduction over the programs, then the
     # weight's and bias's over the images.
     parts = torch.empty((3, batch, valid, programs_per_image), dtype=torch.float32, device=y.device)
-    wrap_triton(_modulated_norm_bwd_kernel)[(programs_per_image, batch)](
+    launchable(_modulated_norm_bwd_kernel)[(programs_per_image, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
         hw, channels, valid, tiles_per_program, parts.stride(0), **_modulated_layout(channels, valid),
         BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, num_warps=num_warps)

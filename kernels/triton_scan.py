@@ -26,10 +26,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .dispatch import multiprocessors
-from .ops_util import cdiv, next_power_of_2, size_hint
+from .ops_util import cdiv, launchable, next_power_of_2, size_hint
 
 GROUPS = 4
 
@@ -497,13 +496,13 @@ def scan_forward(u, delta, A_logs, B, C, D, delta_bias, hw, cfg, save_states):
     split = bool(n_chunks > 1)
     # Pass 1 of a split scan: each chunk's summary (the last chunk's would flow nowhere).
     P, E = _summaries(
-        lambda P, E: wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks - 1)](
+        lambda P, E: launchable(_scan_fwd_kernel)[(grid_x, n_chunks - 1)](
             u, delta, A_logs, B, C, D, delta_bias, y, dummy, P, E, *common, 0,
             HAS_HIN=False, SAVE_STATES=False, SUMMARY=True, **meta),
         batch, n_chunks, channels, u.device) if split else (dummy, dummy)
     # Pass 2 (the only pass without a split): the scan from each chunk's true starting state, which each
     # program composes from the summaries of the chunks before its own.
-    wrap_triton(_scan_fwd_kernel)[(grid_x, n_chunks)](
+    launchable(_scan_fwd_kernel)[(grid_x, n_chunks)](
         u, delta, A_logs, B, C, D, delta_bias, y, states, P, E, *common, 0,
         HAS_HIN=split, SAVE_STATES=save_states, SUMMARY=False, **meta)
     return y, (states if save_states else None)
@@ -532,11 +531,11 @@ def scan_backward(dy, u, delta, A_logs, B, C, D, delta_bias, hw, states, cfg):
     split = bool(n_chunks > 1)
     # A split scan in reverse time: for chunks 1.., dL/dh at the chunk's first step given zero from the right.
     P, E = _summaries(
-        lambda P, E: wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
+        lambda P, E: launchable(_scan_bwd_kernel)[(grid_x, n_chunks - 1)](
             u, delta, A_logs, B, C, D, delta_bias, dy, states, du, ddelta, dummy, dummy,
             P, E, *common, 1, 0, 0, HAS_GIN=False, SUMMARY=True, **meta),
         batch, n_chunks, channels, u.device) if split else (dummy, dummy)
-    wrap_triton(_scan_bwd_kernel)[(grid_x, n_chunks)](
+    launchable(_scan_bwd_kernel)[(grid_x, n_chunks)](
         u, delta, A_logs, B, C, D, delta_bias, dy, states, du, ddelta, dBC_part, dADb_part, P, E,
         *common, 0, dBC_part.stride(0), dADb_part.stride(0), HAS_GIN=split, SUMMARY=False, **meta)
     # Fixed-order reductions of the per-program partial sums (deterministic, unlike atomics).

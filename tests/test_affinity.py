@@ -79,7 +79,7 @@ def test_triton_backward_sums_chunks_and_images_per_program(monkeypatch):
     batch, channels, units = 9, 200, 12
     assert channels > 3 * triton_affinity.CHUNK_C and channels % triton_affinity.CHUNK_C
     grids = []
-    wrap = triton_affinity.wrap_triton
+    wrap = triton_affinity.launchable
 
     class Recorded:
         def __init__(self, kernel):
@@ -90,7 +90,7 @@ def test_triton_backward_sums_chunks_and_images_per_program(monkeypatch):
                 grids.append(grid)
             return wrap(self.kernel)[grid]
 
-    monkeypatch.setattr(triton_affinity, 'wrap_triton', Recorded)
+    monkeypatch.setattr(triton_affinity, 'launchable', Recorded)
     monkeypatch.setenv('MMGM_KERNELS', 'triton')
     inputs = affinity_inputs(batch, channels, units, torch.Generator().manual_seed(7))
     got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(8))

@@ -130,9 +130,9 @@ def test_channel_slice_is_read_in_place(monkeypatch):
     assert x.stride() == (4 * 5 * 24, 5 * 24, 24, 1)
     fwd = _RecordingKernel(triton_dwconv._dwconv_fwd_kernel)
     bwd = _RecordingKernel(triton_dwconv._dwconv_bwd_pre_kernel)
-    # Every launch goes through torch.library.wrap_triton (so that torch.compile can trace it): record there.
+    # Every launch goes through ops_util.launchable (torch.library.wrap_triton where traced): record there.
     recorders = {fwd.kernel: fwd, bwd.kernel: bwd}
-    monkeypatch.setattr(triton_dwconv, 'wrap_triton', recorders.__getitem__)
+    monkeypatch.setattr(triton_dwconv, 'launchable', recorders.__getitem__)
     sliced = triton_value_and_grads(x, weight, bias, dout, 'gelu')
     # The forward and the pre-activation backward pass read the wide tensor's storage itself.
     assert fwd.launches[0][0].data_ptr() == wide.data_ptr() and fwd.launches[0][0].stride() == x.stride()
