@@ -11,7 +11,8 @@
    (``compile-amp``), each a compile of a few minutes: three input sizes of one batch size (torch specialises a
    batch of 1, which compiles once more), one of them with a stage-4 map of <= 32 tokens (a single scan
    checkpoint; a dimension of 1 there was a guard): outputs and every gradient (under AMP the loss scaled as
-   GradScaler scales it, and each gradient judged against eager fp32 beside eager AMP's: ``gradient_check.py``),
+   GradScaler scales it, and each gradient judged against eager fp32 beside eager AMP's there, over the input and
+   perturbed copies of it: ``gradient_check.py``),
    and the number of graphs each compiled (one, not one per size). ``--compile-options``: torch.compile
    arguments over those, as ``backbone_speed.py`` takes them (e.g. ``'{"options": {"cpp_wrapper": true}}'``:
    Inductor's C++ wrapper).

@@ -78,6 +78,26 @@ def test_amp_bounds_take_eager_error_over_a_parameter_kind():
     assert bounds['norm3.weight'] == gradient_check.FP32_FLOOR
 
 
+def test_amp_noise_is_sampled_over_perturbed_copies_of_the_input(models):
+    """Eager AMP's error on one input can be a lucky draw: its errors on perturbed copies of the input (each
+    against that copy's own fp32 gradients) enter the bound, which is never below the input's own."""
+    eager, other, images = models
+    result = Comparison(eager, other, images, amp=True)
+    first = {n: e for n, (e, _) in result.against_fp32.items()}
+    assert set(result.amp_noise) == set(first)
+    assert all(result.amp_noise[n] >= first[n] for n in first)
+    assert any(result.amp_noise[n] > first[n] for n in first), (result.amp_noise, first)
+    assert all(result.amp_bound(n) == bound for n, bound in gradient_check.amp_bounds(result.amp_noise).items())
+    copies = gradient_check.perturbed_inputs(images)
+    assert len(copies) == gradient_check.AMP_DRAWS
+    for copy_ in copies:
+        moved = ((copy_ - images) / images).abs()
+        # about fp16's last place: enough to round anew, far too little to change the maths
+        assert gradient_check.PERTURBATION / 8 < moved.median() < gradient_check.PERTURBATION
+        assert moved.max() < 8 * gradient_check.PERTURBATION
+    assert not torch.equal(copies[0], copies[1])
+
+
 class Cancelling(nn.Module):
     """A gradient that fp32's rounding alone moves by percents: ``offset_scale``'s is a sum over ``h + 1e4``
     (rounded to 1e-3 in fp32) whose 1e4 cancels under an alternating loss. ``split`` adds the offset in two halves,
