@@ -5,11 +5,12 @@ perturbed copies of it (the draws ``gradient_check.Comparison`` samples for its 
 
 The AMP compile check (``check_gpu.py --only compile-amp``) judges a compiled AMP gradient by its distance from
 eager fp32 next to eager AMP's. For gradients summed over a whole map with much cancellation (``skip_scale``),
-eager AMP's own distance changes by orders of magnitude between an input and the same input moved by fp16's last
-place, so one draw of it is no bound. This prints, for each parameter whose name matches ``--match``, eager AMP's
-relative error against eager fp32 on the input (seeded as ``check_gpu.py`` seeds its model) and on each of
-``--draws`` perturbed copies (``gradient_check.perturbed_inputs``), each copy against its own fp32 gradients, then
-the largest. On the CPU the fused ops run their PyTorch reference (fp16 autocast on the CPU's matmuls); the
+eager AMP's own distance changes by up to an order of magnitude between an input and the same input moved by fp16's last
+place, so one draw of it is no bound. This prints, for each parameter whose name matches ``--match``, eager
+AMP's relative error against eager fp32 on an input and on each of ``--draws`` perturbed copies
+(``gradient_check.perturbed_inputs``), each copy against its own fp32 gradients, then the largest. The model is
+``check_gpu.py``'s (the same seed); the input is a draw of the size given, not that check's own (it draws one
+per size in turn). On the CPU the fused ops run their PyTorch reference (fp16 autocast on the CPU's matmuls); the
 roundings are not the GPU's, their scale is.
 """
 import argparse
