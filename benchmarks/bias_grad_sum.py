@@ -2,13 +2,15 @@
 
     python benchmarks/bias_grad_sum.py [--device cuda] [--model tiny]
 
-The fused pairs' backward (``kernels/fused_linear.py``, ``_linear_backward``) sums the fp16 output gradient
+The fused pairs' backward (``kernels/fused_linear.py``, ``_linear_backward``) summed the fp16 output gradient
 over its rows with ``sum(0, dtype=torch.float32)``. On an H100 those sums took 1.74 ms of the detection step's
 27.5 ms of kernels (forty-second session, 57 launches = 19 blocks x proj, fc1, fc2) while reading about
-1.2 GB: a fifth of copy bandwidth. The designs, each checked against the fp64 sum first, then timed as CUDA-graph
-replays (the kernels alone), over the detection step's shapes (bs 2 at 800x1344, stride-4 maps of 200x336):
+1.2 GB: a fifth of copy bandwidth. This script's table (kernels/README.md, forty-third session) chose the ones
+column, which ``_linear_backward`` now uses. The designs, each checked against the fp64 sum first, then timed as
+CUDA-graph replays (the kernels alone), over the detection step's shapes (bs 2 at 800x1344, stride-4 maps of
+200x336):
 
-- ``torch_sum``: the shipped ``g.sum(0, dtype=torch.float32)``;
+- ``torch_sum``: the former ``g.sum(0, dtype=torch.float32)``;
 - ``compiled_sum``: the same line compiled by Inductor (``dynamic=False``), which writes its own reduction;
 - ``ones_gemv``: ``ones(1, N) @ g`` in cuBLAS (fp16 result, fp32 accumulation: stock PyTorch's AMP linear
   returns its bias gradient in fp16 too);

@@ -4,7 +4,7 @@ custom ops ``mmgroupmamba::dwconv_act_fwd`` / ``..._bwd``: Triton on CUDA tensor
 import torch
 
 from .dispatch import triton_module
-from .ops_util import cast, empty, fused_op, reduced_dtype, reference_grads
+from .ops_util import cast, empty, fused_op, reduced_dtype, reference_grads, with_ones_column_shape
 from .reference import check_dwconv_activation, depthwise_conv_act_reference
 
 
@@ -36,7 +36,8 @@ def _backward_reference(dout, x, weight, bias, activation, need_output):
 def dwconv_act_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str,
                    need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dparams, output)``: ``dparams`` the ``(10 * C,)`` weight and bias gradients (fp32; fp64 for fp64 x) (see
-    :func:`split_param_grads`), ``output`` the recomputed forward output, empty unless ``need_output``."""
+    :func:`split_param_grads`), ``output`` the recomputed forward output with its ones column
+    (``ops_util.with_ones_column``), empty unless ``need_output``."""
     launch = triton_module('triton_dwconv', x.device).dwconv_act_backward
     dx, dparams, out = launch(dout, x, weight, bias, activation, need_output)
     return dx, dparams, (out if need_output else empty(x))
@@ -44,7 +45,7 @@ def dwconv_act_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bi
 
 @dwconv_act_bwd.register_fake
 def _(dout, x, weight, bias, activation, need_output):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else empty(x)
+    out = torch.empty(with_ones_column_shape(x.shape), dtype=x.dtype, device=x.device) if need_output else empty(x)
     dparams = x.new_empty((10 * x.shape[-1],), dtype=reduced_dtype(x))
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), dparams, out
 
@@ -57,8 +58,8 @@ def split_param_grads(dparams, weight, bias):
 
 def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False):
     """Gradients of :func:`depthwise_conv_act` from its input alone: ``(dx, dweight, dbias, output or None)``;
-    ``need_output=True`` also returns the recomputed output (a following linear layer's weight gradient needs
-    it)."""
+    ``need_output=True`` also returns the recomputed output with its ones column (a following linear layer's
+    weight and bias gradients need it)."""
     dx, dparams, out = dwconv_act_bwd(dout, x, weight, bias, activation, need_output)
     return (dx, *split_param_grads(dparams, weight, bias), (out if need_output else None))
 

@@ -35,7 +35,7 @@ def _compute_dtype(t):
 def _linear_forward(ctx, out, weight, bias, cast_bias):
     """``F.linear(out, weight, bias)`` in the compute dtype; keeps the cast weight for backward. ``cast_bias``:
     the bias already in that dtype (cast with other parameters in one launch), or None to cast it here; the
-    gradient goes to ``bias`` either way, reduced in fp32."""
+    gradient goes to ``bias`` either way."""
     dtype = _compute_dtype(out)
     weight_c = cast(weight, dtype)
     ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -46,13 +46,20 @@ def _linear_forward(ctx, out, weight, bias, cast_bias):
 
 def _linear_backward(ctx, grad_out, weight_c, recompute):
     """The linear layer's gradients; ``recompute(grad_op_out)`` runs the op's backward and returns its input
-    gradients and its recomputed output."""
+    gradients and its recomputed output, followed by its ones column (``ops_util.with_ones_column``).
+
+    One matmul gives the weight's gradient and, in the column the ones meet, the bias's: the sum of the output
+    gradient over its rows, without a reduction that reads that gradient again (on an H100 those reductions took
+    1.5 ms of a detection step's kernels, the matmul's extra columns about 0.2 ms: kernels/README.md). The sum
+    comes in the compute dtype, as PyTorch's own linear layer gives it under autocast."""
     grad_out2 = cast(grad_out.reshape(-1, grad_out.shape[-1]), weight_c.dtype)
-    grad_op_out = (grad_out2 @ weight_c).view(*grad_out.shape[:-1], weight_c.shape[1])
+    in_features = weight_c.shape[1]
+    grad_op_out = (grad_out2 @ weight_c).view(*grad_out.shape[:-1], in_features)
     grads, op_out = recompute(grad_op_out)
     weight_dtype, bias_dtype = ctx.param_dtypes
-    grad_weight = cast(grad_out2.t() @ cast(op_out.reshape(-1, op_out.shape[-1]), weight_c.dtype), weight_dtype)
-    grad_bias = None if bias_dtype is None else cast(grad_out2.sum(0, dtype=torch.float32), bias_dtype)
+    grad_both = grad_out2.t() @ cast(op_out.reshape(-1, op_out.shape[-1]), weight_c.dtype)
+    grad_weight = cast(grad_both[:, :in_features], weight_dtype).contiguous()
+    grad_bias = None if bias_dtype is None else cast(grad_both[:, in_features], bias_dtype).contiguous()
     return grad_weight, grad_bias, grads
 
 
@@ -161,7 +168,7 @@ def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, line
 
     ``cast_bias`` (here and in the other pairs): ``linear_bias`` already in the compute dtype, for the forward
     only (a block casts its biases with its weights, in one launch); the gradient still reaches
-    ``linear_bias``, reduced in fp32."""
+    ``linear_bias``."""
     return GatedNormLinearFn.apply(y, z, weight, bias, groups, eps, out_dtype or promoted_dtype(y, z),
                                    linear_weight, linear_bias, _cast_only(cast_bias, linear_bias))
 

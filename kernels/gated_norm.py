@@ -8,7 +8,7 @@ import torch
 
 from .dispatch import triton_module, use_triton
 from .layout import pad_groups, unpad_groups
-from .ops_util import cast, empty, fused_op, reduced_dtype, reference_grads
+from .ops_util import cast, empty, fused_op, reduced_dtype, reference_grads, with_ones_column_shape
 from .reference import group_layer_norm_reference, modulated_layer_norm_reference
 
 
@@ -60,8 +60,8 @@ def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.
                          out_dtype: torch.dtype, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                              torch.Tensor]:
     """``(dy, dz, dwb, out)``: ``dz`` empty without a gate, ``dwb`` the ``(2, C)`` weight and bias gradients
-    (fp32; reduced in one launch), ``out`` (the recomputed output, dout's columns) empty unless
-    ``need_output``."""
+    (fp32; reduced in one launch), ``out`` (the recomputed output, dout's columns, then the ones column of
+    ``ops_util.with_ones_column``) empty unless ``need_output``."""
     dy, dz, dwb, out = triton_module('triton_gated_norm', y.device).gated_norm_backward(
         dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need_output)
     return dy, (empty(y) if dz is None else dz), dwb, (out if need_output else empty(y, out_dtype))
@@ -69,7 +69,8 @@ def gated_group_norm_bwd(dout: torch.Tensor, y: torch.Tensor, z: Optional[torch.
 
 @gated_group_norm_bwd.register_fake
 def _gated_bwd_fake(dout, y, z, weight, bias, mean, rstd, groups, eps, out_dtype, need_output):
-    out = torch.empty(dout.shape, dtype=out_dtype, device=y.device) if need_output else empty(y, out_dtype)
+    out = (torch.empty(with_ones_column_shape(dout.shape), dtype=out_dtype, device=y.device) if need_output
+           else empty(y, out_dtype))
     dz = empty(y) if z is None else torch.empty(z.shape, dtype=z.dtype, device=z.device)
     return (torch.empty(y.shape, dtype=y.dtype, device=y.device), dz,
             weight.new_empty((2, *weight.shape), dtype=reduced_dtype(y)), out)
@@ -154,7 +155,7 @@ def residual_layer_norm_bwd(dout: torch.Tensor, dtotal: Optional[torch.Tensor], 
                             need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dbranch, dwb, out)``: the skip input's gradient (the norm's plus ``dtotal``, the sum's gradient from
     its other readers), the branch's (``dx * keep``; empty without ``keep``, where it is ``dx``), ``dwb`` as for
-    the gated norm, ``out`` empty unless ``need_output``."""
+    the gated norm, ``out`` (with its ones column) empty unless ``need_output``."""
     dx, dbranch, dwb, out = triton_module('triton_gated_norm', total.device).residual_norm_backward(
         dout, dtotal, total, keep, weight, bias, mean, rstd, branch_dtype, out_dtype, need_output)
     return (dx, (empty(total, branch_dtype) if dbranch is None else dbranch), dwb,
@@ -240,7 +241,7 @@ def modulated_layer_norm_bwd(dout: torch.Tensor, y: torch.Tensor, x: torch.Tenso
                              weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                              eps: float, need_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                      torch.Tensor, torch.Tensor]:
-    """``(dy, dx, dscale, dwb, out)``; ``dwb`` as for the gated norm, ``out`` empty unless ``need_output``."""
+    """``(dy, dx, dscale, dwb, out)``; ``dwb`` and ``out`` (with its ones column) as for the gated norm."""
     dy, dx, dscale, dwb, out = triton_module('triton_gated_norm', y.device).modulated_norm_backward(
         dout, y, x, scale, weight, bias, mean, rstd, need_output)
     return dy, dx, dscale, dwb, (out if need_output else empty(y))
@@ -248,7 +249,7 @@ def modulated_layer_norm_bwd(dout: torch.Tensor, y: torch.Tensor, x: torch.Tenso
 
 @modulated_layer_norm_bwd.register_fake
 def _(dout, y, x, scale, weight, bias, mean, rstd, eps, need_output):
-    out = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_output else empty(y)
+    out = torch.empty(with_ones_column_shape(y.shape), dtype=y.dtype, device=y.device) if need_output else empty(y)
     return (torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(x.shape, dtype=x.dtype, device=x.device),
             torch.empty_like(scale), weight.new_empty((2, *weight.shape), dtype=reduced_dtype(y)), out)
 

@@ -183,6 +183,25 @@ def cast(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
+# A backward op asked for its recomputed output (``need_output``) returns it with ``ONES_COLUMNS`` more columns:
+# ones, then zeros (the width stays a multiple of 8 elements, for cuBLAS's fast fp16 kernels). The following
+# linear layer's weight-gradient matmul (fused_linear.py) then returns the bias gradient as one more column,
+# without a reduction that reads the output gradient again (kernels/README.md, "bias-gradient sums").
+ONES_COLUMNS = 8
+
+
+def with_ones_column(out):
+    """``out`` with the ``ONES_COLUMNS`` columns after its own: ones, then zeros (the reference's form)."""
+    pad = out.new_zeros((*out.shape[:-1], ONES_COLUMNS))
+    pad[..., 0] = 1
+    return torch.cat([out, pad], -1)
+
+
+def with_ones_column_shape(shape):
+    """The shape of :func:`with_ones_column`'s result for an output of ``shape``."""
+    return (*shape[:-1], shape[-1] + ONES_COLUMNS)
+
+
 def reduced_dtype(t):
     """The dtype of the gradients the kernels reduce over many elements (weights, biases): fp32, or fp64 for
     fp64 inputs."""
@@ -211,7 +230,8 @@ def autograd_inside_op():
 def reference_grads(fn, inputs, grad_out, need_output=False):
     """Gradients of ``fn(*inputs)`` for ``grad_out``, by autograd through the reference. ``None`` inputs get
     ``None``; gradients that do not reach an input are zeros. Returns the gradients and, with ``need_output``,
-    the output (both contiguous, as the Triton path and the fake implementations give them)."""
+    the output with its ones column (:func:`with_ones_column`; both contiguous, as the Triton path and the fake
+    implementations give them)."""
     with autograd_inside_op():
         leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
         out = fn(*leaves)
@@ -221,4 +241,4 @@ def reference_grads(fn, inputs, grad_out, need_output=False):
     for t in leaves:
         g = None if t is None else next(found)
         grads.append(None if t is None else (torch.zeros_like(t) if g is None else g).contiguous())
-    return tuple(grads), (out.detach().contiguous() if need_output else None)
+    return tuple(grads), (with_ones_column(out.detach()) if need_output else None)

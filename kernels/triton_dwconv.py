@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from .dispatch import multiprocessors
-from .ops_util import cdiv, launchable, next_power_of_2, size_hint
+from .ops_util import ONES_COLUMNS, cdiv, launchable, next_power_of_2, size_hint, with_ones_column_shape
 from .reference import check_dwconv_activation
+from .triton_gated_norm import _store_ones_column
 
 _ACT_CODES = {'silu': 1, 'gelu': 2}
 _NO_ACT = 0
@@ -162,7 +163,7 @@ def _dwconv_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_pro
 def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
                            stride_xb, stride_xh, stride_xw, stride_db, stride_dh, stride_dw,
                            ACT: tl.constexpr, NEED_OUT: tl.constexpr, PREFETCH: tl.constexpr,
-                           STAGES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                           STAGES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PAD: tl.constexpr):
     tile, b, h0, h_end, w, c, left_ok, mid_ok, right_ok = _tile_coords(
         H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
     w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, False)
@@ -171,9 +172,13 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
     x_offs = (w * stride_xw)[:, None] + c[None, :]
     d_base = DOut + b.to(tl.int64) * stride_db
     d_offs = (w * stride_dw)[:, None] + c[None, :]
-    # DPre and Out are contiguous (B, H, W, C).
+    # DPre is contiguous (B, H, W, C); Out contiguous (B, H, W, C + PAD), its ones column after each pixel's
+    # channels, written by the last channel block's programs.
     p_base = b.to(tl.int64) * H * W * C
     p_offs = (w * C)[:, None] + c[None, :]
+    o_base = b.to(tl.int64) * H * W * (C + PAD)
+    o_pixels = (w * (C + PAD))[:, None]
+    last_channels = tl.program_id(0) % n_cb == n_cb - 1
 
     # The weight gradient pairs d_pre of an output row with all nine taps around it, so the three input
     # rows around the current output row are carried (above, here) and one new row (below) is loaded per step.
@@ -204,7 +209,10 @@ def _dwconv_bwd_pre_kernel(X, Wt, Bias, DOut, DPre, Out, Part, H, W, C, n_cb, n_
         row = p_base + tl.cast(h, tl.int64) * W * C + p_offs
         tl.store(DPre + row, d_pre.to(DPre.dtype.element_ty), mask=mid_ok)
         if NEED_OUT:
-            tl.store(Out + row, _activation(pre, ACT).to(Out.dtype.element_ty), mask=mid_ok)
+            out_row = Out + o_base + tl.cast(h, tl.int64) * W * (C + PAD) + o_pixels
+            tl.store(out_row + c[None, :], _activation(pre, ACT).to(Out.dtype.element_ty), mask=mid_ok)
+            if last_channels:
+                _store_ones_column(out_row + C, (w < W)[:, None], PAD)
         g00 += d_pre * al
         g01 += d_pre * am
         g02 += d_pre * ar
@@ -359,9 +367,10 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     """Gradients of :func:`dwconv_act_forward`: ``(dx, dparams, output or None)``.
 
     Two launches and one reduction. ``need_output=True`` also returns the recomputed forward output
-    ``act(dwconv3x3(x) + bias)`` (a following linear layer's weight gradient needs it), written by the
-    first launch. ``dx`` comes in x's dtype; ``dparams`` is the fp32 ``(10 * C,)`` weight (9 taps a channel)
-    and bias gradients, reduced in one launch and bitwise reproducible.
+    ``act(dwconv3x3(x) + bias)`` with its ones column (``ops_util.with_ones_column``; a following linear layer's
+    weight and bias gradients need it), written by the first launch. ``dx`` comes in x's dtype; ``dparams`` is
+    the fp32 ``(10 * C,)`` weight (9 taps a channel) and bias gradients, reduced in one launch and bitwise
+    reproducible.
     """
     _check(x, weight, bias, activation)
     if dout.shape != x.shape:
@@ -370,7 +379,7 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
     batch, height, width, channels = x.shape
     taps = _taps(weight)
     d_pre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_output else None
+    out = torch.empty(with_ones_column_shape(x.shape), dtype=x.dtype, device=x.device) if need_output else None
     block_w, block_c, rows, num_warps, prefetch, stages = choose_tiles(x, backward=True, **tiling)
     n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
     part = torch.empty((10 * channels, programs // n_cb), dtype=torch.float32, device=x.device)
@@ -379,7 +388,7 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
             x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, STAGES=stages,
-            BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+            BLOCK_W=block_w, BLOCK_C=block_c, PAD=ONES_COLUMNS, num_warps=num_warps)
     dparams = part.sum(1)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():

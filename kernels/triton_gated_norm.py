@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .dispatch import multiprocessors
 from .layout import GROUPS, group_widths
-from .ops_util import cast, cdiv, launchable, next_power_of_2, size_hint
+from .ops_util import ONES_COLUMNS, cast, cdiv, launchable, next_power_of_2, size_hint, with_ones_column_shape
 
 
 @triton.jit
@@ -31,6 +31,14 @@ def _row_tile(tile, N, col_ok, BLOCK_N: tl.constexpr):
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     return rows, row_ok, row_ok[:, None] & col_ok[None, :], rows.to(tl.int64)[:, None]
+
+
+@triton.jit
+def _store_ones_column(pad, row_ok, PAD: tl.constexpr):
+    """The ``PAD`` columns after a recomputed output's own (``ops_util.with_ones_column``): a one, then zeros.
+    ``pad``: each row's first such column, ``(rows, 1)`` pointers; ``row_ok`` the rows' ``(rows, 1)`` mask."""
+    cols = tl.arange(0, PAD)[None, :]
+    tl.store(pad + cols, tl.where(cols == 0, 1.0, 0.0).to(pad.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -99,13 +107,15 @@ def _gated_norm_fwd_kernel(Y, Z, W, Bias, Out, Mean, Rstd, Keep, Total, N, HW, s
 @triton.jit(do_not_specialize=['tiles_per_program'])
 def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out, DTotal, Keep, N, HW,
                            tiles_per_program, stride_do, stride_y, stride_z, stride_dy, stride_dz, stride_o,
-                           stride_dt, C, part_stride, GROUPS: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
-                           D: tl.constexpr, PERIOD: tl.constexpr, VALID: tl.constexpr, P_IN: tl.constexpr,
-                           P_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr,
-                           STORE_OUT: tl.constexpr, ADD_DTOTAL: tl.constexpr, HAS_KEEP: tl.constexpr):
+                           stride_dt, C, part_stride, out_width, GROUPS: tl.constexpr,
+                           GROUPS_PER_PROGRAM: tl.constexpr, D: tl.constexpr, PERIOD: tl.constexpr,
+                           VALID: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, GATED: tl.constexpr, STORE_OUT: tl.constexpr,
+                           ADD_DTOTAL: tl.constexpr, HAS_KEEP: tl.constexpr, PAD: tl.constexpr):
     """Row tiles ``[pid * tiles_per_program, (pid + 1) * tiles_per_program)`` (fewer in the last program), in
     order; the group's columns of the weight and bias partial sums are this program's own. Pad columns of the
-    input's gradients get zeros, of the recomputed output too.
+    input's gradients get zeros, of the recomputed output too; the last group's programs also write the output's
+    ones column (``PAD`` columns from ``out_width``).
 
     For the residual form (the forward's ``RESIDUAL``; Y is the stored sum): ``ADD_DTOTAL`` adds the sum's
     gradient from its other readers, DTotal, to the norm's before storing DY (the skip input's gradient), and
@@ -147,6 +157,8 @@ def _gated_norm_bwd_kernel(DOut, Y, Z, W, Bias, Mean, Rstd, DY, DZ, DWBPart, Out
             if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
                 tl.store(Out + rows64 * stride_o + out_cols[None, :], normed.to(Out.dtype.element_ty),
                          mask=row_ok[:, None] & out_ok[None, :])
+                if g == GROUPS - 1:
+                    _store_ones_column(Out + rows64 * stride_o + out_width, row_ok[:, None], PAD)
             dy_hat = d_normed * w[None, :]
             mean_dy_hat = tl.sum(dy_hat, axis=1) / n_valid
             mean_dy_hat_y_hat = tl.sum(dy_hat * y_hat, axis=1) / n_valid
@@ -341,7 +353,8 @@ def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need
         dz = torch.empty((n, channels), dtype=z.dtype if gated else branch_dtype, device=y.device)
     else:
         dz = dy
-    out = torch.empty((n, out_channels), dtype=out_dtype, device=y.device) if need_output else dy
+    # The recomputed output comes with its ones column (ops_util.with_ones_column), written by the kernel.
+    out = torch.empty((n, out_channels + ONES_COLUMNS), dtype=out_dtype, device=y.device) if need_output else dy
     valid = weight.numel()
     layout = _layout_meta(valid, channels, out_channels, groups)
     per_program, group_programs = _group_tiles(groups, layout['D'], groups_per_program)
@@ -357,11 +370,12 @@ def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need
     launchable(_gated_norm_bwd_kernel)[(programs, group_programs)](
         dout2, y2, z2, weight, bias, mean, rstd, dy, dz, dwb_part, out, dtotal2, mean if keep is None else keep, n,
         _rows_per_image(y) if residual else n, tiles_per_program, dout2.stride(0), y2.stride(0), z2.stride(0),
-        dy.stride(0), dz.stride(0), out.stride(0), dtotal2.stride(0), valid, dwb_part.stride(0), GROUPS=groups,
-        GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated,
-        STORE_OUT=need_output, ADD_DTOTAL=dtotal is not None, HAS_KEEP=keep is not None, num_warps=num_warps)
+        dy.stride(0), dz.stride(0), out.stride(0), dtotal2.stride(0), valid, dwb_part.stride(0), out_channels,
+        GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated,
+        STORE_OUT=need_output, ADD_DTOTAL=dtotal is not None, HAS_KEEP=keep is not None, PAD=ONES_COLUMNS,
+        num_warps=num_warps)
     return (dy.view(shape), (dz.view(shape) if dz is not dy else None), dwb_part.sum(2),
-            (out.view(*shape[:-1], out_channels) if need_output else None))
+            (out.view(with_ones_column_shape((*shape[:-1], out_channels))) if need_output else None))
 
 
 @triton.jit
@@ -393,9 +407,11 @@ def _modulated_norm_fwd_kernel(Y, X, S, W, Bias, Out, Mean, Rstd, HW, C, C_VALID
 @triton.jit(do_not_specialize=['tiles_per_program'])  # as _gated_norm_bwd_kernel
 def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts, Out, HW, C, C_VALID,
                                tiles_per_program, part_stride, PERIOD: tl.constexpr, VALID: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr):
+                               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, STORE_OUT: tl.constexpr,
+                               PAD: tl.constexpr):
     """Image ``image``'s row tiles ``[pid * tiles_per_program, (pid + 1) * tiles_per_program)`` (fewer in the
-    image's last program), in order (grid: programs per image x images)."""
+    image's last program), in order (grid: programs per image x images). The recomputed output's rows are
+    ``C + PAD`` wide: its own columns, then its ones column."""
     pid, image = tl.program_id(0), tl.program_id(1)
     first = pid * tiles_per_program
     end = tl.minimum(first + tiles_per_program, tl.cdiv(HW, BLOCK_N))
@@ -426,7 +442,18 @@ def _modulated_norm_bwd_kernel(DOut, Y, X, S, W, Bias, Mean, Rstd, DY, DX, Parts
         dw += tl.sum(dout * m_hat, axis=0)
         db += tl.sum(dout, axis=0)
         if STORE_OUT:  # the forward's output, recomputed for a following linear layer's weight gradient
-            tl.store(Out + offs, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), mask=store_mask)
+            # Its rows are C + PAD wide. Through a block pointer: a second tile of addresses beside the map's made
+            # the kernel spill at 64 or 128 channels, whatever the order or the offsets' width (ptxas, sm_90).
+            # The pad channels' values are zeros themselves (m_hat, w and b are 0 there).
+            out_block = tl.make_block_ptr(Out, ((image + 1) * HW, C), (C + PAD, 1), (image * HW + tile * BLOCK_N, 0),
+                                          (BLOCK_N, BLOCK_C), (1, 0))
+            tl.store(out_block, (m_hat * w[None, :] + b[None, :]).to(Out.dtype.element_ty), boundary_check=(0, 1))
+    if STORE_OUT:
+        # The output's ones columns in a walk of their own: inside the loop above they cost the tile's
+        # registers (at 64 channels, spills).
+        for tile in tl.range(first, end):
+            pad_rows, pad_ok, _tile_mask = _image_row_tile(tile, image, HW, col_ok, BLOCK_N)
+            _store_ones_column(Out + pad_rows[:, None] * (C + PAD) + C, pad_ok[:, None], PAD)
     # Parts is (3, batch, C, programs per image): the scale's, the weight's and the bias's partial sums,
     # part_stride apart.
     part = (image * C_VALID + cols) * tl.num_programs(0) + pid
@@ -473,7 +500,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     block_n, block_c, num_warps = _tiles(channels, block_n, num_warps)
     tiles_per_program, programs_per_image = _backward_walk(cdiv(hw, block_n), batch, y.device, tiles_per_program)
     dy, dx = torch.empty_like(y), torch.empty_like(x)
-    out = torch.empty_like(y) if need_output else dy
+    out = torch.empty(with_ones_column_shape(y.shape), dtype=y.dtype, device=y.device) if need_output else dy
     # Scale, weight and bias partial sums (per image and program) in one buffer, given to the kernel whole (as in
     # gated_norm_backward), programs innermost ("Partial sums' layout"): one reduction over the programs, then the
     # weight's and bias's over the images.
@@ -481,7 +508,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     launchable(_modulated_norm_bwd_kernel)[(programs_per_image, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
         hw, channels, valid, tiles_per_program, parts.stride(0), **_modulated_layout(channels, valid),
-        BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, PAD=ONES_COLUMNS, num_warps=num_warps)
     per_image = parts.sum(3)
     return dy, dx, cast(per_image[0], scale.dtype), per_image[1:].sum(1), (out if need_output else None)
 

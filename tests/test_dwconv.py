@@ -13,6 +13,7 @@ from mmgroupmamba.kernels import (
     dwconv_act_forward,
     triton_dwconv,
 )
+from mmgroupmamba.kernels.ops_util import with_ones_column
 
 # Forced tilings put several channel blocks, column strips and row walks into tiny maps.
 SMALL_TILES = dict(block_w=4, block_c=8, rows=2)
@@ -187,7 +188,9 @@ def test_backward_can_return_the_forward_output(activation):
     dx, dweight, dbias, out = dwconv_act_backward(dout.to(torch.bfloat16), x, weight, bias, activation,
                                                   need_output=True)
     forward = dwconv_act_forward(x, weight, bias, activation)
-    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    # The output's own channels, then its ones column (ops_util.with_ones_column) for fc2's bias gradient.
+    assert out.dtype == torch.bfloat16 and torch.equal(out[..., 12:], with_ones_column(forward)[..., 12:])
+    out = out[..., :12]
     # Same fp32 values summed in another order: at most one bf16 rounding step apart.
     torch.testing.assert_close(out, forward, rtol=8e-3, atol=1e-6)
     ref = reference_value_and_grads(x, weight, bias, dout.to(torch.bfloat16), activation)
@@ -233,3 +236,14 @@ def test_parameter_gradients_have_the_parameters_strides():
             patch.setenv('MMGM_KERNELS', impl)
             _, dweight, dbias, _ = dwconv_act_backward(dout, x, weight, bias, 'gelu')
         assert dweight.stride() == weight.stride() and dbias.stride() == bias.stride(), impl
+
+
+def test_recomputed_output_has_its_ones_column_under_several_channel_blocks():
+    # SMALL_TILES: 12 channels in two blocks of 8 (the last block's programs write the ones column), partial
+    # 4-wide strips and 2-row walks.
+    gen = torch.Generator().manual_seed(21)
+    x, weight, bias, dout = make_inputs((2, 5, 7, 12), gen, torch.float32)
+    _, _, out = triton_dwconv.dwconv_act_backward(dout, x, weight, bias, 'gelu', need_output=True, **SMALL_TILES)
+    expected = with_ones_column(dwconv_act_forward(x, weight, bias, 'gelu'))
+    assert out.shape == expected.shape and torch.equal(out[..., 12:], expected[..., 12:])
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)

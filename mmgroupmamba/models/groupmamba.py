@@ -432,8 +432,8 @@ class GroupMambaLayer(nn.Module):
     def matmul_params(self):
         """The parameters the layer's matmuls read in the compute dtype, in the order ``forward``'s ``weights``
         lists them: the packed ``in_proj``, ``x_proj``, ``dt_projs`` and ``out_proj`` weights, ``proj``'s weight
-        and bias (the cast bias serves the forward only: the fused layer reduces its gradient in fp32 for the
-        parameter itself). Not the channel affinity's ``fc1`` and ``fc2``: its op reads them in fp32, as they are."""
+        and bias (the cast bias serves the forward only: the fused layer gives its gradient to the parameter
+        itself). Not the channel affinity's ``fc1`` and ``fc2``: its op reads them in fp32, as they are."""
         return [self.in_proj_weight, self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight,
                 self.proj.weight, self.proj.bias]
 
@@ -561,7 +561,7 @@ class ConvFFN(nn.Module):
 
     def matmul_params(self):
         """The linear layers' weights and biases, which the fused layers read in the compute dtype (the cast
-        biases serve the forward only: their gradients are reduced in fp32 for the parameters themselves)."""
+        biases serve the forward only: their gradients go to the parameters themselves)."""
         return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
 
     def channel_params(self):
