@@ -23,7 +23,7 @@ from .gated_norm import (
     residual_layer_norm_fwd,
     residual_layer_norm_grads,
 )
-from .ops_util import cast
+from .ops_util import cast, cast_contiguous
 
 
 def _compute_dtype(t):
@@ -58,8 +58,8 @@ def _linear_backward(ctx, grad_out, weight_c, recompute):
     grads, op_out = recompute(grad_op_out)
     weight_dtype, bias_dtype = ctx.param_dtypes
     grad_both = grad_out2.t() @ cast(op_out.reshape(-1, op_out.shape[-1]), weight_c.dtype)
-    grad_weight = cast(grad_both[:, :in_features], weight_dtype).contiguous()
-    grad_bias = None if bias_dtype is None else cast(grad_both[:, in_features], bias_dtype).contiguous()
+    grad_weight = cast_contiguous(grad_both[:, :in_features], weight_dtype)
+    grad_bias = None if bias_dtype is None else cast_contiguous(grad_both[:, in_features], bias_dtype)
     return grad_weight, grad_bias, grads
 
 
