@@ -23,7 +23,7 @@ from .gated_norm import (
     residual_layer_norm_fwd,
     residual_layer_norm_grads,
 )
-from .ops_util import cast, cast_contiguous
+from .ops_util import cast
 
 
 def _compute_dtype(t):
@@ -58,8 +58,11 @@ def _linear_backward(ctx, grad_out, weight_c, recompute):
     grads, op_out = recompute(grad_op_out)
     weight_dtype, bias_dtype = ctx.param_dtypes
     grad_both = grad_out2.t() @ cast(op_out.reshape(-1, op_out.shape[-1]), weight_c.dtype)
-    grad_weight = cast_contiguous(grad_both[:, :in_features], weight_dtype)
-    grad_bias = None if bias_dtype is None else cast_contiguous(grad_both[:, in_features], bias_dtype)
+    # Views of the matmul's result where no cast makes a copy: the consumers copy only what they must (the packed
+    # parameters' backward reads the bias column as it is; autograd's AccumulateGrad lays a leaf's gradient out
+    # in C++), without a contiguous() call each on the eager step's host path.
+    grad_weight = cast(grad_both[:, :in_features], weight_dtype)
+    grad_bias = None if bias_dtype is None else cast(grad_both[:, in_features], bias_dtype)
     return grad_weight, grad_bias, grads
 
 

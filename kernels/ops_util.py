@@ -183,12 +183,6 @@ def cast(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def cast_contiguous(t, dtype):
-    """``t`` in ``dtype`` and contiguous, in one call: a cast of a view with gaps already comes contiguous
-    (``Tensor.to`` keeps strides only for dense tensors), so ``contiguous()`` runs only where nothing is cast."""
-    return t.contiguous() if t.dtype == dtype else t.to(dtype)
-
-
 # A backward op asked for its recomputed output (``need_output``) returns it with ``ONES_COLUMNS`` more columns:
 # ones, then zeros (the width stays a multiple of 8 elements, for cuBLAS's fast fp16 kernels). The following
 # linear layer's weight-gradient matmul (fused_linear.py) then returns the bias gradient as one more column,
