@@ -4,7 +4,8 @@
 
 For GroupMamba-T's shapes at batch 128, 224x224 (the Mamba layer's SiLU conv on C channels and the FFN's
 GELU conv on its hidden channels, each stage) and the detection shape: the forward and the backward
-(launchers only: pre-activation pass, transposed conv, reduction), median ms of back-to-back calls
+(launchers only: pre-activation pass, transposed conv, reduction; and the backward that also writes the
+recomputed output, as the FFN's conv does), median ms of back-to-back calls
 (``triton.testing.do_bench``) and of CUDA-graph replays (``do_bench_cudagraph``: the kernels without the
 host's launch cost), the minimal bytes over the replayed time as a fraction of copy bandwidth, and the
 PyTorch reference (cuDNN's depthwise conv, permutes, activation) forward + backward. Every shape is first
@@ -52,13 +53,15 @@ def check(x, weight, bias, dout, activation):
     return max(rel_err(a.float(), b) for a, b in zip((out, dx, dweight, dbias), (expected, *grads)))
 
 
-def time_ms(x, weight, bias, dout, activation, replayed=False, **tiling):
+def time_ms(x, weight, bias, dout, activation, replayed=False, need_output=False, **tiling):
     """Median ms of the forward and the backward launchers: called back to back (what eager code pays: a
     launcher whose host time exceeds its kernels' is timed by its host), or ``replayed`` from a CUDA graph
-    (the kernels alone)."""
+    (the kernels alone). ``need_output``: the backward also writes the recomputed output, as the FFN's conv
+    does for the linear layer after it (with its ones column, ``ops_util.with_ones_column``)."""
     bench = do_bench_cudagraph if replayed else do_bench
     fwd = bench(lambda: dwconv_act_forward(x, weight, bias, activation, **tiling), return_mode='median')
-    bwd = bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation, **tiling), return_mode='median')
+    bwd = bench(lambda: dwconv_act_backward(dout, x, weight, bias, activation, need_output=need_output, **tiling),
+                return_mode='median')
     return fwd, bwd
 
 
@@ -88,19 +91,23 @@ def run(sweep):
     bandwidth = copy_bandwidth()
     log(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16 maps')
     log('| shape | B x H x W x C | max rel err | fwd ms called | fwd ms replayed | fwd %BW replayed | bwd ms called '
-        '| bwd ms replayed | bwd %BW replayed | reference fwd+bwd ms called | tiles (fwd) |')
-    log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+        '| bwd ms replayed | bwd %BW replayed | bwd + output ms replayed | bwd + output %BW replayed '
+        '| reference fwd+bwd ms called | tiles (fwd) |')
+    log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for name, batch, height, width, channels, activation in SHAPES:
         tensors = inputs(batch, height, width, channels)
         err = check(*tensors, activation)
         fwd, bwd = time_ms(*tensors, activation)
         fwd_kernels, bwd_kernels = time_ms(*tensors, activation, replayed=True)
+        _, bwd_out_kernels = time_ms(*tensors, activation, replayed=True, need_output=True)
         size = tensors[0].numel() * tensors[0].element_size()
-        # Minimal traffic: forward reads x, writes out; backward reads x and dout, writes dx.
+        # Minimal traffic: forward reads x, writes out; backward reads x and dout, writes dx (and the output).
         fwd_bw, bwd_bw = 2 * size / (fwd_kernels * 1e-3) / bandwidth, 3 * size / (bwd_kernels * 1e-3) / bandwidth
+        bwd_out_bw = 4 * size / (bwd_out_kernels * 1e-3) / bandwidth
         ref = reference_ms(*tensors, activation)
         log(f'| {name} | {batch}x{height}x{width}x{channels} | {err:.1e} | {fwd:.3f} | {fwd_kernels:.3f} | '
-            f'{fwd_bw:.0%} | {bwd:.3f} | {bwd_kernels:.3f} | {bwd_bw:.0%} | {ref:.3f} | {choose_tiles(tensors[0])} |')
+            f'{fwd_bw:.0%} | {bwd:.3f} | {bwd_kernels:.3f} | {bwd_bw:.0%} | {bwd_out_kernels:.3f} | {bwd_out_bw:.0%} '
+            f'| {ref:.3f} | {choose_tiles(tensors[0])} |')
         if sweep and name in SWEEP_SHAPES:
             timings = []
             for values in itertools.product(*SWEEP.values()):
