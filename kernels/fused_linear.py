@@ -32,16 +32,12 @@ def _compute_dtype(t):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
-def _linear_forward(ctx, out, weight, bias, cast_bias):
-    """``F.linear(out, weight, bias)`` in the compute dtype; keeps the cast weight for backward. ``cast_bias``:
-    the bias already in that dtype (cast with other parameters in one launch), or None to cast it here; the
-    gradient goes to ``bias`` either way."""
+def _linear_forward(ctx, out, weight, bias):
+    """``F.linear(out, weight, bias)`` in the compute dtype; keeps the cast weight for backward."""
     dtype = _compute_dtype(out)
     weight_c = cast(weight, dtype)
     ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
-    if bias is not None and cast_bias is None:
-        cast_bias = cast(bias, dtype)
-    return F.linear(cast(out, dtype), weight_c, cast_bias), weight_c
+    return F.linear(cast(out, dtype), weight_c, None if bias is None else cast(bias, dtype)), weight_c
 
 
 def _linear_backward(ctx, grad_out, weight_c, recompute):
@@ -58,9 +54,10 @@ def _linear_backward(ctx, grad_out, weight_c, recompute):
     grads, op_out = recompute(grad_op_out)
     weight_dtype, bias_dtype = ctx.param_dtypes
     grad_both = grad_out2.t() @ cast(op_out.reshape(-1, op_out.shape[-1]), weight_c.dtype)
-    # Views of the matmul's result where no cast makes a copy: the consumers copy only what they must (the packed
-    # parameters' backward reads the bias column as it is; autograd's AccumulateGrad lays a leaf's gradient out
-    # in C++), without a contiguous() call each on the eager step's host path.
+    # Views of the matmul's result where no cast makes a copy: the consumers copy only what they must (a block's
+    # parameters, cast together, take their gradients into one concatenation and one cast, the bias column read
+    # as it is; autograd's AccumulateGrad lays a leaf's gradient out in C++), without a contiguous() call each on
+    # the eager step's host path.
     grad_weight = cast(grad_both[:, :in_features], weight_dtype)
     grad_bias = None if bias_dtype is None else cast(grad_both[:, in_features], bias_dtype)
     return grad_weight, grad_bias, grads
@@ -68,9 +65,9 @@ def _linear_backward(ctx, grad_out, weight_c, recompute):
 
 class GatedNormLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias, cast_bias):
+    def forward(ctx, y, z, weight, bias, groups, eps, out_dtype, linear_weight, linear_bias):
         normed, mean, rstd = gated_group_norm_fwd(y, z, weight, bias, groups, eps, out_dtype, y.shape[-1])
-        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias, cast_bias)
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias)
         ctx.save_for_backward(y, z, weight, bias, mean, rstd, weight_c)
         ctx.constants = (groups, eps, out_dtype)
         return out
@@ -84,7 +81,7 @@ class GatedNormLinearFn(torch.autograd.Function):
             return grads, normed
 
         grad_lw, grad_lb, (dy, dz, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
-        return dy, dz, dw, db, None, None, None, grad_lw, grad_lb, None
+        return dy, dz, dw, db, None, None, None, grad_lw, grad_lb
 
 
 class ResidualNormLinearFn(torch.autograd.Function):
@@ -92,10 +89,10 @@ class ResidualNormLinearFn(torch.autograd.Function):
     out)``. The sum is an output (the next residual add reads it) and the norm's backward reads it."""
 
     @staticmethod
-    def forward(ctx, x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias, cast_bias):
+    def forward(ctx, x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias):
         total, normed, mean, rstd = residual_layer_norm_fwd(x, branch, keep, weight, bias, eps, out_dtype,
                                                             x.shape[-1])
-        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias, cast_bias)
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias)
         ctx.save_for_backward(total, keep, weight, bias, mean, rstd, weight_c)
         ctx.constants = (eps, out_dtype, branch.dtype)
         ctx.set_materialize_grads(False)  # either output's gradient may be absent: no zero fill for it
@@ -106,21 +103,21 @@ class ResidualNormLinearFn(torch.autograd.Function):
         *saved, weight_c = ctx.saved_tensors
         if grad_out is None:  # only the sum was read on
             dx, dbranch, *_ = residual_layer_norm_grads(None, grad_total, *saved, *ctx.constants, False)
-            return dx, dbranch, None, None, None, None, None, None, None, None
+            return dx, dbranch, None, None, None, None, None, None, None
 
         def recompute(grad_normed):
             *grads, normed = residual_layer_norm_grads(grad_normed, grad_total, *saved, *ctx.constants, True)
             return grads, normed
 
         grad_lw, grad_lb, (dx, dbranch, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
-        return dx, dbranch, None, dw, db, None, None, grad_lw, grad_lb, None
+        return dx, dbranch, None, dw, db, None, None, grad_lw, grad_lb
 
 
 class ModulatedNormLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, x, scale, weight, bias, eps, linear_weight, linear_bias, cast_bias):
+    def forward(ctx, y, x, scale, weight, bias, eps, linear_weight, linear_bias):
         normed, mean, rstd = modulated_layer_norm_fwd(y, x, scale, weight, bias, eps)
-        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias, cast_bias)
+        out, weight_c = _linear_forward(ctx, normed, linear_weight, linear_bias)
         ctx.save_for_backward(y, x, scale, weight, bias, mean, rstd, weight_c)
         ctx.eps = eps
         return out
@@ -134,14 +131,14 @@ class ModulatedNormLinearFn(torch.autograd.Function):
             return grads, normed
 
         grad_lw, grad_lb, (dy, dx, dscale, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
-        return dy, dx, dscale, dw, db, None, grad_lw, grad_lb, None
+        return dy, dx, dscale, dw, db, None, grad_lw, grad_lb
 
 
 class ConvActLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, conv_weight, conv_bias, activation, linear_weight, linear_bias, cast_bias):
+    def forward(ctx, h, conv_weight, conv_bias, activation, linear_weight, linear_bias):
         out, weight_c = _linear_forward(ctx, dwconv_act_forward(h, conv_weight, conv_bias, activation),
-                                        linear_weight, linear_bias, cast_bias)
+                                        linear_weight, linear_bias)
         ctx.save_for_backward(h, conv_weight, conv_bias, weight_c)
         ctx.activation = activation
         return out
@@ -156,48 +153,35 @@ class ConvActLinearFn(torch.autograd.Function):
             return (dh, dw, db), hidden
 
         grad_lw, grad_lb, (dh, dw, db) = _linear_backward(ctx, grad_out, weight_c, recompute)
-        return dh, dw, db, None, grad_lw, grad_lb, None
+        return dh, dw, db, None, grad_lw, grad_lb
 
 
-def _cast_only(cast_bias, linear_bias):
-    """``cast_bias`` unless it is ``linear_bias`` itself (nothing needed a cast): Dynamo cannot trace an
-    ``autograd.Function`` given the same tensor twice, and ``_linear_forward`` uses the bias as it is then."""
-    return None if cast_bias is linear_bias else cast_bias
-
-
-def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, linear_bias=None, out_dtype=None,
-                            cast_bias=None):
+def gated_group_norm_linear(y, z, weight, bias, groups, eps, linear_weight, linear_bias=None, out_dtype=None):
     """``F.linear(gated_group_norm(y, z, weight, bias, groups, eps, out_dtype), linear_weight, linear_bias)``.
 
-    ``cast_bias`` (here and in the other pairs): ``linear_bias`` already in the compute dtype, for the forward
-    only (a block casts its biases with its weights, in one launch); the gradient still reaches
-    ``linear_bias``."""
+    Here and in the other pairs, the linear layer's parameters may come in the compute dtype already (a block
+    casts its weights and biases together, in one launch each way) or be cast here."""
     return GatedNormLinearFn.apply(y, z, weight, bias, groups, eps, out_dtype or promoted_dtype(y, z),
-                                   linear_weight, linear_bias, _cast_only(cast_bias, linear_bias))
+                                   linear_weight, linear_bias)
 
 
-def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None, cast_bias=None):
+def layer_norm_linear(x, weight, bias, eps, out_dtype, linear_weight, linear_bias=None):
     """``F.linear(layer_norm(x, weight, bias, eps, out_dtype), linear_weight, linear_bias)``."""
-    return gated_group_norm_linear(x, None, weight, bias, 1, eps, linear_weight, linear_bias, out_dtype, cast_bias)
+    return gated_group_norm_linear(x, None, weight, bias, 1, eps, linear_weight, linear_bias, out_dtype)
 
 
-def residual_layer_norm_linear(x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias=None,
-                               cast_bias=None):
+def residual_layer_norm_linear(x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias=None):
     """``(total, F.linear(normed, linear_weight, linear_bias))`` for ``(total, normed) = residual_layer_norm(x,
     branch, keep, weight, bias, eps, out_dtype)``: a residual add, the norm after it and the linear layer after
     that."""
-    return ResidualNormLinearFn.apply(x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias,
-                                      _cast_only(cast_bias, linear_bias))
+    return ResidualNormLinearFn.apply(x, branch, keep, weight, bias, eps, out_dtype, linear_weight, linear_bias)
 
 
-def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None, cast_bias=None):
+def modulated_layer_norm_linear(y, x, scale, weight, bias, eps, linear_weight, linear_bias=None):
     """``F.linear(modulated_layer_norm(y, x, scale, weight, bias, eps), linear_weight, linear_bias)``."""
-    return ModulatedNormLinearFn.apply(y, x, scale, weight, bias, eps, linear_weight, linear_bias,
-                                       _cast_only(cast_bias, linear_bias))
+    return ModulatedNormLinearFn.apply(y, x, scale, weight, bias, eps, linear_weight, linear_bias)
 
 
-def depthwise_conv_act_linear(h, conv_weight, conv_bias, activation, linear_weight, linear_bias=None,
-                              cast_bias=None):
+def depthwise_conv_act_linear(h, conv_weight, conv_bias, activation, linear_weight, linear_bias=None):
     """``F.linear(depthwise_conv_act(h, conv_weight, conv_bias, activation), linear_weight, linear_bias)``."""
-    return ConvActLinearFn.apply(h, conv_weight, conv_bias, activation, linear_weight, linear_bias,
-                                 _cast_only(cast_bias, linear_bias))
+    return ConvActLinearFn.apply(h, conv_weight, conv_bias, activation, linear_weight, linear_bias)

@@ -113,7 +113,7 @@ class _GatherStored(torch.autograd.Function):
         stored = compact.view(blocks, -1).index_select(1, index)
         cast_end = offsets[cast_count] if cast_count < len(offsets) else stored.shape[1]
         cast = stored[:, :cast_end].to(dtype)
-        ctx.set_materialize_grads(False)  # an output that gets no gradient (a cast bias) costs nothing then
+        ctx.set_materialize_grads(False)  # an output that gets no gradient costs nothing then
         ctx.save_for_backward(inverse)
         ctx.param_shapes = [p.shape for p in params[:per_block]]
         # Each stored tensor is followed by a gap up to the next one's aligned start.

@@ -504,7 +504,7 @@ def test_cast_together_keeps_every_weight_aligned(dtype):
 
 def test_cast_together_launches_one_cat_and_one_cast_each_way():
     """No fill for the padding between the parts, forward or backward (a launch each on the GPU), nor for a
-    part that gets no gradient (a cast bias serves the forward only): its parameter gets None from the cast."""
+    part that gets no gradient (one no loss reached): its parameter gets None from the cast."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from mmgroupmamba.models.groupmamba import cast_together

@@ -257,7 +257,7 @@ class _CastTogether(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        # A part without a gradient (a cast bias, which serves the forward only) keeps an unfilled place, like
+        # A part without a gradient (a part no loss reached, a frozen parameter) keeps an unfilled place, like
         # the padding, and its parameter gets None from here.
         unfilled = torch.empty(max(s.numel() + pad for s, pad in zip(ctx.shapes, ctx.pads)), dtype=ctx.dtype,
                                device=ctx.device)
@@ -432,8 +432,7 @@ class GroupMambaLayer(nn.Module):
     def matmul_params(self):
         """The parameters the layer's matmuls read in the compute dtype, in the order ``forward``'s ``weights``
         lists them: the packed ``in_proj``, ``x_proj``, ``dt_projs`` and ``out_proj`` weights, ``proj``'s weight
-        and bias (the cast bias serves the forward only: the fused layer gives its gradient to the parameter
-        itself). Not the channel affinity's ``fc1`` and ``fc2``: its op reads them in fp32, as they are."""
+        and bias. Not the channel affinity's ``fc1`` and ``fc2``: its op reads them in fp32, as they are."""
         return [self.in_proj_weight, self.x_proj_weight, self.dt_projs_weight, self.out_proj_weight,
                 self.proj.weight, self.proj.bias]
 
@@ -450,8 +449,8 @@ class GroupMambaLayer(nn.Module):
 
     def channel_params(self):
         """The parameters read as they are (fp32): the conv's weight and bias, the scan's ``A_logs``, ``Ds`` and
-        delta bias, and ``proj``'s bias (its gradient's way back from the fused layer)."""
-        return [self.conv2d.weight, self.conv2d.bias, self.A_logs, self.Ds, self.dt_projs_bias, self.proj.bias]
+        delta bias."""
+        return [self.conv2d.weight, self.conv2d.bias, self.A_logs, self.Ds, self.dt_projs_bias]
 
     def stored_layouts(self):
         """Two lists of ``(shape, pad)``, one entry for each of :meth:`matmul_params` and of :meth:`channel_params`:
@@ -468,7 +467,7 @@ class GroupMambaLayer(nn.Module):
         matmul = [in_proj, blocks(rank + 2, group), blocks(group, rank), blocks(group, group),
                   lambda weight: self.pad(self.pad(weight, 0), 1), self.pad]
         channel = [functools.partial(self.pad, dim=0), self.pad, functools.partial(self.pad, dim=0), self.pad,
-                   blocks(NUM_GROUPS, group), self.pad]
+                   blocks(NUM_GROUPS, group)]
         return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
                 [(p.shape, pad) for p, pad in zip(self.channel_params(), channel)])
 
@@ -478,10 +477,10 @@ class GroupMambaLayer(nn.Module):
         (``projections``, already built for a stage's blocks together, or :meth:`projections`), ``proj``'s weight and
         bias, then the fp32 ones (``A_logs`` and the delta bias flattened)."""
         *scan_weights, proj_weight, proj_bias = cast_params
-        conv_weight, conv_bias, a_logs, ds, delta_bias, proj_bias_param = channel_params
+        conv_weight, conv_bias, a_logs, ds, delta_bias = channel_params
         projections = self.projections(*scan_weights) if projections is None else projections
         return (*projections, proj_weight, proj_bias, conv_weight, conv_bias, a_logs.flatten(),
-                ds, delta_bias.flatten(), proj_bias_param)
+                ds, delta_bias.flatten())
 
     def pad(self, t, dim=-1):
         """``t``'s ``dim`` of ``C`` channels laid out in the stored channels (itself where they are the same)."""
@@ -500,8 +499,8 @@ class GroupMambaLayer(nn.Module):
                 raise ValueError(f'GroupMambaLayer: a padded layer ({self.Ds.numel()} channels stored as {stored}) '
                                  f'reads its weights in the stored layout: pass GroupMambaBlock\'s')
             weights = self.forward_weights(cast_together(self.matmul_params(), x.dtype), self.channel_params())
-        (in_proj, delta_bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds, delta_bias,
-         proj_bias_param) = weights
+        (in_proj, delta_bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds,
+         delta_bias) = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
         scale = channel_affinity(unpad_groups(x.mean((1, 2)), self.Ds.numel()), self.fc1.weight, self.fc1.bias,
                                  self.fc2.weight, self.fc2.bias, self.skip_scale)
@@ -521,7 +520,7 @@ class GroupMambaLayer(nn.Module):
         # The scale is applied with x inside the output LayerNorm's pass (the same LayerNorm as at the input, as
         # in the official model).
         return modulated_layer_norm_linear(y, x, scale, self.norm.weight, self.norm.bias, self.norm.eps,
-                                           proj_weight, proj_bias_param, cast_bias=proj_bias)
+                                           proj_weight, proj_bias)
 
 
 def _state_dict_to_official(module, state_dict, prefix, local_metadata):
@@ -560,20 +559,18 @@ class ConvFFN(nn.Module):
         self.stored_dims = stored_dims or dims  # as GroupMambaLayer's
 
     def matmul_params(self):
-        """The linear layers' weights and biases, which the fused layers read in the compute dtype (the cast
-        biases serve the forward only: their gradients go to the parameters themselves)."""
+        """The linear layers' weights and biases, which the fused layers read in the compute dtype."""
         return [self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias]
 
     def channel_params(self):
-        """``fc2``'s bias as it is (fp32): its gradient's way back from the fused layer."""
-        return [self.fc2.bias]
+        """None: the FFN reads every parameter in the compute dtype (the layer's list's counterpart)."""
+        return []
 
     def stored_layouts(self):
         """As :meth:`GroupMambaLayer.stored_layouts`: ``fc1``'s input channels and ``fc2``'s output channels are
         the stage's (the hidden ones are never padded)."""
         matmul = [functools.partial(self.pad, dim=1), lambda bias: bias, functools.partial(self.pad, dim=0), self.pad]
-        return ([(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)],
-                [(self.fc2.bias.shape, self.pad)])
+        return [(p.shape, pad) for p, pad in zip(self.matmul_params(), matmul)], []
 
     def forward_weights(self, cast_params, channel_params):
         """What ``forward`` reads: :meth:`matmul_params` in the compute dtype, then :meth:`channel_params`, each
@@ -589,18 +586,16 @@ class ConvFFN(nn.Module):
         norm's pass: :func:`add_layer_norm`; x itself comes back without one). ``weights``: :meth:`forward_weights`
         (:func:`build_forward_weights` builds them for a stage's blocks together)."""
         dtype = _compute_dtype(x)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc2_bias_param = weights or self.forward_weights(
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = weights or self.forward_weights(
             cast_together(self.matmul_params(), dtype), self.channel_params())
         if residual is None:
-            h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, self.fc1.bias,
-                                  cast_bias=fc1_bias)
+            h = layer_norm_linear(x, norm.weight, norm.bias, norm.eps, dtype, fc1_weight, fc1_bias)
         else:
             branch, mask = residual
             x, h = residual_layer_norm_linear(x, branch, _per_image(mask), norm.weight, norm.bias, norm.eps, dtype,
-                                              fc1_weight, self.fc1.bias, cast_bias=fc1_bias)
+                                              fc1_weight, fc1_bias)
         conv = self.dwconv.dwconv
-        return x, depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, fc2_bias_param,
-                                            cast_bias=fc2_bias)
+        return x, depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, fc2_bias)
 
 
 class _AddDroppedBranch(torch.autograd.Function):
