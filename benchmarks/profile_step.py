@@ -246,7 +246,10 @@ def main():
         print(f'{name}{suffix}: host time by function over 3 steps (cProfile, own time):')
         print(host_functions(step, torch.cuda.synchronize, args.cprofile))
     host_ms, low, high = statistics.median(host_steps_ms), min(host_steps_ms), max(host_steps_ms)
-    print(f'{name}{suffix} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
+    # The compile settings on the result line: --compile alone compiles with static sizes (dynamic=False), where
+    # the backbone's own compile option defaults to symbolic ones.
+    setting = f' ({", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))})' if args.compile else ''
+    print(f'{name}{suffix}{setting} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
           f'{host_ms:.1f} ms (median of {len(host_steps_ms)} steps, {low:.1f}-{high:.1f}), GPU kernels '
           f'{kernel_ms:.1f} ms in {launches} launches', flush=True)
     if args.take_turns:
