@@ -2,13 +2,14 @@
 
     python benchmarks/dwconv_pitch.py [--pads 8 16 64] [--device cuda]
 
-Since the ones column (``ops_util.ONES_COLUMNS``), the pass that recomputes the FFN's hidden map for the linear
-layer after it writes each pixel's C channels followed by 8 more columns: rows 2 * (C + 8) bytes apart, 1040 for
-C = 512. On an H100 that pass then took 92.1 us a launch against 80.8 without the column (forty-fourth session,
-det step, its 38 launches), 1.6 % more bytes for 14 % more time. The lead: at that pitch a program's 64-channel
-run (128 bytes) of a pixel starts in the middle of a 32-byte sector for every other pixel, and the next channel
-block's program writes the rest of that sector at another time. At C + 16 columns every run starts on a sector;
-at C + 64 on a 128-byte line.
+The ones column (``ops_util.ONES_COLUMNS``) first came as 8 more columns after each pixel's C channels of the
+FFN's recomputed hidden map: rows 2 * (C + 8) bytes apart, 1040 for C = 512. On an H100 the pass that writes that
+map then took 92.1 us a launch against 80.8 without the column (forty-fourth session, det step, its 38 launches),
+1.6 % more bytes for 14 % more time. The lead: at that pitch a program's 64-channel run (128 bytes) of a pixel
+starts in the middle of a 32-byte sector for every other pixel, and the next channel block's program writes the
+rest of that sector at another time. At C + 16 columns every run starts on a sector; at C + 64 on a 128-byte
+line. Measured here (forty-fifth session, H100): C + 16 took 5 % off the pass at the det shapes and 10 % at bs
+128, C + 64 nothing more, so the column is 16 wide now (README, forty-fifth session).
 
 This script launches ``_dwconv_bwd_pre_kernel`` itself, at the launcher's tiling, writing the recomputed map with
 ``C + pad`` columns for each ``pad`` (its first column ones, the rest zeros, as the kernel writes them), and
