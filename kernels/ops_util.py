@@ -187,8 +187,11 @@ def cast(t, dtype):
 # ones, then zeros. The following linear layer's weight-gradient matmul (fused_linear.py) then returns the bias
 # gradient as one more column, without a reduction that reads the output gradient again (kernels/README.md,
 # "bias-gradient sums"). 16, not 8: with the maps' channels a multiple of 16, every row of a 2-byte map then
-# starts on a 32-byte sector, which took 0.35 ms off an H100's graphed det step against 8 (the FFN conv's
-# backward, the gated norm's and the weight-gradient matmuls: kernels/README.md, "The ones column's pitch").
+# starts on a 32-byte sector, which took 0.35 ms off an H100's graphed det step of GroupMamba-T against 8 (the FFN
+# conv's backward, the gated norm's and the weight-gradient matmuls: kernels/README.md, "The ones column's
+# pitch"). All of T's and S's maps have such widths; GroupMamba-B's stage 3 (424 channels) does not, and its
+# norm outputs' rows (440 elements) now miss the sector that 432 had: a width-dependent column, up to the next
+# multiple of 16, would serve both (not built or measured yet).
 ONES_COLUMNS = 16
 
 
