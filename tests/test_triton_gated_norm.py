@@ -486,3 +486,94 @@ def test_residual_norm_then_linear_matches_reference(dtype, dropping):
                              ref_grads, tensors):
         assert g.dtype == a.dtype and g.shape == a.shape, name
         assert rel_err(g, r) <= tolerance, (name, rel_err(g, r))
+
+
+def test_ones_columns_fill_rows_to_the_next_multiple_of_16():
+    """1 to 16 columns: 16 at multiples of 16 (T's and S's widths), 8 at GroupMamba-B's stage 3 (424 -> 432)."""
+    from mmgroupmamba.kernels.ops_util import ones_columns, with_ones_column, with_ones_column_shape
+    for width in range(1, 70):
+        pad = ones_columns(width)
+        assert 1 <= pad <= 16 and (width + pad) % 16 == 0, width
+        assert with_ones_column_shape((2, width)) == (2, width + pad)
+    assert [ones_columns(w) for w in (64, 128, 352, 424, 448, 1392)] == [16, 16, 16, 8, 16, 16]
+    out = with_ones_column(torch.full((2, 13), 5.0))
+    assert out.shape == (2, 16) and out[:, 13].eq(1).all() and out[:, 14:].eq(0).all()
+
+
+def assert_ones_column_rows(out, width):
+    """``out``'s rows are the next multiple of 16 above ``width``: its own columns, a one, then zeros."""
+    assert out.shape[-1] == (width // 16 + 1) * 16
+    assert out[..., width].eq(1).all() and out[..., width + 1:].eq(0).all()
+
+
+# Widths off 16: the column's PAD is 12 (20 channels: 4 groups of 5), 5 (11: one group) and 3 (13).
+@pytest.mark.parametrize('group_dims, groups, gated', [(5, 4, True), (11, 1, False), (13, 1, False)])
+def test_gated_norm_recomputed_rows_at_widths_off_16(group_dims, groups, gated):
+    """The backward kernel's recomputed output at PADs that are not powers of 2 (a masked column tile)."""
+    from mmgroupmamba.kernels.triton_gated_norm import gated_norm_backward, gated_norm_forward
+    width = groups * group_dims
+    gen = torch.Generator().manual_seed(width)
+    y, z, w, b = (t.detach() for t in inputs(9, width, torch.float32, gen, strided_z=True))
+    z = z if gated else None
+    dout = torch.randn(9, width, generator=gen)
+    normed, mean, rstd = gated_norm_forward(y, z, w, b, groups, 1e-5, torch.float32)
+    for tiling in ({}, dict(block_n=4, tiles_per_program=2)):
+        out = gated_norm_backward(dout, y, z, w, b, mean, rstd, groups, torch.float32, True, **tiling)[3]
+        assert_ones_column_rows(out, width)
+        torch.testing.assert_close(out[..., :width], normed, rtol=1e-6, atol=1e-6)
+    if groups == 4:
+        gated_backward_matches_float64(9, group_dims, gated)
+
+
+@pytest.mark.parametrize('channels', [13, 20])
+def test_modulated_norm_recomputed_rows_at_widths_off_16(channels):
+    from mmgroupmamba.kernels.triton_gated_norm import modulated_norm_backward, modulated_norm_forward
+    gen = torch.Generator().manual_seed(channels)
+    y, x, dout = (torch.randn(2, 2, 3, channels, generator=gen) for _ in range(3))
+    scale = torch.rand(2, channels, generator=gen) + 0.5
+    w, b = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    normed, mean, rstd = modulated_norm_forward(y, x, scale, w, b, 1e-5)
+    out = modulated_norm_backward(dout, y, x, scale, w, b, mean, rstd, True, block_n=4)[4]
+    assert_ones_column_rows(out, channels)
+    torch.testing.assert_close(out[..., :channels], normed, rtol=1e-6, atol=1e-6)
+    modulated_backward_matches_float64(2, (2, 3), channels)
+
+
+@pytest.mark.parametrize('norm, width', [('gated', 20), ('layer norm', 13), ('modulated', 11), ('residual', 13)])
+def test_norm_then_linear_bias_gradient_at_widths_off_16(norm, width):
+    """The linear layer's bias gradient comes out of the weight-gradient matmul's column that meets the ones
+    (PAD 12, 3 and 5 here): equal to the reference's, as every other gradient."""
+    from mmgroupmamba.kernels import modulated_layer_norm_reference
+    F = torch.nn.functional
+    gen = torch.Generator().manual_seed(width)
+    shape = (2, 2, 3, width)
+    y, z, x = ((torch.randn(shape, generator=gen) * 2 + 0.5) for _ in range(3))
+    scale = torch.rand(2, width, generator=gen) + 0.5
+    w, b = torch.randn(width, generator=gen), torch.randn(width, generator=gen)
+    lw, lb = torch.randn(6, width, generator=gen), torch.randn(6, generator=gen)
+    cases = {
+        'gated': (lambda y, z, w, b, lw, lb: gated_group_norm_linear(y, z, w, b, 4, 1e-5, lw, lb),
+                  lambda y, z, w, b, lw, lb: F.linear(gated_group_norm_reference(y, z, w, b, 4, 1e-5), lw, lb),
+                  [y, z, w, b, lw, lb]),
+        'layer norm': (lambda x, w, b, lw, lb: layer_norm_linear(x, w, b, 1e-6, x.dtype, lw, lb),
+                       lambda x, w, b, lw, lb: F.linear(F.layer_norm(x, (width,), w, b, 1e-6), lw, lb),
+                       [x, w, b, lw, lb]),
+        'modulated': (lambda *a: modulated_layer_norm_linear(*a[:5], 1e-5, *a[5:]),
+                      lambda *a: F.linear(modulated_layer_norm_reference(*a[:5], 1e-5), *a[5:]),
+                      [y, x, scale, w, b, lw, lb]),
+        'residual': (lambda x, y, w, b, lw, lb: residual_layer_norm_linear(x, y, None, w, b, 1e-6, x.dtype, lw, lb)[1],
+                     lambda x, y, w, b, lw, lb: F.linear(F.layer_norm(x + y, (width,), w, b, 1e-6), lw, lb),
+                     [x, y, w, b, lw, lb]),
+    }
+    fused, plain, tensors = cases[norm]
+    args = [t.clone().requires_grad_() for t in tensors]
+    out = fused(*args)
+    dout = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, args, dout)
+    exact = [t.detach().double().requires_grad_() for t in tensors]
+    ref = plain(*exact)
+    ref_grads = torch.autograd.grad(ref, exact, dout.double())
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(grads[-1], ref_grads[-1]) <= 1e-5  # the linear bias's
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.shape == r.shape and rel_err(g, r) <= 1e-5, (norm, i, rel_err(g, r))
