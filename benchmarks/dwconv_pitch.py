@@ -2,15 +2,14 @@
 
     python benchmarks/dwconv_pitch.py [--pads 8 16 64] [--device cuda]
 
-The ones column (``ops_util.ones_columns``) first came as 8 more columns after each pixel's C channels of the
+The ones column (``ops_util.ONES_COLUMNS``) first came as 8 more columns after each pixel's C channels of the
 FFN's recomputed hidden map: rows 2 * (C + 8) bytes apart, 1040 for C = 512. On an H100 the pass that writes that
 map then took 92.1 us a launch against 80.8 without the column (forty-fourth session, det step, its 38 launches),
 1.6 % more bytes for 14 % more time. The lead: at that pitch a program's 64-channel run (128 bytes) of a pixel
 starts in the middle of a 32-byte sector for every other pixel, and the next channel block's program writes the
 rest of that sector at another time. At C + 16 columns every run starts on a sector; at C + 64 on a 128-byte
 line. Measured here (forty-fifth session, H100): C + 16 took 5 % off the pass at the det shapes and 10 % at bs
-128, C + 64 nothing more, so the column was made 16 wide (README, forty-fifth session); it now fills each row up
-to the next multiple of 16 above C (16 columns at these shapes).
+128, C + 64 nothing more, so the column is 16 wide now (README, forty-fifth session).
 
 This script launches ``_dwconv_bwd_pre_kernel`` itself, at the launcher's tiling, writing the recomputed map with
 ``C + pad`` columns for each ``pad`` (its first column ones, the rest zeros, as the kernel writes them), and
@@ -67,12 +66,12 @@ def inputs(batch, height, width, channels, device):
 def check(x, weight, bias, dout, pads):
     """Raises unless every variant's pre-activation gradient equals the launcher's bitwise and its map's channels
     equal the launcher's recomputed output, with a ones column and zeros after it."""
-    from mmgroupmamba.kernels.ops_util import ones_columns
+    from mmgroupmamba.kernels.ops_util import ONES_COLUMNS
     from mmgroupmamba.kernels.triton_dwconv import dwconv_act_backward
 
     channels = x.shape[-1]
     _, _, expected_out = dwconv_act_backward(dout, x, weight, bias, 'gelu', need_output=True)
-    expected_pre, _ = launch(x, weight, bias, dout, ones_columns(channels))
+    expected_pre, _ = launch(x, weight, bias, dout, ONES_COLUMNS)
     for pad in [None, *pads]:
         d_pre, out = launch(x, weight, bias, dout, pad)
         if not torch.equal(d_pre, expected_pre):
@@ -90,7 +89,7 @@ def check(x, weight, bias, dout, pads):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--pads', type=int, nargs='+', default=[8, 16, 64],
-                        help='columns after the map (the kernel stores them in tiles of 16, a partial one masked)')
+                        help='columns after the map (powers of 2: the kernel stores them as one tile)')
     parser.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
     args = parser.parse_args(argv)
     if args.device == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':

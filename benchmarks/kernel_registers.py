@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 from mmgroupmamba.kernels import triton_affinity, triton_dwconv, triton_gated_norm, triton_scan
 from mmgroupmamba.kernels.layout import stored_channels
-from mmgroupmamba.kernels.ops_util import cdiv, ones_columns
+from mmgroupmamba.kernels.ops_util import ONES_COLUMNS, cdiv
 
 DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
 GROUPS = 4
@@ -98,7 +98,7 @@ def norm_rows():
                 constexprs = dict(GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n,
                                   BLOCK_D=block_d, GATED=gated, HAS_KEEP=residual)
                 if backward:
-                    constexprs.update(STORE_OUT=True, ADD_DTOTAL=residual, PAD=ones_columns(stored))
+                    constexprs.update(STORE_OUT=True, ADD_DTOTAL=residual, PAD=ONES_COLUMNS)
                 else:
                     constexprs['RESIDUAL'] = residual
                 yield (f'{name} {"bwd" if backward else "fwd"}', channels,
@@ -107,7 +107,7 @@ def norm_rows():
                                         (True, norm._modulated_norm_bwd_kernel, MOD_BWD)):
             block_n, block_c, warps = norm._tiles(stored)
             constexprs = dict(**norm._modulated_layout(stored, channels), BLOCK_N=block_n, BLOCK_C=block_c,
-                              **({'STORE_OUT': True, 'PAD': ones_columns(stored)} if backward else {}))
+                              **({'STORE_OUT': True, 'PAD': ONES_COLUMNS} if backward else {}))
             yield (f'modulated norm {"bwd" if backward else "fwd"}', channels, f'block_n={block_n}', fn, signature,
                    constexprs, warps)
 
@@ -125,7 +125,7 @@ def dwconv_rows(sms=132):
                 if backward:
                     fn, signature = conv._dwconv_bwd_pre_kernel, DWCONV_BWD
                     constexprs = dict(ACT=act, NEED_OUT=act == 2, PREFETCH=prefetch, STAGES=stages,
-                                      BLOCK_W=block_w, BLOCK_C=block_c, PAD=ones_columns(width))
+                                      BLOCK_W=block_w, BLOCK_C=block_c, PAD=ONES_COLUMNS)
                 else:
                     fn, signature = conv._dwconv_fwd_kernel, DWCONV_FWD
                     constexprs = dict(ACT=act, HAS_BIAS=True, FLIP=False, PREFETCH=prefetch, STAGES=stages,

@@ -183,34 +183,29 @@ def cast(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-# A backward op asked for its recomputed output (``need_output``) returns it with ``ones_columns(C)`` more columns
-# after its own C: a one, then zeros. The following linear layer's weight-gradient matmul (fused_linear.py) then
-# returns the bias gradient as one more column, without a reduction that reads the output gradient again
-# (kernels/README.md, "bias-gradient sums"). The rows come out a multiple of ``ONES_COLUMN_ALIGNMENT`` elements
-# wide, so that every row of a 2-byte map starts on a 32-byte sector: against 8 columns, 16 (T's widths are all
-# multiples of 16) took 0.35 ms off an H100's graphed det step of GroupMamba-T (the FFN conv's backward, the gated
-# norm's and the weight-gradient matmuls: kernels/README.md, "The ones column's pitch"). T and S (stage 3 stored as
-# 352) get 16 columns everywhere; GroupMamba-B's stage-3 norm outputs (424 channels) get 8, rows of 432 elements
-# (440 with a fixed 16). B has not been timed on the GPU with either.
-ONES_COLUMN_ALIGNMENT = 16
-
-
-def ones_columns(width):
-    """How many columns follow a recomputed output's own ``width`` (1 to ``ONES_COLUMN_ALIGNMENT``): its rows
-    become the next multiple of ``ONES_COLUMN_ALIGNMENT`` above ``width``."""
-    return ONES_COLUMN_ALIGNMENT - width % ONES_COLUMN_ALIGNMENT
+# A backward op asked for its recomputed output (``need_output``) returns it with ``ONES_COLUMNS`` more columns:
+# ones, then zeros. The following linear layer's weight-gradient matmul (fused_linear.py) then returns the bias
+# gradient as one more column, without a reduction that reads the output gradient again (kernels/README.md,
+# "bias-gradient sums"). 16, not 8: with the maps' channels a multiple of 16, every row of a 2-byte map then
+# starts on a 32-byte sector, which took 0.35 ms off an H100's graphed det step of GroupMamba-T against 8 (the FFN
+# conv's backward, the gated norm's and the weight-gradient matmuls: kernels/README.md, "The ones column's
+# pitch"). All of T's and S's maps have such widths; GroupMamba-B's stage 3 (424 channels) does not, and its
+# norm outputs' rows have 440 elements. A width-dependent column, up to the next multiple of 16 (432 there), was
+# built (05b843f) and measured slower on an H100: B's gated norm backward 54.0-54.3 against 49.4 us a launch in
+# the graphed det step (README, forty-sixth session), so the column stays 16 wide everywhere.
+ONES_COLUMNS = 16
 
 
 def with_ones_column(out):
-    """``out`` with the ``ones_columns`` columns after its own: a one, then zeros (the reference's form)."""
-    pad = out.new_zeros((*out.shape[:-1], ones_columns(out.shape[-1])))
+    """``out`` with the ``ONES_COLUMNS`` columns after its own: ones, then zeros (the reference's form)."""
+    pad = out.new_zeros((*out.shape[:-1], ONES_COLUMNS))
     pad[..., 0] = 1
     return torch.cat([out, pad], -1)
 
 
 def with_ones_column_shape(shape):
     """The shape of :func:`with_ones_column`'s result for an output of ``shape``."""
-    return (*shape[:-1], shape[-1] + ones_columns(shape[-1]))
+    return (*shape[:-1], shape[-1] + ONES_COLUMNS)
 
 
 def reduced_dtype(t):

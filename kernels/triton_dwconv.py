@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import multiprocessors
-from .ops_util import cdiv, launchable, next_power_of_2, ones_columns, size_hint, with_ones_column_shape
+from .ops_util import ONES_COLUMNS, cdiv, launchable, next_power_of_2, size_hint, with_ones_column_shape
 from .reference import check_dwconv_activation
 from .triton_gated_norm import _store_ones_column
 
@@ -388,7 +388,7 @@ def dwconv_act_backward(dout, x, weight, bias, activation, need_output=False, **
             x, taps, bias, dout, d_pre, out if need_output else d_pre, part, height, width, channels,
             n_cb, n_wb, n_rb, rows, x.stride(0), x.stride(1), x.stride(2), dout.stride(0), dout.stride(1),
             dout.stride(2), ACT=_ACT_CODES[activation], NEED_OUT=need_output, PREFETCH=prefetch, STAGES=stages,
-            BLOCK_W=block_w, BLOCK_C=block_c, PAD=ones_columns(channels), num_warps=num_warps)
+            BLOCK_W=block_w, BLOCK_C=block_c, PAD=ONES_COLUMNS, num_warps=num_warps)
     dparams = part.sum(1)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if dx.numel():

@@ -21,16 +21,7 @@ import triton.language as tl
 
 from .dispatch import multiprocessors
 from .layout import GROUPS, group_widths
-from .ops_util import (
-    ONES_COLUMN_ALIGNMENT,
-    cast,
-    cdiv,
-    launchable,
-    next_power_of_2,
-    ones_columns,
-    size_hint,
-    with_ones_column_shape,
-)
+from .ops_util import ONES_COLUMNS, cast, cdiv, launchable, next_power_of_2, size_hint, with_ones_column_shape
 
 
 @triton.jit
@@ -42,32 +33,12 @@ def _row_tile(tile, N, col_ok, BLOCK_N: tl.constexpr):
     return rows, row_ok, row_ok[:, None] & col_ok[None, :], rows.to(tl.int64)[:, None]
 
 
-# The ones column's widest tile: ops_util.ONES_COLUMN_ALIGNMENT, a power of 2 as tl.arange needs.
-_ONES_TILE = tl.constexpr(ONES_COLUMN_ALIGNMENT)
-
-
 @triton.jit
 def _store_ones_column(pad, row_ok, PAD: tl.constexpr):
     """The ``PAD`` columns after a recomputed output's own (``ops_util.with_ones_column``): a one, then zeros.
-    ``pad``: each row's first such column, ``(rows, 1)`` pointers; ``row_ok`` the rows' ``(rows, 1)`` mask.
-
-    Tiles of ``_ONES_TILE`` columns; a remainder that is a power of 2 as a tile of its own width, any other as a
-    masked tile. (A masked 16-column tile for GroupMamba-B's stage-3 PAD of 8 took the residual LayerNorm's
-    backward from 112 to 150 registers, ptxas for sm_90; an 8-column tile keeps 112, as 16 columns had.)"""
-    for start in tl.static_range(0, PAD, _ONES_TILE):
-        if start + _ONES_TILE <= PAD:
-            _store_ones_tile(pad, start + tl.arange(0, _ONES_TILE)[None, :], row_ok)
-        elif ((PAD - start) & (PAD - start - 1)) == 0:
-            _store_ones_tile(pad, start + tl.arange(0, PAD - start)[None, :], row_ok)
-        else:
-            cols = start + tl.arange(0, _ONES_TILE)[None, :]
-            _store_ones_tile(pad, cols, row_ok & (cols < PAD))
-
-
-@triton.jit
-def _store_ones_tile(pad, cols, mask):
-    """Columns ``cols`` of the ones column (a one at column 0, else zeros), rows and columns ``mask``."""
-    tl.store(pad + cols, tl.where(cols == 0, 1.0, 0.0).to(pad.dtype.element_ty), mask=mask)
+    ``pad``: each row's first such column, ``(rows, 1)`` pointers; ``row_ok`` the rows' ``(rows, 1)`` mask."""
+    cols = tl.arange(0, PAD)[None, :]
+    tl.store(pad + cols, tl.where(cols == 0, 1.0, 0.0).to(pad.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -383,8 +354,7 @@ def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need
     else:
         dz = dy
     # The recomputed output comes with its ones column (ops_util.with_ones_column), written by the kernel.
-    pad = ones_columns(out_channels)
-    out = torch.empty((n, out_channels + pad), dtype=out_dtype, device=y.device) if need_output else dy
+    out = torch.empty((n, out_channels + ONES_COLUMNS), dtype=out_dtype, device=y.device) if need_output else dy
     valid = weight.numel()
     layout = _layout_meta(valid, channels, out_channels, groups)
     per_program, group_programs = _group_tiles(groups, layout['D'], groups_per_program)
@@ -402,7 +372,7 @@ def _norm_backward(dout, y, z, weight, bias, mean, rstd, groups, out_dtype, need
         _rows_per_image(y) if residual else n, tiles_per_program, dout2.stride(0), y2.stride(0), z2.stride(0),
         dy.stride(0), dz.stride(0), out.stride(0), dtotal2.stride(0), valid, dwb_part.stride(0), out_channels,
         GROUPS=groups, GROUPS_PER_PROGRAM=per_program, **layout, BLOCK_N=block_n, BLOCK_D=block_d, GATED=gated,
-        STORE_OUT=need_output, ADD_DTOTAL=dtotal is not None, HAS_KEEP=keep is not None, PAD=pad,
+        STORE_OUT=need_output, ADD_DTOTAL=dtotal is not None, HAS_KEEP=keep is not None, PAD=ONES_COLUMNS,
         num_warps=num_warps)
     return (dy.view(shape), (dz.view(shape) if dz is not dy else None), dwb_part.sum(2),
             (out.view(with_ones_column_shape((*shape[:-1], out_channels))) if need_output else None))
@@ -538,8 +508,7 @@ def modulated_norm_backward(dout, y, x, scale, weight, bias, mean, rstd, need_ou
     launchable(_modulated_norm_bwd_kernel)[(programs_per_image, batch)](
         dout.contiguous(), y, x, scale, weight, bias, mean, rstd, dy, dx, parts, out,
         hw, channels, valid, tiles_per_program, parts.stride(0), **_modulated_layout(channels, valid),
-        BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, PAD=ones_columns(channels),
-        num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_C=block_c, STORE_OUT=need_output, PAD=ONES_COLUMNS, num_warps=num_warps)
     per_image = parts.sum(3)
     return dy, dx, cast(per_image[0], scale.dtype), per_image[1:].sum(1), (out if need_output else None)
 

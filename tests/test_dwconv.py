@@ -238,38 +238,12 @@ def test_parameter_gradients_have_the_parameters_strides():
         assert dweight.stride() == weight.stride() and dbias.stride() == bias.stride(), impl
 
 
-# Rows of 16, 16, 32 and 32 elements: a ones column of 4, 3, 12 and 16 columns.
-@pytest.mark.parametrize('channels', [12, 13, 20, 16])
-def test_recomputed_output_has_its_ones_column_under_several_channel_blocks(channels):
-    # SMALL_TILES: the channels in blocks of 8 (the last block's programs write the ones column), partial
+def test_recomputed_output_has_its_ones_column_under_several_channel_blocks():
+    # SMALL_TILES: 12 channels in two blocks of 8 (the last block's programs write the ones column), partial
     # 4-wide strips and 2-row walks.
     gen = torch.Generator().manual_seed(21)
-    x, weight, bias, dout = make_inputs((2, 5, 7, channels), gen, torch.float32)
+    x, weight, bias, dout = make_inputs((2, 5, 7, 12), gen, torch.float32)
     _, _, out = triton_dwconv.dwconv_act_backward(dout, x, weight, bias, 'gelu', need_output=True, **SMALL_TILES)
     expected = with_ones_column(dwconv_act_forward(x, weight, bias, 'gelu'))
-    # Rows up to the next multiple of 16 above the channels: the output's own, a one, then zeros.
-    assert out.shape == expected.shape == (2, 5, 7, (channels // 16 + 1) * 16)
-    assert out[..., channels].eq(1).all() and out[..., channels + 1:].eq(0).all()
+    assert out.shape == expected.shape and torch.equal(out[..., 12:], expected[..., 12:])
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize('channels', [13, 20])
-def test_conv_then_linear_bias_gradient_at_widths_off_16(monkeypatch, channels):
-    """fc2's bias gradient comes out of the weight-gradient matmul's column that meets the ones (PAD 3 and 12):
-    equal to the reference's, as every other gradient."""
-    from mmgroupmamba.kernels import depthwise_conv_act_linear
-    F = torch.nn.functional
-    gen = torch.Generator().manual_seed(22)
-    x, weight, bias, _ = make_inputs((1, 3, 5, channels), gen)
-    lw, lb = torch.randn(6, channels, generator=gen), torch.randn(6, generator=gen)
-    force_tiles(monkeypatch, SMALL_TILES)
-    args = [t.clone().requires_grad_() for t in (x, weight, bias, lw, lb)]
-    out = depthwise_conv_act_linear(args[0], args[1], args[2], 'gelu', args[3], args[4])
-    dout = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad(out, args, dout)
-    exact = [t.detach().double().requires_grad_() for t in (x, weight, bias, lw, lb)]
-    ref = F.linear(depthwise_conv_act_reference(*exact[:3], 'gelu'), *exact[3:])
-    ref_grads = torch.autograd.grad(ref, exact, dout.double())
-    assert rel_err(out, ref) <= 1e-5
-    for name, g, r in zip(['dx', 'dweight', 'dbias', 'dlinear_weight', 'dlinear_bias'], grads, ref_grads):
-        assert g.shape == r.shape and rel_err(g, r) <= 1e-5, (name, rel_err(g, r))
