@@ -1,10 +1,20 @@
 """Registers and spills of the Triton kernels' default tilings, compiled for sm_90 on the CPU (no GPU needed).
 
-    python benchmarks/kernel_registers.py [--arch 90] [--kernels norm dwconv scan affinity]
+    python benchmarks/kernel_registers.py [--arch 90] [--kernels norm dwconv scan affinity] [--model T]
+                                          [--channel-multiple 8]
 
 Each kernel is compiled by Triton for the target (``triton.compile`` with a ``GPUTarget``) at the tilings its
-launcher picks for GroupMamba-T's shapes, and its PTX assembled by the ptxas that ships with Triton
-(``ptxas -v``): registers per thread, spill stores and loads (bytes a thread), and Triton's shared memory.
+launcher picks for the shapes of GroupMamba ``--model`` (its stages stored as ``--channel-multiple`` makes them:
+the model's option of that name), and its PTX assembled by the ptxas that ships with Triton (``ptxas -v``):
+registers per thread, spill stores and loads (bytes a thread), and Triton's shared memory.
+
+As Triton's launcher does on the GPU, pointers are compiled as 16-byte aligned and the integer arguments that
+are multiples of 16 (strides and widths, taken from each row's shapes) as such: that divisibility decides
+whether a row of a map is loaded and stored in 16-byte vectors or element by element. The last two columns
+count the kernel's global loads and stores by width (bytes x instructions in the PTX, a thread's share of one
+tile: static counts, not executed ones). Many 2-byte accesses in an fp16 kernel mean a width that is not a
+multiple of 16 (e.g. GroupMamba-B's stage 3, 424 channels: README, forty-sixth session). Sizes that only count
+rows (``N``, ``HW``, ``L``) are left unspecialised.
 A kernel at 255 registers with spills runs few warps per multiprocessor and reloads from local memory: the
 first thing to rule out before timing a memory-bound kernel. Pointer dtypes are those of an fp16 AMP step.
 The GPU runs its own Triton version, whose counts may differ somewhat. Run it without ``TRITON_INTERPRET``
@@ -12,28 +22,36 @@ The GPU runs its own Triton version, whose counts may differ somewhat. Run it wi
 """
 import argparse
 import os
+import re
 import subprocess
 import tempfile
+from collections import Counter
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mmgroupmamba.kernels import triton_affinity, triton_dwconv, triton_gated_norm, triton_scan
-from mmgroupmamba.kernels.layout import stored_channels
+from mmgroupmamba.kernels.layout import CHANNEL_MULTIPLE, stored_channels
 from mmgroupmamba.kernels.ops_util import ONES_COLUMNS, cdiv
+from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
-DIMS = (64, 128, 348, 448)  # GroupMamba-T's channels per stage
+MODELS = {'T': 'tiny', 'S': 'small', 'B': 'base'}
 GROUPS = 4
 PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
 
 
-def ptxas_report(fn, signature, constexprs, arch, num_warps, num_stages=3):
-    """(registers, spill store bytes, spill load bytes, shared bytes) of ``fn`` compiled for ``sm_<arch>``."""
+def ptxas_report(fn, signature, constexprs, arch, num_warps, num_stages=3, ints=None):
+    """(registers, spill store bytes, spill load bytes, shared bytes, loads, stores) of ``fn`` compiled for
+    ``sm_<arch>``; ``ints``: values of integer arguments, those that are multiples of 16 compiled as such (pointers
+    always are), ``loads`` and ``stores`` as :func:`global_accesses` gives them."""
     signature = dict(signature, **{name: 'constexpr' for name in constexprs})
     names = list(signature)
+    divisible = [i for i, name in enumerate(names)
+                 if signature[name].startswith('*') or (ints or {}).get(name, 1) % 16 == 0]
     source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()},
+                       attrs={(i,): [['tt.divisibility', 16]] for i in divisible})
     kernel = triton.compile(source, target=GPUTarget('cuda', arch, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +61,21 @@ def ptxas_report(fn, signature, constexprs, arch, num_warps, num_stages=3):
         suffix = 'a' if arch == 90 else ''
         result = subprocess.run([PTXAS, '--gpu-name', f'sm_{arch}{suffix}', '-v', ptx, '-o', os.devnull],
                                 capture_output=True, text=True, check=True)
-    return (*parse_ptxas(result.stderr), kernel.metadata.shared)
+    return (*parse_ptxas(result.stderr), kernel.metadata.shared, *global_accesses(kernel.asm['ptx']))
+
+
+# Qualifiers such as L1::evict_last may come between the state space and the vector width.
+_GLOBAL_ACCESS = re.compile(r'\b(ld|st)\.global(?:\.[A-Za-z][\w:]*?)*?(?:\.v(\d))?\.[bfus](\d+)\b')
+
+
+def global_accesses(ptx):
+    """``(loads, stores)`` of a PTX listing, each a string of ``<bytes>Bx<instructions>`` from the widest access
+    down, e.g. ``16Bx8 4Bx10 2Bx48``."""
+    counts = {'ld': Counter(), 'st': Counter()}
+    for op, vector, bits in _GLOBAL_ACCESS.findall(ptx):
+        counts[op][int(vector or 1) * int(bits) // 8] += 1
+    return tuple(' '.join(f'{size}Bx{n}' for size, n in sorted(c.items(), reverse=True)) or '-'
+                 for c in (counts['ld'], counts['st']))
 
 
 def parse_ptxas(report):
@@ -80,12 +112,19 @@ DWCONV_BWD = dict(X='*fp16', Wt='*fp32', Bias='*fp32', DOut='*fp16', DPre='*fp16
                   stride_dw='i32')
 
 
-def norm_rows():
-    """(kernel, channels, tiling, fn, signature, constexprs, warps) of every norm kernel at its default tiling,
-    on the maps as the model stores them (a stage of 348 channels padded to 352: kernels/layout.py)."""
+def stage_widths(model='T', channel_multiple=CHANNEL_MULTIPLE):
+    """``(channels, stored channels, MLP ratio)`` of each stage of GroupMamba ``model``."""
+    arch = ARCH_SETTINGS[MODELS[model]]
+    return [(channels, stored_channels(channels, channel_multiple), ratio)
+            for channels, ratio in zip(arch['embed_dims'], arch['mlp_ratios'])]
+
+
+def norm_rows(stages=None):
+    """(kernel, channels, tiling, fn, signature, constexprs, warps, ints) of every norm kernel at its default
+    tiling, on the maps as the model stores them (T's stage of 348 channels padded to 352: kernels/layout.py);
+    ``ints`` the integer arguments' values that decide their divisibility (row strides and widths)."""
     norm = triton_gated_norm
-    for channels in DIMS:
-        stored = stored_channels(channels)
+    for channels, stored, _ in stages or stage_widths():
         # The residual form: a block's residual add with stochastic depth, and the sum's gradient added backward.
         for name, groups, gated, residual in (('layer norm', 1, False, False),
                                               ('gated group norm', GROUPS, True, False),
@@ -99,25 +138,29 @@ def norm_rows():
                                   BLOCK_D=block_d, GATED=gated, HAS_KEEP=residual)
                 if backward:
                     constexprs.update(STORE_OUT=True, ADD_DTOTAL=residual, PAD=ONES_COLUMNS)
+                    ints = dict(stride_do=stored, stride_y=stored, stride_z=stored, stride_dy=stored,
+                                stride_dz=stored, stride_o=stored + ONES_COLUMNS, stride_dt=stored, C=channels,
+                                out_width=stored)
                 else:
                     constexprs['RESIDUAL'] = residual
+                    ints = dict(stride_y=stored, stride_z=stored, stride_o=stored, stride_t=stored)
                 yield (f'{name} {"bwd" if backward else "fwd"}', channels,
-                       f'block_n={block_n} groups/program={per_program}', fn, signature, constexprs, warps)
+                       f'block_n={block_n} groups/program={per_program}', fn, signature, constexprs, warps, ints)
         for backward, fn, signature in ((False, norm._modulated_norm_fwd_kernel, MOD_FWD),
                                         (True, norm._modulated_norm_bwd_kernel, MOD_BWD)):
             block_n, block_c, warps = norm._tiles(stored)
             constexprs = dict(**norm._modulated_layout(stored, channels), BLOCK_N=block_n, BLOCK_C=block_c,
                               **({'STORE_OUT': True, 'PAD': ONES_COLUMNS} if backward else {}))
             yield (f'modulated norm {"bwd" if backward else "fwd"}', channels, f'block_n={block_n}', fn, signature,
-                   constexprs, warps)
+                   constexprs, warps, dict(C=stored, C_VALID=channels))
 
 
-def dwconv_rows(sms=132):
+def dwconv_rows(stages=None, sms=132):
     """The same for the depthwise conv at the FFN's hidden widths (bs 128, 224x224) and the layer's (its stored
     channels)."""
     conv = triton_dwconv
-    for channels, ratio, side in zip(DIMS, (8, 8, 4, 4), (56, 28, 14, 7)):
-        for width, act in ((stored_channels(channels), 1), (channels * ratio, 2)):
+    for (channels, stored, ratio), side in zip(stages or stage_widths(), (56, 28, 14, 7)):
+        for width, act in ((stored, 1), (channels * ratio, 2)):
             for backward in (False, True):
                 block_w, block_c, rows, warps, prefetch, stages = conv._tiles_for(
                     (128, side, side, width), sms, backward, None, None, None, None, None, None)
@@ -130,8 +173,11 @@ def dwconv_rows(sms=132):
                     fn, signature = conv._dwconv_fwd_kernel, DWCONV_FWD
                     constexprs = dict(ACT=act, HAS_BIAS=True, FLIP=False, PREFETCH=prefetch, STAGES=stages,
                                       BLOCK_W=block_w, BLOCK_C=block_c)
+                # Contiguous maps (the layer's conv reads a channel slice: its strides are those of a wider map).
+                strides = dict(b=side * side * width, h=side * width, w=width)
+                ints = dict(C=width, **{f'stride_{m}{d}': v for m in 'xod' for d, v in strides.items()})
                 yield (f'dwconv {"bwd pre" if backward else "fwd"} ({"FFN" if act == 2 else "layer"})', width,
-                       tiling, fn, signature, constexprs, warps)
+                       tiling, fn, signature, constexprs, warps, ints)
 
 
 _SCAN_POINTERS = dict(u_ptr='*fp16', dt_ptr='*fp16', A_logs_ptr='*fp32', B_ptr='*fp16', C_ptr='*fp16',
@@ -146,12 +192,13 @@ SCAN_BWD = dict(_SCAN_POINTERS, dy_ptr='*fp16', st_ptr='*fp32', du_ptr='*fp16', 
                                       'adb_part_stride')})
 
 
-def scan_rows(sms=132):
+def scan_rows(stages=None, sms=132):
     """The same for the scan's forward and backward (their main pass) at bs 128, 224x224, and the main passes of
     the split scans of the detection step's four stages (bs 2, 800x1344), whose programs first compose the
     summaries of the chunks before theirs; on the stored channels."""
-    cases = [(128, side * side, stored_channels(channels), False) for channels, side in zip(DIMS, (56, 28, 14, 7))]
-    cases += [(2, (200 >> i) * (336 >> i), stored_channels(channels), True) for i, channels in enumerate(DIMS)]
+    stages = stages or stage_widths()
+    cases = [(128, side * side, stored, False) for (_, stored, _), side in zip(stages, (56, 28, 14, 7))]
+    cases += [(2, (200 >> i) * (336 >> i), stored, True) for i, (_, stored, _) in enumerate(stages)]
     for batch, length, channels, split in cases:
         config = triton_scan._config_for(batch, length, channels, sms, ((None, None),) * 5)
         for backward, passed in ((False, config.fwd), (True, config.bwd)):
@@ -167,7 +214,8 @@ def scan_rows(sms=132):
                         + (' in the split form' if form != split else ''))
                 yield (name, channels, f'block_t={passed.block_t} block_c={passed.block_c} stages={passed.stages}',
                        triton_scan._scan_bwd_kernel if backward else triton_scan._scan_fwd_kernel,
-                       SCAN_BWD if backward else SCAN_FWD, constexprs, passed.num_warps)
+                       SCAN_BWD if backward else SCAN_FWD, constexprs, passed.num_warps,
+                       dict(CH=channels, K=channels // GROUPS))
 
 
 AFFINITY_FWD = dict(Pooled='*fp16', W1='*fp32', B1='*fp32', W2='*fp32', B2='*fp32', Skip='*fp32', Scale='*fp32',
@@ -176,17 +224,18 @@ AFFINITY_BWD = dict(DScale='*fp32', Pooled='*fp16', W1='*fp32', B1='*fp32', W2='
                     DPooled='*fp16', Partials='*fp32', batch='i32', images_per_program='i32', C='i32', R='i32')
 
 
-def affinity_rows(sms=132):
+def affinity_rows(stages=None, sms=132):
     """The same for the channel affinity (``R = C // 16`` hidden units) on the stages' own channels: the layer
     pools its map back to them before the op (348 at stage 3, not the 352 stored). The forward (one program per
     image) once per stage; the backward at bs 2 (detection) and 128 (classification), both one image a program on
     132 multiprocessors, which Triton's launcher passes as the constant 1, and at bs 256, two a program, as a
     runtime count."""
-    for channels in DIMS:
+    for channels, _, _ in stages or stage_widths():
         units = channels // 16
         block_c, block_r, forward_warps, backward_warps = triton_affinity._blocks(channels, units)
+        ints = dict(C=channels, R=units)
         yield ('affinity fwd', channels, f'block_c={block_c} block_r={block_r}', triton_affinity._affinity_fwd_kernel,
-               AFFINITY_FWD, dict(BLOCK_C=block_c, BLOCK_R=block_r), forward_warps)
+               AFFINITY_FWD, dict(BLOCK_C=block_c, BLOCK_R=block_r), forward_warps, ints)
         for batch in (2, 128, 256):
             per_program = cdiv(batch, sms)
             constexprs = dict(BLOCK_R=block_r, CHUNK_C=triton_affinity.CHUNK_C)
@@ -194,7 +243,7 @@ def affinity_rows(sms=132):
                 constexprs['images_per_program'] = 1
             yield (f'affinity bwd (bs {batch})', channels,
                    f'block_r={block_r} chunk_c={triton_affinity.CHUNK_C} images/program={per_program}',
-                   triton_affinity._affinity_bwd_kernel, AFFINITY_BWD, constexprs, backward_warps)
+                   triton_affinity._affinity_bwd_kernel, AFFINITY_BWD, constexprs, backward_warps, ints)
 
 
 def main(argv=None):
@@ -202,17 +251,21 @@ def main(argv=None):
     parser.add_argument('--arch', type=int, default=90)
     parser.add_argument('--kernels', nargs='+', choices=('norm', 'dwconv', 'scan', 'affinity'),
                         default=['norm', 'dwconv', 'scan', 'affinity'])
+    parser.add_argument('--model', choices=list(MODELS), default='T')
+    parser.add_argument('--channel-multiple', type=int, default=CHANNEL_MULTIPLE,
+                        help="GroupMamba's channel_multiple: the stored widths (default the model's default)")
     args = parser.parse_args(argv)
-    print(f'Triton {triton.__version__}, sm_{args.arch}')
-    print('| kernel | channels | tiling | warps | registers | spill stores B | spill loads B | shared B |')
-    print('| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |')
+    stages = stage_widths(args.model, args.channel_multiple)
+    print(f'Triton {triton.__version__}, sm_{args.arch}, GroupMamba-{args.model}, stored widths '
+          f'{[stored for _, stored, _ in stages]}')
+    print('| kernel | channels | tiling | warps | registers | spill stores B | spill loads B | shared B | global loads '
+          '| global stores |')
+    print('| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |')
     rows = {'norm': norm_rows, 'dwconv': dwconv_rows, 'scan': scan_rows, 'affinity': affinity_rows}
     for family in args.kernels:
-        for name, channels, tiling, fn, signature, constexprs, warps in rows[family]():
-            stages = constexprs.get('STAGES', 3)
-            registers, stores, loads, shared = ptxas_report(fn, signature, constexprs, args.arch, warps, stages)
-            print(f'| {name} | {channels} | {tiling} | {warps} | {registers} | {stores} | {loads} | {shared} |',
-                  flush=True)
+        for name, channels, tiling, fn, signature, constexprs, warps, ints in rows[family](stages):
+            report = ptxas_report(fn, signature, constexprs, args.arch, warps, constexprs.get('STAGES', 3), ints)
+            print(f'| {name} | {channels} | {tiling} | {warps} | ' + ' | '.join(map(str, report)) + ' |', flush=True)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
 sys.path.insert(0, str(BENCHMARKS))
-from kernel_registers import PTXAS, parse_ptxas  # noqa: E402
+from kernel_registers import PTXAS, global_accesses, parse_ptxas  # noqa: E402
 
 
 def test_parse_ptxas_reads_registers_and_spills():
@@ -25,17 +25,25 @@ def test_parse_ptxas_reads_registers_and_spills():
                        .replace('255 registers', '87 registers')) == (87, 0, 0)
 
 
-def register_rows(family):
-    """The table rows of ``kernel_registers.py --kernels family``, run without the interpreter."""
+def test_global_accesses_count_loads_and_stores_by_width():
+    ptx = ('ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n ld.global.b16 %rs1, [%rd2];\n'
+           '@%p1 ld.global.b16 %rs2, [%rd3];\n ld.global.L1::evict_last.v2.b32 {%r5, %r6}, [%rd4];\n'
+           'st.global.b32 [%rd5], %r7;\n ld.shared.b32 %r8, [%r9];\n')
+    assert global_accesses(ptx) == ('16Bx1 8Bx1 2Bx2', '4Bx1')
+    assert global_accesses('ld.shared.b32 %r8, [%r9];') == ('-', '-')
+
+
+def register_rows(family, *options):
+    """The table rows of ``kernel_registers.py --kernels family [options]``, run without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / 'kernel_registers.py'), '--kernels', family],
+    result = subprocess.run([sys.executable, str(BENCHMARKS / 'kernel_registers.py'), '--kernels', family, *options],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     return [line.split('|')[1:-1] for line in result.stdout.splitlines() if line.startswith('| ')][2:]
 
 
 def assert_no_spills(rows):
-    for kernel, channels, tiling, warps, registers, stores, loads, shared in rows:
+    for kernel, channels, tiling, warps, registers, stores, loads, shared, *_accesses in rows:
         assert 0 < int(registers) <= 255
         assert (int(stores), int(loads)) == (0, 0), f'{kernel} at {channels} channels ({tiling}): spills'
 
@@ -55,3 +63,19 @@ def test_affinity_kernels_do_not_spill():
     assert {row[0].strip() for row in rows} == {'affinity fwd', 'affinity bwd (bs 2)', 'affinity bwd (bs 128)',
                                                 'affinity bwd (bs 256)'}
     assert_no_spills(rows)
+
+
+@pytest.mark.skipif(not Path(PTXAS).exists(), reason='this Triton ships no ptxas')
+def test_widths_off_16_compile_to_element_accesses():
+    """As on the GPU, widths that are multiples of 16 give the kernels 16-byte row accesses; GroupMamba-B's stage
+    3 stored as 424 channels loads its rows 2 bytes at a time, stored as 432 (``channel_multiple=16``) it does
+    not."""
+    def stage3_conv(*options):
+        rows = register_rows('dwconv', '--model', 'B', *options)
+        (row,) = [r for r in rows if r[0].strip() == 'dwconv fwd (layer)' and int(r[1]) in (424, 432)]
+        return row[8].split()
+
+    assert any(access.startswith('2Bx') for access in stage3_conv())
+    vectors = stage3_conv('--channel-multiple', '16')
+    assert any(access.startswith('16Bx') for access in vectors)
+    assert not any(access.startswith('2Bx') for access in vectors)
