@@ -173,9 +173,11 @@ def dwconv_rows(stages=None, sms=132):
                     fn, signature = conv._dwconv_fwd_kernel, DWCONV_FWD
                     constexprs = dict(ACT=act, HAS_BIAS=True, FLIP=False, PREFETCH=prefetch, STAGES=stages,
                                       BLOCK_W=block_w, BLOCK_C=block_c)
-                # Contiguous maps (the layer's conv reads a channel slice: its strides are those of a wider map).
-                strides = dict(b=side * side * width, h=side * width, w=width)
-                ints = dict(C=width, **{f'stride_{m}{d}': v for m in 'xod' for d, v in strides.items()})
+                # Contiguous maps, but the layer's conv reads its input in place as the first half of the input
+                # projection's output (GroupMambaLayer.forward): rows of twice its width.
+                ints = dict(C=width)
+                for m, row in (('x', width * (2 if act == 1 else 1)), ('o', width), ('d', width)):
+                    ints.update({f'stride_{m}b': side * side * row, f'stride_{m}h': side * row, f'stride_{m}w': row})
                 yield (f'dwconv {"bwd pre" if backward else "fwd"} ({"FFN" if act == 2 else "layer"})', width,
                        tiling, fn, signature, constexprs, warps, ints)
 
