@@ -21,8 +21,12 @@ import torch.nn.functional as F
 from .directions import SCAN_DIRECTIONS
 
 GROUPS = len(SCAN_DIRECTIONS)
-# cuBLAS's Hopper kernels need K and N to be multiples of 8 elements (16 bytes of fp16/bf16).
-CHANNEL_MULTIPLE = 8
+# cuBLAS's Hopper kernels need K and N to be multiples of 8 elements (16 bytes of fp16/bf16). 16, not 8: the
+# Triton kernels then also read and write 2-byte maps in 16-byte vectors (at 8, GroupMamba-B's stage 3, 424
+# channels, compiled to 2-byte accesses, kernels/README.md "Access widths"), and rows start on 32-byte sectors.
+# Stored as 432, B's graphed det step took 54.8-54.9 ms of kernels against 55.2-55.3 and trained 2.6 % faster
+# (README, forty-seventh session). T's and S's widths are the same either way (348 is stored as 352).
+CHANNEL_MULTIPLE = 16
 
 
 def stored_channels(channels, multiple=CHANNEL_MULTIPLE):

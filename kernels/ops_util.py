@@ -189,10 +189,10 @@ def cast(t, dtype):
 # "bias-gradient sums"). 16, not 8: with the maps' channels a multiple of 16, every row of a 2-byte map then
 # starts on a 32-byte sector, which took 0.35 ms off an H100's graphed det step of GroupMamba-T against 8 (the FFN
 # conv's backward, the gated norm's and the weight-gradient matmuls: kernels/README.md, "The ones column's
-# pitch"). All of T's and S's maps have such widths; GroupMamba-B's stage 3 (424 channels) does not, and its
-# norm outputs' rows have 440 elements. A width-dependent column, up to the next multiple of 16 (432 there), was
-# built (05b843f) and measured slower on an H100: B's gated norm backward 54.0-54.3 against 49.4 us a launch in
-# the graphed det step (README, forty-sixth session), so the column stays 16 wide everywhere.
+# pitch"). Every stored width is such a multiple (``layout.CHANNEL_MULTIPLE``). Before it was, a width-dependent
+# column for GroupMamba-B's stage 3 (424 channels: rows up to 432 instead of 440) was built (05b843f) and measured
+# slower on an H100: B's gated norm backward 54.0-54.3 against 49.4 us a launch in the graphed det step (README,
+# forty-sixth session); storing that stage as 432 channels is what made its rows aligned.
 ONES_COLUMNS = 16
 
 

@@ -68,14 +68,14 @@ def test_affinity_kernels_do_not_spill():
 @pytest.mark.skipif(not Path(PTXAS).exists(), reason='this Triton ships no ptxas')
 def test_widths_off_16_compile_to_element_accesses():
     """As on the GPU, widths that are multiples of 16 give the kernels 16-byte row accesses; GroupMamba-B's stage
-    3 stored as 424 channels loads its rows 2 bytes at a time, stored as 432 (``channel_multiple=16``) it does
-    not."""
+    3 stored as 424 channels (``channel_multiple=8``) loads its rows 2 bytes at a time, stored as 432 (the default,
+    16) it does not."""
     def stage3_conv(*options):
         rows = register_rows('dwconv', '--model', 'B', *options)
         (row,) = [r for r in rows if r[0].strip() == 'dwconv fwd (layer)' and int(r[1]) in (424, 432)]
         return row[8].split()
 
-    assert any(access.startswith('2Bx') for access in stage3_conv())
-    vectors = stage3_conv('--channel-multiple', '16')
+    assert any(access.startswith('2Bx') for access in stage3_conv('--channel-multiple', '8'))
+    vectors = stage3_conv()
     assert any(access.startswith('16Bx') for access in vectors)
     assert not any(access.startswith('2Bx') for access in vectors)

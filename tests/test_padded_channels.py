@@ -17,7 +17,7 @@ from mmgroupmamba.kernels.layout import (
 )
 from op_counter import OpCounter
 
-# Stage widths 44 and 60: scan groups of 11 and 15 channels, stored as 12 and 16 (48 and 64 channels).
+# Stage widths 44, 60 and 36: scan groups of 11, 15 and 9 channels, stored as 12, 16 and 12 (48, 64 and 48 channels).
 ODD_ARCH = dict(stem_hidden_dim=8, embed_dims=[32, 44, 60, 36], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
 
 
@@ -28,7 +28,8 @@ def close(a, b, tol):
 
 def test_stored_channels():
     assert [stored_channels(c) for c in (64, 128, 348, 448, 424, 96, 44, 60, 36)] == [
-        64, 128, 352, 448, 424, 96, 48, 64, 40]
+        64, 128, 352, 448, 432, 96, 48, 64, 48]
+    assert [stored_channels(c, 8) for c in (348, 424, 36)] == [352, 424, 40]
     assert stored_channels(348, 1) == 348
     assert GroupMamba('tiny').stored_dims == [64, 128, 352, 448]
     assert GroupMamba('tiny', channel_multiple=1).stored_dims == [64, 128, 348, 448]
@@ -137,7 +138,7 @@ def twin_models(**kwargs):
     plain = GroupMamba(ODD_ARCH, channel_multiple=1, **kwargs)
     padded = GroupMamba(ODD_ARCH, **kwargs)
     padded.load_state_dict(plain.state_dict())
-    assert padded.stored_dims == [32, 48, 64, 40]
+    assert padded.stored_dims == [32, 48, 64, 48]
     return plain, padded
 
 

@@ -38,10 +38,10 @@ every group runs in the same launches: one linear layer for all groups' projecti
 weights), one depthwise conv, one scan. ``state_dict()`` gives the official per-group keys and shapes
 (``block1.0.attn.mamba_g1.x_proj_weight`` ...) and ``load_state_dict`` takes them, through
 :func:`official_to_packed` / :func:`packed_to_official`; official checkpoints load unchanged. Tensors inside a
-stage are channels-last ``(B, H, W, C)``. A stage whose width is not a multiple of 8 (stage 3 of T and S: 348)
-stores its maps padded, each scan group's channels followed by zero channels (348 as 352), so that its matmuls run
-cuBLAS's fast kernels (``kernels/layout.py``, ``channel_multiple``); its parameters, outputs and gradients are
-the unpadded model's.
+stage are channels-last ``(B, H, W, C)``. A stage whose width is not a multiple of 16 (stage 3 of T and S: 348;
+of B: 424) stores its maps padded, each scan group's channels followed by zero channels (348 as 352, 424 as 432),
+so that its matmuls run cuBLAS's fast kernels and the Triton kernels move whole vectors (``kernels/layout.py``,
+``channel_multiple``); its parameters, outputs and gradients are the unpadded model's.
 
 The fused ops (``mmgroupmamba.kernels``) are PyTorch custom ops, so the backbone runs eagerly (plain eager calls run the
 ops' implementations without the dispatcher's host cost per call: ``kernels/ops_util.py``), under
@@ -897,10 +897,11 @@ class GroupMamba(BaseModule):
             fixed-size detection). Other inputs run eagerly, with a log line. ``'train'``: only while the
             module is in training mode, for fixed-size training whose evaluation images come in many sizes
             (each would record its own graphs); evaluation then runs eagerly.
-        channel_multiple (int): a stage whose width is not a multiple of this (stage 3 of T and S: 348) stores its
-            maps padded, each scan group followed by zero channels (``kernels/layout.py``: 348 as 352), so that
-            its matmuls run cuBLAS's fast kernels (on an H200, 2.7x faster for that stage's; README). Results and
-            parameters are those of the unpadded model; 1 turns it off.
+        channel_multiple (int): a stage whose width is not a multiple of this (stage 3 of T and S: 348, of B:
+            424) stores its maps padded, each scan group followed by zero channels (``kernels/layout.py``: 348 as
+            352, 424 as 432), so that its matmuls run cuBLAS's fast kernels (on an H200, 2.7x faster for that
+            stage's; README) and the Triton kernels read and write 16-byte vectors. Results and parameters are
+            those of the unpadded model; 1 turns it off.
         compile (bool | dict): run the backbone through ``torch.compile`` (one graph, no graph break, sizes
             symbolic so that new input sizes reuse it): ``True`` for the defaults (``dynamic=True,
             fullgraph=True``, Inductor options ``COMPILE_INDUCTOR_DEFAULTS``) or a dict of ``torch.compile``
