@@ -13,8 +13,9 @@ are multiples of 16 (strides and widths, taken from each row's shapes) as such: 
 whether a row of a map is loaded and stored in 16-byte vectors or element by element. The last two columns
 count the kernel's global loads and stores by width (bytes x instructions in the PTX, a thread's share of one
 tile: static counts, not executed ones). Many 2-byte accesses in an fp16 kernel mean a width that is not a
-multiple of 16 (e.g. GroupMamba-B's stage 3, 424 channels: README, forty-sixth session). Sizes that only count
-rows (``N``, ``HW``, ``L``) are left unspecialised.
+multiple of 16 (e.g. GroupMamba-B's stage 3 stored as 424 channels, `--model B --channel-multiple 8`: README,
+forty-sixth session; the default stores it as 432). Sizes that only count rows (``N``, ``HW``, ``L``) are left
+unspecialised.
 A kernel at 255 registers with spills runs few warps per multiprocessor and reloads from local memory: the
 first thing to rule out before timing a memory-bound kernel. Pointer dtypes are those of an fp16 AMP step.
 The GPU runs its own Triton version, whose counts may differ somewhat. Run it without ``TRITON_INTERPRET``
