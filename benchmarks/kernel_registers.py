@@ -222,23 +222,25 @@ def scan_rows(stages=None, sms=132):
 
 
 AFFINITY_FWD = dict(Pooled='*fp16', W1='*fp32', B1='*fp32', W2='*fp32', B2='*fp32', Skip='*fp32', Scale='*fp32',
-                    C='i32', R='i32')
+                    C='i32', R='i32', S='i32', V='i32', P='i32')
 AFFINITY_BWD = dict(DScale='*fp32', Pooled='*fp16', W1='*fp32', B1='*fp32', W2='*fp32', B2='*fp32', Skip='*fp32',
-                    DPooled='*fp16', Partials='*fp32', batch='i32', images_per_program='i32', C='i32', R='i32')
+                    DPooled='*fp16', Partials='*fp32', batch='i32', images_per_program='i32', C='i32', R='i32',
+                    S='i32', V='i32', P='i32')
 
 
 def affinity_rows(stages=None, sms=132):
-    """The same for the channel affinity (``R = C // 16`` hidden units) on the stages' own channels: the layer
-    pools its map back to them before the op (348 at stage 3, not the 352 stored). The forward (one program per
-    image) once per stage; the backward at bs 2 (detection) and 128 (classification), both one image a program on
-    132 multiprocessors, which Triton's launcher passes as the constant 1, and at bs 256, two a program, as a
+    """The same for the channel affinity (``R = C // 16`` hidden units), its pooled map in the stored layout (348
+    channels stored as 352 at T's stage 3; the scale and weights compact). The forward (one program per image)
+    once per stage; the backward at bs 2 (detection) and 128 (classification), both one image a program on 132
+    multiprocessors, which Triton's launcher passes as the constant 1, and at bs 256, two a program, as a
     runtime count."""
-    for channels, _, _ in stages or stage_widths():
+    for channels, stored, _ in stages or stage_widths():
         units = channels // 16
-        block_c, block_r, forward_warps, backward_warps = triton_affinity._blocks(channels, units)
-        ints = dict(C=channels, R=units)
-        yield ('affinity fwd', channels, f'block_c={block_c} block_r={block_r}', triton_affinity._affinity_fwd_kernel,
-               AFFINITY_FWD, dict(BLOCK_C=block_c, BLOCK_R=block_r), forward_warps, ints)
+        block_s, block_r, forward_warps, backward_warps = triton_affinity._blocks(stored, units)
+        valid, pitch = triton_affinity.group_pitch(channels, stored)
+        ints = dict(C=channels, R=units, S=stored, V=valid, P=pitch)
+        yield ('affinity fwd', channels, f'block_s={block_s} block_r={block_r}', triton_affinity._affinity_fwd_kernel,
+               AFFINITY_FWD, dict(BLOCK_S=block_s, BLOCK_R=block_r), forward_warps, ints)
         for batch in (2, 128, 256):
             per_program = cdiv(batch, sms)
             constexprs = dict(BLOCK_R=block_r, CHUNK_C=triton_affinity.CHUNK_C)

@@ -6,27 +6,33 @@ elsewhere.
 import torch
 
 from .dispatch import triton_module
+from .layout import unpad_groups
 from .ops_util import cast, fused_op, reduced_dtype, reference_grads
 from .reference import channel_affinity_dtype, channel_affinity_reference
 
 
+def _stored_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+    """The reference for a pooled map in its stored layout (``layout.py``): its valid channels, compact."""
+    return channel_affinity_reference(unpad_groups(pooled, fc1_weight.shape[1]), fc1_weight, fc1_bias, fc2_weight,
+                                      fc2_bias, skip_scale)
+
+
 def _affinity_fwd_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
     with torch.no_grad():
-        return channel_affinity_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                          skip_scale).contiguous()
+        return _stored_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale).contiguous()
 
 
 @fused_op('mmgroupmamba::channel_affinity_fwd', reference=_affinity_fwd_reference)
 def channel_affinity_fwd(pooled: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
                          fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, skip_scale: torch.Tensor) -> torch.Tensor:
-    """The ``(B, C)`` scale, in :func:`~mmgroupmamba.kernels.reference.channel_affinity_dtype`."""
+    """The compact ``(B, C)`` scale, in :func:`~mmgroupmamba.kernels.reference.channel_affinity_dtype`."""
     return triton_module('triton_affinity', pooled.device).affinity_forward(
         pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)
 
 
 @channel_affinity_fwd.register_fake
 def _(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    return pooled.new_empty(pooled.shape, dtype=channel_affinity_dtype(pooled))
+    return pooled.new_empty((pooled.shape[0], fc1_weight.shape[1]), dtype=channel_affinity_dtype(pooled))
 
 
 def _affinity_bwd_reference(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
@@ -34,7 +40,7 @@ def _affinity_bwd_reference(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc
     # precision.
     with torch.autocast(pooled.device.type, enabled=False):
         (dpooled, *param_grads), _ = reference_grads(
-            channel_affinity_reference, (pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale), dscale)
+            _stored_reference, (pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale), dscale)
     return dpooled, torch.cat([g.flatten() for g in param_grads]).to(reduced_dtype(pooled))
 
 
@@ -42,16 +48,16 @@ def _affinity_bwd_reference(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc
 def channel_affinity_bwd(dscale: torch.Tensor, pooled: torch.Tensor, fc1_weight: torch.Tensor,
                          fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
                          skip_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dpooled, dparams)``: the pooled map's gradient in its dtype, and the parameters' gradients as one
-    flat fp32 (fp64 for fp64 input) tensor in :func:`param_grad_sizes` order, reduced over the batch in one
-    launch (a custom op's outputs may not be views of each other: :func:`param_grads` splits it)."""
+    """``(dpooled, dparams)``: the pooled map's gradient in its dtype and stored layout, and the parameters'
+    gradients as one flat fp32 (fp64 for fp64 input) tensor in :func:`param_grad_sizes` order, reduced over the
+    batch in one launch (a custom op's outputs may not be views of each other: :func:`param_grads` splits it)."""
     return triton_module('triton_affinity', pooled.device).affinity_backward(
         dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)
 
 
 @channel_affinity_bwd.register_fake
 def _(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    size = sum(param_grad_sizes(pooled.shape[1], fc1_weight.shape[0]))
+    size = sum(param_grad_sizes(fc1_weight.shape[1], fc1_weight.shape[0]))
     return (torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device),
             pooled.new_empty((size,), dtype=reduced_dtype(pooled)))
 
@@ -87,13 +93,15 @@ def channel_affinity(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_sc
     """``skip_scale * sigmoid(F.linear(relu(F.linear(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias))``.
 
     Args:
-        pooled (Tensor): ``(B, C)``, any float dtype (the layer's map averaged over H and W).
+        pooled (Tensor): ``(B, S)``, any float dtype: the layer's map averaged over H and W, in its stored
+            layout (``S == C``, or a padded stage's ``C`` channels stored as ``S``:
+            :mod:`mmgroupmamba.kernels.layout`). Its gradient comes back in that layout, zero in the pad channels.
         fc1_weight, fc1_bias (Tensor): ``(R, C)`` and ``(R,)``.
         fc2_weight, fc2_bias (Tensor): ``(C, R)`` and ``(C,)``.
         skip_scale (Tensor): one element.
 
     Returns:
-        Tensor: ``(B, C)`` in fp32 (fp64 for fp64 ``pooled``), computed in fp32 whatever the input's dtype and
+        Tensor: ``(B, C)``, compact, in fp32 (fp64 for fp64 ``pooled``), computed in fp32 whatever the input's dtype and
         autocast: the parameters are used as they are, not cast. Gradients come back in the inputs' dtypes.
 
     Dispatch follows ``MMGM_KERNELS`` (see :mod:`mmgroupmamba.kernels.dispatch`).

@@ -7,6 +7,11 @@ step bound by its host's launches. The products are broadcasts and row/column su
 (``fc2``'s weight read transposed): no ``tl.dot``, whose tiles would be mostly padding at these sizes.
 Everything is computed in fp32.
 
+The pooled map comes in its stored layout (``layout.py``: each scan group of a padded stage followed by zero
+channels), as the layer's mean gives it, and its gradient goes back in that layout, zero in the pad channels;
+the scale and the parameters are compact. Unpadding the map in PyTorch took three small launches a padded block
+(a copy forward, a fill and a copy backward; README, forty-seventh session).
+
 Forward: one program per image, holding both weight matrices as whole ``(R, C)`` tiles (up to 32 x 512: 128
 registers a thread at 16 warps for sm_90 and no spills, ``benchmarks/kernel_registers.py``).
 
@@ -28,17 +33,19 @@ import triton.language as tl
 
 from .affinity import param_grad_sizes
 from .dispatch import multiprocessors
+from .layout import group_widths
 from .ops_util import cdiv, launchable, next_power_of_2, reduced_dtype, size_hint
 from .reference import channel_affinity_dtype
 
 
 @triton.jit
-def _tile_offsets(C, R, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Channel and hidden-unit offsets with their masks. No pointers come in (see ``triton_scan._chunk_indices``:
-    a helper that gives store addresses and takes a pointer makes torch.compile copy that tensor every launch)."""
-    cols = tl.arange(0, BLOCK_C)
-    units = tl.arange(0, BLOCK_R)
-    return cols, units, cols < C, units < R
+def _channels(stored, S, V, P):
+    """For offsets ``stored`` into a pooled row of ``S`` stored channels, ``V`` valid of every ``P`` (one scan
+    group; ``V == P`` unpadded): the compact channel each holds and whether it holds one (not a pad channel, not
+    past the row). No pointers come in (see ``triton_scan._chunk_indices``: a helper that gives store addresses
+    and takes a pointer makes torch.compile copy that tensor every launch)."""
+    in_group = stored % P
+    return (stored // P) * V + in_group, (stored < S) & (in_group < V)
 
 
 @triton.jit
@@ -54,12 +61,15 @@ def _load_weights(W1, B1, W2, B2, cols, units, col_ok, unit_ok, C, R):
 
 
 @triton.jit
-def _affinity_fwd_kernel(Pooled, W1, B1, W2, B2, Skip, Scale, C, R,
-                         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _affinity_fwd_kernel(Pooled, W1, B1, W2, B2, Skip, Scale, C, R, S, V, P,
+                         BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
     image = tl.program_id(0)
-    cols, units, col_ok, unit_ok = _tile_offsets(C, R, BLOCK_C, BLOCK_R)
+    stored = tl.arange(0, BLOCK_S)
+    cols, col_ok = _channels(stored, S, V, P)
+    units = tl.arange(0, BLOCK_R)
+    unit_ok = units < R
     w1, w2t, b1, b2 = _load_weights(W1, B1, W2, B2, cols, units, col_ok, unit_ok, C, R)
-    pooled = tl.load(Pooled + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pooled = tl.load(Pooled + image * S + stored, mask=col_ok, other=0.0).to(tl.float32)
     hidden = tl.maximum(tl.sum(w1 * pooled[None, :], axis=1) + b1, 0.0)  # (R,)
     gate = tl.sigmoid(tl.sum(w2t * hidden[:, None], axis=0) + b2)  # (C,)
     skip = tl.load(Skip).to(tl.float32)
@@ -73,12 +83,12 @@ CHUNK_C = 64
 
 
 @triton.jit
-def _chunk(c0, C, unit_ok, CHUNK_C: tl.constexpr):
-    """The channels of the chunk starting at ``c0``, their mask and the ``(R, CHUNK_C)`` tile's (no pointers: see
-    :func:`_tile_offsets`)."""
-    cols = c0 + tl.arange(0, CHUNK_C)
-    col_ok = cols < C
-    return cols, col_ok, unit_ok[:, None] & col_ok[None, :]
+def _chunk(s0, S, V, P, unit_ok, CHUNK_C: tl.constexpr):
+    """The stored channels of the chunk starting at ``s0``, the compact channels they hold, which hold one, and
+    the ``(R, CHUNK_C)`` tile's mask (no pointers: see :func:`_channels`)."""
+    stored = s0 + tl.arange(0, CHUNK_C)
+    cols, col_ok = _channels(stored, S, V, P)
+    return stored, cols, col_ok, unit_ok[:, None] & col_ok[None, :]
 
 
 @triton.jit
@@ -96,10 +106,11 @@ def _fc2t_chunk(W2, cols, units, tile_ok, R):
 
 @triton.jit
 def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials, batch, images_per_program, C, R,
-                         BLOCK_R: tl.constexpr, CHUNK_C: tl.constexpr):
-    """One program per ``images_per_program`` images: their input gradients, and their sums of the weight, bias
-    and skip gradients as one row of ``Partials``, laid out as ``affinity.param_grad_sizes`` says. The channels in
-    chunks of ``CHUNK_C``, three passes per image (the module's docstring)."""
+                         S, V, P, BLOCK_R: tl.constexpr, CHUNK_C: tl.constexpr):
+    """One program per ``images_per_program`` images: their input gradients (zeros in the pad channels), and
+    their sums of the weight, bias and skip gradients as one row of ``Partials``, laid out as
+    ``affinity.param_grad_sizes`` says. The stored channels in chunks of ``CHUNK_C``, three passes per image (the
+    module's docstring)."""
     program = tl.program_id(0)
     units = tl.arange(0, BLOCK_R)
     unit_ok = units < R
@@ -114,15 +125,15 @@ def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials
         # The row holds the earlier images' sums: the first image's loads are masked off (zeros), so it stores.
         later = image > first
         pre = b1
-        for c0 in range(0, C, CHUNK_C):
-            cols, col_ok, tile_ok = _chunk(c0, C, unit_ok, CHUNK_C)
+        for s0 in range(0, S, CHUNK_C):
+            stored, cols, col_ok, tile_ok = _chunk(s0, S, V, P, unit_ok, CHUNK_C)
             w1 = _fc1_chunk(W1, cols, units, tile_ok, C)
-            pooled = tl.load(Pooled + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+            pooled = tl.load(Pooled + image * S + stored, mask=col_ok, other=0.0).to(tl.float32)
             pre += tl.sum(w1 * pooled[None, :], axis=1)
         hidden = tl.maximum(pre, 0.0)
         dpre = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for c0 in range(0, C, CHUNK_C):
-            cols, col_ok, tile_ok = _chunk(c0, C, unit_ok, CHUNK_C)
+        for s0 in range(0, S, CHUNK_C):
+            stored, cols, col_ok, tile_ok = _chunk(s0, S, V, P, unit_ok, CHUNK_C)
             w2t = _fc2t_chunk(W2, cols, units, tile_ok, R)
             b2 = tl.load(B2 + cols, mask=col_ok, other=0.0).to(tl.float32)
             gate = tl.sigmoid(tl.sum(w2t * hidden[:, None], axis=0) + b2)
@@ -141,15 +152,15 @@ def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials
         # relu's gradient passes where its input was positive (torch's threshold_backward: output > 0)
         dpre = tl.where(pre > 0.0, dpre, 0.0)
         db1 += dpre
-        for c0 in range(0, C, CHUNK_C):
-            cols, col_ok, tile_ok = _chunk(c0, C, unit_ok, CHUNK_C)
+        for s0 in range(0, S, CHUNK_C):
+            stored, cols, col_ok, tile_ok = _chunk(s0, S, V, P, unit_ok, CHUNK_C)
             w1 = _fc1_chunk(W1, cols, units, tile_ok, C)
-            pooled = tl.load(Pooled + image * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+            pooled = tl.load(Pooled + image * S + stored, mask=col_ok, other=0.0).to(tl.float32)
             dw1_at = row + units[:, None] * C + cols[None, :]
             dw1 = tl.load(dw1_at, mask=tile_ok & later, other=0.0).to(tl.float32) + dpre[:, None] * pooled[None, :]
             tl.store(dw1_at, dw1.to(out_ty), mask=tile_ok)
-            dpooled = tl.sum(w1 * dpre[:, None], axis=0)
-            tl.store(DPooled + image * C + cols, dpooled.to(DPooled.dtype.element_ty), mask=col_ok)
+            dpooled = tl.sum(w1 * dpre[:, None], axis=0)  # zero in the pad channels, whose w1 loaded as zeros
+            tl.store(DPooled + image * S + stored, dpooled.to(DPooled.dtype.element_ty), mask=stored < S)
         # The next image loads what this one stored, and a thread may load an element another thread stored
         # (replicated layouts: Triton orders global memory only within a thread, triton-lang/triton#1615): the
         # barrier makes the block's stores visible to all its threads first.
@@ -158,32 +169,47 @@ def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials
     tl.store(row + 2 * R * C + R + C, tl.sum(dskip, axis=0).to(out_ty))
 
 
-def _blocks(channels, units):
-    """Power-of-2 tiles and the warps for them, ``(block_c, block_r, forward warps, backward warps)``.
+def _blocks(stored, units):
+    """Power-of-2 tiles and the warps for them, ``(block_s, block_r, forward warps, backward warps)``.
 
-    The forward holds two whole ``(R, C)`` fp32 tiles (the weights), up to 32 x 512 each: more warps keep them
-    in registers (16 warps: 32 values of each per thread). The backward holds ``(R, CHUNK_C)`` tiles, a few at a
-    time: a warp per 128 of a tile's values (at most 4 a thread, one 16-byte load), at least 4 warps (Triton's
-    default; the smallest stages' tiles have 256 and 512 values), at most 16 (32 x 64 is 16 such warps' worth).
-    For sm_90 that compiles to 48-125 registers and no spills at GroupMamba's stages; 32 x 64 at 4 warps (16
-    values a thread) took 255 registers and spilled (``benchmarks/kernel_registers.py``, Triton 3.8).
+    The forward holds two whole ``(R, S)`` fp32 tiles (the weights at the stored channels), up to 32 x 512
+    each: more warps keep them in registers (16 warps: 32 values of each per thread). The backward holds ``(R,
+    CHUNK_C)`` tiles, a few at a time: a warp per 128 of a tile's values (at most 4 a thread, one 16-byte load),
+    at least 4 warps (Triton's default; the smallest stages' tiles have 256 and 512 values), at most 16 (32 x 64
+    is 16 such warps' worth). For sm_90 that compiles to 48-125 registers and no spills at GroupMamba's stages;
+    32 x 64 at 4 warps (16 values a thread) took 255 registers and spilled (``benchmarks/kernel_registers.py``,
+    Triton 3.8).
     """
-    block_c, block_r = next_power_of_2(channels), next_power_of_2(units)
-    forward_warps = min(16, max(4, block_c * block_r // 1024))
+    block_s, block_r = next_power_of_2(stored), next_power_of_2(units)
+    forward_warps = min(16, max(4, block_s * block_r // 1024))
     backward_warps = min(16, max(4, block_r * CHUNK_C // 128))
-    return block_c, block_r, forward_warps, backward_warps
+    return block_s, block_r, forward_warps, backward_warps
+
+
+def group_pitch(channels, stored):
+    """``(V, P)``: valid and stored channels per scan group of a pooled map storing ``channels`` as ``stored``
+    (``layout.py``); ``(C, C)`` where it is not padded, so that any width passes then."""
+    return (channels, channels) if stored == channels else group_widths(channels, stored)
+
+
+def _layout(pooled, fc1_weight):
+    """``(batch, C, S, V, P)``: the pooled map's compact and stored channels and :func:`group_pitch`."""
+    batch, stored = pooled.shape
+    channels = fc1_weight.shape[1]
+    return batch, channels, stored, *group_pitch(channels, stored)
 
 
 def affinity_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    """The ``(B, C)`` scale in :func:`~mmgroupmamba.kernels.reference.channel_affinity_dtype`."""
-    batch, channels = pooled.shape
+    """The compact ``(B, C)`` scale in :func:`~mmgroupmamba.kernels.reference.channel_affinity_dtype`, for the
+    pooled map in its stored layout."""
+    batch, channels, stored, valid, pitch = _layout(pooled, fc1_weight)
     units = fc1_weight.shape[0]
     pooled = pooled.contiguous()
     scale = torch.empty((batch, channels), dtype=channel_affinity_dtype(pooled), device=pooled.device)
-    block_c, block_r, warps, _ = _blocks(channels, units)
+    block_s, block_r, warps, _ = _blocks(stored, units)
     launchable(_affinity_fwd_kernel)[(batch,)](
         pooled, fc1_weight.contiguous(), fc1_bias, fc2_weight.contiguous(), fc2_bias, skip_scale, scale,
-        channels, units, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps)
+        channels, units, stored, valid, pitch, BLOCK_S=block_s, BLOCK_R=block_r, num_warps=warps)
     return scale
 
 
@@ -195,7 +221,7 @@ def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     weights' gradients (deterministic: fixed chunks, fixed order). One program for the whole batch would run 128
     images one after another at a classification batch.
     """
-    batch, channels = pooled.shape
+    batch, channels, stored, valid, pitch = _layout(pooled, fc1_weight)
     units = fc1_weight.shape[0]
     pooled, fc1_weight, fc2_weight = pooled.contiguous(), fc1_weight.contiguous(), fc2_weight.contiguous()
     dpooled = torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device)
@@ -206,10 +232,11 @@ def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     programs = cdiv(batch, images_per_program)
     partials = torch.empty((programs, sum(param_grad_sizes(channels, units))), dtype=reduced_dtype(pooled),
                            device=pooled.device)
-    _, block_r, _, warps = _blocks(channels, units)
+    _, block_r, _, warps = _blocks(stored, units)
     launchable(_affinity_bwd_kernel)[(programs,)](
         dscale.contiguous(), pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, dpooled, partials,
-        batch, images_per_program, channels, units, BLOCK_R=block_r, CHUNK_C=CHUNK_C, num_warps=warps)
+        batch, images_per_program, channels, units, stored, valid, pitch, BLOCK_R=block_r, CHUNK_C=CHUNK_C,
+        num_warps=warps)
     return dpooled, partials.sum(0)
 
 

@@ -49,6 +49,9 @@ def op_samples(gen, device='cpu'):
     pooled = draw(2, 16).bfloat16().requires_grad_()
     affinity_params = (draw(3, 16, grad=True), draw(3, grad=True), draw(16, 3, grad=True), draw(16, grad=True),
                        draw(1, grad=True, rand=True))
+    # ... and of 12 channels, their pooled map stored as 16 (kernels/layout.py).
+    affinity12 = (draw(3, 12, grad=True), draw(3, grad=True), draw(12, 3, grad=True), draw(12, grad=True),
+                  draw(1, grad=True, rand=True))
     return [
         (selective_scan_fwd, (*scan_args, 3, 5, list(AUTO_TILING), True)),
         (selective_scan_bwd, (dy, *scan_args, states, 3, 5, list(AUTO_TILING))),
@@ -76,6 +79,8 @@ def op_samples(gen, device='cpu'):
                                    False)),
         (channel_affinity_fwd, (pooled, *affinity_params)),
         (channel_affinity_bwd, (draw(2, 16), pooled, *affinity_params)),
+        (channel_affinity_fwd, (pooled, *affinity12)),
+        (channel_affinity_bwd, (draw(2, 12), pooled, *affinity12)),
     ]
 
 

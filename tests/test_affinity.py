@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgroupmamba.kernels import channel_affinity, channel_affinity_reference
+from mmgroupmamba.kernels.layout import pad_groups, unpad_groups
 
 # (batch, channels, hidden units): GroupMamba's stages have C = 64..512 and R = C // 16; odd sizes check the
 # masks of the kernels' power-of-2 tiles.
@@ -135,3 +136,31 @@ def test_dead_hidden_units_pass_no_gradient(monkeypatch):
     dw1, db1, dw2 = torch.autograd.grad(out.sum(), (w1, b1, w2))
     assert (dw1[0] == 0).all() and db1[0] == 0 and (dw2[:, 0] == 0).all()
     assert dw1[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_padded_pooled_map_is_read_and_differentiated_in_its_stored_layout(impl, monkeypatch):
+    """A padded stage's pooled map (``layout.py``: 348 channels stored as 352, and 200 as 208 so that the
+    backward's 64-channel chunks straddle the groups' pad channels) gives the compact map's scale and
+    parameter gradients, and its own gradient is the compact one laid out in the stored channels: zero in the pad
+    channels, whatever the (nonzero) values sitting there."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    for batch, channels, units, stored in [(3, 348, 21, 352), (9, 200, 12, 208)]:
+        inputs = affinity_inputs(batch, channels, units, torch.Generator().manual_seed(9))
+        padded = torch.randn(batch, stored, generator=torch.Generator().manual_seed(12))
+        padded.unflatten(1, (4, stored // 4))[..., :channels // 4] = inputs[0].detach().unflatten(1, (4, -1))
+        assert torch.equal(unpad_groups(padded, channels), inputs[0])
+        padded = padded.requires_grad_()
+        got = value_and_grads(channel_affinity, [padded, *inputs[1:]], torch.Generator().manual_seed(10))
+        expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(10))
+        assert got[1].shape == (batch, stored)
+        assert torch.equal(got[1], pad_groups(unpad_groups(got[1], channels), stored))  # pad channels exactly 0
+        assert_matches([got[0], unpad_groups(got[1], channels), *got[2:]], expected)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+def test_pooled_map_of_a_width_no_layout_stores_is_refused(impl, monkeypatch):
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    inputs = affinity_inputs(2, 64, 4, torch.Generator().manual_seed(11))
+    with pytest.raises(ValueError, match='64 channels cannot be stored as 66'):
+        channel_affinity(torch.randn(2, 66), *inputs[1:])

@@ -501,9 +501,10 @@ class GroupMambaLayer(nn.Module):
             weights = self.forward_weights(cast_together(self.matmul_params(), x.dtype), self.channel_params())
         (in_proj, delta_bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds,
          delta_bias) = weights
-        # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op.
-        scale = channel_affinity(unpad_groups(x.mean((1, 2)), self.Ds.numel()), self.fc1.weight, self.fc1.bias,
-                                 self.fc2.weight, self.fc2.bias, self.skip_scale)
+        # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op, which
+        # reads the pooled map in the stored layout and gives the compact scale.
+        scale = channel_affinity(x.mean((1, 2)), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                 self.skip_scale)
 
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(stored, dim=-1)
