@@ -118,6 +118,18 @@ def backbone_step(backbone, images):
     return step
 
 
+def inference_step(model, images):
+    """One inference step of a model in eval mode: its forward under AMP fp16, without gradients (the
+    classification table's inference column, and ``profile_step.py --inference``)."""
+
+    @torch.no_grad()
+    def step():
+        with torch.autocast(images.device.type, dtype=torch.float16):
+            model(images)
+
+    return step
+
+
 def swin_config(size, drop_path_rate):
     """``(config, last stage's channels)`` of mmdet's SwinTransformer of ``size`` (T, S or B), untrained."""
     cfg = get_config(SWIN_CONFIGS['S' if size == 'B' else size]).model.backbone
@@ -260,12 +272,7 @@ def classification_numbers(model, batch, steps, adamw):
     optimizer.state.clear()  # its AdamW moments are freed before the inference timing
     model.eval()
 
-    @torch.no_grad()
-    def infer_step():
-        with torch.autocast('cuda', dtype=torch.float16):
-            model(images)
-
-    infer_s = timed(infer_step, steps)
+    infer_s = timed(inference_step(model, images), steps)
     model.cpu()
     return dict(train=batch / train_s, infer=batch / infer_s, allocated=allocated, reserved=reserved,
                 graph_pool=graph_pool)

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_step.py [--model T] [--swin] [--batch 128] [--size 224 224] [--rows 30]
                                       [--cuda-graph | --compile [MODE]] [--dynamic] [--compile-options JSON]
-                                      [--drop-path-rate 0.2] [--take-turns DIR N] [--cprofile ROWS]
+                                      [--drop-path-rate 0.2] [--take-turns DIR N] [--cprofile ROWS] [--inference]
 
 GroupMamba of size ``--model`` (``--swin``: the Swin Transformer of that size), built as ``backbone_speed.py``
 builds its rows (``build_backbones``), so that a compiled row finds the compile caches that run (or its warm-ups)
@@ -16,6 +16,9 @@ kernels by pointwise / reduction / persistent reduction, ours by name, library c
 ``--take-turns DIR N`` lets N such processes compile side by side and then time and profile one at a time: each
 waits after its first step until all N have compiled, then holds a lock in DIR while it measures (a compile or a
 timing beside a timing spoils it: benchmarks/README.md).
+
+``--inference`` profiles ``backbone_speed.py``'s inference step instead (eval mode, no gradients, AMP fp16):
+the forward alone, where the training step is forward and backward.
 
 ``--cprofile ROWS`` also lists, within the turn, the ROWS functions with the most own host time over three steps
 (cProfile): for a compiled step, the wrappers' own Python against the launchers, tensor reinterpretations,
@@ -42,7 +45,7 @@ import warnings
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from backbone_speed import NAMES, backbone_step, build_backbones, timed
+from backbone_speed import NAMES, backbone_step, build_backbones, inference_step, timed
 from wrapper_code import launch_table, loaded_wrapper_modules, static_launch_table
 
 # Kernel families, first match wins: where a step's launches come from (eager and compiled steps differ).
@@ -168,6 +171,7 @@ def main():
     parser.add_argument('--dynamic', action='store_true')
     parser.add_argument('--compile-options', type=json.loads, default={})
     parser.add_argument('--drop-path-rate', type=float, default=0.2)
+    parser.add_argument('--inference', action='store_true', help='the inference step (eval, no gradients)')
     parser.add_argument('--groupmamba-options', type=json.loads, default={},
                         help='GroupMamba constructor arguments, as in backbone_speed.py')
     parser.add_argument('--take-turns', nargs=2, metavar=('DIR', 'N'),
@@ -188,8 +192,13 @@ def main():
     model, _ = build_backbones([args.model], [suffix], args.drop_path_rate, options,
                                args.groupmamba_options)[name + suffix]
     model.cuda()
-    model.train()  # not chained: mmdet's SwinTransformer.train() returns None
-    step = backbone_step(model, torch.randn(args.batch, 3, *args.size, device='cuda'))
+    images = torch.randn(args.batch, 3, *args.size, device='cuda')
+    if args.inference:
+        model.eval()
+        step = inference_step(model, images)
+    else:
+        model.train()  # not chained: mmdet's SwinTransformer.train() returns None
+        step = backbone_step(model, images)
 
     start = time.perf_counter()
     bypasses = StaticLaunchBypasses()
@@ -249,8 +258,9 @@ def main():
     # The compile settings on the result line: --compile alone compiles with static sizes (dynamic=False), where
     # the backbone's own compile option defaults to symbolic ones.
     setting = f' ({", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))})' if args.compile else ''
-    print(f'{name}{suffix}{setting} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, host (launch) '
-          f'{host_ms:.1f} ms (median of {len(host_steps_ms)} steps, {low:.1f}-{high:.1f}), GPU kernels '
+    what = ' inference' if args.inference else ''
+    print(f'{name}{suffix}{setting}{what} batch {args.batch} {tuple(args.size)}: wall {wall_ms:.1f} ms/step, '
+          f'host (launch) {host_ms:.1f} ms (median of {len(host_steps_ms)} steps, {low:.1f}-{high:.1f}), GPU kernels '
           f'{kernel_ms:.1f} ms in {launches} launches', flush=True)
     if args.take_turns:
         # With the start's line above, shows that the turns did not overlap (in the twenty-fourth session's call
