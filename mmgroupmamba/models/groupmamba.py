@@ -503,7 +503,7 @@ class GroupMambaLayer(nn.Module):
          delta_bias) = weights
         # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op, which
         # reads the pooled map in the stored layout and gives the compact scale.
-        scale = channel_affinity(x.mean((1, 2)), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+        scale = channel_affinity(_SpatialMean.apply(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                                  self.skip_scale)
 
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
@@ -597,6 +597,24 @@ class ConvFFN(nn.Module):
                                               fc1_weight, fc1_bias)
         conv = self.dwconv.dwconv
         return x, depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, fc2_bias)
+
+
+class _SpatialMean(torch.autograd.Function):
+    """``x.mean((1, 2))`` of a ``(B, H, W, C)`` map, its gradient given back as a broadcast view of the ``(B, C)``
+    one divided by ``H * W``. Autograd's own broadcasts first and divides the whole map: a launch and a map
+    written a block, only for autograd to add it to x's other gradients (README, forty-seventh session); the
+    add reads the view at the cost of a ``(B, C)`` vector instead. The same values: each element is the same
+    division of the same gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.mean((1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, height, width, _ = ctx.shape
+        return (grad / (height * width))[:, None, None, :].expand(ctx.shape)
 
 
 class _AddDroppedBranch(torch.autograd.Function):
