@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from mmgroupmamba.kernels import triton_affinity, triton_dwconv, triton_gated_norm, triton_scan
-from mmgroupmamba.kernels.layout import CHANNEL_MULTIPLE, stored_channels
+from mmgroupmamba.kernels.layout import CHANNEL_MULTIPLE, group_widths, stored_channels
 from mmgroupmamba.kernels.ops_util import ONES_COLUMNS, cdiv
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS
 
@@ -237,7 +237,7 @@ def affinity_rows(stages=None, sms=132):
     for channels, stored, _ in stages or stage_widths():
         units = channels // 16
         block_s, block_r, forward_warps, backward_warps = triton_affinity._blocks(stored, units)
-        valid, pitch = triton_affinity.group_pitch(channels, stored)
+        valid, pitch = group_widths(channels, stored)
         ints = dict(C=channels, R=units, S=stored, V=valid, P=pitch)
         yield ('affinity fwd', channels, f'block_s={block_s} block_r={block_r}', triton_affinity._affinity_fwd_kernel,
                AFFINITY_FWD, dict(BLOCK_S=block_s, BLOCK_R=block_r), forward_warps, ints)

@@ -186,17 +186,12 @@ def _blocks(stored, units):
     return block_s, block_r, forward_warps, backward_warps
 
 
-def group_pitch(channels, stored):
-    """``(V, P)``: valid and stored channels per scan group of a pooled map storing ``channels`` as ``stored``
-    (``layout.py``); ``(C, C)`` where it is not padded, so that any width passes then."""
-    return (channels, channels) if stored == channels else group_widths(channels, stored)
-
-
 def _layout(pooled, fc1_weight):
-    """``(batch, C, S, V, P)``: the pooled map's compact and stored channels and :func:`group_pitch`."""
+    """``(batch, C, S, V, P)``: the pooled map's compact and stored channels, and both per scan group (``V == P``
+    where it is not padded: the channel mapping is then the identity)."""
     batch, stored = pooled.shape
     channels = fc1_weight.shape[1]
-    return batch, channels, stored, *group_pitch(channels, stored)
+    return batch, channels, stored, *group_widths(channels, stored)
 
 
 def affinity_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
