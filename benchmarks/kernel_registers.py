@@ -224,8 +224,8 @@ def scan_rows(stages=None, sms=132):
 AFFINITY_FWD = dict(Pooled='*fp16', W1='*fp32', B1='*fp32', W2='*fp32', B2='*fp32', Skip='*fp32', Scale='*fp32',
                     C='i32', R='i32', S='i32', V='i32', P='i32')
 AFFINITY_BWD = dict(DScale='*fp32', Pooled='*fp16', W1='*fp32', B1='*fp32', W2='*fp32', B2='*fp32', Skip='*fp32',
-                    DPooled='*fp16', Partials='*fp32', batch='i32', images_per_program='i32', C='i32', R='i32',
-                    S='i32', V='i32', P='i32')
+                    DPosition='*fp16', Partials='*fp32', batch='i32', images_per_program='i32', positions='i32',
+                    C='i32', R='i32', S='i32', V='i32', P='i32')
 
 
 def affinity_rows(stages=None, sms=132):

@@ -123,7 +123,7 @@ def launchers(mode):
          (t(batch, length, channels), f32(batch, 2, channels), *scan_inputs)),
         ('channel affinity forward', triton_affinity.affinity_forward,
          (f32(4, channels), f32(2, channels), f32(2), f32(channels, 2), f32(channels), f32(1))),
-        ('channel affinity backward', triton_affinity.affinity_backward,
+        ('channel affinity backward', lambda *a: triton_affinity.affinity_backward(*a, 64),
          (f32(4, channels), f32(4, channels), f32(2, channels), f32(2), f32(channels, 2), f32(channels), f32(1))),
         ('depthwise conv forward', lambda *a: triton_dwconv.dwconv_act_forward(*a, 'gelu'),
          (x, f32(channels, 1, 3, 3), f32(channels))),

@@ -1,7 +1,7 @@
-"""GroupMamba's channel affinity as a custom op: the layer's ``C -> C/16 -> C`` bottleneck MLP on its pooled
-map (``fc1``, ReLU, ``fc2``, sigmoid) times its skip scale, one Triton launch forward and two backward (a
-kernel, a sum), where PyTorch spent 15 launches per block on a few microseconds of work. The reference
-elsewhere.
+"""GroupMamba's channel affinity as a custom op: the layer's ``C -> C/16 -> C`` bottleneck MLP on its map's
+mean over H and W (``fc1``, ReLU, ``fc2``, sigmoid) times its skip scale; the mean and one Triton launch forward,
+two backward (a kernel, a sum), where PyTorch spent 15 launches per block on a few microseconds of work, and one
+more for the mean's division. The reference elsewhere.
 """
 import torch
 
@@ -17,46 +17,56 @@ def _stored_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_s
                                       fc2_bias, skip_scale)
 
 
-def _affinity_fwd_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+def _affinity_fwd_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
     with torch.no_grad():
-        return _stored_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale).contiguous()
+        pooled = x.mean((1, 2))
+        return _stored_reference(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale).contiguous(), pooled
 
 
 @fused_op('mmgroupmamba::channel_affinity_fwd', reference=_affinity_fwd_reference)
-def channel_affinity_fwd(pooled: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor,
-                         fc2_weight: torch.Tensor, fc2_bias: torch.Tensor, skip_scale: torch.Tensor) -> torch.Tensor:
-    """The compact ``(B, C)`` scale, in :func:`~mmgroupmamba.kernels.reference.channel_affinity_dtype`."""
-    return triton_module('triton_affinity', pooled.device).affinity_forward(
-        pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)
+def channel_affinity_fwd(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                         fc2_bias: torch.Tensor, skip_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, pooled)``: the compact ``(B, C)`` scale in
+    :func:`~mmgroupmamba.kernels.reference.channel_affinity_dtype`, and the map's mean over its positions ``(B, S)``
+    in x's dtype, which the backward reads."""
+    pooled = x.mean((1, 2))
+    return triton_module('triton_affinity', x.device).affinity_forward(
+        pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale), pooled
 
 
 @channel_affinity_fwd.register_fake
-def _(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    return pooled.new_empty((pooled.shape[0], fc1_weight.shape[1]), dtype=channel_affinity_dtype(pooled))
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+    batch, stored = x.shape[0], x.shape[-1]
+    return (x.new_empty((batch, fc1_weight.shape[1]), dtype=channel_affinity_dtype(x)),
+            x.new_empty((batch, stored)))
 
 
-def _affinity_bwd_reference(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+def _affinity_bwd_reference(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, positions):
     # Autocast off for the backward's matmuls too: a backward called under autocast would run them in half
-    # precision.
+    # precision. The pooled map's gradient in fp32, divided, then rounded once, as the kernel does.
     with torch.autocast(pooled.device.type, enabled=False):
         (dpooled, *param_grads), _ = reference_grads(
-            _stored_reference, (pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale), dscale)
-    return dpooled, torch.cat([g.flatten() for g in param_grads]).to(reduced_dtype(pooled))
+            _stored_reference, (pooled.to(channel_affinity_dtype(pooled)), fc1_weight, fc1_bias, fc2_weight,
+                                fc2_bias, skip_scale), dscale)
+    return ((dpooled / positions).to(pooled.dtype),
+            torch.cat([g.flatten() for g in param_grads]).to(reduced_dtype(pooled)))
 
 
 @fused_op('mmgroupmamba::channel_affinity_bwd', reference=_affinity_bwd_reference)
 def channel_affinity_bwd(dscale: torch.Tensor, pooled: torch.Tensor, fc1_weight: torch.Tensor,
                          fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
-                         skip_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dpooled, dparams)``: the pooled map's gradient in its dtype and stored layout, and the parameters'
-    gradients as one flat fp32 (fp64 for fp64 input) tensor in :func:`param_grad_sizes` order, reduced over the
-    batch in one launch (a custom op's outputs may not be views of each other: :func:`param_grads` splits it)."""
+                         skip_scale: torch.Tensor, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dposition, dparams)``: the gradient of each of the map's ``positions`` (the pooled map's gradient
+    divided by them: the mean's backward), ``(B, S)`` in the pooled map's dtype and stored layout, and the
+    parameters' gradients as one flat fp32 (fp64 for fp64 input) tensor in :func:`param_grad_sizes` order,
+    reduced over the batch in one launch (a custom op's outputs may not be views of each other:
+    :func:`param_grads` splits it)."""
     return triton_module('triton_affinity', pooled.device).affinity_backward(
-        dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)
+        dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, positions)
 
 
 @channel_affinity_bwd.register_fake
-def _(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+def _(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, positions):
     size = sum(param_grad_sizes(fc1_weight.shape[1], fc1_weight.shape[0]))
     return (torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device),
             pooled.new_empty((size,), dtype=reduced_dtype(pooled)))
@@ -77,33 +87,42 @@ def param_grads(dparams, params):
 
 
 def _affinity_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, *params = inputs
+    scale, pooled = output
+    ctx.mark_non_differentiable(pooled)
+    ctx.set_materialize_grads(False)  # the pooled output gets no gradient: no zero fill for it in every backward
+    ctx.save_for_backward(pooled, *params)
+    ctx.map_shape = x.shape
 
 
-def _affinity_backward(ctx, dscale):
+def _affinity_backward(ctx, dscale, _dpooled):
     pooled, *params = ctx.saved_tensors
-    dpooled, dparams = channel_affinity_bwd(dscale, pooled, *params)
-    return dpooled, *param_grads(dparams, params)
+    batch, height, width, stored = ctx.map_shape
+    dposition, dparams = channel_affinity_bwd(dscale, pooled, *params, height * width)
+    # Every position of an image's map gets the same gradient: a broadcast view, no map written (autograd's own
+    # mean would write one, for it only to be added to x's other gradients).
+    return dposition[:, None, None, :].expand(ctx.map_shape), *param_grads(dparams, params)
 
 
 channel_affinity_fwd.register_autograd(_affinity_backward, setup_context=_affinity_setup)
 
 
-def channel_affinity(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    """``skip_scale * sigmoid(F.linear(relu(F.linear(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias))``.
+def channel_affinity(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+    """``skip_scale * sigmoid(F.linear(relu(F.linear(x.mean((1, 2)), fc1_weight, fc1_bias)), fc2_weight,
+    fc2_bias))``: the channel affinity of a map, pooled over its positions.
 
     Args:
-        pooled (Tensor): ``(B, S)``, any float dtype: the layer's map averaged over H and W, in its stored
-            layout (``S == C``, or a padded stage's ``C`` channels stored as ``S``:
-            :mod:`mmgroupmamba.kernels.layout`). Its gradient comes back in that layout, zero in the pad channels.
+        x (Tensor): ``(B, H, W, S)``, any float dtype: the layer's map in its stored layout (``S == C``, or a padded
+            stage's ``C`` channels stored as ``S``: :mod:`mmgroupmamba.kernels.layout`). It is pooled in its dtype;
+            its gradient comes back in that layout, zero in the pad channels, as a view broadcast over H and W.
         fc1_weight, fc1_bias (Tensor): ``(R, C)`` and ``(R,)``.
         fc2_weight, fc2_bias (Tensor): ``(C, R)`` and ``(C,)``.
         skip_scale (Tensor): one element.
 
     Returns:
-        Tensor: ``(B, C)``, compact, in fp32 (fp64 for fp64 ``pooled``), computed in fp32 whatever the input's dtype and
+        Tensor: ``(B, C)``, compact, in fp32 (fp64 for fp64 ``x``), computed in fp32 whatever the input's dtype and
         autocast: the parameters are used as they are, not cast. Gradients come back in the inputs' dtypes.
 
     Dispatch follows ``MMGM_KERNELS`` (see :mod:`mmgroupmamba.kernels.dispatch`).
     """
-    return channel_affinity_fwd(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)
+    return channel_affinity_fwd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale)[0]

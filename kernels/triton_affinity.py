@@ -8,8 +8,10 @@ step bound by its host's launches. The products are broadcasts and row/column su
 Everything is computed in fp32.
 
 The pooled map comes in its stored layout (``layout.py``: each scan group of a padded stage followed by zero
-channels), as the layer's mean gives it, and its gradient goes back in that layout, zero in the pad channels;
-the scale and the parameters are compact. Unpadding the map in PyTorch took three small launches a padded block
+channels), as the layer's mean gives it, and its gradient goes back in that layout, zero in the pad channels,
+already divided by the map's positions: it is the gradient of every position of the map, which the op hands
+to autograd as a broadcast view (``affinity.py``), so that the mean's division costs no launch of its own. The
+scale and the parameters are compact. Unpadding the map in PyTorch took three small launches a padded block
 (a copy forward, a fill and a copy backward; README, forty-seventh session).
 
 Forward: one program per image, holding both weight matrices as whole ``(R, C)`` tiles (up to 32 x 512: 128
@@ -105,12 +107,12 @@ def _fc2t_chunk(W2, cols, units, tile_ok, R):
 
 
 @triton.jit
-def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials, batch, images_per_program, C, R,
-                         S, V, P, BLOCK_R: tl.constexpr, CHUNK_C: tl.constexpr):
-    """One program per ``images_per_program`` images: their input gradients (zeros in the pad channels), and
-    their sums of the weight, bias and skip gradients as one row of ``Partials``, laid out as
-    ``affinity.param_grad_sizes`` says. The stored channels in chunks of ``CHUNK_C``, three passes per image (the
-    module's docstring)."""
+def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPosition, Partials, batch, images_per_program,
+                         positions, C, R, S, V, P, BLOCK_R: tl.constexpr, CHUNK_C: tl.constexpr):
+    """One program per ``images_per_program`` images: the gradient of each of their maps' ``positions`` (the
+    pooled map's divided by them; zeros in the pad channels), and their sums of the weight, bias and skip
+    gradients as one row of ``Partials``, laid out as ``affinity.param_grad_sizes`` says. The stored channels in
+    chunks of ``CHUNK_C``, three passes per image (the module's docstring)."""
     program = tl.program_id(0)
     units = tl.arange(0, BLOCK_R)
     unit_ok = units < R
@@ -160,7 +162,10 @@ def _affinity_bwd_kernel(DScale, Pooled, W1, B1, W2, B2, Skip, DPooled, Partials
             dw1 = tl.load(dw1_at, mask=tile_ok & later, other=0.0).to(tl.float32) + dpre[:, None] * pooled[None, :]
             tl.store(dw1_at, dw1.to(out_ty), mask=tile_ok)
             dpooled = tl.sum(w1 * dpre[:, None], axis=0)  # zero in the pad channels, whose w1 loaded as zeros
-            tl.store(DPooled + image * S + stored, dpooled.to(DPooled.dtype.element_ty), mask=stored < S)
+            # The mean's backward: every position of the map gets the pooled map's gradient over the positions
+            # (div_rn: `/` here compiled to a division that spilled 4 bytes with two images a program, sm_90).
+            dposition = tl.math.div_rn(dpooled, positions.to(tl.float32))
+            tl.store(DPosition + image * S + stored, dposition.to(DPosition.dtype.element_ty), mask=stored < S)
         # The next image loads what this one stored, and a thread may load an element another thread stored
         # (replicated layouts: Triton orders global memory only within a thread, triton-lang/triton#1615): the
         # barrier makes the block's stores visible to all its threads first.
@@ -208,8 +213,8 @@ def affinity_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_sc
     return scale
 
 
-def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
-    """``(dpooled, dparams)``: see :func:`~mmgroupmamba.kernels.affinity.channel_affinity_bwd`.
+def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, positions):
+    """``(dposition, dparams)``: see :func:`~mmgroupmamba.kernels.affinity.channel_affinity_bwd`.
 
     The images are split over at most one program per multiprocessor, each summing its images' weight
     gradients (in fp32) in its own row of ``partials``; one ``sum`` over the programs' rows then gives the
@@ -219,7 +224,7 @@ def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     batch, channels, stored, valid, pitch = _layout(pooled, fc1_weight)
     units = fc1_weight.shape[0]
     pooled, fc1_weight, fc2_weight = pooled.contiguous(), fc1_weight.contiguous(), fc2_weight.contiguous()
-    dpooled = torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device)
+    dposition = torch.empty(pooled.shape, dtype=pooled.dtype, device=pooled.device)
     # A tiling choice, from the traced example's batch where it is symbolic (the program count stays symbolic);
     # 4 "multiprocessors" in the interpreter, so that the CPU tests split batches too.
     hint = size_hint(batch)
@@ -229,10 +234,10 @@ def affinity_backward(dscale, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias
                            device=pooled.device)
     _, block_r, _, warps = _blocks(stored, units)
     launchable(_affinity_bwd_kernel)[(programs,)](
-        dscale.contiguous(), pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, dpooled, partials,
-        batch, images_per_program, channels, units, stored, valid, pitch, BLOCK_R=block_r, CHUNK_C=CHUNK_C,
-        num_warps=warps)
-    return dpooled, partials.sum(0)
+        dscale.contiguous(), pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale, dposition, partials,
+        batch, images_per_program, positions, channels, units, stored, valid, pitch, BLOCK_R=block_r,
+        CHUNK_C=CHUNK_C, num_warps=warps)
+    return dposition, partials.sum(0)
 
 
 KERNEL = _affinity_fwd_kernel  # what dispatch.kernels_interpreted inspects

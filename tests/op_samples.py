@@ -44,12 +44,13 @@ def op_samples(gen, device='cpu'):
         _, pmean, prstd = gated_group_norm_fwd(y, z, w12, b12, 4, 1e-5, torch.float32, 16)
         total, _, rmean, rrstd = residual_layer_norm_fwd(x, y, keep, w, b, 1e-6, torch.float32, 16)
     dout = draw(2, 3, 4, 16)
-    # The channel affinity of 16 channels through 3 hidden units (no power of 2), and a pooled map in bf16 as
-    # under autocast.
-    pooled = draw(2, 16).bfloat16().requires_grad_()
+    # The channel affinity of 16 channels through 3 hidden units (no power of 2), of a map in bf16 as under
+    # autocast, and the backward's inputs: its pooled map and its positions.
+    affinity_map = draw(2, 3, 4, 16).bfloat16().requires_grad_()
+    pooled = affinity_map.detach().mean((1, 2))
     affinity_params = (draw(3, 16, grad=True), draw(3, grad=True), draw(16, 3, grad=True), draw(16, grad=True),
                        draw(1, grad=True, rand=True))
-    # ... and of 12 channels, their pooled map stored as 16 (kernels/layout.py).
+    # ... and of 12 channels, their map stored as 16 (kernels/layout.py).
     affinity12 = (draw(3, 12, grad=True), draw(3, grad=True), draw(12, 3, grad=True), draw(12, grad=True),
                   draw(1, grad=True, rand=True))
     return [
@@ -77,10 +78,10 @@ def op_samples(gen, device='cpu'):
                                    torch.bfloat16, True)),
         (residual_layer_norm_bwd, (dout, None, total, None, w, b, rmean, rrstd, 1e-6, torch.float32, torch.float32,
                                    False)),
-        (channel_affinity_fwd, (pooled, *affinity_params)),
-        (channel_affinity_bwd, (draw(2, 16), pooled, *affinity_params)),
-        (channel_affinity_fwd, (pooled, *affinity12)),
-        (channel_affinity_bwd, (draw(2, 12), pooled, *affinity12)),
+        (channel_affinity_fwd, (affinity_map, *affinity_params)),
+        (channel_affinity_bwd, (draw(2, 16), pooled, *affinity_params, 12)),
+        (channel_affinity_fwd, (affinity_map, *affinity12)),
+        (channel_affinity_bwd, (draw(2, 12), pooled, *affinity12, 12)),
     ]
 
 

@@ -16,18 +16,28 @@ from mmgroupmamba.kernels.layout import pad_groups, unpad_groups
 SHAPES = [(1, 12, 1), (5, 96, 6), (2, 64, 4), (3, 348, 21)]
 
 
-def affinity_inputs(batch, channels, units, gen, pooled_dtype=torch.float32):
+MAP_SIZE = (3, 5)  # H, W of the maps the tests pool
+
+
+def affinity_inputs(batch, channels, units, gen, x_dtype=torch.float32):
     """The layer's inputs at the scale of its initialised parameters (nn.Linear's uniform bound 1/sqrt(fan_in)),
-    so that both ReLU sides and the sigmoid's slope are exercised, not saturated."""
+    so that both ReLU sides and the sigmoid's slope are exercised, not saturated. The map's values have a mean
+    per (image, channel) as varied as a pooled map's."""
     def uniform(*shape, fan_in):
         return (torch.rand(*shape, generator=gen) * 2 - 1) * 2 / fan_in**0.5
 
-    pooled = torch.randn(batch, channels, generator=gen).to(pooled_dtype)
+    means = torch.randn(batch, 1, 1, channels, generator=gen)
+    x = (means + 0.5 * torch.randn(batch, *MAP_SIZE, channels, generator=gen)).to(x_dtype)
     fc1_bias = uniform(units, fan_in=channels)
     fc1_bias[0] = 3.0  # one hidden unit alive for (almost surely) every image: gradients pass even at R = 1
     params = (uniform(units, channels, fan_in=channels), fc1_bias, uniform(channels, units, fan_in=units),
               uniform(channels, fan_in=units), torch.rand(1, generator=gen) + 0.5)
-    return [t.requires_grad_() for t in (pooled, *params)]
+    return [t.requires_grad_() for t in (x, *params)]
+
+
+def reference(x, *params):
+    """The reference on the map pooled as the op pools it (in x's dtype)."""
+    return channel_affinity_reference(x.mean((1, 2)), *params)
 
 
 def value_and_grads(fn, inputs, gen):
@@ -46,27 +56,28 @@ def assert_close_fp32(got, expected, what=''):
 def assert_matches(got, expected):
     """The scale and every gradient (:func:`value_and_grads`) as the reference's, in its dtypes and shapes."""
     assert (expected[3] != 0).any()  # the ReLU passed some gradient: the backward's whole path was checked
-    for name, g, e in zip(('scale', 'pooled', 'fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias', 'skip_scale'),
+    for name, g, e in zip(('scale', 'x', 'fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias', 'skip_scale'),
                           got, expected):
         assert g.dtype == e.dtype and g.shape == e.shape, name
-        if g.dtype == torch.bfloat16:  # dpooled, rounded to bf16 from fp32 values within 1e-5 of each other
+        if g.dtype == torch.bfloat16:  # dx, rounded to bf16 from fp32 values within 1e-5 of each other
             torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2 * e.abs().max().item(), msg=name)
         else:
             assert_close_fp32(g, e, name)
 
 
-def unfused(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
+def unfused(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, skip_scale):
     """What GroupMambaLayer ran before the op (in fp32: the parameters' dtype)."""
+    pooled = x.mean((1, 2))
     return skip_scale * torch.sigmoid(F.linear(F.relu(F.linear(pooled, fc1_weight, fc1_bias)), fc2_weight, fc2_bias))
 
 
-@pytest.mark.parametrize('pooled_dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('x_dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('shape', SHAPES)
-def test_triton_matches_the_reference(shape, pooled_dtype, monkeypatch):
+def test_triton_matches_the_reference(shape, x_dtype, monkeypatch):
     monkeypatch.setenv('MMGM_KERNELS', 'triton')
-    inputs = affinity_inputs(*shape, torch.Generator().manual_seed(0), pooled_dtype)
+    inputs = affinity_inputs(*shape, torch.Generator().manual_seed(0), x_dtype)
     got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(1))
-    expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(1))
+    expected = value_and_grads(reference, inputs, torch.Generator().manual_seed(1))
     assert got[0].dtype == torch.float32 and got[0].shape == shape[:2]
     assert_matches(got, expected)
 
@@ -95,7 +106,7 @@ def test_triton_backward_sums_chunks_and_images_per_program(monkeypatch):
     monkeypatch.setenv('MMGM_KERNELS', 'triton')
     inputs = affinity_inputs(batch, channels, units, torch.Generator().manual_seed(7))
     got = value_and_grads(channel_affinity, inputs, torch.Generator().manual_seed(8))
-    expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(8))
+    expected = value_and_grads(reference, inputs, torch.Generator().manual_seed(8))
     assert grids == [(3,)]
     assert_matches(got, expected)
 
@@ -114,7 +125,7 @@ def test_op_matches_the_unfused_mlp(impl, monkeypatch):
 
 @pytest.mark.parametrize('impl', ['reference', 'triton'])
 def test_autocast_leaves_the_op_in_fp32(impl, monkeypatch):
-    """Under autocast the pooled map comes in bf16, the fp32 parameters are used as they are and the scale and
+    """Under autocast the map comes in bf16, the fp32 parameters are used as they are and the scale and
     the parameters' gradients stay fp32: the same values as without autocast for the same input."""
     monkeypatch.setenv('MMGM_KERNELS', impl)
     inputs = affinity_inputs(2, 64, 4, torch.Generator().manual_seed(4), torch.bfloat16)
@@ -129,38 +140,58 @@ def test_autocast_leaves_the_op_in_fp32(impl, monkeypatch):
 def test_dead_hidden_units_pass_no_gradient(monkeypatch):
     """ReLU's gradient at a unit whose input is negative for every image is zero, in the kernel too."""
     monkeypatch.setenv('MMGM_KERNELS', 'triton')
-    pooled, w1, b1, w2, b2, skip = affinity_inputs(3, 12, 2, torch.Generator().manual_seed(6))
+    x, w1, b1, w2, b2, skip = affinity_inputs(3, 12, 2, torch.Generator().manual_seed(6))
     with torch.no_grad():
         b1[0] = -100.0
-    out = channel_affinity(pooled, w1, b1, w2, b2, skip)
+    out = channel_affinity(x, w1, b1, w2, b2, skip)
     dw1, db1, dw2 = torch.autograd.grad(out.sum(), (w1, b1, w2))
     assert (dw1[0] == 0).all() and db1[0] == 0 and (dw2[:, 0] == 0).all()
     assert dw1[1].abs().sum() > 0
 
 
 @pytest.mark.parametrize('impl', ['reference', 'triton'])
-def test_padded_pooled_map_is_read_and_differentiated_in_its_stored_layout(impl, monkeypatch):
-    """A padded stage's pooled map (``layout.py``: 348 channels stored as 352, and 200 as 208 so that the
-    backward's 64-channel chunks straddle the groups' pad channels) gives the compact map's scale and
-    parameter gradients, and its own gradient is the compact one laid out in the stored channels: zero in the pad
-    channels, whatever the (nonzero) values sitting there."""
+def test_padded_map_is_read_and_differentiated_in_its_stored_layout(impl, monkeypatch):
+    """A padded stage's map (``layout.py``: 348 channels stored as 352, and 200 as 208 so that the backward's
+    64-channel chunks straddle the groups' pad channels) gives the compact map's scale and parameter gradients,
+    and its own gradient is the compact one laid out in the stored channels: zero in the pad channels, whatever
+    the (nonzero) values sitting there."""
     monkeypatch.setenv('MMGM_KERNELS', impl)
     for batch, channels, units, stored in [(3, 348, 21, 352), (9, 200, 12, 208)]:
         inputs = affinity_inputs(batch, channels, units, torch.Generator().manual_seed(9))
-        padded = torch.randn(batch, stored, generator=torch.Generator().manual_seed(12))
-        padded.unflatten(1, (4, stored // 4))[..., :channels // 4] = inputs[0].detach().unflatten(1, (4, -1))
+        padded = torch.randn(batch, *MAP_SIZE, stored, generator=torch.Generator().manual_seed(12))
+        padded.unflatten(-1, (4, stored // 4))[..., :channels // 4] = inputs[0].detach().unflatten(-1, (4, -1))
         assert torch.equal(unpad_groups(padded, channels), inputs[0])
         padded = padded.requires_grad_()
         got = value_and_grads(channel_affinity, [padded, *inputs[1:]], torch.Generator().manual_seed(10))
-        expected = value_and_grads(channel_affinity_reference, inputs, torch.Generator().manual_seed(10))
-        assert got[1].shape == (batch, stored)
+        expected = value_and_grads(reference, inputs, torch.Generator().manual_seed(10))
+        assert got[1].shape == (batch, *MAP_SIZE, stored)
         assert torch.equal(got[1], pad_groups(unpad_groups(got[1], channels), stored))  # pad channels exactly 0
         assert_matches([got[0], unpad_groups(got[1], channels), *got[2:]], expected)
 
 
 @pytest.mark.parametrize('impl', ['reference', 'triton'])
-def test_pooled_map_of_a_width_no_layout_stores_is_refused(impl, monkeypatch):
+def test_map_of_a_width_no_layout_stores_is_refused(impl, monkeypatch):
     monkeypatch.setenv('MMGM_KERNELS', impl)
     inputs = affinity_inputs(2, 64, 4, torch.Generator().manual_seed(11))
     with pytest.raises(ValueError, match='64 channels cannot be stored as 66'):
-        channel_affinity(torch.randn(2, 66), *inputs[1:])
+        channel_affinity(torch.randn(2, *MAP_SIZE, 66), *inputs[1:])
+
+
+@pytest.mark.parametrize('impl', ['reference', 'triton'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_maps_gradient_is_a_broadcast_view_added_like_autograds(impl, dtype, monkeypatch):
+    """The mean's backward writes no map: x's gradient from the op is the (B, S) one broadcast over H and W, and
+    added to x's other gradients it gives what autograd's own mean gives, to the last place of fp32 (bf16: the
+    one rounding of the division in fp32, where autograd divides the rounded bf16 gradient)."""
+    monkeypatch.setenv('MMGM_KERNELS', impl)
+    x, *params = affinity_inputs(2, 12, 2, torch.Generator().manual_seed(13), dtype)
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(14)).to(dtype)
+    dscale = torch.randn(2, 12, generator=torch.Generator().manual_seed(15))
+    view, = torch.autograd.grad(channel_affinity(x, *params), x, dscale)
+    assert view.stride() == (12, 0, 0, 1)
+    got, = torch.autograd.grad((x * other).sum() + (channel_affinity(x, *params) * dscale).sum(), x)
+    expected, = torch.autograd.grad((x * other).sum() + (reference(x, *params) * dscale).sum(), x)
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    else:
+        assert_close_fp32(got, expected)

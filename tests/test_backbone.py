@@ -621,23 +621,3 @@ def test_residual_adds_inside_the_norms_match_the_plain_block(impl, channel_mult
     assert bool((fused.keep_masks(x) == 0).any())  # the runs' masks: some branch of some image dropped
     for i, (a, b) in enumerate(zip(*results)):  # some gradients are all zeros (a zero-initialised layer's)
         assert (a - b).norm() <= 1e-4 * b.norm() + 1e-8, i
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_spatial_mean_gradient_is_autograds_as_a_broadcast_view(dtype):
-    """The channel affinity's pooling: autograd's own mean divides the broadcast gradient, a full map; this one
-    gives the same values bitwise as a view of the (B, C) gradient, and x's summed gradient is the same."""
-    from mmgroupmamba.models.groupmamba import _SpatialMean
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 7, 12, generator=gen).to(dtype).requires_grad_()
-    other, dpooled = torch.randn(2, 5, 7, 12, generator=gen).to(dtype), torch.randn(2, 12, generator=gen).to(dtype)
-    pooled = _SpatialMean.apply(x)
-    assert torch.equal(pooled, x.mean((1, 2)))
-    view, = torch.autograd.grad(pooled, x, dpooled)
-    assert view.stride() == (12, 0, 0, 1)  # broadcast over H and W: no map written
-    expected, = torch.autograd.grad(x.mean((1, 2)), x, dpooled)
-    assert torch.equal(view, expected)
-    got, = torch.autograd.grad((x * other).sum() + (_SpatialMean.apply(x) * dpooled).sum(), x)
-    expected, = torch.autograd.grad((x * other).sum() + (x.mean((1, 2)) * dpooled).sum(), x)
-    assert torch.equal(got, expected)

@@ -59,8 +59,8 @@ def test_op_gradients_match_autograd_through_the_references():
     w, b = (torch.randn(16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     scale = torch.rand(2, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     conv_w = torch.randn(16, 1, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    pooled, fc1_w, fc2_w = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-                            for shape in ((2, 16), (3, 16), (16, 3)))
+    fc1_w, fc2_w = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+                    for shape in ((3, 16), (16, 3)))
     fc1_b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
     cases = [
         (selective_scan, selective_scan_reference,
@@ -68,7 +68,8 @@ def test_op_gradients_match_autograd_through_the_references():
         (gated_group_norm, gated_group_norm_reference, [y, z, w, b], (4, 1e-5)),
         (modulated_layer_norm, modulated_layer_norm_reference, [y, x, scale, w, b], (1e-5,)),
         (depthwise_conv_act, depthwise_conv_act_reference, [x, conv_w, b], ('gelu',)),
-        (channel_affinity, channel_affinity_reference, [pooled, fc1_w, fc1_b, fc2_w, b, scale[0, :1]], ()),
+        (channel_affinity, lambda x, *params: channel_affinity_reference(x.mean((1, 2)), *params),
+         [x, fc1_w, fc1_b, fc2_w, b, scale[0, :1]], ()),
         # Both outputs (the sum and its norm) at once; one image's branch dropped.
         (lambda x, y, w, b, keep: torch.cat(residual_layer_norm(x, y, keep, w, b, 1e-5), -1),
          lambda x, y, w, b, keep: residual_then_layer_norm(x, y * keep.view(-1, 1, 1, 1), w, b, 1e-5),

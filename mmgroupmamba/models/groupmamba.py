@@ -29,7 +29,7 @@ Layout::
                      y = selective scan of u over the map in SCAN_DIRECTIONS[g] order (d_state=1);
                      y = out_norm(y) * SiLU(z); out_proj
         y = concat(groups) * skip_scale * x * sigmoid(fc2(relu(fc1(mean_hw(x)))))   (channel affinity;
-            skip_scale * sigmoid(...) is one fused op on the pooled map, in fp32: kernels.channel_affinity)
+            skip_scale * sigmoid(...) with the mean is one fused op on x, in fp32: kernels.channel_affinity)
         return proj(LayerNorm(y))          (the same LayerNorm as at the input, as in the official model)
 
 Parameters are stored the way the kernels use them: the four groups' scan parameters packed together, one
@@ -501,10 +501,9 @@ class GroupMambaLayer(nn.Module):
             weights = self.forward_weights(cast_together(self.matmul_params(), x.dtype), self.channel_params())
         (in_proj, delta_bc_proj, out_proj, proj_weight, proj_bias, conv_weight, conv_bias, a_logs, ds,
          delta_bias) = weights
-        # skip_scale times the channel affinity: one scale per (image, channel), in fp32, one fused op, which
-        # reads the pooled map in the stored layout and gives the compact scale.
-        scale = channel_affinity(_SpatialMean.apply(x), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                 self.skip_scale)
+        # skip_scale times the channel affinity of x pooled over H and W: one scale per (image, channel), in fp32,
+        # one fused op, which reads the map in the stored layout and gives the compact scale.
+        scale = channel_affinity(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.skip_scale)
 
         # u is read in place by the conv and z by the gated norm, both as column slices of one projection.
         u, z = F.linear(x, in_proj).split(stored, dim=-1)
@@ -597,24 +596,6 @@ class ConvFFN(nn.Module):
                                               fc1_weight, fc1_bias)
         conv = self.dwconv.dwconv
         return x, depthwise_conv_act_linear(h, conv.weight, conv.bias, 'gelu', fc2_weight, fc2_bias)
-
-
-class _SpatialMean(torch.autograd.Function):
-    """``x.mean((1, 2))`` of a ``(B, H, W, C)`` map, its gradient given back as a broadcast view of the ``(B, C)``
-    one divided by ``H * W``. Autograd's own broadcasts first and divides the whole map: a launch and a map
-    written a block, only for autograd to add it to x's other gradients (README, forty-seventh session); the
-    add reads the view at the cost of a ``(B, C)`` vector instead. The same values: each element is the same
-    division of the same gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.shape = x.shape
-        return x.mean((1, 2))
-
-    @staticmethod
-    def backward(ctx, grad):
-        _, height, width, _ = ctx.shape
-        return (grad / (height * width))[:, None, None, :].expand(ctx.shape)
 
 
 class _AddDroppedBranch(torch.autograd.Function):
