@@ -2,7 +2,7 @@
 CPU (issue #15: the H200 step is bound by bytes moved; this budget says which passes to cut).
 
     python benchmarks/bytes_budget.py [--stages 1 2 3 4] [--size-scale 1] [--sms 132] [--fp32] [--run-kernels]
-                                      [--measured KERNEL=MS ...] [--batch 128] [--copy-tbps 4.272]
+                                      [--measured KERNEL=MS ...] [--batch 128] [--copy-tbps 4.272] [--inference]
 
 For one block of each stage of GroupMamba-T (64/128/348/448 channels, MLP ratios 8/8/4/4, on the 56/28/14/7 maps
 of a 224x224 image; batch 1, train mode, drop_path 0.1, bf16 autocast on the CPU standing in for CUDA fp16), the
@@ -23,6 +23,11 @@ their gradients written once (backward), the output's gradient read and the inpu
 (backward). The kept activations are the storages autograd saves (``saved_tensors_hooks``, each storage once,
 whole), less the weights and the tensors computed from weights alone (their casts), which are listed apart; the
 block's input, when saved, is read again in the backward but not written.
+
+``--inference`` walks an eval forward without gradient instead (the block's second: the first builds the weights
+later ones reuse), for the classification table's inference column, against the block's input read, its
+weights read and its output written once. At batch 1 the weights' share is per step, as above: stage 4's
+weights outweigh its 7x7 map, so read the later stages' ratios as batch 1's only.
 
 ``--measured`` takes the GPU time of our kernels in one training step of the whole backbone at ``--batch``
 (profile_step.py's table, e.g. ``_dwconv_bwd_pre_kernel=9.931``) and prints each kernel's achieved bandwidth:
@@ -55,7 +60,7 @@ import time
 import torch
 
 # launch_count sets TRITON_INTERPRET and MMGM_KERNELS before Triton's first import (torch does not import it).
-from launch_count import TWO_KERNELS, LaunchWalker, size_tilings_for, storage_key, walk_step
+from launch_count import TWO_KERNELS, LaunchWalker, size_tilings_for, storage_key, walk_inference, walk_step
 from mmgroupmamba.models.groupmamba import ARCH_SETTINGS, GroupMambaBlock
 
 MB = 1e6
@@ -135,13 +140,21 @@ def minimum_items(budget, x, out, params):
     ]
 
 
-def budget_block(dims, mlp_ratio, size, autocast=True, run_kernels=False):
+def budget_block(dims, mlp_ratio, size, autocast=True, run_kernels=False, inference=False):
     """Walks one training step of a GroupMambaBlock on a ``1 x size x size x dims`` map, the Triton kernels run
-    or not; its :class:`ByteBudget` and minimum items."""
+    or not; its :class:`ByteBudget` and minimum items. ``inference``: a later eval forward without gradient
+    instead (the first builds the weights it reuses), against the block's input, weights and output once."""
     torch.manual_seed(0)
-    block = GroupMambaBlock(dims, mlp_ratio, drop_path=0.1).train()
+    block = GroupMambaBlock(dims, mlp_ratio, drop_path=0.1).train(not inference)
     params = list(block.parameters())
-    x = torch.randn(1, size, size, dims, requires_grad=True)
+    x = torch.randn(1, size, size, dims, requires_grad=not inference)
+    if inference:
+        walk_inference(ByteBudget(params), block, x, autocast, run_kernels)
+        budget = ByteBudget(params)
+        out = walk_inference(budget, block, x, autocast, run_kernels)
+        return budget, [('forward', 'block input read', bytes_of(x)),
+                        ('forward', 'weights read', sum(p.nbytes for p in params)),
+                        ('forward', 'block output written', bytes_of(out))]
     budget = ByteBudget(params)
     (out, ) = walk_step(budget, block, x, autocast, budget.saved_tensors(), run_kernels)
     return budget, minimum_items(budget, x, out, params)
@@ -151,7 +164,7 @@ def print_stage(budget, minimum):
     """The kernel table, the minimum against the total, the largest items."""
     print('| phase | kernel | launches | MB read | MB written | MB |')
     print('| --- | --- | --- | --- | --- | --- |')
-    for phase in PHASES:
+    for phase in [phase for phase in PHASES if budget.totals(phase)[0]]:
         for key in sorted(k for k in budget.launches if k[0] == phase):
             read, written = budget.read[key], budget.written[key]
             print(f'| {phase} | {key[1]} | {budget.launches[key]} | {read / MB:.2f} | {written / MB:.2f} | '
@@ -188,12 +201,16 @@ def main():
     parser.add_argument('--sms', type=int, default=132, help='multiprocessors the tilings are sized for')
     parser.add_argument('--fp32', action='store_true', help='no autocast')
     parser.add_argument('--run-kernels', action='store_true', help='run the Triton kernels (interpreted: slow)')
+    parser.add_argument('--inference', action='store_true',
+                        help='the eval forward without gradient (a later one) instead of the training step')
     parser.add_argument('--measured', nargs='+', default=[], metavar='KERNEL=MS',
                         help="GPU ms of our kernels in one backbone training step at --batch (profile_step.py)")
     parser.add_argument('--batch', type=int, default=128, help='the batch of the --measured step')
     parser.add_argument('--copy-tbps', type=float, default=4.272, help="the card's copy bandwidth, TB/s")
     args = parser.parse_args()
     measured = parse_measured(args.measured)
+    if measured and args.inference:
+        raise SystemExit('--measured takes the times of a training step: leave out --inference')
     # The launchers choose tilings (sequence splits, walk lengths, partial sums per image) from their program
     # count, which grows with the batch, against the multiprocessors: a batch-1 walk sized for sms / batch of
     # them tiles each image as the measured batch does.
@@ -201,16 +218,16 @@ def main():
     size_tilings_for(sms)
     arch = ARCH_SETTINGS['tiny']
     precision = 'fp32' if args.fp32 else 'bf16 autocast'
-    print(f'bytes per image of one GroupMambaBlock per stage of GroupMamba-T, forward + backward ({precision}, '
-          f'train, drop_path 0.1, Triton path, tilings for {sms} SMs), {datetime.date.today()}; '
-          'MB = 1e6 bytes\n')
+    walked = 'a later eval forward, no gradient' if args.inference else 'forward + backward, train, drop_path 0.1'
+    print(f'bytes per image of one GroupMambaBlock per stage of GroupMamba-T, {walked} ({precision}, '
+          f'Triton path, tilings for {sms} SMs), {datetime.date.today()}; MB = 1e6 bytes\n')
     summary = []
     for stage in args.stages:
         dims, ratio = arch['embed_dims'][stage - 1], arch['mlp_ratios'][stage - 1]
         size = max(1, round(TINY_MAPS[stage - 1] * args.size_scale))
         print(f'## stage {stage}: {dims} channels, MLP ratio {ratio}, 1x{size}x{size}\n')
         start = time.perf_counter()
-        budget, minimum = budget_block(dims, ratio, size, not args.fp32, args.run_kernels)
+        budget, minimum = budget_block(dims, ratio, size, not args.fp32, args.run_kernels, args.inference)
         achieved, least = print_stage(budget, minimum)
         print(f'\n({time.perf_counter() - start:.1f} s on this CPU)\n')
         summary.append((stage, dims, size, budget, achieved, least))

@@ -181,6 +181,16 @@ def walk_step(walker, module, x, autocast, forward_context=contextlib.nullcontex
     return outs
 
 
+def walk_inference(walker, module, x, autocast, run_kernels=True):
+    """Runs one eager inference forward of ``module(x)`` (no gradient; put the module in eval mode first) under
+    ``walker``, the Triton kernels too unless ``run_kernels`` is false; returns the output. Call it twice to walk
+    a later forward: the first builds the weights that later ones reuse (``train()``/``eval()`` drops them)."""
+    launchers = [dispatch.triton_module(name, x.device) for name in LAUNCHERS]
+    with walker.triton_launches(launchers, run_kernels), walker, torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            return module(x)
+
+
 def count_step(module, x, autocast):
     """Launch counts of ``module(x)`` and of its backward, keyed by ``(phase, op name)``."""
     counter = LaunchCounter()
@@ -192,13 +202,10 @@ def count_inference(module, x, autocast, calls=2):
     """Launch counts of ``calls`` eager inference forwards of ``module(x)`` (eval, no gradient), one total per
     call: the first builds the blocks' matmul weights, later ones reuse them (GroupMambaBlock._forward_weights)."""
     module.eval()
-    launchers = [dispatch.triton_module(name, x.device) for name in LAUNCHERS]
     totals = []
     for _ in range(calls):
         counter = LaunchCounter()
-        with counter.triton_launches(launchers, run=False), counter, torch.no_grad():
-            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-                module(x)
+        walk_inference(counter, module, x, autocast, run_kernels=False)
         totals.append(sum(counter.counts.values()))
     return totals
 

@@ -86,3 +86,20 @@ def test_step_bytes_scale_a_blocks_bytes_by_batch_and_depth(monkeypatch):
     # Stage 2 of the tiny arch has 4 blocks; only our Triton kernels are counted.
     moved = step_bytes([(2, 32, 8, budget, 0, 0)], batch=16)
     assert moved == {name: n * 16 * 4 for name, n in ours.items()}
+
+
+def test_inference_budget_walks_a_later_forward_only(monkeypatch):
+    """``--inference``: the eval forward that reuses the block's built weights, as many launches as the launch count
+    gives a later inference forward, every byte in the forward, against the block's input, weights and output."""
+    from launch_count import count_inference
+
+    monkeypatch.setenv('MMGM_KERNELS', 'triton')
+    budget, minimum = budget_block(32, 4, 8, inference=True)
+    assert budget.totals('backward') == (0, 0, 0)
+    launches, read, written = budget.totals('forward')
+    torch.manual_seed(0)
+    block = GroupMambaBlock(32, 4, drop_path=0.1)
+    first, later = count_inference(block, torch.randn(1, 8, 8, 32), autocast=True)
+    assert launches == later < first
+    assert [item for _, item, _ in minimum] == ['block input read', 'weights read', 'block output written']
+    assert 0 < sum(n for _, _, n in minimum) < read + written
