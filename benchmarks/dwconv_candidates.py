@@ -1,6 +1,6 @@
 """Time other designs of the 3x3 depthwise conv + activation against the shipped row-walk kernels, in one process.
 
-    python benchmarks/dwconv_candidates.py [--shapes det s1] [--designs walk tile inductor]
+    python benchmarks/dwconv_candidates.py [--shapes det s1] [--designs walk tile inductor gather]
 
 The shipped kernels (kernels/triton_dwconv.py) walk each program down up to 64 rows and reach about 40 % of copy
 bandwidth forward and 25 % backward on an H200 (kernels/README.md), against the 70 % #15 asks. Three designs,
@@ -14,7 +14,13 @@ backward (pre-activation pass, partial-sum reduction, transposed conv) apart:
   many small programs keep more bytes in flight than a few long walks. The backward's pre-activation pass walks
   ``steps`` blocks down so that its weight-gradient partial sums stay few;
 - ``inductor``: the conv written as nine shifted slices of the zero-padded map, compiled by torch.compile
-  (``dynamic=False``): what Inductor makes of it on its own, forward and backward.
+  (``dynamic=False``): what Inductor makes of it on its own, forward and backward;
+- ``gather`` (forward only, for #15's inference column, where the FFN's conv is the largest pass: kernels/README.md,
+  "Bytes budget of the inference forward"): the shipped walk with each input row loaded once, its two shifted
+  copies made by ``tl.gather`` one column over plus a one-pixel halo load at their open end, where the shipped
+  kernel loads each row three times. Not yet timed on a GPU. On the CPU (Triton 3.8, ptxas for sm_90) it compiles
+  to 206 registers against the shipped forward's 128, 8 KB of shared memory against 18 KB, and its halo loads
+  are 2 bytes wide.
 
 ``tile`` and ``inductor`` were both slower than the walk on an H200 (kernels/README.md, "Longer walks" and
 after); they stay here to be re-measured on other cards and releases. A fourth, ``rowsum`` (the walk's backward
@@ -48,6 +54,8 @@ from mmgroupmamba.kernels.triton_dwconv import (
     _NO_ACT,
     _activation,
     _activation_grad,
+    _grid,
+    _load_weight_taps,
     _store_param_partials,
     _tile_coords,
     choose_tiles,
@@ -67,6 +75,10 @@ WALK_GRID = [(16, 16, 64), (32, 16, 64), (64, 16, 64), (8, 16, 64), (16, 8, 128)
 # (block_h, block_w, block_c, num_warps) of the tile forward; the backward uses the same with `steps`.
 TILE_GRID = [(2, 8, 64, 4), (4, 8, 64, 4), (4, 8, 64, 8), (8, 8, 64, 8), (2, 16, 64, 4), (4, 16, 64, 8),
              (4, 4, 128, 4), (4, 8, 128, 8), (2, 8, 32, 2)]
+# (rows, block_w, block_c, num_warps, stages) of the gathered-row forward: the shipped forward's tiles at stage 1 and
+# the detection shape (16 x 64, 4 warps, 4 stages, 64 or 16 rows), then wider rows and other stage counts.
+GATHER_GRID = [(64, 16, 64, 4, 4), (16, 16, 64, 4, 4), (64, 32, 64, 4, 4), (64, 32, 32, 4, 4), (64, 16, 64, 4, 2),
+               (64, 16, 64, 4, 1), (32, 16, 64, 4, 4), (64, 64, 32, 8, 4)]
 BWD_TILE_GRID = [(2, 4, 64, 4, 8), (2, 8, 64, 4, 8), (2, 8, 64, 4, 16), (1, 8, 64, 4, 16), (2, 4, 128, 4, 8),
                  (4, 4, 64, 4, 8), (2, 8, 64, 8, 8)]
 
@@ -210,6 +222,66 @@ def tile_backward(dout, x, weight, bias, activation, fwd_tiles, bwd_tiles):
     return dx, part.sum(1)
 
 
+@triton.jit
+def _gathered_row(x_base, r, H, W, C, stride_h, stride_w, w, c, offs, mid_ok, BLOCK_W: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Input row ``r`` at columns ``w-1, w, w+1`` in fp32 from one tile load and two one-pixel halo loads: the
+    shifted tiles are the loaded one gathered one column over, the halo pixel at their open end."""
+    row_ok = (r >= 0) & (r < H)
+    ptr = x_base + tl.cast(r, tl.int64) * stride_h
+    mid = tl.load(ptr + offs, mask=mid_ok & row_ok, other=0.0).to(tl.float32)
+    w0 = tl.min(w, axis=0)  # the tile's first column
+    c_ok = (c < C) & row_ok
+    halo_left = tl.load(ptr + (w0 - 1) * stride_w + c, mask=c_ok & (w0 >= 1), other=0.0).to(tl.float32)
+    halo_right = tl.load(ptr + (w0 + BLOCK_W) * stride_w + c, mask=c_ok & (w0 + BLOCK_W < W),
+                         other=0.0).to(tl.float32)
+    local = tl.arange(0, BLOCK_W)[:, None] + tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.int32)
+    left = tl.where(local == 0, halo_left[None, :], tl.gather(mid, tl.maximum(local - 1, 0), 0))
+    right = tl.where(local == BLOCK_W - 1, halo_right[None, :], tl.gather(mid, tl.minimum(local + 1, BLOCK_W - 1), 0))
+    return left, mid, right
+
+
+@triton.jit
+def _gather_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_prog,
+                       stride_xb, stride_xh, stride_xw, stride_ob, stride_oh, stride_ow,
+                       ACT: tl.constexpr, STAGES: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The shipped forward's walk down the rows, each input row read once (:func:`_gathered_row`) where the shipped
+    kernel loads it three times, shifted (the shifts hit cached lines, but each is a load of its own, through
+    shared memory where the walk is pipelined)."""
+    _, b, h0, h_end, w, c, _, mid_ok, _ = _tile_coords(H, W, C, n_cb, n_wb, n_rb, rows_per_prog, BLOCK_W, BLOCK_C)
+    w00, w01, w02, w10, w11, w12, w20, w21, w22 = _load_weight_taps(Wt, c, C, False)
+    bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
+    x_base = X + b.to(tl.int64) * stride_xb
+    o_base = Out + b.to(tl.int64) * stride_ob
+    x_offs = (w * stride_xw)[:, None] + c[None, :]
+    o_offs = (w * stride_ow)[:, None] + c[None, :]
+    xl, xm, xr = _gathered_row(x_base, h0 - 1, H, W, C, stride_xh, stride_xw, w, c, x_offs, mid_ok, BLOCK_W, BLOCK_C)
+    acc = xl * w00 + xm * w01 + xr * w02
+    xl, xm, xr = _gathered_row(x_base, h0, H, W, C, stride_xh, stride_xw, w, c, x_offs, mid_ok, BLOCK_W, BLOCK_C)
+    acc += xl * w10 + xm * w11 + xr * w12
+    nxt = xl * w00 + xm * w01 + xr * w02
+    for h in tl.range(h0, h_end, num_stages=STAGES):
+        xl, xm, xr = _gathered_row(x_base, h + 1, H, W, C, stride_xh, stride_xw, w, c, x_offs, mid_ok, BLOCK_W,
+                                   BLOCK_C)
+        acc += xl * w20 + xm * w21 + xr * w22
+        out = _activation(acc + bias, ACT)
+        tl.store(o_base + tl.cast(h, tl.int64) * stride_oh + o_offs, out.to(Out.dtype.element_ty), mask=mid_ok)
+        acc = nxt + xl * w10 + xm * w11 + xr * w12
+        nxt = xl * w00 + xm * w01 + xr * w02
+
+
+def gather_forward(x, weight, bias, activation, tiles):
+    """The gathered-row forward at ``tiles`` ``(rows, block_w, block_c, num_warps, stages)``."""
+    rows, block_w, block_c, num_warps, stages = tiles
+    out = torch.empty_like(x)
+    n_cb, n_wb, n_rb, programs = _grid(x.shape, block_w, block_c, rows)
+    _gather_fwd_kernel[(programs,)](
+        x, weight.reshape(-1, 9).contiguous(), bias, out, *x.shape[1:], n_cb, n_wb, n_rb, rows, x.stride(0),
+        x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), ACT=_ACT_CODES[activation],
+        STAGES=stages, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+    return out
+
+
 def shifted_sum_conv(x, weight, bias, activation):
     """The conv as nine shifted slices of the zero-padded map: plain tensor ops for Inductor to fuse."""
     height, width = x.shape[1:3]
@@ -270,6 +342,19 @@ def check_candidates(shapes, device, dtype, bound):
                 raise AssertionError(f'{name}: {label} is {err:.1e} off the reference')
 
 
+def check_gather(shapes, device, dtype, bound):
+    """Every gathered-row forward setting against the fp32 reference's output; raises naming the first that is
+    off."""
+    for name, (batch, height, width, channels, activation) in shapes.items():
+        x, weight, bias, _ = inputs(min(batch, 2), height, width, channels, device, dtype)
+        want = depthwise_conv_act_reference(x.float(), weight, bias, activation)
+        for tiles in GATHER_GRID:
+            err = rel_err(gather_forward(x, weight, bias, activation, tiles).float(), want)
+            print(f'check {name} gather {tiles}: max rel err {err:.1e}', flush=True)
+            if not err < bound:
+                raise AssertionError(f'{name}: gather {tiles} is {err:.1e} off the reference')
+
+
 def bench(fn):
     fn()
     return do_bench_cudagraph(fn, return_mode='median')
@@ -322,7 +407,13 @@ def time_inductor(tensors, activation):
     return [(f'inductor (max rel err {err:.1e}; backward from calls)', fwd, both - fwd)]
 
 
-DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'inductor': time_inductor}
+def time_gather(tensors, activation):
+    x, weight, bias, _ = tensors
+    return [(f'gather fwd {tiles} (rows, w, c, warps, stages)',
+             bench(lambda: gather_forward(x, weight, bias, activation, tiles)), None) for tiles in GATHER_GRID]
+
+
+DESIGNS = {'walk': time_walk, 'tile': time_tiles, 'inductor': time_inductor, 'gather': time_gather}
 
 
 def main(argv=None):
@@ -336,6 +427,7 @@ def main(argv=None):
         if os.environ.get('TRITON_INTERPRET') != '1':
             sys.exit('on the CPU the kernels run in Triton\'s interpreter: set TRITON_INTERPRET=1')
         check_candidates(CPU_SHAPES, 'cpu', torch.float32, 1e-5)
+        check_gather(CPU_SHAPES, 'cpu', torch.float32, 1e-5)
         return
     # Launchers are called directly: without torch.library's tracing wrapper, as the ops' eager path launches.
     with set_wrap_triton_enabled(False):
@@ -345,6 +437,8 @@ def main(argv=None):
 def run(args):
     if 'tile' in args.designs:
         check_candidates({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3)
+    if 'gather' in args.designs:
+        check_gather({name: SHAPES[name] for name in args.shapes}, 'cuda', torch.float16, 2e-3)
     bandwidth = copy_bandwidth()
     print(f'{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; fp16 maps; CUDA-graph '
           'replays, median ms (% of copy bandwidth: forward reads x and writes out, backward reads x and dout and '

@@ -29,3 +29,10 @@ def test_shifted_slices_match_the_reference(activation):
     out = dwconv_candidates.shifted_sum_conv(*leaves, activation)
     got = (out, *torch.autograd.grad(out, leaves, dout))
     assert dwconv_candidates.errors(got, dwconv_candidates.expected(x, weight, bias, dout, activation)) < 1e-5
+
+
+def test_gathered_row_forward_matches_the_reference(capsys):
+    # 37 columns: two whole 16-column tiles and a partial one, so that every tile's halo columns are read from
+    # its neighbours; 40 channels leave a partial 32-channel block.
+    dwconv_candidates.check_gather({'wide': (2, 6, 37, 40, 'gelu')}, 'cpu', torch.float32, 1e-5)
+    assert capsys.readouterr().out.count('check wide gather') == len(dwconv_candidates.GATHER_GRID)
