@@ -223,19 +223,17 @@ def tile_backward(dout, x, weight, bias, activation, fwd_tiles, bwd_tiles):
 
 
 @triton.jit
-def _gathered_row(x_base, r, H, W, C, stride_h, stride_w, w, c, offs, mid_ok, BLOCK_W: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+def _gathered_row(x_base, r, H, W, C, stride_h, stride_w, w0, c, offs, mid_ok, local, BLOCK_W: tl.constexpr):
     """Input row ``r`` at columns ``w-1, w, w+1`` in fp32 from one tile load and two one-pixel halo loads: the
-    shifted tiles are the loaded one gathered one column over, the halo pixel at their open end."""
+    shifted tiles are the loaded one gathered one column over (``local``: each element's column in the tile), the
+    halo pixel (left of the tile's first column ``w0``, right of its last) at their open end."""
     row_ok = (r >= 0) & (r < H)
     ptr = x_base + tl.cast(r, tl.int64) * stride_h
     mid = tl.load(ptr + offs, mask=mid_ok & row_ok, other=0.0).to(tl.float32)
-    w0 = tl.min(w, axis=0)  # the tile's first column
     c_ok = (c < C) & row_ok
     halo_left = tl.load(ptr + (w0 - 1) * stride_w + c, mask=c_ok & (w0 >= 1), other=0.0).to(tl.float32)
     halo_right = tl.load(ptr + (w0 + BLOCK_W) * stride_w + c, mask=c_ok & (w0 + BLOCK_W < W),
                          other=0.0).to(tl.float32)
-    local = tl.arange(0, BLOCK_W)[:, None] + tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.int32)
     left = tl.where(local == 0, halo_left[None, :], tl.gather(mid, tl.maximum(local - 1, 0), 0))
     right = tl.where(local == BLOCK_W - 1, halo_right[None, :], tl.gather(mid, tl.minimum(local + 1, BLOCK_W - 1), 0))
     return left, mid, right
@@ -255,14 +253,16 @@ def _gather_fwd_kernel(X, Wt, Bias, Out, H, W, C, n_cb, n_wb, n_rb, rows_per_pro
     o_base = Out + b.to(tl.int64) * stride_ob
     x_offs = (w * stride_xw)[:, None] + c[None, :]
     o_offs = (w * stride_ow)[:, None] + c[None, :]
-    xl, xm, xr = _gathered_row(x_base, h0 - 1, H, W, C, stride_xh, stride_xw, w, c, x_offs, mid_ok, BLOCK_W, BLOCK_C)
+    w0 = tl.min(w, axis=0)  # the tile's first column
+    local = tl.arange(0, BLOCK_W)[:, None] + tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.int32)
+    xl, xm, xr = _gathered_row(x_base, h0 - 1, H, W, C, stride_xh, stride_xw, w0, c, x_offs, mid_ok, local, BLOCK_W)
     acc = xl * w00 + xm * w01 + xr * w02
-    xl, xm, xr = _gathered_row(x_base, h0, H, W, C, stride_xh, stride_xw, w, c, x_offs, mid_ok, BLOCK_W, BLOCK_C)
+    xl, xm, xr = _gathered_row(x_base, h0, H, W, C, stride_xh, stride_xw, w0, c, x_offs, mid_ok, local, BLOCK_W)
     acc += xl * w10 + xm * w11 + xr * w12
     nxt = xl * w00 + xm * w01 + xr * w02
     for h in tl.range(h0, h_end, num_stages=STAGES):
-        xl, xm, xr = _gathered_row(x_base, h + 1, H, W, C, stride_xh, stride_xw, w, c, x_offs, mid_ok, BLOCK_W,
-                                   BLOCK_C)
+        xl, xm, xr = _gathered_row(x_base, h + 1, H, W, C, stride_xh, stride_xw, w0, c, x_offs, mid_ok, local,
+                                   BLOCK_W)
         acc += xl * w20 + xm * w21 + xr * w22
         out = _activation(acc + bias, ACT)
         tl.store(o_base + tl.cast(h, tl.int64) * stride_oh + o_offs, out.to(Out.dtype.element_ty), mask=mid_ok)

@@ -1,7 +1,8 @@
 """GroupMamba's channel affinity as a custom op: the layer's ``C -> C/16 -> C`` bottleneck MLP on its map's
-mean over H and W (``fc1``, ReLU, ``fc2``, sigmoid) times its skip scale; the mean and one Triton launch forward,
-two backward (a kernel, a sum), where PyTorch spent 15 launches per block on a few microseconds of work, and one
-more for the mean's division. The reference elsewhere.
+mean over H and W (``fc1``, ReLU, ``fc2``, sigmoid) times its skip scale. Forward, the mean and one Triton launch;
+backward, a kernel and a sum, the kernel giving the map's gradient already divided by its positions (handed back
+as a broadcast view). Unfused, PyTorch spent 15 launches per block on a few microseconds of work. The reference
+elsewhere.
 """
 import torch
 
@@ -97,7 +98,7 @@ def _affinity_setup(ctx, inputs, output):
 
 def _affinity_backward(ctx, dscale, _dpooled):
     pooled, *params = ctx.saved_tensors
-    batch, height, width, stored = ctx.map_shape
+    height, width = ctx.map_shape[1:3]
     dposition, dparams = channel_affinity_bwd(dscale, pooled, *params, height * width)
     # Every position of an image's map gets the same gradient: a broadcast view, no map written (autograd's own
     # mean would write one, for it only to be added to x's other gradients).

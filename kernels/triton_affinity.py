@@ -8,7 +8,7 @@ step bound by its host's launches. The products are broadcasts and row/column su
 Everything is computed in fp32.
 
 The pooled map comes in its stored layout (``layout.py``: each scan group of a padded stage followed by zero
-channels), as the layer's mean gives it, and its gradient goes back in that layout, zero in the pad channels,
+channels), as the op's mean gives it, and its gradient goes back in that layout, zero in the pad channels,
 already divided by the map's positions: it is the gradient of every position of the map, which the op hands
 to autograd as a broadcast view (``affinity.py``), so that the mean's division costs no launch of its own. The
 scale and the parameters are compact. Unpadding the map in PyTorch took three small launches a padded block
